@@ -1,0 +1,73 @@
+"""A case: one model trained in one precision mode with one set of sizes. Validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from models import GPTConfig
+from suite.hardware import DEVICE_CHOICES
+from suite.modes import MODES
+
+# Peak learning rates by model size, from the GPT-3 paper's table (tiny: chosen to learn
+# visibly within a few dozen steps).
+DEFAULT_LR = {"tiny": 3e-3, "gpt2-small": 6e-4, "gpt2-medium": 3e-4, "gpt2-large": 2.5e-4, "gpt2-xl": 2e-4}
+
+
+@dataclass(frozen=True)
+class Case:
+    """Everything that defines one training run. Invalid values raise ValueError naming the field."""
+
+    model: str = "tiny"
+    mode: str = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8
+    seq_len: int = 128
+    steps: int = 40  # optimizer steps in total, warm-up included
+    warmup: int = 5  # first steps left out of timing (they still train)
+    seed: int = 0  # initial weights and batch order
+    compile: bool = False  # torch.compile the model after the mode prepares it
+    data: str | None = None  # None: the synthetic Markov corpus; else a file path
+    lr: float | None = None  # None: DEFAULT_LR of the model
+    weight_decay: float = 0.1
+    eval_batches: int = 4  # held-out batches for final_loss
+
+    def __post_init__(self) -> None:
+        if self.model not in GPTConfig.presets():
+            raise ValueError(f"model={self.model!r} is unknown; choose one of {', '.join(GPTConfig.presets())}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; choose from {', '.join(MODES)}")
+        if not (self.device in DEVICE_CHOICES or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name}={value!r}: must be an integer")
+        for name in ("batch_size", "seq_len", "steps", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(
+                f"warmup={self.warmup}: must be in 0..steps-1 (steps={self.steps}) so that some steps are timed"
+            )
+        block = self.model_config.block_size
+        if self.seq_len > block:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the block size {block} of model {self.model!r}; "
+                f"use --seq-len {block} or less"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr}: must be positive")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay={self.weight_decay}: must be zero or positive")
+
+    @property
+    def model_config(self) -> GPTConfig:
+        return GPTConfig.preset(self.model)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.model]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len

@@ -1,0 +1,234 @@
+"""The `mpbench` command: run | models | modes | env.
+
+Exit codes: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error, timeout);
+2 bad input (nothing was run); 130 interrupted (finished records are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from models import GPT, GPTConfig
+from suite import results
+from suite.case import Case
+from suite.hardware import environment, resolve_device
+from suite.modes import MODES
+from suite.runner import run_cases
+
+# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
+# two CPU cores; on a GPU, GPT-2 small at its full context.
+RUN_DEFAULTS = {
+    "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),
+    "cuda": dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=100, warmup=10),
+}
+FAILED = ("oom", "diverged", "error", "timeout")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes: {m!r} is unknown; choose from {', '.join(MODES)} (comma-separated)")
+    if not modes:
+        raise ValueError("modes: empty; give a comma-separated list such as fp32,bf16")
+    return modes
+
+
+def cases_from_args(args: argparse.Namespace) -> list[Case]:
+    """Fill unset options with the defaults of the resolved device; build one Case per mode."""
+    device = resolve_device(args.device)
+    defaults = RUN_DEFAULTS[device.type]
+    model = args.model or defaults["model"]
+    block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else None
+    seq_len = args.seq_len or min(defaults["seq_len"], block or defaults["seq_len"])
+    modes = _parse_modes(args.modes) if args.modes else list(MODES)
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    # default warm-up never takes more than half the steps, so a short run still times some
+    warmup = args.warmup if args.warmup is not None else min(defaults["warmup"], steps // 2)
+    return [
+        Case(
+            model=model,
+            mode=mode,
+            device=args.device,
+            batch_size=args.batch_size if args.batch_size is not None else defaults["batch_size"],
+            seq_len=seq_len,
+            steps=steps,
+            warmup=warmup,
+            seed=args.seed,
+            compile=args.compile,
+            data=args.data,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+        )
+        for mode in modes
+    ]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(records: list[dict]) -> str:
+    """Per-mode table: step time with spread, tokens/s, speed-up and loss delta vs fp32."""
+    ref = {
+        (r["model"], r["batch_size"], r["seq_len"]): r for r in records if r["mode"] == "fp32" and r["status"] == "ok"
+    }
+    rows = []
+    for r in records:
+        base = ref.get((r["model"], r["batch_size"], r["seq_len"]))
+        ok = r["status"] == "ok"
+        speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
+        delta = r["final_loss"] - base["final_loss"] if ok and base else None
+        rows.append(
+            [
+                r["mode"],
+                r["model"],
+                r["status"],
+                _fmt(r["step_time_ms"], ".2f"),
+                f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-",
+                _fmt(r["tokens_per_s"], ",.0f"),
+                _fmt(speedup, ".2f"),
+                _fmt(r["final_loss"], ".4f"),
+                _fmt(delta, "+.4f"),
+                (r["reason"] or "")[:70],
+            ]
+        )
+    header = [
+        "mode",
+        "model",
+        "status",
+        "step ms",
+        "p10-p90 ms",
+        "tokens/s",
+        "x fp32",
+        "final loss",
+        "vs fp32",
+        "reason",
+    ]
+    return _table(rows, header)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cases = cases_from_args(args)
+    out = Path(args.out) if args.out else Path("results") / "runs" / f"{results.new_run_id()}.jsonl"
+    done: list[dict] = []
+    print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
+    try:
+        done = run_cases(cases, out=out)
+    except KeyboardInterrupt:
+        kept = len(results.read(out)) if out.exists() else 0
+        print(f"mpbench: interrupted; {kept} finished record(s) kept in {out}", file=sys.stderr)
+        return 130
+    print(summary_table(done))
+    print(f"\nrecords: {out} ({len(done)} written)")
+    loss_floor = next((r["loss_floor"] for r in done if r["loss_floor"] is not None), None)
+    if loss_floor is not None:
+        print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
+    return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = []
+    for name in GPTConfig.presets():
+        cfg = GPTConfig.preset(name)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        rows.append(
+            [
+                name,
+                cfg.n_layer,
+                cfg.n_head,
+                cfg.n_embd,
+                cfg.vocab_size,
+                cfg.block_size,
+                f"{model.num_params():,}",
+                f"{model.flops_per_token(cfg.block_size):,}",
+            ]
+        )
+    print(_table(rows, ["model", "layers", "heads", "width", "vocab", "block", "params", "train FLOPs/token @block"]))
+    return 0
+
+
+def cmd_modes(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    rows = []
+    for name, mode in MODES.items():
+        reason = mode.unavailable_reason(device)
+        rows.append([name, mode.summary, mode.needs, "yes" if reason is None else f"no: {reason}"])
+    print(f"device: {device.describe()}")
+    print(_table(rows, ["mode", "what", "needs", "runs here"]))
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    print(json.dumps({"device": str(device.torch_device), **environment(device)}, indent=2))
+    return 0
+
+
+def _int(text: str) -> int:
+    """argparse type; range checks happen in Case, which names the field."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpbench", description="Mixed-precision training benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train the precision matrix and write records")
+    run.add_argument(
+        "--model", help=f"preset: {', '.join(GPTConfig.presets())} (default: tiny on CPU, gpt2-small on GPU)"
+    )
+    run.add_argument("--modes", help=f"comma-separated, from {', '.join(MODES)} (default: all)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    run.add_argument("--batch-size", type=_int, help="sequences per step (default: 8 CPU, 16 GPU)")
+    run.add_argument("--seq-len", type=_int, help="tokens per sequence (default: 128 CPU, 1024 GPU)")
+    run.add_argument("--steps", type=_int, help="optimizer steps, warm-up included (default: 40 CPU, 100 GPU)")
+    run.add_argument("--warmup", type=_int, help="steps left out of timing (default: 5 CPU, 10 GPU)")
+    run.add_argument("--seed", type=_int, default=0, help="weights and batch order (default: 0)")
+    run.add_argument("--lr", type=float, help="AdamW learning rate (default: by model size)")
+    run.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (default: 0.1)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
+    run.add_argument("--data", help="text file (byte tokens) or .bin of uint16 tokens (default: synthetic corpus)")
+    run.add_argument("--out", help="JSON Lines file to append records to (default: results/runs/RUN_ID.jsonl)")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="list model presets with exact parameter counts")
+    models.set_defaults(func=cmd_models)
+    modes = sub.add_parser("modes", help="list precision modes and whether each can run here")
+    modes.add_argument("--device", default="auto")
+    modes.set_defaults(func=cmd_modes)
+    env = sub.add_parser("env", help="print the environment a record would carry")
+    env.add_argument("--device", default="auto")
+    env.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: one line, exit 2, nothing run
+        print(f"mpbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Device detection, capability checks and the environment a record carries."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a precision mode needs to know about the device it would run on."""
+
+    type: str  # "cpu" or "cuda"
+    name: str  # GPU model or CPU model
+    capability: tuple[int, int] | None = None  # CUDA compute capability, None on CPU
+    index: int = 0
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.type == "cuda" else torch.device("cpu")
+
+    def describe(self) -> str:
+        if self.capability is None:
+            return f"{self.type} ({self.name})"
+        return f"{self.name}, compute capability {self.capability[0]}.{self.capability[1]}"
+
+
+def resolve_device(name: str) -> DeviceInfo:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> DeviceInfo; ValueError naming the fix."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return DeviceInfo("cpu", cpu_name())
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r}: no CUDA GPU is visible to torch {torch.__version__} "
+                f"(CUDA build: {torch.version.cuda or 'none'}); use --device cpu or auto"
+            )
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. cuda:N-1"
+            )
+        return DeviceInfo(
+            "cuda",
+            torch.cuda.get_device_name(index),
+            torch.cuda.get_device_capability(index),
+            index,
+        )
+    raise ValueError(f"device={name!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so a host clock reading means something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.cache
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout this package runs from; (None, None) outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver, no GPU: the field is simply unknown
+        return None
+
+
+def environment(device: DeviceInfo) -> dict[str, object]:
+    """Flat environment fields for a record."""
+    on_gpu = device.type == "cuda"
+    commit, dirty = git_commit()
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "gpu_name": device.name if on_gpu else None,
+        "gpu_count": torch.cuda.device_count() if on_gpu else 0,
+        "gpu_capability": ".".join(map(str, device.capability)) if device.capability else None,
+        "driver": _nvidia_driver() if on_gpu else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+    }

@@ -1,0 +1,1 @@
+"""Trackers that wrap the train loop from outside and return small dataclasses with units."""

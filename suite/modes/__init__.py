@@ -1,0 +1,23 @@
+"""The precision-mode registry: adding a mode is one file and one line here."""
+
+from __future__ import annotations
+
+from suite.modes.amp_fp16 import AmpFP16
+from suite.modes.base import PrecisionMode
+from suite.modes.bf16 import BF16
+from suite.modes.fp32 import FP32
+from suite.modes.int8_weight import Int8Weight
+from suite.modes.pure_fp16 import PureFP16
+from suite.modes.tf32 import TF32
+
+MODES: dict[str, type[PrecisionMode]] = {m.name: m for m in (FP32, TF32, AmpFP16, BF16, PureFP16, Int8Weight)}
+
+
+def get_mode(name: str) -> type[PrecisionMode]:
+    """Mode class by name; ValueError listing the known names."""
+    if name not in MODES:
+        raise ValueError(f"mode={name!r} is unknown; choose from {', '.join(MODES)}")
+    return MODES[name]
+
+
+__all__ = ["MODES", "PrecisionMode", "get_mode"]

@@ -1,0 +1,110 @@
+"""What every precision mode is: one small class with a few hooks.
+
+The train loop calls, in order: `unavailable_reason` (skip?), `numerics()` around the whole
+case (global flags, restored after), `prepare(model)`, `make_optimizer(model, ...)`, then
+per step `forward_context()` around forward + loss and `backward_and_step(loss, opt)`.
+The loop never branches on a mode's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from suite.hardware import DeviceInfo
+
+ADAM_BETAS = (0.9, 0.95)  # GPT-2 / nanoGPT
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices (Linear weights, embeddings) decay; biases and norm gains don't."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def needs_capability(device: DeviceInfo, minimum: tuple[int, int], what: str) -> str | None:
+    """Reason a CUDA-only feature can't run on `device`, or None if it can."""
+    if device.type != "cuda":
+        return (
+            f"{what} needs a CUDA GPU with compute capability {minimum[0]}.{minimum[1]}+; this device is {device.type}"
+        )
+    if device.capability is None or device.capability < minimum:
+        have = ".".join(map(str, device.capability or ("?",)))
+        return f"{what} needs compute capability {minimum[0]}.{minimum[1]}; this GPU ({device.name}) is {have}"
+    return None
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Set TF32 for CUDA matmuls and cuDNN, and restore the caller's settings after."""
+    saved = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+        torch.backends.cudnn.allow_tf32 = saved[2]
+
+
+class PrecisionMode:
+    """Base: strict fp32 semantics. Subclasses override only what differs."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `mpbench modes`
+    needs: ClassVar[str] = "any device"
+    allow_tf32: ClassVar[bool] = False  # every mode states TF32 explicitly
+    adam_eps: ClassVar[float] = 1e-8
+
+    def __init__(self, device: DeviceInfo) -> None:
+        self.device = device
+        # "fp32" | "tf32" | "fp16" | "bf16": the dtype its matmuls run in, i.e. which
+        # peak FLOP/s the mode is measured against.
+        self.compute: str = "tf32" if self.allow_tf32 else "fp32"
+        self.autocast_dtype: torch.dtype | None = None  # forward under torch.autocast
+
+    @classmethod
+    def unavailable_reason(cls, device: DeviceInfo) -> str | None:
+        """Why this mode cannot run on `device`; None when it can."""
+        return None
+
+    def numerics(self) -> contextlib.AbstractContextManager:
+        """Globals for the whole case (TF32 flags); restored on exit."""
+        return tf32_matmuls(self.allow_tf32)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Convert the fp32 model (already on the device) to the mode's storage."""
+        return model
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """Backward and optimizer step; False when the step was skipped (loss-scale overflow)."""
+        loss.backward()
+        optimizer.step()
+        return True
+
+    @property
+    def loss_scale(self) -> float | None:
+        """Current loss scale, None for modes without loss scaling."""
+        return None

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import torch
+
+from suite.hardware import DeviceInfo
+from suite.modes.base import PrecisionMode, needs_capability
+
+
+class BF16(PrecisionMode):
+    """fp32 master weights; forward under bf16 autocast; no loss scaling (fp32's range)."""
+
+    name = "bf16"
+    summary = "fp32 weights, bf16 autocast, no loss scaling"
+    needs = "CUDA compute capability 8.0+, or a CPU"
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.compute = "bf16"
+        self.autocast_dtype = torch.bfloat16
+
+    @classmethod
+    def unavailable_reason(cls, device: DeviceInfo) -> str | None:
+        # Before Ampere bf16 is emulated at a fraction of fp16 speed: not worth measuring.
+        return needs_capability(device, (8, 0), "bf16") if device.type == "cuda" else None

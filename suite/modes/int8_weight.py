@@ -1,0 +1,84 @@
+"""int8 weight-only quantized training with torchao.
+
+Stored in int8 with one fp32 scale per output row: the weights of every Linear inside the
+transformer blocks (attention qkv and projection, MLP up and down), updated in place with
+stochastic rounding. Kept in fp32: token and position embeddings and the LM head (they are
+one tied matrix, and quantizing it would untie it), LayerNorm gains, all biases.
+Compute: bf16 autocast on CUDA; fp32 on CPU, where bf16 speed depends on the CPU's ISA.
+
+Weight decay: torch's AdamW decays with `param.mul_`, which torchao's int8 weight tensor
+does not implement. So the int8 weights sit in a group with weight_decay=0 and this mode
+applies the same decoupled decay itself just before the step, `w <- w - lr*wd*w`, through
+`add_`, which the tensor supports (dequantize, add, requantize). Same rule and rate as the
+other modes; the cost is a second stochastic requantization per step on those weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from suite.hardware import DeviceInfo
+from suite.modes.base import ADAM_BETAS, PrecisionMode, decay_groups
+
+
+def _torchao_missing() -> str | None:
+    try:
+        import torchao.prototype.quantized_training  # noqa: F401
+    except ImportError as exc:
+        return f"int8-weight needs torchao ({exc}); pip install torchao"
+    return None
+
+
+def is_int8_weight(p: torch.Tensor) -> bool:
+    """True for torchao's int8 training weight (int8 data + per-row scale)."""
+    return getattr(p, "int_data", None) is not None and p.int_data.dtype == torch.int8
+
+
+class Int8Weight(PrecisionMode):
+    name = "int8-weight"
+    summary = "int8 Linear weights (torchao, stochastic rounding), bf16 compute on GPU"
+    needs = "torchao; bf16-capable GPU (8.0+) or a CPU"
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        if device.type == "cuda":
+            self.compute = "bf16"
+            self.autocast_dtype = torch.bfloat16
+
+    @classmethod
+    def unavailable_reason(cls, device: DeviceInfo) -> str | None:
+        missing = _torchao_missing()
+        if missing or device.type != "cuda":
+            return missing
+        if device.capability is None or device.capability < (8, 0):
+            return f"int8-weight computes in bf16, which needs compute capability 8.0; {device.describe()}"
+        return None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from torchao.prototype.quantized_training import int8_weight_only_quantized_training
+        from torchao.quantization import quantize_
+
+        def in_block_linear(module: nn.Module, fqn: str) -> bool:
+            return isinstance(module, nn.Linear) and fqn.startswith("blocks.")
+
+        quantize_(model, int8_weight_only_quantized_training(), filter_fn=in_block_linear)
+        return model
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        groups = decay_groups(model, weight_decay)
+        int8 = [p for p in groups[0]["params"] if is_int8_weight(p)]
+        groups[0]["params"] = [p for p in groups[0]["params"] if not is_int8_weight(p)]
+        groups.append({"params": int8, "weight_decay": 0.0, "int8_decay": weight_decay})
+        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        loss.backward()
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                rate = group["lr"] * group.get("int8_decay", 0.0)
+                if rate:
+                    for p in group["params"]:
+                        p.add_(p.dequantize(), alpha=-rate)
+        optimizer.step()
+        return True

@@ -1,0 +1,156 @@
+"""The record schema and an append-only JSON Lines store.
+
+One record per case, one JSON object per line, flat top-level keys, so that
+`pandas.read_json(path, lines=True)` loads a results file directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "mpbench.record/1"
+STATUSES = ("ok", "skipped", "oom", "diverged", "error", "timeout")
+
+# Every record has every key, in this order; a value that was not measured is None and,
+# for a case that did not finish, `reason` says why.
+FIELDS: tuple[str, ...] = (
+    # identity
+    "schema",
+    "run_id",
+    "timestamp",
+    "git_commit",
+    "git_dirty",
+    # the case
+    "model",
+    "mode",
+    "device",
+    "batch_size",
+    "seq_len",
+    "steps",
+    "warmup",
+    "seed",
+    "compile",
+    "data",
+    "lr",
+    "weight_decay",
+    # outcome
+    "status",
+    "reason",
+    "elapsed_s",
+    # model and precision
+    "params",
+    "flops_per_token",
+    "flops_per_step",
+    "tokens_per_step",
+    "compute_dtype",
+    "weight_dtypes",
+    "grad_dtypes",
+    "optimizer_state_dtypes",
+    "init_digest",
+    "data_digest",
+    # speed (ms; measured steps only)
+    "step_time_ms",
+    "step_time_p10_ms",
+    "step_time_p90_ms",
+    "step_time_cv",
+    "step_times_ms",
+    "tokens_per_s",
+    # convergence (nats / token)
+    "loss_curve",
+    "initial_loss",
+    "final_loss",
+    "loss_floor",
+    "overflow_steps",
+    "loss_scale",
+    "diverged_at_step",
+    # environment
+    "gpu_name",
+    "gpu_count",
+    "gpu_capability",
+    "driver",
+    "cuda",
+    "torch",
+    "python",
+    "cpu",
+    "cpu_count",
+    "torch_threads",
+    "hostname",
+    "platform",
+)
+
+
+def new_run_id() -> str:
+    """Sortable, unique enough: UTC time plus 4 random hex digits."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+def make_record(**values: Any) -> dict[str, Any]:
+    """A record with every field of the schema; unknown keys are a programming error."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise KeyError(f"not in the record schema: {sorted(unknown)}")
+    if values.get("status") not in STATUSES:
+        raise ValueError(f"status={values.get('status')!r}: must be one of {STATUSES}")
+    record = {name: values.get(name) for name in FIELDS}
+    record["schema"] = SCHEMA
+    record["timestamp"] = record["timestamp"] or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return record
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf are not JSON: write them as strings, so a diverged curve stays readable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'nan', 'inf', '-inf'
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def append(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as one line, flushed and fsynced: earlier lines are never touched.
+
+    A single write() on an O_APPEND descriptor lands whole at the end of the file, so
+    concurrent writers do not interleave within a line.
+    """
+    line = json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSON Lines file; ValueError naming file and line for a broken one."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+            if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+                raise ValueError(f"{path}:{number}: not an mpbench record (schema {SCHEMA!r} expected)")
+            records.append(record)
+    return records
+
+
+def check_writable(path: str | Path) -> Path:
+    """Create the parent folder and make sure `path` can be appended to; ValueError if not."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"out={str(path)!r}: cannot write there ({exc.strerror}); choose another --out") from None
+    return path
