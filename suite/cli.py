@@ -19,7 +19,7 @@ from suite import results
 from suite.case import Case
 from suite.hardware import environment, resolve_device
 from suite.modes import MODES
-from suite.runner import run_cases
+from suite.runner import run_cases, validate
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
 # two CPU cores; on a GPU, GPT-2 small at its full context.
@@ -124,7 +124,8 @@ def summary_table(records: list[dict]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cases = cases_from_args(args)
     out = Path(args.out) if args.out else Path("results") / "runs" / f"{results.new_run_id()}.jsonl"
-    done: list[dict] = []
+    validate(cases)  # bad input ends here, before anything is written
+    results.check_writable(out)
     print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
     try:
         done = run_cases(cases, out=out)

@@ -42,23 +42,53 @@ def needs_capability(device: DeviceInfo, minimum: tuple[int, int], what: str) ->
     return None
 
 
+# torch >= 2.9 has per-backend `fp32_precision` settings and raises when the legacy flags
+# (allow_tf32, set_float32_matmul_precision) are read after the new ones were set; so use
+# the new settings where they exist and the legacy flags only on older torch.
+_NEW_PRECISION_API = hasattr(torch.backends, "fp32_precision")
+
+
+def _precision_settings() -> dict[str, tuple[object, str]]:
+    """name -> (settings object, attribute): what decides how fp32 matmuls and convs run."""
+    b = torch.backends
+    if _NEW_PRECISION_API:
+        return {
+            "cuda.matmul": (b.cuda.matmul, "fp32_precision"),
+            "cudnn.conv": (b.cudnn.conv, "fp32_precision"),
+            "mkldnn.matmul": (b.mkldnn.matmul, "fp32_precision"),
+        }
+    return {"cuda.matmul": (b.cuda.matmul, "allow_tf32"), "cudnn.conv": (b.cudnn, "allow_tf32")}
+
+
+def fp32_precision_state() -> dict[str, object]:
+    """The current fp32 precision settings, by name."""
+    return {name: getattr(obj, attr) for name, (obj, attr) in _precision_settings().items()}
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA fp32 matmuls may run in TF32 right now."""
+    value = fp32_precision_state()["cuda.matmul"]
+    return value == "tf32" if _NEW_PRECISION_API else bool(value)
+
+
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """Set TF32 for CUDA matmuls and cuDNN, and restore the caller's settings after."""
-    saved = (
-        torch.get_float32_matmul_precision(),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    """Set TF32 on or off for CUDA matmuls and cuDNN convs (CPU matmuls: strict fp32), then
+    restore the caller's settings."""
+    settings = list(_precision_settings().values())
+    saved = [getattr(obj, attr) for obj, attr in settings]
+    if _NEW_PRECISION_API:
+        cuda_value = "tf32" if enabled else "ieee"
+        targets = [cuda_value, cuda_value, "ieee"]  # oneDNN (CPU) matmuls: always full fp32
+    else:
+        targets = [enabled, enabled]
     try:
+        for (obj, attr), value in zip(settings, targets, strict=True):
+            setattr(obj, attr, value)
         yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cuda.matmul.allow_tf32 = saved[1]
-        torch.backends.cudnn.allow_tf32 = saved[2]
+        for (obj, attr), value in zip(settings, saved, strict=True):
+            setattr(obj, attr, value)
 
 
 class PrecisionMode:

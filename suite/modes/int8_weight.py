@@ -15,6 +15,8 @@ other modes; the cost is a second stochastic requantization per step on those we
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -23,10 +25,19 @@ from suite.modes.base import ADAM_BETAS, PrecisionMode, decay_groups
 
 
 def _torchao_missing() -> str | None:
+    """Import torchao; the reason it can't be used, or None."""
+    log = logging.getLogger("torchao")
+    level = log.level
+    if torch.version.cuda is None:
+        # a CPU build of torch: torchao's CUDA extensions failing to load is expected and
+        # harmless here, so don't print it on every run (on a CUDA build it would matter)
+        log.setLevel(logging.ERROR)
     try:
         import torchao.prototype.quantized_training  # noqa: F401
     except ImportError as exc:
         return f"int8-weight needs torchao ({exc}); pip install torchao"
+    finally:
+        log.setLevel(level)
     return None
 
 

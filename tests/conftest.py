@@ -1,0 +1,32 @@
+"""Shared test helpers: small CPU cases and a global-state snapshot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from suite.case import Case
+from suite.modes.base import fp32_precision_state
+
+
+def small_case(**overrides) -> Case:
+    """A case that trains in well under a second on CPU, fp16 modes included."""
+    values = dict(model="tiny", device="cpu", batch_size=2, seq_len=32, steps=3, warmup=1, eval_batches=1)
+    return Case(**(values | overrides))
+
+
+def numerics_globals() -> dict[str, object]:
+    """Every process-wide setting a precision mode could touch."""
+    return {
+        **fp32_precision_state(),
+        "default_dtype": torch.get_default_dtype(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "autocast_cpu": torch.is_autocast_enabled("cpu"),
+        "autocast_cuda": torch.is_autocast_enabled("cuda"),
+    }
+
+
+@pytest.fixture
+def cuda_required():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; torch sees none here")

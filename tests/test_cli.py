@@ -1,0 +1,95 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from suite.cli import main
+from suite.results import FIELDS
+
+
+def test_run_writes_one_record_per_mode(tmp_path, capsys):
+    """The acceptance command of the foundation issue."""
+    out = tmp_path / "r.jsonl"
+    code = main(["run", "--device", "cpu", "--model", "tiny", "--steps", "4", "--out", str(out)])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in records] == ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight"]
+    for r in records:
+        assert list(r) == list(FIELDS)
+        assert r["status"] in ("ok", "skipped")
+        assert r["status"] == "ok" or r["reason"]
+    ok = {r["mode"]: r for r in records if r["status"] == "ok"}
+    for mode in ("fp32", "bf16", "int8-weight"):
+        assert all(isinstance(v, float) for v in ok[mode]["loss_curve"]), mode
+        assert 0 < ok[mode]["final_loss"] < 10
+    stdout = capsys.readouterr().out
+    assert "int8-weight" in stdout and str(out) in stdout and "x fp32" in stdout
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--model", "gpt5"], "model='gpt5' is unknown; choose one of tiny"),
+        (["--modes", "fp32,fp7"], "modes: 'fp7' is unknown"),
+        (["--device", "tpu"], "device='tpu' is unknown"),
+        (["--batch-size", "0"], "batch_size=0: must be at least 1"),
+        (["--steps", "-2"], "steps=-2: must be at least 1"),
+        (["--seq-len", "4096"], "seq_len=4096 exceeds the block size 128"),
+        (["--data", "/nonexistent/corpus.txt"], "no such file"),
+        (["--out", "/proc/version/r.jsonl"], "cannot write there"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, match, capsys, tmp_path):
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "r.jsonl")]
+    code = main(["run", "--device", "cpu", *args])
+    assert code == 2
+    line = _error_line(capsys)
+    assert match in line and line.startswith("mpbench run: error: ")
+    assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
+
+
+def test_short_data_file_is_refused(tmp_path, capsys):
+    data = tmp_path / "short.txt"
+    data.write_text("too short")
+    assert main(["run", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "fewer than seq_len + 1" in _error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is present")
+def test_cuda_without_gpu_is_refused(capsys, tmp_path):
+    assert main(["run", "--device", "cuda", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "no CUDA GPU is visible" in _error_line(capsys)
+
+
+def test_models_lists_exact_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "1,557,611,200" in out
+
+
+def test_modes_says_what_runs_here(capsys):
+    assert main(["modes", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("tf32") and "no: tf32 needs a CUDA GPU" in line for line in lines)
+    assert any(line.startswith("fp32") and line.rstrip().endswith("yes") for line in lines)
+
+
+def test_env_prints_json(capsys):
+    assert main(["env", "--device", "cpu"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+
+
+@pytest.mark.skipif(shutil.which("mpbench") is None, reason="console script not installed (pip install -e .)")
+def test_console_script_is_installed():
+    done = subprocess.run(["mpbench", "models"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "gpt2-xl" in done.stdout

@@ -1,0 +1,189 @@
+import pytest
+import torch
+
+from suite.data import make_corpus
+from suite.hardware import DeviceInfo
+from suite.modes import MODES, get_mode
+from suite.modes.base import fp32_precision_state, tf32_enabled, tf32_matmuls
+from suite.modes.int8_weight import is_int8_weight
+from suite.modes.pure_fp16 import DynamicLossScaler
+from suite.runner import run_cases
+from suite.train import run_case
+from tests.conftest import numerics_globals, small_case
+
+CPU = DeviceInfo("cpu", "test cpu")
+T4 = DeviceInfo("cuda", "Tesla T4", (7, 5))
+H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
+
+# What each mode stores where, on a CPU: (weights, grads, optimizer state, compute).
+EXPECTED_STORAGE = {
+    "fp32": (["float32"], ["float32"], ["float32"], "fp32"),
+    "amp-fp16": (["float32"], ["float32"], ["float32"], "fp16"),
+    "bf16": (["float32"], ["float32"], ["float32"], "bf16"),
+    "pure-fp16": (["float16"], ["float16"], ["float16"], "fp16"),
+    "int8-weight": (["float32", "int8"], ["float32"], ["float32"], "fp32"),
+}
+
+
+def test_registry_names_match_classes():
+    assert list(MODES) == ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight"]
+    for name, mode in MODES.items():
+        assert mode.name == name and mode.summary
+
+
+def test_unknown_mode_lists_known_ones():
+    with pytest.raises(ValueError, match="amp-fp16"):
+        get_mode("fp8")
+
+
+@pytest.fixture(scope="module")
+def cpu_records():
+    return {r["mode"]: r for r in run_cases([small_case(mode=m) for m in EXPECTED_STORAGE], log=None)}
+
+
+@pytest.mark.parametrize("mode", EXPECTED_STORAGE)
+def test_storage_dtypes_per_mode(cpu_records, mode):
+    r = cpu_records[mode]
+    assert r["status"] == "ok", r["reason"]
+    weights, grads, state, compute = EXPECTED_STORAGE[mode]
+    assert (r["weight_dtypes"], r["grad_dtypes"], r["optimizer_state_dtypes"], r["compute_dtype"]) == (
+        weights,
+        grads,
+        state,
+        compute,
+    )
+
+
+def test_all_modes_start_from_the_same_weights_and_batches(cpu_records):
+    assert len({r["init_digest"] for r in cpu_records.values()}) == 1
+    assert len({r["data_digest"] for r in cpu_records.values()}) == 1
+    # same weights and first batch: the first losses differ only by each mode's rounding
+    first = [r["loss_curve"][0] for r in cpu_records.values()]
+    assert max(first) - min(first) < 0.02, first
+
+
+def test_int8_weight_quantizes_exactly_the_block_linears():
+    import models
+
+    case = small_case(mode="int8-weight")
+    mode = get_mode("int8-weight")(CPU)
+    model = mode.prepare(models.GPT(case.model_config))
+    quantized = {n for n, p in model.named_parameters() if is_int8_weight(p)}
+    block_linears = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
+    }
+    assert quantized == block_linears and len(quantized) == 4 * case.model_config.n_layer
+    assert model.wte.weight.dtype == torch.float32 and model.lm_head.weight is model.wte.weight
+
+
+def test_int8_weight_decay_is_applied_to_int8_weights():
+    """With zero gradients Adam moves nothing, so only decoupled decay shrinks the weights."""
+    import models
+
+    mode = get_mode("int8-weight")(CPU)
+    model = mode.prepare(models.GPT(small_case().model_config))
+    opt = mode.make_optimizer(model, lr=0.1, weight_decay=1.0)  # shrink by 10% a step
+    w = model.blocks[0].mlp.c_fc.weight
+    before = w.dequantize().norm().item()
+    loss = sum((p.float() * 0).sum() for p in model.parameters())
+    mode.backward_and_step(loss, opt)
+    after = w.dequantize().norm().item()
+    assert after == pytest.approx(0.9 * before, rel=0.02)
+
+
+@pytest.fixture
+def caller_enabled_tf32():
+    """The caller's process runs with TF32 on: 'reset to default' would then be caught too."""
+    with tf32_matmuls(True):
+        yield
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_restores_globals(mode, caller_enabled_tf32):
+    before = numerics_globals()
+    cls = get_mode(mode)
+    if cls.unavailable_reason(CPU) is None:
+        case = small_case(mode=mode, steps=2)
+        corpus = make_corpus(None, case.model_config.vocab_size)
+        train = corpus.batches(2, 2, 32, 0)
+        run_case(case, CPU, corpus, train, train[:1])
+    else:  # tf32 cannot train here, but its numerics context still sets and restores globals
+        with cls(H100).numerics():
+            assert tf32_enabled()
+    assert numerics_globals() == before
+
+
+def test_fp32_turns_tf32_off_inside_even_when_caller_enabled_it(caller_enabled_tf32):
+    with get_mode("fp32")(CPU).numerics():
+        assert not tf32_enabled()
+        assert set(fp32_precision_state().values()) <= {"ieee", False}
+    assert tf32_enabled()
+
+
+def test_tf32_context_restores_after_an_exception():
+    before = numerics_globals()
+    with pytest.raises(RuntimeError), tf32_matmuls(True):
+        raise RuntimeError("boom")
+    assert numerics_globals() == before
+
+
+@pytest.mark.parametrize(
+    "mode, device, expected",
+    [
+        ("tf32", CPU, "needs a CUDA GPU"),
+        ("tf32", T4, "tf32 needs compute capability 8.0; this GPU (Tesla T4) is 7.5"),
+        ("tf32", H100, None),
+        ("bf16", T4, "bf16 needs compute capability 8.0; this GPU (Tesla T4) is 7.5"),
+        ("bf16", CPU, None),
+        ("bf16", H100, None),
+        ("int8-weight", T4, "compute capability 8.0"),
+        ("int8-weight", H100, None),
+        ("fp32", T4, None),
+        ("amp-fp16", T4, None),
+        ("pure-fp16", CPU, None),
+    ],
+)
+def test_unavailable_reasons_on_fake_devices(mode, device, expected):
+    reason = get_mode(mode).unavailable_reason(device)
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason
+
+
+def test_int8_weight_computes_in_bf16_on_cuda_and_fp32_on_cpu():
+    assert get_mode("int8-weight")(H100).compute == "bf16"
+    assert get_mode("int8-weight")(CPU).compute == "fp32"
+
+
+def _fp16_param(value: float) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    return p, torch.optim.SGD([p], lr=1.0)
+
+
+def test_loss_scaler_skips_and_backs_off_on_overflow():
+    scaler = DynamicLossScaler(init_scale=2.0**16)
+    p, opt = _fp16_param(1.0)
+    loss = (p.float() * 1e4).sum()  # grad 1e4 * 65536 overflows fp16's 65504
+    assert scaler.backward_and_step(loss, opt) is False
+    assert scaler.scale == 2.0**15
+    assert torch.equal(p.detach(), torch.ones(4, dtype=torch.float16))  # untouched
+
+
+def test_loss_scaler_unscales_fp16_grads_and_grows():
+    scaler = DynamicLossScaler(init_scale=1024.0, growth_interval=2)
+    p, opt = _fp16_param(1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        assert scaler.backward_and_step((p.float() * 0.5).sum(), opt) is True
+        assert p.grad.dtype == torch.float16
+        assert torch.allclose(p.grad.float(), torch.full((4,), 0.5))  # unscaled
+    assert scaler.scale == 2048.0  # doubled after two clean steps
+
+
+def test_tf32_mode_turns_tf32_on_and_restores():
+    before = numerics_globals()
+    assert not tf32_enabled()
+    with get_mode("tf32")(H100).numerics():
+        assert tf32_enabled()
+    assert numerics_globals() == before
