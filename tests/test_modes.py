@@ -9,7 +9,7 @@ from suite.modes.int8_weight import is_int8_weight
 from suite.modes.pure_fp16 import DynamicLossScaler
 from suite.runner import run_cases
 from suite.train import run_case
-from tests.conftest import numerics_globals, small_case
+from tests.helpers import numerics_globals, small_case
 
 CPU = DeviceInfo("cpu", "test cpu")
 T4 = DeviceInfo("cuda", "Tesla T4", (7, 5))

@@ -5,7 +5,7 @@ import pytest
 
 from suite import results
 from suite.runner import run_cases
-from tests.conftest import small_case
+from tests.helpers import small_case
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 from suite import Case, run_cases
 from suite.modes import MODES
 from suite.modes.base import PrecisionMode
-from tests.conftest import small_case
+from tests.helpers import small_case
 
 
 class NaNWeights(PrecisionMode):

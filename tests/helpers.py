@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from suite.case import Case
@@ -24,9 +23,3 @@ def numerics_globals() -> dict[str, object]:
         "autocast_cpu": torch.is_autocast_enabled("cpu"),
         "autocast_cuda": torch.is_autocast_enabled("cuda"),
     }
-
-
-@pytest.fixture
-def cuda_required():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU; torch sees none here")
