@@ -1,4 +1,4 @@
-"""The `mpbench` command: run | models | modes | env.
+"""The `mpbench` command: run | models | modes | calibrate | env.
 
 Exit codes: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error, timeout);
 2 bad input (nothing was run); 130 interrupted (finished records are kept).
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from models import GPT, GPTConfig
-from suite import results
+from suite import calibration, peaks, results
 from suite.case import Case
 from suite.hardware import environment, resolve_device
+from suite.metrics.window import nvml_device
 from suite.modes import MODES
 from suite.runner import run_cases, validate
 
@@ -176,7 +177,38 @@ def cmd_modes(args: argparse.Namespace) -> int:
 
 def cmd_env(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    print(json.dumps({"device": str(device.torch_device), **environment(device)}, indent=2))
+    report: dict = {"device": str(device.torch_device), **environment(device)}
+    if device.type == "cuda":
+        row = peaks.peak_row(device.name)
+        report["peak_flops_row"] = row or f"unknown GPU {device.name!r}: mfu will be null"
+        _, _, report["nvml"] = nvml_device(device.index)
+        report["nvml"] = report["nvml"] or "ok"
+    else:
+        report["peak_flops_row"] = "none for CPUs: mfu is null; mamf uses `mpbench calibrate`"
+    path = calibration.calibration_path(device)
+    report["calibration"] = str(path) if path.is_file() else f"none (run `mpbench calibrate`; would be {path})"
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else None
+    for d in dtypes or []:
+        if d not in calibration.DTYPES:
+            raise ValueError(f"dtypes: {d!r} is unknown; choose from {', '.join(calibration.DTYPES)}")
+    path = Path(args.out) if args.out else calibration.calibration_path(device)
+    results.check_writable(path.with_suffix(".tmp"))
+    print(f"mpbench: calibrating matmul FLOP/s on {device.describe()}", file=sys.stderr)
+    result = calibration.measure(device, dtypes, log=lambda line: print(line, file=sys.stderr))
+    calibration.save(result, path)
+    rows = []
+    for dtype, entry in result["results"].items():
+        peak, _ = peaks.peak_flops(device.name, dtype) if device.type == "cuda" else (None, None)
+        share = f"{entry['flops'] / peak:.0%}" if peak else "-"
+        rows.append([dtype, f"{entry['flops'] / 1e12:.2f}", entry["n"], f"{peak / 1e12:.1f}" if peak else "-", share])
+    print(_table(rows, ["dtype", "best TFLOP/s", "n", "datasheet TFLOP/s", "of datasheet"]))
+    print(f"\ncalibration: {path}")
     return 0
 
 
@@ -215,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     modes = sub.add_parser("modes", help="list precision modes and whether each can run here")
     modes.add_argument("--device", default="auto")
     modes.set_defaults(func=cmd_modes)
-    env = sub.add_parser("env", help="print the environment a record would carry")
+    cal = sub.add_parser("calibrate", help="measure this machine's best matmul FLOP/s per dtype (for mamf)")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--dtypes", help="comma-separated from fp32, tf32, fp16, bf16 (default: what the device has)")
+    cal.add_argument("--out", help="JSON file (default: results/calibration/DEVICE-HOST.json)")
+    cal.set_defaults(func=cmd_calibrate)
+    env = sub.add_parser("env", help="print the environment, the peak FLOP/s row and NVML status")
     env.add_argument("--device", default="auto")
     env.set_defaults(func=cmd_env)
     return parser

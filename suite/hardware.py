@@ -121,6 +121,7 @@ def environment(device: DeviceInfo) -> dict[str, object]:
         "gpu_name": device.name if on_gpu else None,
         "gpu_count": torch.cuda.device_count() if on_gpu else 0,
         "gpu_capability": ".".join(map(str, device.capability)) if device.capability else None,
+        "gpu_memory_mb": torch.cuda.get_device_properties(device.index).total_memory / 2**20 if on_gpu else None,
         "driver": _nvidia_driver() if on_gpu else None,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,

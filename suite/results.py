@@ -19,70 +19,55 @@ STATUSES = ("ok", "skipped", "oom", "diverged", "error", "timeout")
 
 # Every record has every key, in this order; a value that was not measured is None and,
 # for a case that did not finish, `reason` says why.
+# fmt: off
 FIELDS: tuple[str, ...] = (
     # identity
-    "schema",
-    "run_id",
-    "timestamp",
-    "git_commit",
-    "git_dirty",
+    "schema", "run_id", "timestamp", "git_commit", "git_dirty",
     # the case
-    "model",
-    "mode",
-    "device",
-    "batch_size",
-    "seq_len",
-    "steps",
-    "warmup",
-    "seed",
-    "compile",
-    "data",
-    "lr",
-    "weight_decay",
+    "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
+    "compile", "data", "lr", "weight_decay",
     # outcome
-    "status",
-    "reason",
-    "elapsed_s",
+    "status", "reason", "elapsed_s",
     # model and precision
-    "params",
-    "flops_per_token",
-    "flops_per_step",
-    "tokens_per_step",
-    "compute_dtype",
-    "weight_dtypes",
-    "grad_dtypes",
-    "optimizer_state_dtypes",
-    "init_digest",
-    "data_digest",
-    # speed (ms; measured steps only)
-    "step_time_ms",
-    "step_time_p10_ms",
-    "step_time_p90_ms",
-    "step_time_cv",
-    "step_times_ms",
-    "tokens_per_s",
+    "params", "flops_per_token", "flops_per_step", "tokens_per_step", "compute_dtype",
+    "weight_dtypes", "grad_dtypes", "optimizer_state_dtypes", "init_digest", "data_digest",
+    # speed (ms; timed steps only)
+    "timed_steps", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv",
+    "step_times_ms", "tokens_per_s",
+    # FLOP/s and utilization (fractions)
+    "achieved_flops", "peak_flops", "peak_flops_dtype", "mfu", "mfu_bf16", "mfu_reason",
+    "mamf", "mamf_flops", "mamf_reason",
+    "tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma", "tensor_core_util_source",
+    "tensor_core_util_reason", "tensor_core_top_kernels",
+    # memory (MiB)
+    "peak_mem_mb", "peak_mem_source", "peak_mem_device_mb", "peak_mem_allocated_mb",
+    "peak_mem_reserved_mb", "peak_mem_reason",
+    # energy and clocks (NVML, over the timed window)
+    "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
+    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
     # convergence (nats / token)
-    "loss_curve",
-    "initial_loss",
-    "final_loss",
-    "loss_floor",
-    "overflow_steps",
-    "loss_scale",
+    "loss_curve", "initial_loss", "final_loss", "loss_floor", "overflow_steps", "loss_scale",
     "diverged_at_step",
     # environment
-    "gpu_name",
-    "gpu_count",
-    "gpu_capability",
-    "driver",
-    "cuda",
-    "torch",
-    "python",
-    "cpu",
-    "cpu_count",
-    "torch_threads",
-    "hostname",
-    "platform",
+    "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
+    "python", "cpu", "cpu_count", "torch_threads", "hostname", "platform",
 )
+# fmt: on
+
+# A metric that may be null, and the field that then says why (same reason for a group).
+REASON_FIELDS: dict[str, str] = {
+    **dict.fromkeys(("peak_flops", "mfu", "mfu_bf16"), "mfu_reason"),
+    **dict.fromkeys(("mamf", "mamf_flops"), "mamf_reason"),
+    **dict.fromkeys(
+        ("tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma", "tensor_core_util_source"),
+        "tensor_core_util_reason",
+    ),
+    **dict.fromkeys(
+        ("peak_mem_mb", "peak_mem_device_mb", "peak_mem_allocated_mb", "peak_mem_reserved_mb"), "peak_mem_reason"
+    ),
+    **dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"), "energy_reason"),
+    **dict.fromkeys(("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples"), "nvml_reason"),
+}
 
 
 def new_run_id() -> str:

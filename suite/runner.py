@@ -20,6 +20,8 @@ from suite import results
 from suite.case import Case
 from suite.data import digest, make_corpus
 from suite.hardware import DeviceInfo, environment, resolve_device
+from suite.metrics.flops import utilization_fields
+from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.train import CaseResult, run_case
 
@@ -45,7 +47,7 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
     return devices
 
 
-class _Batches:
+class Batches:
     """Train and held-out batches, built once per (data, sizes, seed) and shared by modes."""
 
     def __init__(self) -> None:
@@ -90,11 +92,12 @@ def _case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
     }
 
 
-def _result_fields(case: Case, r: CaseResult) -> dict[str, Any]:
+def _result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step: int) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "compute_dtype": r.compute,
         "init_digest": r.init_digest,
         **r.storage,
+        **r.measurements,
         "loss_curve": r.loss_curve,
         "initial_loss": r.loss_curve[0] if r.loss_curve else None,
         "final_loss": r.final_loss,
@@ -110,6 +113,7 @@ def _result_fields(case: Case, r: CaseResult) -> dict[str, Any]:
             "step_time_cv": r.timing.cv,
             "step_times_ms": r.timing.times_ms,
             "tokens_per_s": case.tokens_per_step / (r.timing.median_ms / 1e3),
+            **utilization_fields(flops_per_step, r.timing.median_ms, r.compute, device),
         }
     return fields
 
@@ -131,7 +135,11 @@ def run_cases(
     if out is not None:
         out = results.check_writable(out)
     run_id = run_id or results.new_run_id()
-    batches = _Batches()
+    for device in {d for d in devices.values() if d.type == "cuda"}:
+        _, _, why = nvml_device(device.index)
+        if why:
+            log(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
+    batches = Batches()
     records = []
     for i, case in enumerate(cases, start=1):
         device = devices[case.device]
@@ -151,7 +159,7 @@ def run_cases(
 
             try:
                 r = run_case(case, device, corpus, train, heldout, progress)
-                values |= _result_fields(case, r)
+                values |= _result_fields(case, r, device, values["flops_per_step"])
                 if r.diverged_at is None:
                     values["status"] = "ok"
                 else:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,7 +16,9 @@ from models import GPT
 from suite.case import Case
 from suite.data import Corpus, digest
 from suite.hardware import DeviceInfo
+from suite.metrics.tensor_cores import ProfilerTensorCores
 from suite.metrics.timing import StepTimer, TimingStats
+from suite.metrics.window import PROFILED_STEPS, MeasuredWindow, profiler_fields
 from suite.modes import PrecisionMode, get_mode
 
 # progress(step_done, steps, last_loss): called a few times per case
@@ -77,6 +81,55 @@ class CaseResult:
     compute: str
     init_digest: str
     storage: dict[str, list[str]] = field(default_factory=dict)
+    measurements: dict[str, Any] = field(default_factory=dict)  # tracker fields for the record
+
+
+class _Loop:
+    """Runs train steps over batches, keeps every loss, and stops at the first NaN/inf.
+
+    Losses stay on the device; they are checked (one sync) only at the few progress
+    points, so the loop adds no host sync per step.
+    """
+
+    def __init__(
+        self,
+        fn: nn.Module,
+        mode: PrecisionMode,
+        optimizer: torch.optim.Optimizer,
+        dev: torch.device,
+        steps: int,
+        progress: Progress | None,
+    ) -> None:
+        self.fn, self.mode, self.optimizer, self.dev = fn, mode, optimizer, dev
+        self.steps, self.progress = steps, progress
+        self.report_every = max(1, steps // 4)
+        self.losses: list[torch.Tensor] = []
+        self.skipped = 0
+        self.diverged_at: int | None = None
+        self._checked = 0
+
+    def run(self, batches: torch.Tensor, timer: StepTimer | None = None) -> None:
+        for batch in batches:
+            if self.diverged_at is not None:
+                return
+            batch = batch.to(self.dev, non_blocking=True)  # outside the timed step
+            with timer.measure() if timer else contextlib.nullcontext():
+                loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
+            self.losses.append(loss)
+            self.skipped += not stepped
+            done = len(self.losses)
+            if done % self.report_every == 0 or done == self.steps:
+                self._check(done)
+
+    def _check(self, done: int) -> None:
+        recent = torch.stack(self.losses[self._checked :]).tolist()
+        bad = [i for i, v in enumerate(recent) if not math.isfinite(v)]
+        if bad:
+            self.diverged_at = self._checked + bad[0]
+            return
+        self._checked = done
+        if self.progress:
+            self.progress(done, self.steps, recent[-1])
 
 
 def run_case(
@@ -86,8 +139,16 @@ def run_case(
     train_batches: torch.Tensor,
     heldout_batches: torch.Tensor,
     progress: Progress | None = None,
+    trackers: bool = True,
 ) -> CaseResult:
-    """Build the model from the case's seed, let the mode prepare it, train, evaluate."""
+    """Build the model from the case's seed, let the mode prepare it, train, evaluate.
+
+    Steps run in phases: warm-up (not measured), the timed window (step timer inside,
+    memory/energy/GPM trackers around it), and, on a GPU without GPM, a few last steps
+    under the profiler for tensor-core share. Every phase trains: the loss curve has
+    `case.steps` entries whatever is measured. `trackers=False` leaves only the step timer
+    (to measure what the trackers cost).
+    """
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # fp32 on the CPU: identical for every mode
@@ -96,40 +157,38 @@ def run_case(
         model = mode.prepare(model.to(dev))
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
         step_fn = torch.compile(model) if case.compile else model
+        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress)
+        window = MeasuredWindow(device) if trackers else None
+        profiled = PROFILED_STEPS if window and window.wants_profiler(case.steps - case.warmup) else 0
+        timed_end = case.steps - profiled
+
+        loop.run(train_batches[: case.warmup])
         timer = StepTimer(dev)
-        losses: list[torch.Tensor] = []
-        skipped, diverged_at, checked = 0, None, 0
-        report_every = max(1, case.steps // 4)
-        for step, batch in enumerate(train_batches):
-            batch = batch.to(dev, non_blocking=True)
-            if step < case.warmup:
-                loss, stepped = train_step(step_fn, mode, optimizer, batch)
-            else:
-                with timer.measure():
-                    loss, stepped = train_step(step_fn, mode, optimizer, batch)
-            losses.append(loss)
-            skipped += not stepped
-            if (step + 1) % report_every == 0 or step + 1 == case.steps:
-                recent = torch.stack(losses[checked:]).tolist()  # one sync per report
-                bad = [i for i, v in enumerate(recent) if not math.isfinite(v)]
-                if bad:
-                    diverged_at = checked + bad[0]
-                    break
-                checked = len(losses)
-                if progress:
-                    progress(step + 1, case.steps, recent[-1])
-        curve = torch.stack(losses).tolist()
-        timing = timer.stats() if diverged_at is None else None
-        final = None if diverged_at is not None else evaluate(step_fn, mode, heldout_batches, dev)
+        with window or contextlib.nullcontext():
+            loop.run(train_batches[case.warmup : timed_end], timer)
+        measurements: dict[str, Any] = {}
+        timing = None
+        if loop.diverged_at is None:
+            timing = timer.stats()
+            measurements["timed_steps"] = len(timing.times_ms)
+            if window:
+                measurements |= window.fields(len(timing.times_ms), case.tokens_per_step)
+        if profiled and loop.diverged_at is None:
+            with ProfilerTensorCores() as prof:
+                loop.run(train_batches[timed_end:])
+            measurements |= profiler_fields(prof.result())
+
+        final = None if loop.diverged_at is not None else evaluate(step_fn, mode, heldout_batches, dev)
         storage = storage_dtypes(model, optimizer)  # grads of the last step are still there
     return CaseResult(
         timing=timing,
-        loss_curve=curve,
+        loss_curve=torch.stack(loop.losses).tolist(),
         final_loss=final,
-        skipped_steps=skipped,
+        skipped_steps=loop.skipped,
         loss_scale=mode.loss_scale,
-        diverged_at=diverged_at,
+        diverged_at=loop.diverged_at,
         compute=mode.compute,
         init_digest=init_digest,
         storage=storage,
+        measurements=measurements,
     )

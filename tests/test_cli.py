@@ -93,3 +93,23 @@ def test_env_prints_json(capsys):
 def test_console_script_is_installed():
     done = subprocess.run(["mpbench", "models"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "gpt2-xl" in done.stdout
+
+
+def test_calibrate_writes_a_file_that_env_and_runs_use(tmp_path, monkeypatch, capsys):
+    from suite import calibration
+
+    monkeypatch.setenv("MPBENCH_CALIBRATION_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "CPU_SIZES", (64, 128))  # seconds, not minutes
+    assert main(["calibrate", "--device", "cpu", "--dtypes", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "best TFLOP/s" in out and str(tmp_path) in out
+    assert main(["env", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"].startswith(str(tmp_path))
+    records = tmp_path / "r.jsonl"
+    assert main(["run", "--device", "cpu", "--modes", "fp32", "--steps", "3", "--out", str(records)]) == 0
+    assert json.loads(records.read_text())["mamf"] > 0
+
+
+def test_calibrate_refuses_an_unknown_dtype(capsys):
+    assert main(["calibrate", "--device", "cpu", "--dtypes", "fp64"]) == 2
+    assert "dtypes: 'fp64' is unknown" in _error_line(capsys)

@@ -1,0 +1,154 @@
+"""The measured window: every tracker that watches the timed steps, entered from outside.
+
+`MeasuredWindow` is a context manager around the timed steps of a case. It syncs the device
+at both ends, samples memory (NVML on a GPU, RSS on a CPU), reads the energy counter and
+GPM tensor-core activity, and turns what it saw into flat record fields, each figure that
+could not be measured being None with a `*_reason`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from typing import Any
+
+from suite.hardware import DeviceInfo, synchronize
+from suite.metrics import nvml as nvml_lib
+from suite.metrics.memory import AllocatorPeakTracker, RssSampler
+from suite.metrics.tensor_cores import ProfilerTensorCoreResult
+
+# Steps run under the torch profiler for tensor-core share where GPM is unavailable. They
+# come after the timed window (the profiler slows kernel launches) and still train.
+PROFILED_STEPS = 3
+
+
+@functools.cache
+def nvml_device(index: int) -> tuple[Any, Any, str | None]:
+    """(nvml module, handle of torch's CUDA device `index`, reason if unusable). Cached."""
+    nvml, reason = nvml_lib.load_nvml()
+    if nvml is None:
+        return None, None, reason
+    uuid = nvml_lib.uuid_of_torch_device(index)
+    if uuid is None:
+        return None, None, f"cannot read the UUID of cuda:{index} from torch, so NVML cannot be matched to it"
+    try:
+        return nvml, nvml_lib.find_handle(nvml, uuid), None
+    except LookupError as exc:
+        return None, None, str(exc)
+
+
+class MeasuredWindow:
+    """Wraps the timed steps; `fields(timed_steps, tokens_per_step)` gives the record fields."""
+
+    def __init__(self, device: DeviceInfo, use_nvml: bool = True) -> None:
+        self.device = device
+        self.dev = device.torch_device
+        self._stack = contextlib.ExitStack()
+        self._nvml_reason: str | None = None
+        self._sampler: nvml_lib.NvmlSampler | None = None
+        self._gpm: nvml_lib.GpmTensorUtil | None = None
+        self._allocator: AllocatorPeakTracker | None = None
+        self._rss: RssSampler | None = None
+        if device.type == "cuda":
+            nvml, handle, self._nvml_reason = nvml_device(device.index) if use_nvml else (None, None, "NVML off")
+            if nvml is not None:
+                self._sampler = nvml_lib.NvmlSampler(nvml, handle, pid=os.getpid())
+                self._gpm = nvml_lib.GpmTensorUtil(nvml, handle)
+            self._allocator = AllocatorPeakTracker(self.dev)
+        else:
+            self._rss = RssSampler()
+        self.duration_s = 0.0
+
+    def wants_profiler(self, steps_after_warmup: int) -> bool:
+        """True on a GPU where GPM cannot give tensor-core utilization and enough steps remain
+        for a profiler window after the timed ones."""
+        if self.device.type != "cuda" or steps_after_warmup <= PROFILED_STEPS:
+            return False
+        return self._gpm is None or not self._gpm.supported
+
+    def __enter__(self) -> MeasuredWindow:
+        synchronize(self.dev)  # start from an idle device: warm-up work is not in the window
+        for tracker in (self._allocator, self._rss, self._sampler, self._gpm):
+            if tracker is not None:
+                self._stack.enter_context(tracker)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.dev)  # the window ends when the device has finished its work
+        self.duration_s = time.perf_counter() - self._t0
+        self._stack.close()
+
+    def fields(self, timed_steps: int, tokens_per_step: int) -> dict[str, Any]:
+        """Record fields for memory, energy, clocks and GPM tensor-core utilization."""
+        if self.device.type != "cuda":
+            return self._cpu_fields()
+        alloc = self._allocator.result()
+        out: dict[str, Any] = {"peak_mem_allocated_mb": alloc.allocated_mb, "peak_mem_reserved_mb": alloc.reserved_mb}
+        if self._sampler is None:  # the allocator figures exist; nothing from NVML does
+            why = f"NVML unavailable: {self._nvml_reason}"
+            return out | dict.fromkeys(
+                ("peak_mem_reason", "energy_reason", "nvml_reason", "tensor_core_util_reason"), why
+            )
+        w = self._sampler.result()
+        out |= {
+            "peak_mem_mb": w.peak_mem_mb,
+            "peak_mem_source": w.peak_mem_source,
+            "peak_mem_device_mb": w.peak_mem_device_mb,
+            "peak_mem_reason": _why(w.reasons, "peak_mem_mb", "peak_mem_device_mb", "peak_mem_source"),
+            "avg_power_w": w.avg_power_w,
+            "energy_reason": _why(w.reasons, "energy_j", "avg_power_w"),
+            "sm_clock_mhz": w.sm_clock_mhz,
+            "temperature_c_max": w.temperature_c_max,
+            "throttled": w.throttled,
+            "throttle_reasons": w.throttle_reasons,
+            "nvml_samples": w.samples,
+            "nvml_reason": _why(w.reasons, "sm_clock_mhz", "temperature_c_max", "throttled", "sampler"),
+        }
+        if w.energy_j and timed_steps:  # a zero reading means the counter did not tick: no figure
+            out["energy_j_per_step"] = w.energy_j / timed_steps
+            out["tokens_per_joule"] = tokens_per_step * timed_steps / w.energy_j
+        elif w.energy_j == 0:
+            out["energy_reason"] = (
+                f"energy counter did not advance over {self.duration_s:.3f} s (updates every 20-100 ms)"
+            )
+        g = self._gpm.result()
+        out["tensor_core_util_reason"] = g.reason  # set too when only the HMMA or IMMA figure failed
+        if g.tensor_core_util is not None:
+            out |= {
+                "tensor_core_util": g.tensor_core_util,
+                "tensor_core_util_hmma": g.hmma_util,
+                "tensor_core_util_imma": g.imma_util,
+                "tensor_core_util_source": "nvml-gpm",
+            }
+        return out
+
+    def _cpu_fields(self) -> dict[str, Any]:
+        rss = self._rss.result()
+        return {
+            "peak_mem_mb": rss.peak_mem_mb,
+            "peak_mem_source": rss.source,
+            "peak_mem_reason": "CPU: device and allocator peaks are GPU-only; peak_mem_mb is this process's RSS",
+            "energy_reason": "CPU: no energy counter (NVML measures NVIDIA GPUs only)",
+            "nvml_reason": "CPU: NVML measures NVIDIA GPUs only",
+            "tensor_core_util_reason": "CPU: no tensor cores",
+        }
+
+
+def profiler_fields(result: ProfilerTensorCoreResult) -> dict[str, Any]:
+    """Record fields from the profiler's tensor-core share (the fallback where GPM is missing)."""
+    if result.share is None:
+        return {"tensor_core_util_reason": result.reason, "tensor_core_util_source": None}
+    return {
+        "tensor_core_util": result.share,
+        "tensor_core_util_source": "profiler",
+        "tensor_core_util_reason": None,
+        "tensor_core_top_kernels": [[name, round(us, 1)] for name, us in result.top_kernels],
+    }
+
+
+def _why(reasons: dict[str, str], *keys: str) -> str | None:
+    """The sampler's reasons for these fields, joined; None when all were measured."""
+    return "; ".join(f"{k}: {reasons[k]}" for k in keys if k in reasons) or None

@@ -1,0 +1,167 @@
+"""Dense peak FLOP/s per GPU model and compute dtype: the denominator of MFU.
+
+Every figure is the datasheet's *dense* rate (no 2:4 structured sparsity; datasheets print
+the sparse rate with an asterisk, and we halve it), for tensor-core math with FP32
+accumulation where the datasheet tells the two apart. "fp32" is the non-tensor-core FMA rate;
+"int8" is in OP/s. All figures assume the maximum boost clock: under sustained load the clock
+is usually lower (PCIe cards and the 72 W L4 most of all), so an MFU against these peaks
+understates how busy the units were, never overstates it.
+
+A GPU that is not in the table, or a dtype it lacks, gives `None` and a reason: never the
+figure of a "close" GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
+_T = 1e12  # the table is written in TFLOP/s (TOP/s for int8)
+
+
+@dataclass(frozen=True)
+class _Row:
+    display: str  # for messages: "NVIDIA H100 SXM"
+    arch: str
+    source: str
+    fp32: float | None
+    tf32: float | None
+    fp16: float | None
+    bf16: float | None
+    fp8: float | None
+    int8: float | None
+    unconfirmed: tuple[str, ...] = ()  # dtypes left None because no datasheet figure was confirmed
+
+
+# fmt: off
+PEAKS: dict[str, _Row] = {
+    # Columns: fp32 (CUDA cores), tf32, fp16, bf16, fp8 (tensor cores), int8 (TOP/s); dense TFLOP/s at max boost.
+    # NVIDIA V100 datasheet, SXM2 column: FP32 15.7, Tensor 125 (fp16 only), at 1530 MHz boost.
+    "V100 SXM2": _Row("NVIDIA V100 SXM2", "Volta", "NVIDIA V100 datasheet, SXM2 column",
+                      15.7, None, 125.0, None, None, None),
+    # NVIDIA V100 datasheet, PCIe column: FP32 14, Tensor 112, at a lower boost clock than SXM2 (250 W).
+    "V100 PCIe": _Row("NVIDIA V100 PCIe", "Volta", "NVIDIA V100 datasheet, PCIe column",
+                      14.0, None, 112.0, None, None, None),
+    # AWS/NVIDIA A10G datasheet (d1.awsstatic.com, 2022-02-17; NVIDIA publishes none), read through
+    # secondary sources: FP32 35, FP16/BF16 70 | 140*, INT8 140 dense. Not the A10's 125/250: a
+    # different part. 70 = 80 SMs x 1.71 GHz boost x 512 FLOP/clk; a bf16 matmul measured 66.6 on one.
+    # TF32: the only reading found (35) sits in a column labelled "Mixed-precision": left None.
+    "A10G": _Row("NVIDIA A10G", "Ampere", "AWS/NVIDIA A10G datasheet (2022-02-17)",
+                 35.0, None, 70.0, 70.0, None, 140.0, ("tf32",)),
+    # NVIDIA L4 datasheet: FP32 30.3; TF32 120*, FP16/BF16 242*, FP8 485*, INT8 485* (halved).
+    # Accumulator not stated: check on the GPU. At 72 W the L4 rarely holds its boost clock.
+    "L4": _Row("NVIDIA L4", "Ada", "NVIDIA L4 datasheet",
+               30.3, 60.0, 121.0, 121.0, 242.5, 242.5),
+    # NVIDIA L40S datasheet: FP32 91.6; TF32 183 | 366*, FP16/BF16 362.05 | 733*, FP8 733 | 1466*,
+    # INT8 733 | 1466*. Accumulator not stated; one codebase (OLMo-core) halves it again as an
+    # FP16-accumulate figure, but professional GA102 cards (A40 datasheet) state full-rate FP32
+    # accumulate. Check on the GPU. Boost-clock figures.
+    "L40S": _Row("NVIDIA L40S", "Ada", "NVIDIA L40S datasheet",
+                 91.6, 183.0, 362.05, 362.05, 733.0, 733.0),
+    # NVIDIA A100 datasheet (r4), one set of figures for the SXM and PCIe columns, 40 and 80 GB:
+    # FP32 19.5, TF32 156 | 312*, FP16/BF16 312 | 624*, INT8 624 | 1248*. PCIe cards (250-300 W)
+    # hold the 1410 MHz boost clock less well than SXM (400 W).
+    "A100 SXM 40GB": _Row("NVIDIA A100 SXM 40GB", "Ampere", "NVIDIA A100 datasheet, SXM column",
+                          19.5, 156.0, 312.0, 312.0, None, 624.0),
+    "A100 SXM 80GB": _Row("NVIDIA A100 SXM 80GB", "Ampere", "NVIDIA A100 datasheet, SXM column",
+                          19.5, 156.0, 312.0, 312.0, None, 624.0),
+    "A100 PCIe 40GB": _Row("NVIDIA A100 PCIe 40GB", "Ampere", "NVIDIA A100 datasheet, PCIe column",
+                           19.5, 156.0, 312.0, 312.0, None, 624.0),
+    "A100 PCIe 80GB": _Row("NVIDIA A100 PCIe 80GB", "Ampere", "NVIDIA A100 datasheet, PCIe column",
+                           19.5, 156.0, 312.0, 312.0, None, 624.0),
+    # NVIDIA H100 datasheet, SXM5 column: FP32 67; TF32 989*, FP16/BF16 1979*, FP8 3958*, INT8 3958*.
+    # Boost-clock figures; at 700 W the SXM5 holds them best of the H100s.
+    "H100 SXM": _Row("NVIDIA H100 SXM", "Hopper", "NVIDIA H100 datasheet, SXM5 column",
+                     67.0, 494.5, 989.5, 989.5, 1979.0, 1979.0),
+    # NVIDIA H100 datasheet, PCIe column: FP32 51; TF32 756*, FP16/BF16 1513*, FP8 3026*, INT8 3026*.
+    # (Some codebases round the 16-bit figure to 756; half of 1513 is 756.5.) Boost clock, 350 W.
+    "H100 PCIe": _Row("NVIDIA H100 PCIe", "Hopper", "NVIDIA H100 datasheet, PCIe column",
+                      51.0, 378.0, 756.5, 756.5, 1513.0, 1513.0),
+    # NVIDIA H100 datasheet, NVL column, per GPU: FP32 60; TF32 835*, FP16/BF16 1671*, FP8 3341*,
+    # INT8 3341*. Boost clock, 350-400 W.
+    "H100 NVL": _Row("NVIDIA H100 NVL", "Hopper", "NVIDIA H100 datasheet, NVL column",
+                     60.0, 417.5, 835.5, 835.5, 1670.5, 1670.5),
+    # NVIDIA H200 datasheet/product page, SXM column: FP32 67; TF32 989*, FP16/BF16 1979*, FP8 and
+    # INT8 3958*: the H100 SXM figures (same GH100 compute). Boost clock, 700 W.
+    "H200 SXM": _Row("NVIDIA H200 SXM", "Hopper", "NVIDIA H200 datasheet, SXM column",
+                     67.0, 494.5, 989.5, 989.5, 1979.0, 1979.0),
+    # NVIDIA H200 datasheet/product page, NVL column: FP32 60; TF32 835*, FP16/BF16 1671*, FP8 and
+    # INT8 3341*: the H100 NVL figures. Boost clock, up to 600 W.
+    "H200 NVL": _Row("NVIDIA H200 NVL", "Hopper", "NVIDIA H200 datasheet, NVL column",
+                     60.0, 417.5, 835.5, 835.5, 1670.5, 1670.5),
+    # NVIDIA Ada architecture whitepaper, appendix (GeForce RTX 4090): FP32 82.6, TF32 82.6,
+    # FP16/BF16 with FP32 accumulate 165.2 (330.3 is the FP16-accumulate rate), FP8 with FP32
+    # accumulate 330.3 (660.6 with FP16 accumulate), INT8 660.6, at 2520 MHz boost.
+    "RTX 4090": _Row("NVIDIA GeForce RTX 4090", "Ada", "NVIDIA Ada GPU architecture whitepaper, appendix",
+                     82.6, 82.6, 165.2, 165.2, 330.3, 660.6),
+}
+
+# Full-string patterns over the casefolded, space-collapsed name that torch and NVML report.
+# A name that matches none (another SKU, a MIG slice, "NVIDIA H100 80GB HBM3 MIG 1g.10gb", a
+# CPU) maps to nothing. Order does not matter: every pattern is anchored at both ends, so "h100"
+# cannot swallow "h100 nvl", "l4" cannot match "l40s", "a10g" cannot match "a100".
+_NAME_RULES: tuple[tuple[str, str], ...] = (
+    (r"(nvidia )?h100 80gb hbm3", "H100 SXM"),
+    (r"(nvidia )?h100 pcie", "H100 PCIe"),
+    (r"(nvidia )?h100 nvl", "H100 NVL"),
+    (r"(nvidia )?h200", "H200 SXM"),
+    (r"(nvidia )?h200 nvl", "H200 NVL"),
+    (r"(nvidia )?a100-sxm4?-40gb", "A100 SXM 40GB"),
+    (r"(nvidia )?a100-sxm4?-80gb", "A100 SXM 80GB"),
+    (r"(nvidia )?a100-pcie-40gb|(nvidia )?a100 40gb pcie", "A100 PCIe 40GB"),
+    (r"(nvidia )?a100-pcie-80gb|(nvidia )?a100 80gb pcie", "A100 PCIe 80GB"),
+    (r"((nvidia )?tesla )?v100-sxm2-(16|32)gb", "V100 SXM2"),
+    (r"((nvidia )?tesla )?v100-pcie-(16|32)gb", "V100 PCIe"),
+    (r"(nvidia )?a10g", "A10G"),
+    (r"(nvidia )?l4", "L4"),
+    (r"(nvidia )?l40s", "L40S"),
+    (r"(nvidia )?geforce rtx 4090", "RTX 4090"),
+)
+# fmt: on
+# Names that omit the memory size; only then is memory_mb consulted (>= 60 GB means 80 GB).
+_SIZELESS_A100 = {r"(nvidia )?a100-sxm4?": "A100 SXM", r"(nvidia )?a100[- ]pcie": "A100 PCIe"}
+
+
+def canonical_gpu(name: str, memory_mb: float | None = None) -> str | None:
+    """The table key for a device name as torch/NVML report it, or None if it is not in the table."""
+    if name in PEAKS:
+        return name
+    norm = " ".join(name.split()).casefold()
+    for pattern, key in _NAME_RULES:
+        if re.fullmatch(pattern, norm):
+            return key
+    for pattern, stem in _SIZELESS_A100.items():
+        if re.fullmatch(pattern, norm) and memory_mb is not None:
+            return f"{stem} {'80GB' if memory_mb >= 60_000 else '40GB'}"
+    return None
+
+
+def peak_flops(gpu_name: str, dtype: str, *, memory_mb: float | None = None) -> tuple[float | None, str | None]:
+    """(dense peak FLOP/s, None), or (None, a one-line reason naming the GPU and dtype)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    key = canonical_gpu(gpu_name, memory_mb)
+    if key is None:
+        return None, f"no peak FLOP/s known for GPU {gpu_name!r}; mfu is not computed"
+    row = PEAKS[key]
+    value = getattr(row, dtype)
+    if value is None and dtype in row.unconfirmed:
+        return None, f"no confirmed datasheet {dtype} peak for {row.display}; mfu is not computed"
+    if value is None:
+        return None, f"{row.display} ({row.arch}) has no {dtype} tensor cores; mfu is not computed"
+    return value * _T, None
+
+
+def peak_row(gpu_name: str, *, memory_mb: float | None = None) -> dict[str, object] | None:
+    """The GPU's table row for printing (TFLOP/s, int8 in TOP/s), or None if it is not in the table."""
+    key = canonical_gpu(gpu_name, memory_mb)
+    if key is None:
+        return None
+    row = PEAKS[key]
+    return {
+        "gpu": key,
+        "unit": "dense TFLOP/s at boost clock (int8: TOP/s)",
+        **{dtype: getattr(row, dtype) for dtype in DTYPES},
+        "source": row.source,
+    }
