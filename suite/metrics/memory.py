@@ -35,7 +35,7 @@ class RssSampler:
     ru_maxrss and says so in `source`.
     """
 
-    def __init__(self, interval_s: float = 0.01) -> None:
+    def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
         self._peak = 0
         self._stop = threading.Event()
