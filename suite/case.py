@@ -30,6 +30,7 @@ class Case:
     lr: float | None = None  # None: DEFAULT_LR of the model
     weight_decay: float = 0.1
     eval_batches: int = 4  # held-out batches for final_loss
+    eval_every: int = 0  # also evaluate every N steps (0: only at the end)
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():
@@ -45,6 +46,8 @@ class Case:
         for name in ("batch_size", "seq_len", "steps", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every}: must be 0 (only at the end) or a positive step count")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(
                 f"warmup={self.warmup}: must be in 0..steps-1 (steps={self.steps}) so that some steps are timed"

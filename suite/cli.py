@@ -1,7 +1,8 @@
-"""The `mpbench` command: run | models | modes | calibrate | env.
+"""The `mpbench` command: run | check | models | modes | calibrate | env.
 
-Exit codes: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error, timeout);
-2 bad input (nothing was run); 130 interrupted (finished records are kept).
+Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
+timeout); 2 bad input (nothing was run); 130 interrupted (finished records are kept).
+`check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 import torch
 
 from models import GPT, GPTConfig
-from suite import calibration, peaks, results
+from suite import calibration, convergence, peaks, results
 from suite.case import Case
 from suite.hardware import environment, resolve_device
 from suite.metrics.window import nvml_device
 from suite.modes import MODES
+from suite.plots import plot_loss_curves
 from suite.runner import run_cases, validate
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
@@ -69,6 +71,7 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
             steps=steps,
             warmup=warmup,
             seed=args.seed,
+            eval_every=args.eval_every,
             compile=args.compile,
             data=args.data,
             lr=args.lr,
@@ -83,7 +86,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def summary_table(records: list[dict]) -> str:
-    """Per-mode table: step time with spread, tokens/s, speed-up and loss delta vs fp32."""
+    """Per-mode table: step time with spread, speed-up, MFU, memory, loss and its delta vs fp32."""
+    # fp32 of the same group, for the speed-up (the delta is in the record)
     ref = {
         (r["model"], r["batch_size"], r["seq_len"]): r for r in records if r["mode"] == "fp32" and r["status"] == "ok"
     }
@@ -92,33 +96,15 @@ def summary_table(records: list[dict]) -> str:
         base = ref.get((r["model"], r["batch_size"], r["seq_len"]))
         ok = r["status"] == "ok"
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
-        delta = r["final_loss"] - base["final_loss"] if ok and base else None
-        rows.append(
-            [
-                r["mode"],
-                r["model"],
-                r["status"],
-                _fmt(r["step_time_ms"], ".2f"),
-                f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-",
-                _fmt(r["tokens_per_s"], ",.0f"),
-                _fmt(speedup, ".2f"),
-                _fmt(r["final_loss"], ".4f"),
-                _fmt(delta, "+.4f"),
-                (r["reason"] or "")[:70],
-            ]
-        )
-    header = [
-        "mode",
-        "model",
-        "status",
-        "step ms",
-        "p10-p90 ms",
-        "tokens/s",
-        "x fp32",
-        "final loss",
-        "vs fp32",
-        "reason",
-    ]
+        spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
+        rows.append([
+            r["mode"], r["model"], r["status"], _fmt(r["step_time_ms"], ".2f"), spread,
+            _fmt(r["tokens_per_s"], ",.0f"), _fmt(speedup, ".2f"), _fmt(r["mfu"], ".1%"),
+            _fmt(r["peak_mem_mb"], ",.0f"), _fmt(r["final_loss"], ".4f"), _fmt(r["loss_delta_vs_fp32"], "+.4f"),
+            (r["reason"] or "")[:70],
+        ])  # fmt: skip
+    header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
+              "final loss", "vs fp32", "reason"]  # fmt: skip
     return _table(rows, header)
 
 
@@ -136,10 +122,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print(summary_table(done))
     print(f"\nrecords: {out} ({len(done)} written)")
+    if args.plot:
+        print(f"loss curves: {plot_loss_curves(done, out.with_suffix('.png'))}")
     loss_floor = next((r["loss_floor"] for r in done if r["loss_floor"] is not None), None)
     if loss_floor is not None:
         print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
     return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Convergence gate: exit 1 when a mode's loss ends above fp32's by more than its tolerance."""
+    tolerances = convergence.parse_tolerances(args.tolerance)
+    records = []
+    for path in args.records:
+        if not Path(path).is_file():
+            raise ValueError(f"records={path!r}: no such file")
+        records += results.read(path)
+    verdicts = convergence.check(records, tolerances)
+    rows = [
+        [v.mode, v.model, v.outcome, _fmt(v.delta, "+.4f"), _fmt(v.tolerance and v.tolerance.max_delta, ".4f"),
+         v.detail[:80]]
+        for v in verdicts
+    ]  # fmt: skip
+    print(_table(rows, ["mode", "model", "verdict", "delta vs fp32", "tolerance", "detail"]))
+    failed = [v for v in verdicts if v.outcome == "FAIL"]
+    checked = [v for v in verdicts if v.outcome in ("pass", "FAIL", "lags (expected)")]
+    if not checked:
+        print("\nnothing was checked: no record has loss_delta_vs_fp32 (run fp32 in the same run)")
+        return 1
+    print(f"\n{len(failed)} failed, {len(checked) - len(failed)} passed or lag as expected")
+    return 1 if failed else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -237,11 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_int, default=0, help="weights and batch order (default: 0)")
     run.add_argument("--lr", type=float, help="AdamW learning rate (default: by model size)")
     run.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (default: 0.1)")
+    run.add_argument("--eval-every", type=_int, default=0, help="held-out loss every N steps (default: at the end)")
+    run.add_argument("--plot", action="store_true", help="also write the loss curves as a PNG beside the records")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
     run.add_argument("--data", help="text file (byte tokens) or .bin of uint16 tokens (default: synthetic corpus)")
     run.add_argument("--out", help="JSON Lines file to append records to (default: results/runs/RUN_ID.jsonl)")
     run.set_defaults(func=cmd_run)
 
+    chk = sub.add_parser("check", help="convergence gate: exit 1 if a mode's loss drifted from fp32")
+    chk.add_argument("records", nargs="+", help="JSON Lines record files")
+    chk.add_argument("--tolerance", help="override bounds, e.g. bf16=0.05,amp-fp16=0.01 (nats/token)")
+    chk.set_defaults(func=cmd_check)
     models = sub.add_parser("models", help="list model presets with exact parameter counts")
     models.set_defaults(func=cmd_models)
     modes = sub.add_parser("modes", help="list precision modes and whether each can run here")

@@ -25,7 +25,7 @@ FIELDS: tuple[str, ...] = (
     "schema", "run_id", "timestamp", "git_commit", "git_dirty",
     # the case
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
-    "compile", "data", "lr", "weight_decay",
+    "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every",
     # outcome
     "status", "reason", "elapsed_s",
     # model and precision
@@ -46,8 +46,8 @@ FIELDS: tuple[str, ...] = (
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
     "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
     # convergence (nats / token)
-    "loss_curve", "initial_loss", "final_loss", "loss_floor", "overflow_steps", "loss_scale",
-    "diverged_at_step",
+    "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
+    "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
     "python", "cpu", "cpu_count", "torch_threads", "hostname", "platform",

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from suite import results
+from models import GPT
+from suite import convergence, results
 from suite.case import Case
 from suite.data import digest, make_corpus
 from suite.hardware import DeviceInfo, environment, resolve_device
@@ -68,8 +69,6 @@ class Batches:
 def _case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
     cfg = case.model_config
     with torch.device("meta"):  # shapes only: no memory, no init
-        from models import GPT
-
         shapes = GPT(cfg)
     per_token = shapes.flops_per_token(case.seq_len)
     return {
@@ -84,6 +83,8 @@ def _case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "compile": case.compile,
         "data": case.data,
         "lr": case.learning_rate,
+        "eval_batches": case.eval_batches,
+        "eval_every": case.eval_every,
         "weight_decay": case.weight_decay,
         "params": shapes.num_params(),
         "flops_per_token": per_token,
@@ -102,7 +103,8 @@ def _result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step
         "initial_loss": r.loss_curve[0] if r.loss_curve else None,
         "final_loss": r.final_loss,
         "overflow_steps": r.skipped_steps,
-        "loss_scale": r.loss_scale,
+        "loss_scale_curve": r.loss_scale_curve,
+        "eval_curve": r.eval_curve,
         "diverged_at_step": r.diverged_at,
     }
     if r.timing is not None:
@@ -123,13 +125,55 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc} [{tail[-600:]}]"
 
 
+def reference_first(cases: Sequence[Case]) -> list[Case]:
+    """Stable reorder so each group's fp32 case runs before the modes compared with it."""
+    first_seen: dict[tuple, int] = {}
+    for c in cases:
+        first_seen.setdefault(_group(c), len(first_seen))
+    return sorted(cases, key=lambda c: (first_seen[_group(c)], c.mode != convergence.REFERENCE))
+
+
+def _group(case: Case) -> tuple:
+    return (case.model, case.device, case.batch_size, case.seq_len, case.steps, case.seed, case.data, case.compile)
+
+
+def _train_one(
+    case: Case, device: DeviceInfo, batches: Batches, label: str, log: Log, flops_per_step: int
+) -> dict[str, Any]:
+    """Train one runnable case; its outcome (ok, diverged, oom, error) as record values."""
+    log(f"{label}: training {case.steps} steps on {device.describe()}")
+    corpus, train, heldout, data_digest = batches.get(case)
+    values: dict[str, Any] = {"data_digest": data_digest, "loss_floor": corpus.loss_floor}
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        log(f"{label}: step {step}/{steps} loss {loss:.4f}")
+
+    try:
+        r = run_case(case, device, corpus, train, heldout, progress)
+        values |= _result_fields(case, r, device, flops_per_step)
+        if r.diverged_at is None:
+            values["status"] = "ok"
+        else:
+            values |= {"status": "diverged", "reason": f"loss became NaN/inf at step {r.diverged_at}"}
+    except torch.OutOfMemoryError as exc:
+        values |= {"status": "oom", "reason": _failure_reason(exc)}
+    except Exception as exc:  # one broken case must not end the run
+        values |= {"status": "error", "reason": _failure_reason(exc)}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return values
+
+
 def run_cases(
     cases: Sequence[Case],
     out: str | Path | None = None,
     log: Log | None = _stderr,
     run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run each case in turn; return their records and append each to `out` if given."""
+    """Run each case in turn (each group's fp32 first); return their records and append each
+    to `out` if given."""
     log = log or (lambda _line: None)
     devices = validate(cases)
     if out is not None:
@@ -139,7 +183,9 @@ def run_cases(
         _, _, why = nvml_device(device.index)
         if why:
             log(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
+    cases = reference_first(cases)
     batches = Batches()
+    references: dict[tuple, dict[str, Any]] = {}
     records = []
     for i, case in enumerate(cases, start=1):
         device = devices[case.device]
@@ -150,29 +196,11 @@ def run_cases(
         if reason:
             values |= {"status": "skipped", "reason": reason}
         else:
-            log(f"{label}: training {case.steps} steps on {device.describe()}")
-            corpus, train, heldout, data_digest = batches.get(case)
-            values |= {"data_digest": data_digest, "loss_floor": corpus.loss_floor}
-
-            def progress(step: int, steps: int, loss: float, label: str = label) -> None:
-                log(f"{label}: step {step}/{steps} loss {loss:.4f}")
-
-            try:
-                r = run_case(case, device, corpus, train, heldout, progress)
-                values |= _result_fields(case, r, device, values["flops_per_step"])
-                if r.diverged_at is None:
-                    values["status"] = "ok"
-                else:
-                    values |= {"status": "diverged", "reason": f"loss became NaN/inf at step {r.diverged_at}"}
-            except torch.OutOfMemoryError as exc:
-                values |= {"status": "oom", "reason": _failure_reason(exc)}
-            except Exception as exc:  # one broken case must not end the run
-                values |= {"status": "error", "reason": _failure_reason(exc)}
-            finally:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            values |= _train_one(case, device, batches, label, log, values["flops_per_step"])
         values["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        if case.mode == convergence.REFERENCE:
+            references[_group(case)] = values
+        values |= convergence.delta_fields(values, references.get(_group(case)))
         record = results.make_record(**values)
         if out is not None:
             results.append(out, record)

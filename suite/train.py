@@ -20,6 +20,7 @@ from suite.metrics.tensor_cores import ProfilerTensorCores
 from suite.metrics.timing import StepTimer, TimingStats
 from suite.metrics.window import PROFILED_STEPS, MeasuredWindow, profiler_fields
 from suite.modes import PrecisionMode, get_mode
+from suite.modes.base import tf32_matmuls
 
 # progress(step_done, steps, last_loss): called a few times per case
 Progress = Callable[[int, int, float], None]
@@ -41,14 +42,15 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, mode: PrecisionMode, batches: torch.Tensor, device: torch.device) -> float:
-    """Mean loss over held-out batches (n, B, T+1), with the mode's forward numerics."""
+def evaluate(model: nn.Module, batches: torch.Tensor, device: torch.device) -> float:
+    """Mean loss over held-out batches (n, B, T+1) in strict fp32: no autocast, no TF32, so
+    modes are compared on what their weights learned, not on how they evaluate."""
     losses = []
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
-        with mode.forward_context():
-            logits = model(batch[:, :-1])
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()))
+    with tf32_matmuls(False):
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
+            logits = model(batch[:, :-1]).float()
+            losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
     return torch.stack(losses).mean().item()
 
 
@@ -76,7 +78,8 @@ class CaseResult:
     loss_curve: list[float]
     final_loss: float | None
     skipped_steps: int
-    loss_scale: float | None
+    loss_scale_curve: list[float] | None  # after each step; None without loss scaling
+    eval_curve: list[list[float]]  # [step, held-out loss] every eval_every steps and at the end
     diverged_at: int | None  # first step whose loss was NaN/inf
     compute: str
     init_digest: str
@@ -99,11 +102,16 @@ class _Loop:
         dev: torch.device,
         steps: int,
         progress: Progress | None,
+        eval_every: int = 0,
+        evaluate: Callable[[], float] | None = None,
     ) -> None:
         self.fn, self.mode, self.optimizer, self.dev = fn, mode, optimizer, dev
         self.steps, self.progress = steps, progress
         self.report_every = max(1, steps // 4)
+        self.eval_every, self.evaluate = eval_every, evaluate
         self.losses: list[torch.Tensor] = []
+        self.loss_scales: list[float] = []
+        self.eval_curve: list[list[float]] = []
         self.skipped = 0
         self.diverged_at: int | None = None
         self._checked = 0
@@ -117,9 +125,13 @@ class _Loop:
                 loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
             self.losses.append(loss)
             self.skipped += not stepped
+            if self.mode.loss_scale is not None:
+                self.loss_scales.append(self.mode.loss_scale)
             done = len(self.losses)
             if done % self.report_every == 0 or done == self.steps:
                 self._check(done)
+            if self.eval_every and done % self.eval_every == 0 and done < self.steps and self.diverged_at is None:
+                self.eval_curve.append([done, self.evaluate()])
 
     def _check(self, done: int) -> None:
         recent = torch.stack(self.losses[self._checked :]).tolist()
@@ -157,7 +169,11 @@ def run_case(
         model = mode.prepare(model.to(dev))
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
         step_fn = torch.compile(model) if case.compile else model
-        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress)
+
+        def held_out_loss() -> float:
+            return evaluate(mode.eval_model(model), heldout_batches, dev)
+
+        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss)
         window = MeasuredWindow(device) if trackers else None
         profiled = PROFILED_STEPS if window and window.wants_profiler(case.steps - case.warmup) else 0
         timed_end = case.steps - profiled
@@ -178,14 +194,18 @@ def run_case(
                 loop.run(train_batches[timed_end:])
             measurements |= profiler_fields(prof.result())
 
-        final = None if loop.diverged_at is not None else evaluate(step_fn, mode, heldout_batches, dev)
+        final = None
+        if loop.diverged_at is None:
+            final = held_out_loss()
+            loop.eval_curve.append([case.steps, final])
         storage = storage_dtypes(model, optimizer)  # grads of the last step are still there
     return CaseResult(
         timing=timing,
         loss_curve=torch.stack(loop.losses).tolist(),
         final_loss=final,
         skipped_steps=loop.skipped,
-        loss_scale=mode.loss_scale,
+        loss_scale_curve=loop.loss_scales or None,
+        eval_curve=loop.eval_curve,
         diverged_at=loop.diverged_at,
         compute=mode.compute,
         init_digest=init_digest,

@@ -18,14 +18,16 @@ class AmpFP16(PrecisionMode):
         self.compute = "fp16"
         self.autocast_dtype = torch.float16
         self.scaler = torch.amp.GradScaler(device.type)
+        self._scale = self.scaler.get_scale()  # cached: reading it is a host sync
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        before = self.scaler.get_scale()
+        before = self._scale
         self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)  # skips the step if any grad is inf/NaN
+        self.scaler.step(optimizer)  # skips the step if any grad is inf/NaN (syncs once)
         self.scaler.update()  # ... and then backs the scale off
-        return self.scaler.get_scale() >= before
+        self._scale = self.scaler.get_scale()
+        return self._scale >= before
 
     @property
     def loss_scale(self) -> float | None:
-        return self.scaler.get_scale()
+        return self._scale

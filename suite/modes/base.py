@@ -123,6 +123,10 @@ class PrecisionMode:
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
 
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate in strict fp32 (held-out loss); fp32-master modes use it as is."""
+        return model
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -60,6 +62,9 @@ class PureFP16(PrecisionMode):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.half()
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).float()  # the fp16 weights, evaluated in fp32
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
         return self.scaler.backward_and_step(loss, optimizer)

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+from suite import convergence, run_cases
+from suite.cli import main
+from suite.convergence import TOLERANCES, check, parse_tolerances
+from suite.hardware import DeviceInfo
+from suite.modes import MODES
+from suite.modes.amp_fp16 import AmpFP16
+from suite.modes.pure_fp16 import DynamicLossScaler, PureFP16
+from suite.results import append, make_record
+from tests.helpers import small_case
+
+
+def test_parse_tolerances_overrides_only_what_is_given():
+    table = parse_tolerances("bf16=0.05, amp-fp16=0")
+    assert table["bf16"].max_delta == 0.05 and table["amp-fp16"].max_delta == 0.0
+    assert table["int8-weight"] == TOLERANCES["int8-weight"]
+    assert table["pure-fp16"].expected_to_lag  # flags survive an override
+    assert parse_tolerances(None) == TOLERANCES
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("bf16", "expected MODE=NATS"), ("fp7=0.1", "mode 'fp7' has no tolerance"), ("bf16=lots", "'lots' is not"),
+     ("bf16=-1", "zero or positive")],
+)  # fmt: skip
+def test_malformed_tolerances_name_the_item(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_tolerances(text)
+
+
+def _record(mode, final, status="ok", delta=None, **kw):
+    return make_record(mode=mode, model="tiny", status=status, final_loss=final, loss_delta_vs_fp32=delta, **kw)
+
+
+def test_gate_verdicts():
+    records = [
+        _record("fp32", 2.0, delta=0.0),
+        _record("bf16", 2.01, delta=0.01),
+        _record("amp-fp16", 2.05, delta=0.05),
+        _record("pure-fp16", 2.4, delta=0.4),
+        _record("int8-weight", None, status="diverged", reason="loss became NaN/inf at step 3"),
+        _record("tf32", None, status="skipped", reason="needs CUDA"),
+    ]
+    outcome = {v.mode: v.outcome for v in check(records, TOLERANCES)}
+    assert outcome == {
+        "fp32": "reference", "bf16": "pass", "amp-fp16": "FAIL", "pure-fp16": "lags (expected)",
+        "int8-weight": "lags (expected)", "tf32": "not checked",
+    }  # fmt: skip
+    diverged = _record("bf16", None, status="diverged", reason="NaN")
+    assert check([diverged], TOLERANCES)[0].outcome == "FAIL"
+
+
+def test_delta_fields():
+    ref = {"final_loss": 2.0, "status": "ok"}
+    rec = {"final_loss": 2.25, "loss_floor": 1.5, "status": "ok"}
+    assert convergence.delta_fields(rec, ref) == {"excess_loss": 0.75, "loss_delta_vs_fp32": 0.25}
+    assert "not in this run" in convergence.delta_fields(rec, None)["loss_delta_reason"]
+    failed_ref = {"final_loss": None, "status": "error", "reason": "boom"}
+    assert "ended as error: boom" in convergence.delta_fields(rec, failed_ref)["loss_delta_reason"]
+
+
+def _write(tmp_path, records):
+    path = tmp_path / "r.jsonl"
+    for r in records:
+        append(path, r)
+    return str(path)
+
+
+def test_check_exit_codes(tmp_path, capsys):
+    good = _write(tmp_path, [_record("fp32", 2.0, delta=0.0), _record("bf16", 2.01, delta=0.01)])
+    assert main(["check", good]) == 0
+    assert main(["check", good, "--tolerance", "bf16=0.001"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["check", good, "--tolerance", "bf16"]) == 2
+    assert main(["check", str(tmp_path / "missing.jsonl")]) == 2
+    nothing = tmp_path / "n.jsonl"
+    append(nothing, _record("bf16", 2.0))  # no fp32 in the run: no delta
+    assert main(["check", str(nothing)]) == 1
+    assert "nothing was checked" in capsys.readouterr().out
+
+
+def test_run_orders_fp32_first_and_records_deltas():
+    records = run_cases([small_case(mode="bf16"), small_case(mode="fp32")], log=None)
+    assert [r["mode"] for r in records] == ["fp32", "bf16"]
+    fp32, bf16 = records
+    assert fp32["loss_delta_vs_fp32"] == 0.0
+    assert bf16["loss_delta_vs_fp32"] == pytest.approx(bf16["final_loss"] - fp32["final_loss"])
+    assert bf16["excess_loss"] == pytest.approx(bf16["final_loss"] - bf16["loss_floor"])
+    assert bf16["eval_curve"] == [[3, bf16["final_loss"]]]
+    alone = run_cases([small_case(mode="bf16")], log=None)[0]
+    assert alone["loss_delta_vs_fp32"] is None and "fp32 is not in this run" in alone["loss_delta_reason"]
+
+
+def test_eval_every_gives_an_eval_curve():
+    r = run_cases([small_case(mode="fp32", steps=6, eval_every=2)], log=None)[0]
+    assert [step for step, _ in r["eval_curve"]] == [2, 4, 6]
+    assert r["eval_curve"][-1][1] == r["final_loss"]
+
+
+class OverflowingAmp(AmpFP16):
+    """amp-fp16 whose first scale is far too large: fp16 gradients overflow at once."""
+
+    name = "test-amp-overflow"
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**60)
+        self._scale = self.scaler.get_scale()
+
+
+class OverflowingPureFP16(PureFP16):
+    name = "test-pure-overflow"
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.scaler = DynamicLossScaler(init_scale=2.0**60)
+
+
+@pytest.mark.parametrize("mode", [OverflowingAmp, OverflowingPureFP16])
+def test_overflow_is_counted_and_the_scale_backs_off(mode, monkeypatch):
+    monkeypatch.setitem(MODES, mode.name, mode)
+    r = run_cases([small_case(mode=mode.name, steps=4)], log=None)[0]
+    assert r["status"] == "ok"
+    assert r["overflow_steps"] >= 1
+    scales = r["loss_scale_curve"]
+    assert len(scales) == 4 and scales[0] < 2.0**60 and scales == sorted(scales, reverse=True)
+
+
+def test_records_survive_json_with_curves(tmp_path):
+    out = tmp_path / "r.jsonl"
+    run_cases([small_case(mode="amp-fp16", steps=2, warmup=1)], out=out, log=None)
+    r = json.loads(out.read_text())
+    assert r["loss_scale_curve"] == [65536.0, 65536.0] and r["overflow_steps"] == 0
