@@ -1,4 +1,4 @@
-"""The `mpbench` command: run | check | models | modes | calibrate | env.
+"""The `mpbench` command: run | check | baseline | models | modes | calibrate | env.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 interrupted (finished records are kept).
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from models import GPT, GPTConfig
-from suite import calibration, convergence, peaks, results
+from suite import baseline, calibration, convergence, peaks, results
 from suite.case import Case
 from suite.hardware import environment, resolve_device
 from suite.metrics.window import nvml_device
@@ -154,6 +154,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """Store the ok records of one machine as its committed baseline."""
+    records = []
+    for path in args.records:
+        if not Path(path).is_file():
+            raise ValueError(f"records={path!r}: no such file")
+        records += results.read(path)
+    made = baseline.make_baseline(records)
+    path = Path(args.out) if args.out else baseline.BASELINE_DIR / f"{made['machine']}.json"
+    results.check_writable(path)
+    baseline.save(made, path)
+    print(f"baseline for {made['machine']}: {len(made['entries'])} entries ({', '.join(made['entries'])}) in {path}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in GPTConfig.presets():
@@ -260,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("records", nargs="+", help="JSON Lines record files")
     chk.add_argument("--tolerance", help="override bounds, e.g. bf16=0.05,amp-fp16=0.01 (nats/token)")
     chk.set_defaults(func=cmd_check)
+    base = sub.add_parser("baseline", help="store ok records as this machine's baseline for the benchmarks")
+    base.add_argument("records", nargs="+", help="JSON Lines record files from one machine")
+    base.add_argument("--out", help="baseline file (default: results/baselines/MACHINE.json)")
+    base.set_defaults(func=cmd_baseline)
     models = sub.add_parser("models", help="list model presets with exact parameter counts")
     models.set_defaults(func=cmd_models)
     modes = sub.add_parser("modes", help="list precision modes and whether each can run here")

@@ -1,0 +1,110 @@
+"""Options and the shared case cache for `pytest benchmarks/`.
+
+Every benchmark runs through `suite.runner.run_cases`, the same loop and trackers as
+`mpbench run`. Defaults depend on the device found: a small smoke matrix on a CPU (so the
+suite itself is tested everywhere), GPT-2 small at full context on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+SMOKE = dict(model="tiny", batch_size=4, seq_len=64, steps=8, warmup=2)
+GPU = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10)
+ALL_MODES = "fp32,tf32,amp-fp16,bf16,pure-fp16,int8-weight"  # fp32 first: the reference
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mpbench")
+    group.addoption("--mpbench-device", default="auto", help="auto | cpu | cuda | cuda:N")
+    group.addoption("--mpbench-model", default=None, help="comma-separated presets (default: tiny on CPU, gpt2-small)")
+    group.addoption("--mpbench-modes", default=ALL_MODES, help="comma-separated modes (default: all)")
+    group.addoption("--mpbench-steps", type=int, default=None, help="steps per case (default: 8 CPU, 60 GPU)")
+    group.addoption("--mpbench-warmup", type=int, default=None, help="untimed steps (default: 2 CPU, 10 GPU)")
+    group.addoption("--mpbench-batch-size", type=int, default=None)
+    group.addoption("--mpbench-seq-len", type=int, default=None)
+    group.addoption("--mpbench-compile", action="store_true", help="torch.compile every case")
+    group.addoption("--mpbench-baselines", default="results/baselines", help="folder of committed baselines")
+    group.addoption("--mpbench-out", default=None, help="also append every record to this JSON Lines file")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str
+    models: list[str]
+    modes: list[str]
+    sizes: dict[str, int]
+    compile: bool
+    baselines: str
+    out: str | None
+
+
+def _config(config: pytest.Config) -> BenchConfig:
+    import torch
+
+    device = config.getoption("--mpbench-device")
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    defaults = GPU if on_gpu else SMOKE
+    sizes = {
+        k: config.getoption(f"--mpbench-{k.replace('_', '-')}") or defaults[k]
+        for k in ("batch_size", "seq_len", "steps", "warmup")
+    }
+    models = (config.getoption("--mpbench-model") or defaults["model"]).split(",")
+    modes = [m.strip() for m in config.getoption("--mpbench-modes").split(",") if m.strip()]
+    return BenchConfig(device, models, modes, sizes, config.getoption("--mpbench-compile"),
+                       config.getoption("--mpbench-baselines"), config.getoption("--mpbench-out"))  # fmt: skip
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    cfg = _config(metafunc.config)
+    if "model" in metafunc.fixturenames:
+        metafunc.parametrize("model", cfg.models)
+    if "mode" in metafunc.fixturenames:
+        metafunc.parametrize("mode", cfg.modes)
+
+
+class CaseCache:
+    """Runs each (model, mode) once per session and keeps its record: the timing benchmark
+    runs it, the gates read it, and a gate that needs a case not yet run runs it then."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def case(self, model: str, mode: str):
+        from suite.case import Case
+
+        return Case(model=model, mode=mode, device=self.cfg.device, compile=self.cfg.compile, **self.cfg.sizes)
+
+    def run(self, model: str, mode: str) -> dict[str, Any]:
+        from suite.runner import run_cases
+
+        self.records[model, mode] = run_cases([self.case(model, mode)], out=self.cfg.out, log=None)[0]
+        return self.records[model, mode]
+
+    def get(self, model: str, mode: str) -> dict[str, Any]:
+        return self.records.get((model, mode)) or self.run(model, mode)
+
+
+@pytest.fixture(scope="session")
+def bench_config(pytestconfig: pytest.Config) -> BenchConfig:
+    return _config(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def cases(bench_config: BenchConfig) -> CaseCache:
+    return CaseCache(bench_config)
+
+
+@pytest.fixture
+def runnable(cases: CaseCache, model: str, mode: str) -> None:
+    """Skip a mode this device cannot run, with the mode's own reason."""
+    from suite.hardware import resolve_device
+    from suite.modes import get_mode
+
+    reason = get_mode(mode).unavailable_reason(resolve_device(cases.cfg.device))
+    if reason:
+        pytest.skip(reason)

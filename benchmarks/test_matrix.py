@@ -1,0 +1,74 @@
+"""The precision matrix as benchmarks, and the gates that fail a GPU CI run on a regression.
+
+pytest-benchmark times one whole case per round (build, train every step, evaluate; the
+target ends with a device sync through the held-out loss). mpbench's own figures, such as
+the CUDA-event median step time, go to `extra_info`, and the gates below judge those.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from suite import baseline, convergence
+
+EXTRA = (
+    "status", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv", "tokens_per_s", "mfu",
+    "mfu_bf16", "mamf", "tensor_core_util", "tensor_core_util_source", "peak_mem_mb", "peak_mem_source",
+    "peak_mem_allocated_mb", "energy_j_per_step", "tokens_per_joule", "final_loss", "loss_floor", "device", "gpu_name",
+)  # fmt: skip
+SIXTEEN_BIT = ("amp-fp16", "bf16", "pure-fp16")
+
+
+def _ok(record: dict) -> dict:
+    if record["status"] != "ok":
+        pytest.fail(f"{record['model']}/{record['mode']} ended as {record['status']}: {record['reason']}")
+    return record
+
+
+def test_train(benchmark, cases, model, mode, runnable):
+    record = benchmark.pedantic(cases.run, args=(model, mode), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info |= {k: record[k] for k in EXTRA}
+    if mode != convergence.REFERENCE:
+        delta = convergence.delta_fields(record, cases.get(model, convergence.REFERENCE))
+        benchmark.extra_info["loss_delta_vs_fp32"] = delta.get("loss_delta_vs_fp32")
+    _ok(record)
+
+
+def test_convergence_against_fp32(cases, model, mode, runnable):
+    if mode == convergence.REFERENCE:
+        pytest.skip("fp32 is the reference")
+    record = dict(cases.get(model, mode))
+    record |= convergence.delta_fields(record, _ok(cases.get(model, convergence.REFERENCE)))
+    verdict = convergence.check([record], convergence.TOLERANCES)[0]
+    if verdict.outcome == "FAIL":
+        pytest.fail(f"{model}/{mode} loss drifted from fp32: {verdict.detail}")
+    if verdict.outcome == "lags (expected)":
+        pytest.xfail(f"{model}/{mode} lags fp32 as expected: {verdict.detail}")
+
+
+def test_sixteen_bit_modes_use_less_memory_than_fp32(cases, model, bench_config):
+    fp32 = _ok(cases.get(model, "fp32"))
+    if not fp32["device"].startswith("cuda"):
+        pytest.skip("memory ordering is a GPU property; CPU RSS mostly measures torch itself")
+    worse = []
+    for mode in (m for m in SIXTEEN_BIT if m in bench_config.modes):
+        r = cases.get(model, mode)
+        if r["status"] == "ok" and r["peak_mem_allocated_mb"] >= fp32["peak_mem_allocated_mb"]:
+            worse.append(f"{mode} {r['peak_mem_allocated_mb']:.0f} MiB >= fp32 {fp32['peak_mem_allocated_mb']:.0f} MiB")
+    assert not worse, f"{model}: 16-bit modes should peak below fp32 at the same batch: " + "; ".join(worse)
+
+
+def test_against_committed_baseline(cases, model, mode, runnable, bench_config):
+    from pathlib import Path
+
+    record = _ok(cases.get(model, mode))
+    path = baseline.baseline_path(record, Path(bench_config.baselines))
+    stored = baseline.load(path)
+    if stored is None:
+        pytest.skip(f"no baseline for this machine ({path}); create one with `mpbench baseline RECORDS --out {path}`")
+    entry = stored["entries"].get(f"{model}/{mode}")
+    if entry is None:
+        pytest.skip(f"{path} has no {model}/{mode} entry; rerun `mpbench baseline` with records of it")
+    findings = baseline.compare(record, entry)
+    regressed = [f.message(mode, model) for f in findings if f.regressed]
+    assert not regressed, "regression against the committed baseline:\n" + "\n".join(regressed)
