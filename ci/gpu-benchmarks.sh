@@ -34,8 +34,8 @@ ci/asv-commit.sh "$head" "$machine"
 asv publish >/dev/null && cp -r .asv/html "$OUT/asv-html"
 if [ -n "$base" ] && [ "$base" != "$head" ]; then
     asv compare --factor 1.1 --split --machine "$machine" "$base" "$head" | tee "$OUT/asv-compare.txt"
-    # asv compare marks a figure that got worse beyond the factor with '+' in its first column
-    if grep -E '^\s*\+.*track_lower_' "$OUT/asv-compare.txt" >/dev/null; then
+    # asv compare marks a figure that got worse beyond the factor with '+' in its Change column
+    if grep -E '^\|\s*\+\s*\|.*track_lower_' "$OUT/asv-compare.txt" >/dev/null; then
         echo "asv: lower-is-better figures regressed beyond 10% (see $OUT/asv-compare.txt)" >&2
         status=1
     fi
