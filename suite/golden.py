@@ -21,7 +21,7 @@ GOLDEN_PATH = Path(__file__).resolve().parent.parent / "results" / "golden" / "t
 
 def golden_curve() -> dict:
     """Train GOLDEN_CASE and return what the golden file stores."""
-    record = run_cases([GOLDEN_CASE], log=None)[0]
+    record = run_cases([GOLDEN_CASE], log=None, isolate=False)[0]
     if record["status"] != "ok":
         raise RuntimeError(f"golden case ended as {record['status']}: {record['reason']}")
     return {

@@ -84,19 +84,19 @@ def test_check_exit_codes(tmp_path, capsys):
 
 
 def test_run_orders_fp32_first_and_records_deltas():
-    records = run_cases([small_case(mode="bf16"), small_case(mode="fp32")], log=None)
+    records = run_cases([small_case(mode="bf16"), small_case(mode="fp32")], log=None, isolate=False)
     assert [r["mode"] for r in records] == ["fp32", "bf16"]
     fp32, bf16 = records
     assert fp32["loss_delta_vs_fp32"] == 0.0
     assert bf16["loss_delta_vs_fp32"] == pytest.approx(bf16["final_loss"] - fp32["final_loss"])
     assert bf16["excess_loss"] == pytest.approx(bf16["final_loss"] - bf16["loss_floor"])
     assert bf16["eval_curve"] == [[3, bf16["final_loss"]]]
-    alone = run_cases([small_case(mode="bf16")], log=None)[0]
+    alone = run_cases([small_case(mode="bf16")], log=None, isolate=False)[0]
     assert alone["loss_delta_vs_fp32"] is None and "fp32 is not in this run" in alone["loss_delta_reason"]
 
 
 def test_eval_every_gives_an_eval_curve():
-    r = run_cases([small_case(mode="fp32", steps=6, eval_every=2)], log=None)[0]
+    r = run_cases([small_case(mode="fp32", steps=6, eval_every=2)], log=None, isolate=False)[0]
     assert [step for step, _ in r["eval_curve"]] == [2, 4, 6]
     assert r["eval_curve"][-1][1] == r["final_loss"]
 
@@ -123,7 +123,7 @@ class OverflowingPureFP16(PureFP16):
 @pytest.mark.parametrize("mode", [OverflowingAmp, OverflowingPureFP16])
 def test_overflow_is_counted_and_the_scale_backs_off(mode, monkeypatch):
     monkeypatch.setitem(MODES, mode.name, mode)
-    r = run_cases([small_case(mode=mode.name, steps=4)], log=None)[0]
+    r = run_cases([small_case(mode=mode.name, steps=4)], log=None, isolate=False)[0]
     assert r["status"] == "ok"
     assert r["overflow_steps"] >= 1
     scales = r["loss_scale_curve"]
@@ -132,6 +132,6 @@ def test_overflow_is_counted_and_the_scale_backs_off(mode, monkeypatch):
 
 def test_records_survive_json_with_curves(tmp_path):
     out = tmp_path / "r.jsonl"
-    run_cases([small_case(mode="amp-fp16", steps=2, warmup=1)], out=out, log=None)
+    run_cases([small_case(mode="amp-fp16", steps=2, warmup=1)], out=out, log=None, isolate=False)
     r = json.loads(out.read_text())
     assert r["loss_scale_curve"] == [65536.0, 65536.0] and r["overflow_steps"] == 0

@@ -147,7 +147,7 @@ def test_calibration_feeds_mamf(tmp_path, monkeypatch):
 
 def test_cpu_record_has_every_metric_or_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("MPBENCH_CALIBRATION_DIR", str(tmp_path))
-    r = run_cases([small_case(mode="fp32", steps=5, warmup=1)], log=None)[0]
+    r = run_cases([small_case(mode="fp32", steps=5, warmup=1)], log=None, isolate=False)[0]
     assert r["status"] == "ok"
     for metric, why in REASON_FIELDS.items():
         assert r[metric] is not None or r[why], f"{metric} is null and {why} does not say why"

@@ -38,7 +38,7 @@ def test_unknown_mode_lists_known_ones():
 
 @pytest.fixture(scope="module")
 def cpu_records():
-    return {r["mode"]: r for r in run_cases([small_case(mode=m) for m in EXPECTED_STORAGE], log=None)}
+    return {r["mode"]: r for r in run_cases([small_case(mode=m) for m in EXPECTED_STORAGE], log=None, isolate=False)}
 
 
 @pytest.mark.parametrize("mode", EXPECTED_STORAGE)

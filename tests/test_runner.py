@@ -39,7 +39,7 @@ def faulty_modes(monkeypatch):
 def test_failing_cases_become_records_and_the_run_goes_on(tmp_path, faulty_modes):
     out = tmp_path / "r.jsonl"
     modes = ["fp32", "test-raise", "test-nan", "test-oom", "bf16"]
-    records = run_cases([small_case(mode=m) for m in modes], out=out, log=None)
+    records = run_cases([small_case(mode=m) for m in modes], out=out, log=None, isolate=False)
     status = {r["mode"]: r for r in records}
     assert [r["mode"] for r in records] == modes
     assert status["fp32"]["status"] == status["bf16"]["status"] == "ok"
@@ -52,21 +52,21 @@ def test_failing_cases_become_records_and_the_run_goes_on(tmp_path, faulty_modes
 
 
 def test_same_seed_reproduces_the_run_and_another_seed_does_not():
-    a, b = (run_cases([small_case(mode="fp32", steps=4)], log=None)[0] for _ in range(2))
-    c = run_cases([small_case(mode="fp32", steps=4, seed=1)], log=None)[0]
+    a, b = (run_cases([small_case(mode="fp32", steps=4)], log=None, isolate=False)[0] for _ in range(2))
+    c = run_cases([small_case(mode="fp32", steps=4, seed=1)], log=None, isolate=False)[0]
     assert a["loss_curve"] == b["loss_curve"] and a["final_loss"] == b["final_loss"]
     assert a["loss_curve"] != c["loss_curve"]
     assert a["init_digest"] != c["init_digest"] and a["data_digest"] != c["data_digest"]
 
 
 def test_training_lowers_the_loss():
-    r = run_cases([small_case(mode="fp32", steps=30, batch_size=8, seq_len=64)], log=None)[0]
+    r = run_cases([small_case(mode="fp32", steps=30, batch_size=8, seq_len=64)], log=None, isolate=False)[0]
     assert r["final_loss"] < r["initial_loss"] - 1.0
 
 
 def test_progress_is_logged():
     lines = []
-    run_cases([small_case(mode="fp32", steps=4)], log=lines.append)
+    run_cases([small_case(mode="fp32", steps=4)], log=lines.append, isolate=False)
     assert any("step 4/4 loss" in line for line in lines)
     assert lines[-1].endswith(f"final loss {float(lines[-1].rsplit(' ', 1)[1]):.4f}")
 

@@ -25,7 +25,7 @@ from suite.modes.base import ADAM_BETAS, PrecisionMode, decay_groups
 
 
 def _torchao_missing() -> str | None:
-    """Import torchao; the reason it can't be used, or None."""
+    """Import torchao (quietly where its CUDA extensions cannot load); why it can't be used, or None."""
     log = logging.getLogger("torchao")
     level = log.level
     if torch.version.cuda is None:
@@ -67,6 +67,7 @@ class Int8Weight(PrecisionMode):
         return None
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        _torchao_missing()  # the first import in this process, without CPU-build noise
         from torchao.prototype.quantized_training import int8_weight_only_quantized_training
         from torchao.quantization import quantize_
 

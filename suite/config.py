@@ -1,0 +1,71 @@
+"""`mpbench run --config FILE.toml`: the whole matrix as a file, validated like the flags.
+
+Keys (all optional; command-line flags override them):
+
+    models = ["tiny", "gpt2-small"]   # or model = "tiny"
+    modes = ["fp32", "bf16"]          # default: all
+    device = "auto"
+    batch_size = 8
+    seq_len = 128
+    steps = 40
+    warmup = 5
+    seed = 0
+    lr = 3e-3
+    weight_decay = 0.1
+    eval_every = 0
+    compile = false
+    data = "corpus.txt"
+    out = "results/matrix.jsonl"
+    case_timeout = 1800               # seconds per case
+    fail_fast = false
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# key -> accepted Python types (bool is not an int here, whatever Python thinks)
+KEYS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "models": (list,), "modes": (list, str), "device": (str,), "batch_size": (int,),
+    "seq_len": (int,), "steps": (int,), "warmup": (int,), "seed": (int,), "lr": (float, int),
+    "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
+    "case_timeout": (float, int), "fail_fast": (bool,),
+}  # fmt: skip
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The run options in a TOML file; ValueError naming the file, key, value and fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r}: no such file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"config={str(path)!r}: invalid TOML ({exc}); see the format in README 'Config file'"
+        ) from None
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in KEYS:
+            raise ValueError(f"config {path.name}: key {key!r} is unknown; allowed: {', '.join(KEYS)}")
+        allowed = KEYS[key]
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ValueError(f"config {path.name}: {key}={value!r} must be {names}")
+        if key in ("models", "modes") and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"config {path.name}: {key}={value!r} must be a list of names")
+        options[key] = value
+    if "model" in options and "models" in options:
+        raise ValueError(f"config {path.name}: give model or models, not both")
+    if "model" in options:
+        options["models"] = [options.pop("model")]
+    if isinstance(options.get("modes"), list):
+        options["modes"] = ",".join(options["modes"])
+    return options

@@ -1,0 +1,153 @@
+"""Training one case and turning its outcome into record values (ok, diverged, oom, error).
+
+Used in the worker process of each case (`suite.worker`) and, for tests and scripting,
+directly in the caller's process.
+"""
+
+from __future__ import annotations
+
+import gc
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from models import GPT
+from suite.case import Case
+from suite.data import digest, make_corpus
+from suite.hardware import DeviceInfo, resolve_device
+from suite.metrics.flops import utilization_fields
+from suite.train import CaseResult, run_case
+
+Log = Callable[[str], None]
+MIB = 2**20
+
+
+class Batches:
+    """Train and held-out batches, built once per (data, sizes, seed) and shared by modes."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple] = {}
+
+    def get(self, case: Case) -> tuple:
+        vocab = case.model_config.vocab_size
+        key = (case.data, vocab, case.batch_size, case.seq_len, case.steps, case.seed, case.eval_batches)
+        if key not in self._cache:
+            self._cache.clear()  # keep one set: batches for big models are large
+            corpus = make_corpus(case.data, vocab)
+            train = corpus.batches(case.steps, case.batch_size, case.seq_len, case.seed, "train")
+            heldout = corpus.batches(case.eval_batches, case.batch_size, case.seq_len, case.seed, "heldout")
+            self._cache[key] = (corpus, train, heldout, digest(train))
+        return self._cache[key]
+
+
+def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
+    cfg = case.model_config
+    with torch.device("meta"):  # shapes only: no memory, no init
+        shapes = GPT(cfg)
+    per_token = shapes.flops_per_token(case.seq_len)
+    return {
+        "model": case.model,
+        "mode": case.mode,
+        "device": str(device.torch_device),
+        "batch_size": case.batch_size,
+        "seq_len": case.seq_len,
+        "steps": case.steps,
+        "warmup": case.warmup,
+        "seed": case.seed,
+        "compile": case.compile,
+        "data": case.data,
+        "lr": case.learning_rate,
+        "eval_batches": case.eval_batches,
+        "eval_every": case.eval_every,
+        "weight_decay": case.weight_decay,
+        "params": shapes.num_params(),
+        "flops_per_token": per_token,
+        "flops_per_step": per_token * case.tokens_per_step,
+        "tokens_per_step": case.tokens_per_step,
+    }
+
+
+def _result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step: int) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "compute_dtype": r.compute,
+        "init_digest": r.init_digest,
+        **r.storage,
+        **r.measurements,
+        "loss_curve": r.loss_curve,
+        "initial_loss": r.loss_curve[0] if r.loss_curve else None,
+        "final_loss": r.final_loss,
+        "overflow_steps": r.skipped_steps,
+        "loss_scale_curve": r.loss_scale_curve,
+        "eval_curve": r.eval_curve,
+        "diverged_at_step": r.diverged_at,
+    }
+    if r.timing is not None:
+        fields |= {
+            "step_time_ms": r.timing.median_ms,
+            "step_time_p10_ms": r.timing.p10_ms,
+            "step_time_p90_ms": r.timing.p90_ms,
+            "step_time_cv": r.timing.cv,
+            "step_times_ms": r.timing.times_ms,
+            "tokens_per_s": case.tokens_per_step / (r.timing.median_ms / 1e3),
+            **utilization_fields(flops_per_step, r.timing.median_ms, r.compute, device),
+        }
+    return fields
+
+
+def _failure_reason(exc: BaseException) -> str:
+    tail = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
+    return f"{type(exc).__name__}: {exc} [{tail[-600:]}]"
+
+
+def _oom_values(case: Case, device: DeviceInfo, exc: BaseException) -> dict[str, Any]:
+    """An `oom` record: the batch and the device memory at the time of the failure."""
+    values: dict[str, Any] = {"status": "oom"}
+    where = f"at batch {case.batch_size} x {case.seq_len}"
+    if device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(device.index) / MIB
+        reserved = torch.cuda.memory_reserved(device.index) / MIB
+        total = torch.cuda.get_device_properties(device.index).total_memory / MIB
+        values |= {"peak_mem_allocated_mb": torch.cuda.max_memory_allocated(device.index) / MIB,
+                   "peak_mem_reserved_mb": torch.cuda.max_memory_reserved(device.index) / MIB}  # fmt: skip
+        where += f": allocated {allocated:,.0f} MiB, reserved {reserved:,.0f} MiB of {total:,.0f} MiB"
+    values["reason"] = f"out of memory {where}; {_failure_reason(exc)}"
+    return values
+
+
+def train_in_process(
+    case: Case,
+    flops_per_step: int,
+    label: str,
+    log: Log,
+    batches: Batches | None = None,
+    before: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train one runnable case here; its outcome as record values. Never raises for a failed case."""
+    device = resolve_device(case.device)
+    log(f"{label}: training {case.steps} steps on {device.describe()}")
+    corpus, train, heldout, data_digest = (batches or Batches()).get(case)
+    values: dict[str, Any] = {"data_digest": data_digest, "loss_floor": corpus.loss_floor}
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        log(f"{label}: step {step}/{steps} loss {loss:.4f}")
+
+    try:
+        if before:
+            before()
+        r = run_case(case, device, corpus, train, heldout, progress)
+        values |= _result_fields(case, r, device, flops_per_step)
+        if r.diverged_at is None:
+            values["status"] = "ok"
+        else:
+            values |= {"status": "diverged", "reason": f"loss became NaN/inf at step {r.diverged_at}"}
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        values |= _oom_values(case, device, exc)
+    except Exception as exc:  # one broken case must not end the run
+        values |= {"status": "error", "reason": _failure_reason(exc)}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return values

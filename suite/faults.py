@@ -1,0 +1,64 @@
+"""Fault injection for tests: make one case fail in a chosen way, inside its worker process.
+
+MPBENCH_FAULT="KIND:MODE" (or "KIND:MODEL/MODE") picks the case; KIND is one of
+  raise  an exception in the worker (-> status error)
+  oom    torch.OutOfMemoryError (-> status oom)
+  nan    the training loss turns NaN at step 2 (-> status diverged)
+  hang   the worker sleeps forever (-> status timeout, with --case-timeout)
+  crash  the worker process dies at once, no cleanup (-> status error, "worker died")
+Only the runner's worker reads it; nothing in the train loop knows about faults.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from suite.case import Case
+
+ENV = "MPBENCH_FAULT"
+KINDS = ("raise", "oom", "nan", "hang", "crash")
+
+
+def fault_for(case: Case) -> str | None:
+    """The fault kind injected into `case`, or None; ValueError for a malformed variable."""
+    spec = os.environ.get(ENV, "").strip()
+    if not spec:
+        return None
+    kind, sep, target = spec.partition(":")
+    if not sep or kind not in KINDS or not target:
+        raise ValueError(f"{ENV}={spec!r}: expected KIND:MODE or KIND:MODEL/MODE with KIND in {', '.join(KINDS)}")
+    model, _, mode = target.rpartition("/")
+    return kind if mode == case.mode and (not model or model == case.model) else None
+
+
+def inject_before_training(kind: str) -> None:
+    """Faults that strike before the first step."""
+    import torch
+
+    if kind == "raise":
+        raise RuntimeError("injected fault: raise")
+    if kind == "oom":
+        raise torch.OutOfMemoryError("injected fault: CUDA out of memory. Tried to allocate 80.00 GiB")
+    if kind == "hang":
+        while True:  # the parent's --case-timeout ends this
+            time.sleep(3600)
+    if kind == "crash":
+        os._exit(86)  # no exception, no cleanup, no result: like a segfault or the OOM killer
+
+
+def poison_losses(kind: str) -> None:
+    """For 'nan': wrap this process's train step so that losses from step 2 on are NaN."""
+    if kind != "nan":
+        return
+    import suite.train as train
+
+    real_step = train.train_step
+    calls = [0]
+
+    def nan_after_two(*args, **kwargs):
+        loss, stepped = real_step(*args, **kwargs)
+        calls[0] += 1
+        return (loss * float("nan") if calls[0] > 2 else loss), stepped
+
+    train.train_step = nan_after_two

@@ -1,0 +1,155 @@
+"""`mpbench run`: options from flags and a TOML config, the cases, the run, the summary."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from models import GPTConfig
+from suite import results
+from suite.case import Case
+from suite.config import load_config
+from suite.hardware import resolve_device
+from suite.modes import MODES
+from suite.plots import plot_loss_curves
+from suite.runner import FAILED, RunInterrupted, run_cases, validate
+from suite.table import fmt, table
+
+# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
+# two CPU cores; on a GPU, GPT-2 small at its full context.
+RUN_DEFAULTS = {
+    "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),
+    "cuda": dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=100, warmup=10),
+}
+# flags whose value, when given, overrides the config file (dest name -> config key)
+OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
+             "eval_every", "compile", "data", "out", "case_timeout", "fail_fast")  # fmt: skip
+
+
+def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
+    """The flags of `mpbench run`. Defaults are None so that a config file can fill them."""
+    modes = ", ".join(MODES)
+    add = run.add_argument
+    add(
+        "--model",
+        help=f"preset(s), comma-separated: {', '.join(GPTConfig.presets())} (default: tiny on CPU, gpt2-small)",
+    )
+    add("--modes", help=f"comma-separated, from {modes} (default: all)")
+    add("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add("--batch-size", type=int_type, help="sequences per step (default: 8 CPU, 16 GPU)")
+    add("--seq-len", type=int_type, help="tokens per sequence (default: 128 CPU, 1024 GPU)")
+    add("--steps", type=int_type, help="optimizer steps, warm-up included (default: 40 CPU, 100 GPU)")
+    add("--warmup", type=int_type, help="steps left out of timing (default: 5 CPU, 10 GPU)")
+    add("--seed", type=int_type, help="weights and batch order (default: 0)")
+    add("--lr", type=float, help="AdamW learning rate (default: by model size)")
+    add("--weight-decay", type=float, help="AdamW decoupled weight decay (default: 0.1)")
+    add("--eval-every", type=int_type, help="held-out loss every N steps (default: only at the end)")
+    add("--plot", action="store_true", help="also write the loss curves as a PNG beside the records")
+    add("--compile", action="store_true", default=None, help="torch.compile the model (compile time is in warm-up)")
+    add("--data", help="text file (byte tokens) or .bin of uint16 tokens (default: synthetic corpus)")
+    add("--out", help="JSON Lines file to append records to (default: results/runs/RUN_ID.jsonl)")
+    add("--config", help="TOML file with the whole matrix (see README); flags override it")
+    add("--resume", metavar="FILE", help="append to FILE, running only the cases it has no record of")
+    add("--case-timeout", type=float, help="seconds one case may take before it is stopped (default: none)")
+    add("--fail-fast", action="store_true", default=None, help="stop at the first failed case")
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file, then explicit flags on top; --resume names the output file."""
+    opts = load_config(args.config) if args.config else {}
+    opts |= {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    if args.model:
+        opts["models"] = [m.strip() for m in args.model.split(",") if m.strip()]
+    if args.resume:
+        if opts.get("out") and Path(opts["out"]) != Path(args.resume):
+            raise ValueError(f"resume={args.resume!r} and out={opts['out']!r}: --resume appends to its own file")
+        opts["out"] = args.resume
+    return opts
+
+
+def _parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes: {m!r} is unknown; choose from {', '.join(MODES)} (comma-separated)")
+    if not modes:
+        raise ValueError("modes: empty; give a comma-separated list such as fp32,bf16")
+    return modes
+
+
+def cases_from_options(opts: dict[str, Any]) -> list[Case]:
+    """models x modes, unset sizes filled with the defaults of the device found."""
+    device_name = opts.get("device", "auto")
+    defaults = RUN_DEFAULTS[resolve_device(device_name).type]
+    modes = _parse_modes(opts["modes"]) if opts.get("modes") else list(MODES)
+    steps = opts.get("steps", defaults["steps"])
+    # default warm-up never takes more than half the steps, so a short run still times some
+    warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
+    cases = []
+    for model in opts.get("models") or [defaults["model"]]:
+        block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
+        fixed = dict(device=device_name, steps=steps, warmup=warmup, seed=opts.get("seed", 0),
+                     batch_size=opts.get("batch_size", defaults["batch_size"]),
+                     seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
+                     eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
+                     data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1))  # fmt: skip
+        cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
+    return cases
+
+
+def summary_table(records: list[dict]) -> str:
+    """Per-mode table: step time with spread, speed-up, MFU, memory, loss and its delta vs fp32."""
+    # fp32 of the same group, for the speed-up (the delta is in the record)
+    ref = {
+        (r["model"], r["batch_size"], r["seq_len"]): r for r in records if r["mode"] == "fp32" and r["status"] == "ok"
+    }
+    rows = []
+    for r in records:
+        base = ref.get((r["model"], r["batch_size"], r["seq_len"]))
+        ok = r["status"] == "ok"
+        speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
+        spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
+        rows.append([
+            r["mode"], r["model"], r["status"], fmt(r["step_time_ms"], ".2f"), spread,
+            fmt(r["tokens_per_s"], ",.0f"), fmt(speedup, ".2f"), fmt(r["mfu"], ".1%"),
+            fmt(r["peak_mem_mb"], ",.0f"), fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
+            (r["reason"] or "")[:70],
+        ])  # fmt: skip
+    header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
+              "final loss", "vs fp32", "reason"]  # fmt: skip
+    return table(rows, header)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    opts = options(args)
+    cases = cases_from_options(opts)
+    out = Path(opts.get("out") or Path("results") / "runs" / f"{results.new_run_id()}.jsonl")
+    validate(cases)  # bad input ends here, before anything is written
+    results.check_writable(out)
+    print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
+    try:
+        done = run_cases(cases, out=out, case_timeout=opts.get("case_timeout"), fail_fast=bool(opts.get("fail_fast")),
+                         resume=bool(args.resume))  # fmt: skip
+    except RunInterrupted as stop:
+        print(
+            f"mpbench: interrupted by {signal.Signals(stop.signum).name}; {len(stop.done)} finished record(s) "
+            f"of this run kept in {out}; not finished: {', '.join(stop.not_run)}; "
+            f"to finish: rerun the same command with --resume {out}",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum  # 130 for SIGINT, 143 for SIGTERM
+    print(table_or_nothing(done))
+    print(f"\nrecords: {out} ({len(done)} written)")
+    if args.plot and done:
+        print(f"loss curves: {plot_loss_curves(done, out.with_suffix('.png'))}")
+    loss_floor = next((r["loss_floor"] for r in done if r["loss_floor"] is not None), None)
+    if loss_floor is not None:
+        print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
+    return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def table_or_nothing(done: list[dict]) -> str:
+    return summary_table(done) if done else "nothing to run: every case already has a record"

@@ -1,0 +1,88 @@
+"""One case in its own spawned process, with a time limit; the parent gets record values back.
+
+Spawned (not forked): the child starts with no CUDA context, no allocator history and no
+thread state from earlier cases, so peaks and failures never leak between cases. The child
+ignores SIGINT (the parent decides what an interrupt stops) and sends its values over a pipe;
+a child that dies without sending becomes an `error` record saying how it died.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+import time
+from typing import Any
+
+from suite.case import Case
+
+
+class Interrupted(Exception):
+    """The parent was asked to stop (SIGINT/SIGTERM) while a case ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from suite import faults
+    from suite.execute import train_in_process
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def inject() -> None:  # tests only: MPBENCH_FAULT names a fault and a case
+        kind = faults.fault_for(case)
+        if kind:
+            faults.poison_losses(kind)
+            faults.inject_before_training(kind)
+
+    conn.send(train_in_process(case, flops_per_step, label, log, before=inject))
+    conn.close()
+
+
+def _how_it_died(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"worker process killed by {signal.Signals(-exitcode).name}"
+    return f"worker process exited with code {exitcode} before reporting a result"
+
+
+def train_isolated(case: Case, flops_per_step: int, label: str, timeout_s: float | None) -> dict[str, Any]:
+    """Run the case in a spawned process; `timeout` / `error` values if it hangs or dies."""
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(case, flops_per_step, label, send), name=f"mpbench-{case.mode}")
+    proc.start()
+    send.close()  # the child holds the only write end: EOF when it dies
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    try:
+        while True:
+            if receive.poll(0.2):
+                try:
+                    values = receive.recv()
+                except EOFError:
+                    proc.join()
+                    return {"status": "error", "reason": _how_it_died(proc.exitcode)}
+                proc.join(timeout=30)
+                return values
+            if not proc.is_alive():
+                proc.join()
+                return {"status": "error", "reason": _how_it_died(proc.exitcode)}
+            if deadline and time.monotonic() > deadline:
+                _stop(proc)
+                return {"status": "timeout", "reason": f"case exceeded --case-timeout {timeout_s:g} s; worker stopped"}
+    except BaseException:
+        _stop(proc)  # an interrupt: the case in flight is stopped, not left running
+        raise
+    finally:
+        receive.close()
+
+
+def _stop(proc: mp.process.BaseProcess) -> None:
+    proc.terminate()
+    proc.join(timeout=10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
