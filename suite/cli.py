@@ -1,9 +1,10 @@
-"""The `mpbench` command: run | check | baseline | models | modes | calibrate | env.
+"""The `mpbench` command: run | check | report | compare | baseline | models | modes | calibrate | env.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM (finished
 records are kept; --resume finishes the run).
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
+`compare`: 0 nothing regressed beyond its noise, 1 something did, 2 bad input.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 import torch
 
 from models import GPT, GPTConfig
-from suite import baseline, calibration, convergence, peaks, results
+from suite import baseline, calibration, convergence, peaks, procurement, results
+from suite.compare import compare_runs, format_comparison
+from suite.compare import exit_code as compare_exit_code
 from suite.hardware import environment, resolve_device
 from suite.metrics.window import nvml_device
 from suite.modes import MODES
+from suite.report import build_report
 from suite.run_command import add_arguments as add_run_arguments
 from suite.run_command import cmd_run
 from suite.table import fmt, table
@@ -48,6 +52,32 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"\n{len(failed)} failed, {len(checked) - len(failed)} passed or lag as expected")
     return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """HTML page, PNGs, Markdown and CSV from records; procurement figures with --price."""
+    prices = procurement.parse_prices(args.price) if args.price else None
+    if args.target_loss is not None and not args.target_loss > 0:
+        raise ValueError(f"target_loss={args.target_loss}: must be a positive loss in nats/token")
+    df = results.load(args.records)
+    written = build_report(df, Path(args.out), prices=prices, target_loss=args.target_loss)
+    print(f"report of {len(df)} record(s): {written.get('index.html', Path(args.out) / 'index.html')}")
+    for name, path in sorted(written.items()):
+        if name != "index.html":
+            print(f"  {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise."""
+    a = procurement.records_of(results.load(args.a))
+    b = procurement.records_of(results.load(args.b))
+    rows = compare_runs(a, b)
+    print(format_comparison(rows))
+    code = compare_exit_code(rows)
+    regressed = [r.message for r in rows if r.verdict == "regressed"]
+    print(f"\n{len(regressed)} regression(s)" + (":\n" + "\n".join(regressed) if regressed else ""))
+    return code
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
@@ -155,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("records", nargs="+", help="JSON Lines record files")
     chk.add_argument("--tolerance", help="override bounds, e.g. bf16=0.05,amp-fp16=0.01 (nats/token)")
     chk.set_defaults(func=cmd_check)
+    rep = sub.add_parser("report", help="HTML report, PNGs, Markdown and CSV from records")
+    rep.add_argument("records", nargs="+", help="JSON Lines record files or globs")
+    rep.add_argument("--out", default="results/report", help="output folder (default: results/report)")
+    rep.add_argument("--price", help='USD per GPU-hour, e.g. "H100=2.99,A100=1.29": tokens per dollar, cost to target')
+    rep.add_argument("--target-loss", type=float, help="loss (nats/token) for time and cost to reach it")
+    rep.set_defaults(func=cmd_report)
+    cmp_ = sub.add_parser("compare", help="compare two sets of records; exit 1 on a regression beyond the noise")
+    cmp_.add_argument("a", help="records of the reference (file or glob)")
+    cmp_.add_argument("b", help="records to judge against it (file or glob)")
+    cmp_.set_defaults(func=cmd_compare)
     base = sub.add_parser("baseline", help="store ok records as this machine's baseline for the benchmarks")
     base.add_argument("records", nargs="+", help="JSON Lines record files from one machine")
     base.add_argument("--out", help="baseline file (default: results/baselines/MACHINE.json)")

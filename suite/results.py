@@ -11,8 +11,12 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pandas is imported only by `load`: importing this module stays cheap
+    import pandas
 
 SCHEMA = "mpbench.record/1"
 STATUSES = ("ok", "skipped", "oom", "diverged", "error", "timeout")
@@ -45,6 +49,8 @@ FIELDS: tuple[str, ...] = (
     # energy and clocks (NVML, over the timed window)
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
     "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
+    # largest batch that fits (--find-max-batch)
+    "max_batch", "max_batch_limit_mb", "max_batch_tries",
     # convergence (nats / token)
     "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
     "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
@@ -127,6 +133,31 @@ def read(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not an mpbench record (schema {SCHEMA!r} expected)")
             records.append(record)
     return records
+
+
+def load(paths_or_globs: str | Path | Sequence[str | Path]) -> pandas.DataFrame:
+    """Records of several files or glob patterns as one DataFrame, one row per record, with `source`."""
+    import glob
+
+    import pandas
+
+    items = [paths_or_globs] if isinstance(paths_or_globs, (str, Path)) else list(paths_or_globs)
+    if not items:
+        raise ValueError("records: no file or glob given; name at least one JSON Lines file")
+    files: list[str] = []
+    for item in map(str, items):
+        if any(c in item for c in "*?["):  # a pattern, as glob reads one
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise ValueError(f"records: the glob {item!r} matches no file; check the pattern")
+        elif not Path(item).is_file():
+            raise ValueError(f"records: {item!r} is not a file; check the path")
+        else:
+            matched = [item]
+        files += [f for f in matched if f not in files]  # a file named twice is read once
+    rows = [record | {"source": f} for f in files for record in read(f)]
+    columns = list(FIELDS) + sorted({k for r in rows for k in r} - set(FIELDS) - {"source"}) + ["source"]
+    return pandas.DataFrame.from_records(rows, columns=columns)
 
 
 def check_writable(path: str | Path) -> Path:

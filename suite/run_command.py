@@ -55,6 +55,12 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--resume", metavar="FILE", help="append to FILE, running only the cases it has no record of")
     add("--case-timeout", type=float, help="seconds one case may take before it is stopped (default: none)")
     add("--fail-fast", action="store_true", default=None, help="stop at the first failed case")
+    add(
+        "--find-max-batch",
+        action="store_true",
+        help="also find each mode's largest batch that fits (doubling, bisection)",
+    )
+    add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +130,8 @@ def summary_table(records: list[dict]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.memory_limit_mb is not None and (not args.find_max_batch or not args.memory_limit_mb > 0):
+        raise ValueError(f"memory_limit_mb={args.memory_limit_mb}: needs --find-max-batch and a positive MiB figure")
     opts = options(args)
     cases = cases_from_options(opts)
     out = Path(opts.get("out") or Path("results") / "runs" / f"{results.new_run_id()}.jsonl")
@@ -131,8 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     results.check_writable(out)
     print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
     try:
+        search = {"memory_limit_mb": args.memory_limit_mb} if args.find_max_batch else None
         done = run_cases(cases, out=out, case_timeout=opts.get("case_timeout"), fail_fast=bool(opts.get("fail_fast")),
-                         resume=bool(args.resume))  # fmt: skip
+                         resume=bool(args.resume), max_batch=search)  # fmt: skip
     except RunInterrupted as stop:
         print(
             f"mpbench: interrupted by {signal.Signals(stop.signum).name}; {len(stop.done)} finished record(s) "

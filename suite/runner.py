@@ -21,6 +21,7 @@ from suite.case import Case
 from suite.data import make_corpus
 from suite.execute import Batches, case_fields, train_in_process
 from suite.hardware import DeviceInfo, environment, resolve_device
+from suite.max_batch import find_max_batch
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.worker import Interrupted, train_isolated
@@ -100,13 +101,16 @@ def run_cases(
     case_timeout: float | None = None,
     fail_fast: bool = False,
     resume: bool = False,
+    max_batch: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run each case (each group's fp32 first); return the new records, appending each to `out`.
 
     isolate: each case in its own spawned process (the default, and what `mpbench run` does);
     False trains in this process (faster for tests; no time limit). case_timeout: seconds per
     case (isolated only). fail_fast: stop after the first failed case. resume: skip cases
-    that already have a record in `out`. Raises RunInterrupted on SIGINT/SIGTERM.
+    that already have a record in `out`. max_batch: search each runnable case's largest batch
+    first, with these `find_max_batch` arguments (e.g. {"memory_limit_mb": 2048}). Raises
+    RunInterrupted on SIGINT/SIGTERM.
     """
     log = log or (lambda _line: None)
     devices = validate(cases)
@@ -131,6 +135,9 @@ def run_cases(
             label = f"[{i}/{len(todo)}] {case.mode:<11} {case.model} b{case.batch_size}x{case.seq_len}"
             try:
                 record = _run_one(case, devices[case.device], label, run_id, log, batches, isolate, case_timeout)
+                if max_batch is not None and record["status"] != "skipped":
+                    log(f"{label}: searching the largest batch that fits")
+                    record |= find_max_batch(case, timeout_s=case_timeout, **max_batch)
             except (KeyboardInterrupt, Interrupted) as exc:
                 signum = getattr(exc, "signum", signal.SIGINT)
                 raise RunInterrupted(signum, records, [_describe(c) for c in todo[i - 1 :]]) from None

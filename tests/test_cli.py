@@ -113,3 +113,31 @@ def test_calibrate_writes_a_file_that_env_and_runs_use(tmp_path, monkeypatch, ca
 def test_calibrate_refuses_an_unknown_dtype(capsys):
     assert main(["calibrate", "--device", "cpu", "--dtypes", "fp64"]) == 2
     assert "dtypes: 'fp64' is unknown" in _error_line(capsys)
+
+
+def test_report_and_compare_commands(tmp_path, capsys):
+    from suite import results
+
+    a = tmp_path / "a.jsonl"
+    for mode, step in (("fp32", 100.0), ("bf16", 60.0)):
+        results.append(a, results.make_record(
+            status="ok", model="tiny", mode=mode, batch_size=8, seq_len=128, steps=40, warmup=5, seed=0,
+            step_time_ms=step, step_time_p10_ms=step * 0.99, step_time_p90_ms=step * 1.01, final_loss=2.9,
+            loss_curve=[6.0, 4.0, 2.9], tokens_per_s=1024 / step * 1000, cpu="test cpu"))  # fmt: skip
+    assert main(["compare", str(a), str(a)]) == 0
+    slower = tmp_path / "b.jsonl"
+    for r in results.read(a):
+        r["step_time_ms"] *= 1.2
+        r["step_time_p10_ms"] *= 1.2
+        r["step_time_p90_ms"] *= 1.2
+        results.append(slower, r)
+    capsys.readouterr()
+    assert main(["compare", str(a), str(slower)]) == 1
+    out = capsys.readouterr().out
+    assert "tiny/bf16 step_time_ms: 60 -> 72" in out and "regressed" in out
+    report = tmp_path / "report"
+    assert main(["report", str(a), "--out", str(report), "--target-loss", "3.0"]) == 0
+    assert (report / "index.html").is_file() and (report / "summary.csv").is_file()
+    assert main(["report", str(a), "--price", "H100=free"]) == 2
+    assert "price=" in _error_line(capsys)
+    assert main(["report", str(tmp_path / "none-*.jsonl")]) == 2

@@ -102,7 +102,8 @@ def _wait_for_lines(path: Path, n: int, timeout: float) -> None:
 def test_interrupted_run_keeps_its_records_and_resume_completes_it(tmp_path, sig, code):
     out = tmp_path / "r.jsonl"
     cmd = [sys.executable, "-m", "suite.cli", "run", "--device", "cpu", "--model", "tiny", "--modes",
-           "fp32,bf16,int8-weight", "--batch-size", "2", "--seq-len", "32", "--steps", "4", "--out", str(out)]  # fmt: skip
+           "fp32,bf16,int8-weight", "--batch-size", "2", "--seq-len", "32", "--steps", "4",
+           "--out", str(out)]  # fmt: skip
     env = os.environ | {"MPBENCH_FAULT": "hang:bf16"}  # the second case hangs until interrupted
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out, 1, timeout=120)

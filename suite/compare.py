@@ -1,0 +1,152 @@
+"""Run A against run B, case by case, with the noise rules of the committed baselines.
+
+A metric of `baseline.RULES` regresses when B is worse than A by more than that metric's
+allowance (its floor plus both runs' measured p10-p90 spread, exactly as `baseline.compare`
+judges a run against a baseline), and improves when B is better by more than the same
+allowance. Throughput and utilization figures are shown as ratios only ("info").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from suite import baseline
+
+MATCH_KEYS = ("model", "mode", "batch_size", "seq_len", "steps", "seed")
+INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
+FAILED = ("oom", "diverged", "error", "timeout")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One metric of one case in A and B, or a note about a case that could not be compared."""
+
+    model: str
+    mode: str
+    metric: str  # a record field, "status", or "-" for an unmatched case
+    a: float | None
+    b: float | None
+    ratio: float | None  # b / a
+    allowed: float | None  # the largest B that is not a regression
+    verdict: str  # "regressed", "improved", "same", "info", "unmatched"
+    message: str
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return tuple(r.get(k) for k in MATCH_KEYS)
+
+
+def _label(key: tuple) -> str:
+    model, mode, batch, seq, steps, seed = key
+    return f"{model}/{mode} (batch {batch} x {seq}, {steps} steps, seed {seed})"
+
+
+def _index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Case -> record; an ok record wins over a failed one, a later one over an earlier one."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        k = _key(r)
+        if k not in out or r.get("status") == "ok" or out[k].get("status") != "ok":
+            out[k] = r
+    return out
+
+
+def _num(value: float | None) -> str:
+    """4 significant digits; large counts (tokens/s) in full with thousands separators."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return b / a if a else None
+
+
+def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
+    """Verdict rows through `baseline.compare` (A as the baseline), then the ratio-only rows."""
+    model, mode = ra["model"], ra["mode"]
+    entry = baseline.make_baseline([ra])["entries"][f"{model}/{mode}"]
+    case_b = {k: rb.get(k) for k in baseline.CASE_KEYS}
+    differs = [f"{k} {entry['case'][k]} vs {case_b[k]}" for k in baseline.CASE_KEYS if entry["case"][k] != case_b[k]]
+    # warmup and compile are not part of the match: compare anyway, and say so in every message
+    entry = entry | {"case": case_b}
+    note = f" [A and B differ: {', '.join(differs)}]" if differs else ""
+    rows = []
+    for f in baseline.compare(rb, entry):
+        allowance = f.allowed - f.old  # the same margin on the better side makes "improved"
+        verdict = "regressed" if f.regressed else "improved" if f.new < f.old - allowance else "same"
+        ratio = _ratio(f.old, f.new)
+        better = f", better than {_num(f.old - allowance)}" if verdict == "improved" else ""
+        message = (
+            f"{model}/{mode} {f.metric}: {_num(f.old)} -> {_num(f.new)} ({_x(ratio)}), "
+            f"allowed up to {_num(f.allowed)}{better}: {verdict}{note}"
+        )
+        rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
+    for metric in INFO_METRICS:
+        a, b = ra.get(metric), rb.get(metric)
+        if a is None or b is None:
+            continue
+        ratio = _ratio(a, b)
+        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): info{note}"
+        rows.append(Comparison(model, mode, metric, a, b, ratio, None, "info", message))
+    return rows
+
+
+def _x(ratio: float | None) -> str:
+    return f"x{ratio:.2f}" if ratio is not None else "x -"
+
+
+def _status_row(key: tuple, ra: dict[str, Any], rb: dict[str, Any]) -> Comparison:
+    """A case that is not ok on one side: a run that now fails is a regression, one that now runs an improvement."""
+    sa, sb = ra.get("status"), rb.get("status")
+    if sa == "ok" and sb in FAILED:
+        verdict = "regressed"
+    elif sb == "ok" and sa in FAILED:
+        verdict = "improved"
+    else:
+        verdict = "unmatched"
+    why = "; ".join(
+        f"{side} {r.get('status')}: {r.get('reason')}" for side, r in (("A", ra), ("B", rb)) if r.get("status") != "ok"
+    )
+    message = f"{_label(key)} status: A {sa}, B {sb} ({why}): {verdict}"
+    return Comparison(key[0], key[1], "status", None, None, None, None, verdict, message)
+
+
+def compare_runs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[Comparison]:
+    """Every case of A and B matched by model, mode, sizes, steps and seed, metric by metric."""
+    ia, ib = _index(a), _index(b)
+    rows: list[Comparison] = []
+    for key in list(ia) + [k for k in ib if k not in ia]:
+        ra, rb = ia.get(key), ib.get(key)
+        if ra is None or rb is None:
+            side, other = ("A", "B") if rb is None else ("B", "A")
+            message = f"{_label(key)}: only in {side}, no matching case in {other}: unmatched"
+            rows.append(Comparison(key[0], key[1], "-", None, None, None, None, "unmatched", message))
+        elif ra.get("status") == "ok" and rb.get("status") == "ok":
+            rows += _metric_rows(ra, rb)
+        else:
+            rows.append(_status_row(key, ra, rb))
+    return rows
+
+
+def format_comparison(rows: list[Comparison]) -> str:
+    """A plain-text table (A, B, B/A, allowed, verdict), then the messages of regressed and unmatched cases."""
+    header = ["model/mode", "metric", "A", "B", "B/A", "allowed", "verdict"]
+    body = [
+        [f"{r.model}/{r.mode}", r.metric, _num(r.a), _num(r.b), _x(r.ratio) if r.ratio else "-", _num(r.allowed),
+         r.verdict]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    counts = {v: sum(r.verdict == v for r in rows) for v in ("regressed", "improved", "same", "info", "unmatched")}
+    lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
+    lines += [r.message for r in rows if r.verdict in ("regressed", "unmatched") or r.metric == "status"]
+    return "\n".join(lines)
+
+
+def exit_code(rows: list[Comparison]) -> int:
+    """1 if any metric or case regressed, else 0."""
+    return int(any(r.verdict == "regressed" for r in rows))

@@ -1,0 +1,179 @@
+"""What a GPU buys: tokens per dollar and per kJ, time and cost to a target loss, memory headroom.
+
+Prices are the buyer's own (USD per GPU-hour, `H100=2.99,A100=1.29`); nothing here guesses a
+price or a figure that was not measured: each missing value is None and the `notes` column of
+the table says why.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from suite.peaks import canonical_gpu
+
+if TYPE_CHECKING:
+    import pandas
+
+CPU_REASON = "CPU run: no GPU price applies"
+COLUMNS = (
+    "gpu", "mode", "model", "tokens_per_s", "price_per_hour", "tokens_per_dollar", "tokens_per_kj",
+    "time_to_target_s", "cost_to_target_usd", "gpu_memory_mb", "peak_mem_mb", "memory_headroom_mb",
+    "max_batch", "notes",
+)  # fmt: skip
+
+
+def _tokens(name: str) -> tuple[str, ...]:
+    """Lower-case alphanumeric words: "NVIDIA A100-SXM4-80GB" -> (nvidia, a100, sxm4, 80gb)."""
+    return tuple(re.findall(r"[a-z0-9]+", name.casefold()))
+
+
+def parse_prices(text: str) -> dict[str, float]:
+    """'H100=2.99,A100=1.29' (USD per GPU-hour) -> {"H100": 2.99, "A100": 1.29}."""
+    prices: dict[str, float] = {}
+    seen: dict[tuple[str, ...], str] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise ValueError(f"price={item!r}: expected GPU=USD_PER_GPU_HOUR, e.g. H100=2.99")
+        if not _tokens(name):
+            raise ValueError(f"price={item!r}: the GPU name is empty; write it before '=', e.g. H100=2.99")
+        try:
+            price = float(value)
+        except ValueError:
+            raise ValueError(f"price={item!r}: {value!r} is not a number of USD per GPU-hour; e.g. H100=2.99") from None
+        if not (math.isfinite(price) and price > 0):
+            raise ValueError(f"price={item!r}: {value!r} must be a positive USD per GPU-hour; e.g. H100=2.99")
+        key = _tokens(name)
+        if key in seen:  # "h100" and "H100" would match the same GPUs
+            raise ValueError(
+                f"price={item!r}: {name!r} is priced twice (also as {seen[key]!r}); give each GPU one price"
+            )
+        seen[key] = name
+        prices[name] = price
+    return prices
+
+
+def _contains(words: tuple[str, ...], key: tuple[str, ...]) -> bool:
+    """True if `key` occurs in `words` as whole consecutive words ("a100" is not in "a1000")."""
+    return any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1))
+
+
+def price_for(
+    gpu_name: str | None, prices: dict[str, float], memory_mb: float | None = None
+) -> tuple[float | None, str | None]:
+    """(price, None) for the most specific key found in the GPU's name or peak-table key, else (None, reason)."""
+    if not gpu_name:
+        return None, CPU_REASON
+    names = [_tokens(gpu_name)]
+    canonical = canonical_gpu(gpu_name, memory_mb)
+    if canonical:
+        names.append(_tokens(canonical))  # "A100" prices "A100-SXM4-80GB"; "H100 SXM" prices "H100 80GB HBM3"
+    matches = [k for k in prices if _tokens(k) and any(_contains(words, _tokens(k)) for words in names)]
+    if not matches:
+        priced = ", ".join(prices) or "none"
+        return None, f"no price for {gpu_name} (priced: {priced})"
+    best = max(len(_tokens(k)) for k in matches)  # more words = more specific: "H100 NVL" beats "H100"
+    top = [k for k in matches if len(_tokens(k)) == best]
+    if len(top) > 1:
+        return None, f"ambiguous price for {gpu_name}: {' and '.join(top)} match equally; make one key more specific"
+    return prices[top[0]], None
+
+
+def _loss(value: Any) -> float | None:
+    """A finite training loss, or None (NaN/inf, also as the strings JSON forces them into)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def time_to_loss(loss_curve: list, step_time_ms: float, target: float, window: int = 5) -> tuple[int, float] | None:
+    """(first step, seconds) at which the mean training loss of the last `window` steps is <= target.
+
+    Only full windows count, and a window holding a NaN/inf loss never counts. Seconds are
+    step x `step_time_ms`, where the recorded step time is the median of the timed steps: the
+    warm-up steps are priced at that median too, and compilation (in warm-up with --compile),
+    model build, data loading and evaluation are not included. None if never reached.
+    """
+    if window < 1:
+        raise ValueError(f"window={window}: must be at least 1 step")
+    losses = [_loss(v) for v in loss_curve or []]
+    for end in range(window, len(losses) + 1):
+        last = losses[end - window : end]
+        if None not in last and sum(last) / window <= target:  # type: ignore[arg-type]
+            return end, end * step_time_ms / 1000
+    return None
+
+
+def records_of(df: pandas.DataFrame) -> list[dict[str, Any]]:
+    """Rows of a `results.load` frame as records again: pandas' NaN for a missing figure back to None."""
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in df.to_dict(orient="records")
+    ]
+
+
+def _row(r: dict[str, Any], prices: dict[str, float], target_loss: float | None) -> dict[str, Any]:
+    """One table row; every None it holds has its reason in `notes`."""
+    notes: list[str] = []
+
+    def why(reason: str | None) -> None:
+        if reason and reason not in notes:
+            notes.append(reason)
+
+    gpu = r.get("gpu_name")
+    price, reason = price_for(gpu, prices, r.get("gpu_memory_mb")) if prices or not gpu else (None, "no prices given")
+    why(reason)
+    tps = r.get("tokens_per_s")
+    per_dollar = tps * 3600 / price if tps is not None and price else None
+    if tps is None:
+        why("tokens/s not measured")
+    tpj = r.get("tokens_per_joule")
+    if tpj is None:
+        why(f"energy not measured: {r.get('energy_reason') or 'no reason recorded'}")
+    seconds = None
+    if target_loss is None:
+        why("no target loss given")
+    elif r.get("step_time_ms") is None:
+        why("step time not measured, so no time to target")
+    else:
+        reached = time_to_loss(r.get("loss_curve") or [], r["step_time_ms"], target_loss)
+        if reached is None:
+            why(f"target loss {target_loss:g} not reached in {len(r.get('loss_curve') or [])} steps")
+        else:
+            seconds = reached[1]
+    gpu_mem, peak = r.get("gpu_memory_mb"), r.get("peak_mem_mb")
+    if gpu_mem is None:
+        why("GPU memory size: CPU run" if not gpu else "GPU memory size not recorded")
+    if peak is None:
+        why(f"peak memory not measured: {r.get('peak_mem_reason') or 'no reason recorded'}")
+    max_batch = r.get("max_batch")
+    if max_batch is None:
+        why("max_batch not measured (no max_batch field in these records)")
+    return {
+        "gpu": gpu or f"CPU: {r.get('cpu')}",
+        "mode": r.get("mode"),
+        "model": r.get("model"),
+        "tokens_per_s": tps,
+        "price_per_hour": price,
+        "tokens_per_dollar": per_dollar,
+        "tokens_per_kj": tpj * 1000 if tpj is not None else None,
+        "time_to_target_s": seconds,
+        "cost_to_target_usd": seconds / 3600 * price if seconds is not None and price else None,
+        "gpu_memory_mb": gpu_mem,
+        "peak_mem_mb": peak,
+        "memory_headroom_mb": gpu_mem - peak if gpu_mem is not None and peak is not None else None,
+        "max_batch": max_batch,
+        "notes": "; ".join(notes),
+    }
+
+
+def procurement_table(df: pandas.DataFrame, prices: dict[str, float], target_loss: float | None) -> pandas.DataFrame:
+    """One row per ok record: throughput per dollar and per kJ, time and cost to `target_loss`, memory."""
+    import pandas
+
+    rows = [_row(r, prices or {}, target_loss) for r in records_of(df) if r.get("status") == "ok"]
+    # object dtype keeps None as None (not NaN) so a missing figure stays visibly missing
+    table = pandas.DataFrame(rows, columns=list(COLUMNS)).astype(object)
+    return table.where(table.notna(), None)

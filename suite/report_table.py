@@ -1,0 +1,182 @@
+"""The per-mode table of a report: every figure with its unit, or "not measured" and the record's reason.
+
+One `Cell` per figure keeps the raw value (for the CSV), the text shown (HTML, Markdown) and
+the reason a figure is missing, taken from the record's `*_reason` field of its group.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from suite.results import REASON_FIELDS
+
+NOT_MEASURED = "not measured"
+# Figures whose reason field is not in results.REASON_FIELDS.
+_REASONS = REASON_FIELDS | {"loss_delta_vs_fp32": "loss_delta_reason"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One figure: raw value (None if missing), its text, and why it is missing or why the case did not run."""
+
+    value: Any
+    text: str
+    reason: str | None = None
+
+    @property
+    def missing(self) -> bool:
+        return self.value is None
+
+
+def why(r: dict[str, Any], key: str, fallback: str | None = None) -> str:
+    """The record's own reason for a missing figure; a case that did not finish gives its status and reason."""
+    if r.get("status") != "ok":
+        return f"{r.get('status')}: {r.get('reason') or 'no reason recorded'}"
+    field = _REASONS.get(key)
+    return (field and r.get(field)) or fallback or f"{key} was not recorded and the record gives no reason"
+
+
+def _cell(value: Any, fmt: str, reason: Callable[[], str], suffix: str = "") -> Cell:
+    if value is None:
+        return Cell(None, NOT_MEASURED, reason())
+    return Cell(value, format(value, fmt) + suffix)
+
+
+def _field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) -> Callable[..., Cell]:
+    """A column showing `key` (times `scale`), with `(source)` appended when a source field is given."""
+
+    def column(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+        value = r.get(key)
+        src = f" ({r.get(source)})" if source and r.get(source) else ""
+        return _cell(None if value is None else value * scale, fmt, lambda: why(r, key), src)
+
+    return column
+
+
+def _spread(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    lo, hi = r.get("step_time_p10_ms"), r.get("step_time_p90_ms")
+    if lo is None or hi is None:
+        return Cell(None, NOT_MEASURED, why(r, "step_time_ms"))
+    return Cell((lo, hi), f"{lo:.2f}-{hi:.2f}")
+
+
+def speedup(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    """fp32's median step time over this mode's, both from the same group."""
+    step = r.get("step_time_ms")
+    if step is None:
+        return Cell(None, NOT_MEASURED, why(r, "step_time_ms"))
+    if ref is None or not ref.get("step_time_ms"):
+        return Cell(None, NOT_MEASURED, "no ok fp32 case in this group to compare with")
+    return _cell(ref["step_time_ms"] / step, ".2f", str)
+
+
+def energy_per_token_mj(r: dict[str, Any], ref: dict[str, Any] | None = None) -> Cell:
+    """Energy per step over tokens per step, in millijoules."""
+    joules, tokens = r.get("energy_j_per_step"), r.get("tokens_per_step")
+    value = joules / tokens * 1000 if joules is not None and tokens else None
+    return _cell(value, ".4g", lambda: why(r, "energy_j_per_step"))
+
+
+def _excess(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    fallback = None if r.get("final_loss") is None else "no loss floor: the training data is a file of unknown entropy"
+    return _cell(r.get("excess_loss"), "+.4f", lambda: why(r, "excess_loss", fallback))
+
+
+def _status(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    return Cell(r.get("status"), str(r.get("status")), None if r.get("status") == "ok" else why(r, "status"))
+
+
+# (CSV name, header with unit, cell maker); the CSV holds raw values in the record's units.
+COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
+    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
+    ("status", "status", _status),
+    ("step_time_ms", "step time, median (ms)", _field("step_time_ms", ".2f")),
+    ("step_time_p10_p90_ms", "step time p10-p90 (ms)", _spread),
+    ("speedup_vs_fp32", "speed-up over fp32 (x)", speedup),
+    ("tokens_per_s", "tokens/s", _field("tokens_per_s", ",.0f")),
+    ("mfu_pct", "MFU (%)", _field("mfu", ".1f", 100)),
+    ("mfu_bf16_pct", "MFU vs bf16 peak (%)", _field("mfu_bf16", ".1f", 100)),
+    ("mamf_pct", "MAMF (%)", _field("mamf", ".1f", 100)),
+    ("tensor_core_util_pct", "tensor-core util (%) (source)",
+     _field("tensor_core_util", ".1f", 100, "tensor_core_util_source")),
+    ("peak_mem_mb", "peak memory NVML/RSS (MiB) (source)", _field("peak_mem_mb", ",.0f", source="peak_mem_source")),
+    ("peak_mem_allocated_mb", "allocator peak (MiB)", _field("peak_mem_allocated_mb", ",.0f")),
+    ("energy_mj_per_token", "energy per token (mJ)", energy_per_token_mj),
+    ("tokens_per_kj", "tokens per kJ", _field("tokens_per_joule", ",.0f", 1000)),
+    ("final_loss", "final loss (nats/token)", _field("final_loss", ".4f")),
+    ("loss_delta_vs_fp32", "delta vs fp32 (nats/token)", _field("loss_delta_vs_fp32", "+.4f")),
+    ("excess_loss", "excess over loss floor (nats/token)", _excess),
+]  # fmt: skip
+HEADERS = [header for _, header, _ in COLUMNS]
+
+
+def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
+    """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
+    return [make(r, ref) for _, _, make in COLUMNS]
+
+
+class Notes:
+    """Numbered footnotes, one per distinct reason, so a reason shared by many cells is listed once."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def ref(self, reason: str) -> int:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return self.reasons.index(reason) + 1
+
+
+def to_html(rows: list[list[Cell]], notes: Notes) -> str:
+    """A table with a "not measured" cell carrying its reason as a tooltip and a footnote number."""
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in HEADERS), "</tr></thead><tbody>"]
+    for row in rows:
+        out.append("<tr>")
+        for cell in row:
+            text = html.escape(cell.text)
+            if cell.reason:
+                cls = ' class="nm"' if cell.missing else ""
+                title = html.escape(cell.reason, quote=True)
+                text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
+            out.append(f"<td>{text}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def notes_html(notes: Notes) -> str:
+    items = "".join(f"<li>[{i}] {html.escape(r)}</li>" for i, r in enumerate(notes.reasons, start=1))
+    return f'<ul class="notes">{items}</ul>' if items else ""
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(rows: list[list[Cell]], notes: Notes) -> str:
+    """The same table in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for row in rows:
+        texts = [_md(c.text + (f" [{notes.ref(c.reason)}]" if c.reason else "")) for c in row]
+        lines.append("| " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def notes_markdown(notes: Notes) -> str:
+    return "\n".join(f"- [{i}] {_md(r)}" for i, r in enumerate(notes.reasons, start=1))
+
+
+def csv_row(r: dict[str, Any], row: list[Cell]) -> dict[str, Any]:
+    """Raw values by CSV name, plus `not_measured`: "column: reason" for each missing figure."""
+    named = [(name, cell) for (name, _, _), cell in zip(COLUMNS, row, strict=True)]
+    out = {name: cell.value for name, cell in named if name != "step_time_p10_p90_ms"}
+    out["step_time_p10_ms"], out["step_time_p90_ms"] = r.get("step_time_p10_ms"), r.get("step_time_p90_ms")
+    out["tensor_core_util_source"], out["peak_mem_source"] = r.get("tensor_core_util_source"), r.get("peak_mem_source")
+    if r.get("status") != "ok":  # one reason covers every figure of a case that did not run or finish
+        out["not_measured"] = why(r, "status")
+    else:
+        out["not_measured"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.missing)
+    return out

@@ -1,0 +1,81 @@
+"""Run A against run B: the verdicts follow the baseline noise rules, both ways."""
+
+import pytest
+
+from suite.compare import compare_runs, exit_code, format_comparison
+from suite.results import make_record
+
+CASE = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10, seed=0, compile=False)
+
+
+def _record(mode="bf16", step=100.0, spread=0.01, **kw):
+    """A record whose p10-p90 spread is `spread` of its median step time."""
+    values = dict(mode=mode, status="ok", gpu_name="NVIDIA H100 80GB HBM3", step_time_ms=step,
+                  step_time_p10_ms=step * (1 - spread / 2), step_time_p90_ms=step * (1 + spread / 2),
+                  tokens_per_s=16384 / step * 1000, mfu=0.4, peak_mem_allocated_mb=20_000.0, peak_mem_mb=20_600.0,
+                  final_loss=3.0, energy_j_per_step=50.0)  # fmt: skip
+    return make_record(**(CASE | values | kw))
+
+
+def _run(**kw):
+    return [_record("fp32", step=200.0, **kw), _record("bf16", **kw)]
+
+
+def _verdicts(rows, metric):
+    return {r.mode: r.verdict for r in rows if r.metric == metric}
+
+
+def test_the_same_records_are_the_same():
+    rows = compare_runs(_run(), _run())
+    assert {r.verdict for r in rows} == {"same", "info"}
+    assert {r.metric for r in rows if r.verdict == "info"} == {"tokens_per_s", "mfu"}
+    assert all(r.ratio == 1.0 for r in rows)
+    assert exit_code(rows) == 0
+    assert "0 regressed" in format_comparison(rows)
+
+
+def test_slower_beyond_the_spread_regresses_naming_metric_mode_and_values():
+    a = [_record(step=100.0)]
+    rows = compare_runs(a, [_record(step=112.0)])
+    bad = [r for r in rows if r.verdict == "regressed"]
+    assert [r.metric for r in bad] == ["step_time_ms"]
+    # allowed = 100 + 100 * (2% floor + 1% spread, the larger of the two runs')
+    assert bad[0].message == "gpt2-small/bf16 step_time_ms: 100 -> 112 (x1.12), allowed up to 103: regressed"
+    assert bad[0].ratio == pytest.approx(1.12) and bad[0].allowed == pytest.approx(103.0)
+    assert exit_code(rows) == 1
+    text = format_comparison(rows)
+    assert "regressed" in text and bad[0].message in text
+
+
+def test_slower_within_the_measured_spread_is_not_a_regression():
+    rows = compare_runs([_record(step=100.0, spread=0.06)], [_record(step=107.0, spread=0.06)])
+    assert _verdicts(rows, "step_time_ms") == {"bf16": "same"}
+    assert exit_code(rows) == 0
+
+
+def test_better_by_more_than_the_allowance_is_an_improvement():
+    rows = compare_runs([_record(step=100.0)], [_record(step=90.0, final_loss=2.9, peak_mem_allocated_mb=10_000.0)])
+    assert _verdicts(rows, "step_time_ms") == {"bf16": "improved"}
+    assert _verdicts(rows, "final_loss") == {"bf16": "improved"}
+    assert _verdicts(rows, "peak_mem_allocated_mb") == {"bf16": "improved"}
+    assert _verdicts(rows, "energy_j_per_step") == {"bf16": "same"}
+    assert exit_code(rows) == 0
+    # a little better is still the same: the allowance is symmetric
+    assert _verdicts(compare_runs([_record(step=100.0)], [_record(step=98.0)]), "step_time_ms") == {"bf16": "same"}
+
+
+def test_unmatched_and_failed_cases_are_listed():
+    a = [_record("fp32", step=200.0), _record("bf16")]
+    b = [_record("fp32", step=200.0, seed=1), _record("bf16", status="oom", reason="CUDA out of memory")]
+    rows = compare_runs(a, b)
+    unmatched = [r for r in rows if r.verdict == "unmatched"]
+    assert len(unmatched) == 2 and all(r.metric == "-" for r in unmatched)
+    assert any("only in A" in r.message for r in unmatched) and any("only in B" in r.message for r in unmatched)
+    failed = [r for r in rows if r.metric == "status"]
+    assert failed[0].verdict == "regressed" and "CUDA out of memory" in failed[0].message
+    assert exit_code(rows) == 1
+
+
+def test_missing_metrics_are_not_compared():
+    rows = compare_runs([_record(energy_j_per_step=None, mfu=None)], [_record()])
+    assert not {"energy_j_per_step", "mfu"} & {r.metric for r in rows}
