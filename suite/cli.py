@@ -33,11 +33,7 @@ from suite.table import fmt, table
 def cmd_check(args: argparse.Namespace) -> int:
     """Convergence gate: exit 1 when a mode's loss ends above fp32's by more than its tolerance."""
     tolerances = convergence.parse_tolerances(args.tolerance)
-    records = []
-    for path in args.records:
-        if not Path(path).is_file():
-            raise ValueError(f"records={path!r}: no such file")
-        records += results.read(path)
+    records = results.read_all(args.records)
     verdicts = convergence.check(records, tolerances)
     rows = [
         [v.mode, v.model, v.outcome, fmt(v.delta, "+.4f"), fmt(v.tolerance and v.tolerance.max_delta, ".4f"),
@@ -70,9 +66,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise."""
-    a = procurement.records_of(results.load(args.a))
-    b = procurement.records_of(results.load(args.b))
-    rows = compare_runs(a, b)
+    rows = compare_runs(results.read_all(args.a), results.read_all(args.b))
     print(format_comparison(rows))
     code = compare_exit_code(rows)
     regressed = [r.message for r in rows if r.verdict == "regressed"]
@@ -82,12 +76,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Store the ok records of one machine as its committed baseline."""
-    records = []
-    for path in args.records:
-        if not Path(path).is_file():
-            raise ValueError(f"records={path!r}: no such file")
-        records += results.read(path)
-    made = baseline.make_baseline(records)
+    made = baseline.make_baseline(results.read_all(args.records))
     path = Path(args.out) if args.out else baseline.BASELINE_DIR / f"{made['machine']}.json"
     results.check_writable(path)
     baseline.save(made, path)

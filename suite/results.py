@@ -135,11 +135,10 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def load(paths_or_globs: str | Path | Sequence[str | Path]) -> pandas.DataFrame:
-    """Records of several files or glob patterns as one DataFrame, one row per record, with `source`."""
+def read_all(paths_or_globs: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Records of several files or glob patterns, each with its `source` file; ValueError
+    naming a missing file, an empty glob, or the file and line of a broken record."""
     import glob
-
-    import pandas
 
     items = [paths_or_globs] if isinstance(paths_or_globs, (str, Path)) else list(paths_or_globs)
     if not items:
@@ -155,7 +154,14 @@ def load(paths_or_globs: str | Path | Sequence[str | Path]) -> pandas.DataFrame:
         else:
             matched = [item]
         files += [f for f in matched if f not in files]  # a file named twice is read once
-    rows = [record | {"source": f} for f in files for record in read(f)]
+    return [record | {"source": f} for f in files for record in read(f)]
+
+
+def load(paths_or_globs: str | Path | Sequence[str | Path]) -> pandas.DataFrame:
+    """Records of several files or glob patterns as one DataFrame, one row per record, with `source`."""
+    import pandas
+
+    rows = read_all(paths_or_globs)
     columns = list(FIELDS) + sorted({k for r in rows for k in r} - set(FIELDS) - {"source"}) + ["source"]
     return pandas.DataFrame.from_records(rows, columns=columns)
 
