@@ -8,6 +8,7 @@ from models import GPTConfig
 from suite.hardware import DEVICE_CHOICES
 from suite.modes import MODES
 
+GRAD_COMM = ("fp32", "bf16", "fp16")
 # Peak learning rates by model size, from the GPT-3 paper's table (tiny: chosen to learn
 # visibly within a few dozen steps).
 DEFAULT_LR = {"tiny": 3e-3, "gpt2-small": 6e-4, "gpt2-medium": 3e-4, "gpt2-large": 2.5e-4, "gpt2-xl": 2e-4}
@@ -31,6 +32,8 @@ class Case:
     weight_decay: float = 0.1
     eval_batches: int = 4  # held-out batches for final_loss
     eval_every: int = 0  # also evaluate every N steps (0: only at the end)
+    nproc: int = 1  # data-parallel processes; batch_size is per process
+    grad_comm: str = "fp32"  # gradient all-reduce precision with nproc > 1: fp32 | bf16 | fp16
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():
@@ -43,7 +46,9 @@ class Case:
             value = getattr(self, f.name)
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{f.name}={value!r}: must be an integer")
-        for name in ("batch_size", "seq_len", "steps", "eval_batches"):
+        if self.grad_comm not in GRAD_COMM:
+            raise ValueError(f"grad_comm={self.grad_comm!r} is unknown; choose one of {', '.join(GRAD_COMM)}")
+        for name in ("batch_size", "seq_len", "steps", "eval_batches", "nproc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.eval_every < 0:
@@ -73,4 +78,5 @@ class Case:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        """Tokens in one optimizer step over all processes (the global batch)."""
+        return self.batch_size * self.seq_len * self.nproc

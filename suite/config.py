@@ -18,6 +18,9 @@ Keys (all optional; command-line flags override them):
     out = "results/matrix.jsonl"
     case_timeout = 1800               # seconds per case
     fail_fast = false
+    nproc = 1                         # data-parallel processes per case
+    scaling = "1,2,4"                 # or a ladder of process counts
+    grad_comm = "fp32"                # gradient all-reduce precision: fp32 | bf16 | fp16
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ KEYS: dict[str, tuple[type, ...]] = {
     "model": (str,), "models": (list,), "modes": (list, str), "device": (str,), "batch_size": (int,),
     "seq_len": (int,), "steps": (int,), "warmup": (int,), "seed": (int,), "lr": (float, int),
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
-    "case_timeout": (float, int), "fail_fast": (bool,),
+    "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
 }  # fmt: skip
 
 

@@ -61,6 +61,8 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "lr": case.learning_rate,
         "eval_batches": case.eval_batches,
         "eval_every": case.eval_every,
+        "world_size": case.nproc,
+        "grad_comm": case.grad_comm if case.nproc > 1 else None,
         "weight_decay": case.weight_decay,
         "params": shapes.num_params(),
         "flops_per_token": per_token,
@@ -91,7 +93,8 @@ def _result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step
             "step_time_cv": r.timing.cv,
             "step_times_ms": r.timing.times_ms,
             "tokens_per_s": case.tokens_per_step / (r.timing.median_ms / 1e3),
-            **utilization_fields(flops_per_step, r.timing.median_ms, r.compute, device),
+            # MFU per GPU: each of the nproc processes does 1/nproc of the step's FLOPs
+            **utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device),
         }
     return fields
 

@@ -1,6 +1,7 @@
 """Fault injection for tests: make one case fail in a chosen way, inside its worker process.
 
-MPBENCH_FAULT="KIND:MODE" (or "KIND:MODEL/MODE") picks the case; KIND is one of
+MPBENCH_FAULT="KIND:MODE" (or "KIND:MODEL/MODE", and "@RANK" after either to strike only
+that rank of a data-parallel case) picks the case; KIND is one of
   raise  an exception in the worker (-> status error)
   oom    torch.OutOfMemoryError (-> status oom)
   nan    the training loss turns NaN at step 2 (-> status diverged)
@@ -20,15 +21,18 @@ ENV = "MPBENCH_FAULT"
 KINDS = ("raise", "oom", "nan", "hang", "crash")
 
 
-def fault_for(case: Case) -> str | None:
-    """The fault kind injected into `case`, or None; ValueError for a malformed variable."""
+def fault_for(case: Case, rank: int | None = None) -> str | None:
+    """The fault kind injected into `case` (on `rank`), or None; ValueError for a malformed variable."""
     spec = os.environ.get(ENV, "").strip()
     if not spec:
         return None
     kind, sep, target = spec.partition(":")
-    if not sep or kind not in KINDS or not target:
-        raise ValueError(f"{ENV}={spec!r}: expected KIND:MODE or KIND:MODEL/MODE with KIND in {', '.join(KINDS)}")
+    target, at, on_rank = target.partition("@")
+    if not sep or kind not in KINDS or not target or (at and not on_rank.isdigit()):
+        raise ValueError(f"{ENV}={spec!r}: expected KIND:[MODEL/]MODE[@RANK] with KIND in {', '.join(KINDS)}")
     model, _, mode = target.rpartition("/")
+    if at and int(on_rank) != (rank or 0):
+        return None
     return kind if mode == case.mode and (not model or model == case.model) else None
 
 

@@ -29,7 +29,7 @@ FIELDS: tuple[str, ...] = (
     "schema", "run_id", "timestamp", "git_commit", "git_dirty",
     # the case
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
-    "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every",
+    "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm",
     # outcome
     "status", "reason", "elapsed_s",
     # model and precision
@@ -49,6 +49,8 @@ FIELDS: tuple[str, ...] = (
     # energy and clocks (NVML, over the timed window)
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
     "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
+    # data parallel (world_size > 1): per-rank step times, hosts, efficiency vs 1 process
+    "rank_step_time_ms", "hosts", "scaling_efficiency", "scaling_reason",
     # largest batch that fits (--find-max-batch)
     "max_batch", "max_batch_limit_mb", "max_batch_tries",
     # convergence (nats / token)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from models import GPTConfig
 from suite import results
 from suite.case import Case
 from suite.config import load_config
+from suite.distributed import launched_by_torchrun
 from suite.hardware import resolve_device
 from suite.modes import MODES
 from suite.plots import plot_loss_curves
@@ -26,7 +29,8 @@ RUN_DEFAULTS = {
 }
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
-             "eval_every", "compile", "data", "out", "case_timeout", "fail_fast")  # fmt: skip
+             "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
+             "scaling")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -55,11 +59,10 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--resume", metavar="FILE", help="append to FILE, running only the cases it has no record of")
     add("--case-timeout", type=float, help="seconds one case may take before it is stopped (default: none)")
     add("--fail-fast", action="store_true", default=None, help="stop at the first failed case")
-    add(
-        "--find-max-batch",
-        action="store_true",
-        help="also find each mode's largest batch that fits (doubling, bisection)",
-    )
+    add("--nproc", type=int_type, help="data-parallel processes per case (torchrun; batch size is per process)")
+    add("--scaling", help="process-count ladder, e.g. 1,2,4: every case at each count, with scaling efficiency")
+    add("--grad-comm", help="gradient all-reduce precision with --nproc > 1: fp32 | bf16 | fp16 (default: fp32)")
+    add("--find-max-batch", action="store_true", help="also find each mode's largest batch that fits")
     add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
 
 
@@ -95,15 +98,28 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     # default warm-up never takes more than half the steps, so a short run still times some
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
     cases = []
-    for model in opts.get("models") or [defaults["model"]]:
+    for nproc, model in itertools.product(_ladder(opts), opts.get("models") or [defaults["model"]]):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
         fixed = dict(device=device_name, steps=steps, warmup=warmup, seed=opts.get("seed", 0),
                      batch_size=opts.get("batch_size", defaults["batch_size"]),
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
-                     data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1))  # fmt: skip
+                     data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
+                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
+
+
+def _ladder(opts: dict[str, Any]) -> list[int]:
+    """Process counts to run every case at: --scaling 1,2,4, else --nproc, else 1."""
+    if opts.get("scaling"):
+        if opts.get("nproc"):
+            raise ValueError("nproc and scaling: give one; --scaling 1,2,4 runs every count")
+        items = [t.strip() for t in str(opts["scaling"]).split(",") if t.strip()]
+        if not items or not all(t.isdigit() and int(t) >= 1 for t in items):
+            raise ValueError(f"scaling={opts['scaling']!r}: expected process counts such as 1,2,4")
+        return sorted({int(t) for t in items})  # 1 first: the others' efficiency needs it
+    return [opts.get("nproc", 1)]
 
 
 def summary_table(records: list[dict]) -> str:
@@ -133,6 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.memory_limit_mb is not None and (not args.find_max_batch or not args.memory_limit_mb > 0):
         raise ValueError(f"memory_limit_mb={args.memory_limit_mb}: needs --find-max-batch and a positive MiB figure")
     opts = options(args)
+    if launched_by_torchrun():
+        return _run_as_rank(opts)
     cases = cases_from_options(opts)
     out = Path(opts.get("out") or Path("results") / "runs" / f"{results.new_run_id()}.jsonl")
     validate(cases)  # bad input ends here, before anything is written
@@ -158,6 +176,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loss_floor is not None:
         print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
     return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def _run_as_rank(opts: dict[str, Any]) -> int:
+    """Under the user's torchrun (one node or many): every rank runs every case together with
+    the others; rank 0 writes the records and prints the table."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if opts.get("nproc") not in (None, world) or opts.get("scaling"):
+        raise ValueError(f"nproc/scaling: under torchrun the world size ({world}) is the process count; drop them")
+    cases = cases_from_options(opts | {"nproc": world})
+    out = Path(
+        opts.get("out") or Path("results") / "runs" / f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}.jsonl"
+    )
+    validate(cases)
+    lead = rank == 0
+    done = run_cases(cases, out=out if lead else None, log=None if not lead else _stderr_line, isolate=False)
+    if lead:
+        print(table_or_nothing(done))
+        print(f"\nrecords: {out} ({len(done)} written; world size {world})")
+    return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def table_or_nothing(done: list[dict]) -> str:

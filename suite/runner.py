@@ -19,6 +19,7 @@ from typing import Any
 from suite import convergence, results
 from suite.case import Case
 from suite.data import make_corpus
+from suite.distributed import launched_by_torchrun, train_distributed, train_here
 from suite.execute import Batches, case_fields, train_in_process
 from suite.hardware import DeviceInfo, environment, resolve_device
 from suite.max_batch import find_max_batch
@@ -30,7 +31,13 @@ Log = Callable[[str], None]
 FAILED = ("oom", "diverged", "error", "timeout")
 # what makes two records the same case, for --resume
 CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
-            "lr", "weight_decay", "eval_batches", "eval_every")  # fmt: skip
+            "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm")  # fmt: skip
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _stderr(line: str) -> None:
@@ -54,6 +61,13 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
         raise ValueError("no cases to run: give at least one mode")
     devices = {c.device: resolve_device(c.device) for c in cases}
     for c in cases:
+        gpus = torch_cuda_count() if devices[c.device].type == "cuda" else None
+        if gpus is not None and c.nproc > gpus:
+            raise ValueError(f"nproc={c.nproc}: only {gpus} GPU(s) here; use --nproc {gpus} or less")
+        if c.nproc > 1 and c.grad_comm == "bf16" and gpus is None:
+            raise ValueError(
+                "grad_comm='bf16': torch's bf16 all-reduce hook needs CUDA and NCCL; use fp32 or fp16 on a CPU"
+            )
         corpus = make_corpus(c.data, c.model_config.vocab_size)
         if hasattr(corpus, "check_fits"):
             corpus.check_fits(c.seq_len)
@@ -68,10 +82,34 @@ def reference_first(cases: Sequence[Case]) -> list[Case]:
     return sorted(cases, key=lambda c: (first_seen[_group(c)], c.mode != convergence.REFERENCE))
 
 
-def _group(case_or_record: Case | dict[str, Any]) -> tuple:
-    keys = ("model", "device", "batch_size", "seq_len", "steps", "seed", "data", "compile")
-    get = case_or_record.get if isinstance(case_or_record, dict) else lambda k: getattr(case_or_record, k)
-    return tuple(get(k) for k in keys)
+GROUP = ("model", "device", "batch_size", "seq_len", "steps", "seed", "data", "compile", "nproc", "grad_comm")
+
+
+def _group(case_or_record: Case | dict[str, Any], keys: tuple[str, ...] = GROUP) -> tuple:
+    """Cases compared with each other: fp32 vs the other modes; nproc 1 vs N for scaling."""
+    if isinstance(case_or_record, dict):  # records name nproc world_size
+        return tuple(case_or_record.get("world_size" if k == "nproc" else k) for k in keys)
+    return tuple(getattr(case_or_record, k) for k in keys)
+
+
+SCALING_GROUP = ("mode", *(k for k in GROUP if k not in ("nproc", "grad_comm")))
+
+
+def _scaling_group(case_or_record: Case | dict[str, Any]) -> tuple:
+    """The same case on any number of processes."""
+    return _group(case_or_record, SCALING_GROUP)
+
+
+def scaling_fields(record: dict[str, Any], single: dict[str, Any] | None) -> dict[str, Any]:
+    """Weak-scaling efficiency: tokens/s over N processes / (N x tokens/s of 1 process)."""
+    n = record.get("world_size") or 1
+    if record.get("tokens_per_s") is None:
+        return {"scaling_reason": f"no throughput (status {record['status']})"}
+    if n == 1:
+        return {"scaling_efficiency": 1.0}
+    if single is None or single.get("tokens_per_s") is None:
+        return {"scaling_reason": "no ok 1-process run of this case in this invocation (use --scaling 1,N)"}
+    return {"scaling_efficiency": record["tokens_per_s"] / (n * single["tokens_per_s"])}
 
 
 @contextlib.contextmanager
@@ -125,6 +163,7 @@ def run_cases(
             log(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
     have = {tuple(r.get(k) for k in CASE_KEY) for r in existing}
     references = {_group(r): r for r in existing if r["mode"] == convergence.REFERENCE}
+    singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
     if resume:
         log(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run")
@@ -145,6 +184,9 @@ def run_cases(
             if case.mode == convergence.REFERENCE:
                 references[group] = record
             record |= convergence.delta_fields(record, references.get(group))
+            if case.nproc == 1:
+                singles[_scaling_group(record)] = record
+            record |= scaling_fields(record, singles.get(_scaling_group(record)))
             if out is not None:
                 results.append(out, record)
             records.append(record)
@@ -171,9 +213,14 @@ def _run_one(
     """The record of one case: skipped with the mode's reason, or trained and its outcome."""
     values: dict[str, Any] = {"run_id": run_id, **case_fields(case, device), **environment(device)}
     t0 = time.perf_counter()
-    reason = get_mode(case.mode).unavailable_reason(device)
+    mode = get_mode(case.mode)
+    reason = mode.unavailable_reason(device) or (mode.no_data_parallel if case.nproc > 1 else None)
     if reason:
         values |= {"status": "skipped", "reason": reason}
+    elif case.nproc > 1 and launched_by_torchrun():  # the user's torchrun started this rank
+        values |= train_here(case, values["flops_per_step"], label)
+    elif case.nproc > 1:  # always in worker processes: torchrun starts the ranks
+        values |= train_distributed(case, values["flops_per_step"], label, case_timeout)
     elif isolate:
         values |= train_isolated(case, values["flops_per_step"], label, case_timeout)
     else:

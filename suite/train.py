@@ -152,6 +152,7 @@ def run_case(
     heldout_batches: torch.Tensor,
     progress: Progress | None = None,
     trackers: bool = True,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> CaseResult:
     """Build the model from the case's seed, let the mode prepare it, train, evaluate.
 
@@ -159,7 +160,8 @@ def run_case(
     memory/energy/GPM trackers around it), and, on a GPU without GPM, a few last steps
     under the profiler for tensor-core share. Every phase trains: the loss curve has
     `case.steps` entries whatever is measured. `trackers=False` leaves only the step timer
-    (to measure what the trackers cost).
+    (to measure what the trackers cost). `wrap` wraps the prepared model for training (data
+    parallelism: DistributedDataParallel); storage and evaluation see the model itself.
     """
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
@@ -168,7 +170,8 @@ def run_case(
     with mode.numerics():
         model = mode.prepare(model.to(dev))
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
-        step_fn = torch.compile(model) if case.compile else model
+        trained = wrap(model) if wrap else model
+        step_fn = torch.compile(trained) if case.compile else trained
 
         def held_out_loss() -> float:
             return evaluate(mode.eval_model(model), heldout_batches, dev)
@@ -188,7 +191,7 @@ def run_case(
             timing = timer.stats()
             measurements["timed_steps"] = len(timing.times_ms)
             if window:
-                measurements |= window.fields(len(timing.times_ms), case.tokens_per_step)
+                measurements |= window.fields(len(timing.times_ms), case.batch_size * case.seq_len)  # this process
         if profiled and loop.diverged_at is None:
             with ProfilerTensorCores() as prof:
                 loop.run(train_batches[timed_end:])

@@ -98,6 +98,7 @@ class PrecisionMode:
     summary: ClassVar[str] = ""  # one line for `mpbench modes`
     needs: ClassVar[str] = "any device"
     allow_tf32: ClassVar[bool] = False  # every mode states TF32 explicitly
+    no_data_parallel: ClassVar[str | None] = None  # why DistributedDataParallel cannot wrap it
     adam_eps: ClassVar[float] = 1e-8
 
     def __init__(self, device: DeviceInfo) -> None:

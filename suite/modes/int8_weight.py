@@ -50,6 +50,10 @@ class Int8Weight(PrecisionMode):
     name = "int8-weight"
     summary = "int8 Linear weights (torchao, stochastic rounding), bf16 compute on GPU"
     needs = "torchao; bf16-capable GPU (8.0+) or a CPU"
+    no_data_parallel = (
+        "int8-weight does not run under DistributedDataParallel: torchao's int8 weight tensor "
+        "refuses DDP's gradient bucketing (Int8QTLinearWeight.cat); run it with --nproc 1"
+    )
 
     def __init__(self, device: DeviceInfo) -> None:
         super().__init__(device)

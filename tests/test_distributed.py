@@ -1,0 +1,90 @@
+"""Data parallelism through torchrun on CPU (gloo): equivalence, scaling, a rank that dies."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from suite import results, run_cases
+from suite.cli import main
+from tests.helpers import small_case
+
+# DDP averages the two ranks' gradients of their halves of the global batch; a 1-process run
+# of the doubled batch takes the gradient of the mean over all of it: the same number up to
+# float summation order (about 1e-7 relative in fp32), which Adam carries through 4 steps to
+# well under 1e-4 nats. In bf16 the matmuls of a 2-row and a 4-row batch round differently
+# (8-bit mantissa, ~4e-3 relative), which moves losses by up to ~1e-3 nats: bound 3e-3. A
+# different batch order or a missing average moves them by more than 1e-2.
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-3}
+
+
+@pytest.mark.parametrize("mode", TOLERANCE)
+def test_two_ranks_match_one_process_with_the_doubled_batch(mode):
+    two = run_cases([small_case(mode=mode, nproc=2, steps=4, warmup=1)], log=None)[0]
+    one = run_cases([small_case(mode=mode, batch_size=4, steps=4, warmup=1)], log=None, isolate=False)[0]
+    assert two["status"] == "ok", two["reason"]
+    assert two["world_size"] == 2 and two["tokens_per_step"] == one["tokens_per_step"] == 4 * 32
+    assert two["data_digest"] == one["data_digest"] and two["init_digest"] == one["init_digest"]
+    assert max(abs(a - b) for a, b in zip(two["loss_curve"], one["loss_curve"], strict=True)) < TOLERANCE[mode]
+    assert two["final_loss"] == pytest.approx(one["final_loss"], abs=TOLERANCE[mode])
+    assert len(two["rank_step_time_ms"]) == 2 and two["step_time_ms"] == max(two["rank_step_time_ms"])
+    assert two["hosts"] and two["grad_comm"] == "fp32"
+
+
+def test_scaling_ladder_and_grad_comm(tmp_path):
+    out = tmp_path / "r.jsonl"
+    code = main(["run", "--device", "cpu", "--model", "tiny", "--modes", "fp32,int8-weight", "--batch-size", "2",
+                 "--seq-len", "32", "--steps", "4", "--scaling", "1,2", "--grad-comm", "fp16",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    records = {(r["mode"], r["world_size"]): r for r in results.read(out)}
+    one, two = records["fp32", 1], records["fp32", 2]
+    assert one["scaling_efficiency"] == 1.0 and one["grad_comm"] is None
+    assert two["grad_comm"] == "fp16" and two["status"] == "ok"
+    assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]))
+    assert records["int8-weight", 2]["status"] == "skipped" and "DistributedDataParallel" in records[
+        "int8-weight", 2]["reason"]  # fmt: skip
+    assert records["int8-weight", 1]["status"] == "ok"
+
+
+def test_a_rank_that_dies_becomes_an_error_record_naming_it(monkeypatch):
+    monkeypatch.setenv("MPBENCH_FAULT", "crash:fp32@1")
+    started = time.monotonic()
+    r = run_cases([small_case(mode="fp32", nproc=2, steps=4, warmup=1)], log=None, case_timeout=120)[0]
+    assert r["status"] == "error" and "rank 1 failed first (exit code 86)" in r["reason"], r["reason"]
+    assert time.monotonic() - started < 90  # torchrun tears the other rank down: no hang
+
+
+def test_the_foundation_command_with_two_processes(tmp_path):
+    out = tmp_path / "r.jsonl"
+    code = main(["run", "--device", "cpu", "--nproc", "2", "--model", "tiny", "--modes", "fp32,bf16", "--steps", "4",
+                 "--batch-size", "2", "--seq-len", "32", "--out", str(out)])  # fmt: skip
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and [(r["mode"], r["world_size"], r["status"]) for r in records] == [
+        ("fp32", 2, "ok"), ("bf16", 2, "ok")]  # fmt: skip
+    assert "use --scaling 1,N" in records[0]["scaling_reason"]
+
+
+def test_bf16_grad_comm_on_cpu_is_refused(capsys, tmp_path):
+    args = ["run", "--device", "cpu", "--nproc", "2", "--grad-comm", "bf16", "--out", str(tmp_path / "r.jsonl")]
+    assert main(args) == 2
+    assert "needs CUDA and NCCL" in capsys.readouterr().err
+
+
+def test_mpbench_run_launched_by_the_users_torchrun(tmp_path):
+    """How multi-node runs start: the user's torchrun (or Slurm) runs `mpbench run` on every rank."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "suite.cli",
+           "run", "--device", "cpu", "--model", "tiny", "--modes", "fp32,bf16", "--steps", "4", "--batch-size", "2",
+           "--seq-len", "32", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = results.read(out)  # rank 0 alone wrote them
+    assert [(r["mode"], r["world_size"], r["status"]) for r in records] == [("fp32", 2, "ok"), ("bf16", 2, "ok")]
+    assert records[1]["loss_delta_vs_fp32"] is not None and records[0]["hosts"]
