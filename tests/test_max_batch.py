@@ -42,14 +42,20 @@ def test_nothing_fits_and_the_cap():
 
 
 def test_find_max_batch_on_cpu_against_a_memory_limit(tmp_path):
-    """For real: each try is a spawned 3-step run; the limit is on peak RSS."""
+    """For real: each try is a spawned 3-step run; the limit is on its peak RSS."""
+    from suite import run_cases
+
+    # the limit sits ~40 MiB above what a worker needs at batch 1 (torch itself is most of it),
+    # which tiny at seq 128 reaches within about ten sequences: a short search on any machine
+    base = run_cases([small_case(mode="fp32", batch_size=1, seq_len=128, steps=3, warmup=1)], log=None)[0]
+    limit = round(base["peak_mem_mb"] + 40)
     out = tmp_path / "r.jsonl"
     code = main(["run", "--device", "cpu", "--modes", "fp32", "--steps", "3", "--seq-len", "128",
-                 "--find-max-batch", "--memory-limit-mb", "450", "--out", str(out)])  # fmt: skip
+                 "--find-max-batch", "--memory-limit-mb", str(limit), "--out", str(out)])  # fmt: skip
     assert code == 0
     r = json.loads(out.read_text())
     tries = r["max_batch_tries"]
-    assert r["max_batch"] is not None and r["max_batch"] >= 1 and r["max_batch_limit_mb"] == 450
+    assert r["max_batch"] is not None and r["max_batch"] >= 1 and r["max_batch_limit_mb"] == limit
     fitting = [t for t in tries if t[3]]
-    assert all(t[2] <= 450 for t in fitting) and max(t[0] for t in fitting) == r["max_batch"]
-    assert any(not t[3] and t[0] == r["max_batch"] + 1 for t in tries) or r["max_batch"] == 1
+    assert all(t[2] <= limit for t in fitting) and max(t[0] for t in fitting) == r["max_batch"]
+    assert any(not t[3] and t[2] > limit for t in tries)  # the search did meet the limit
