@@ -121,7 +121,7 @@ def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int,
     import torch.distributed as dist
 
     from suite.data import digest, make_corpus
-    from suite.execute import _result_fields
+    from suite.execute import result_fields
     from suite.hardware import resolve_device
     from suite.train import run_case
 
@@ -157,7 +157,7 @@ def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int,
         "loss_floor": corpus.loss_floor,
         "rank_step_time_ms": [e["timing"].median_ms if e["timing"] else None for e in everyone],
         "hosts": sorted({e["host"] for e in everyone}),
-        **_result_fields(case, r, device, flops_per_step),
+        **result_fields(case, r, device, flops_per_step),
     }
     if r.diverged_at is None:
         return values | {"status": "ok"}
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from suite import faults
-    from suite.execute import _failure_reason
+    from suite.execute import failure_reason
 
     spec, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -234,7 +234,7 @@ def main(argv: list[str]) -> int:
         dist.destroy_process_group()
         return 0
     except BaseException as exc:
-        (out / f"rank-{rank}.error.json").write_text(json.dumps({"reason": _failure_reason(exc)}))
+        (out / f"rank-{rank}.error.json").write_text(json.dumps({"reason": failure_reason(exc)}))
         raise
 
 

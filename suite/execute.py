@@ -43,6 +43,7 @@ class Batches:
 
 
 def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
+    """Record values that follow from the case alone: its settings, sizes and analytic FLOPs."""
     cfg = case.model_config
     with torch.device("meta"):  # shapes only: no memory, no init
         shapes = GPT(cfg)
@@ -71,7 +72,8 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
     }
 
 
-def _result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step: int) -> dict[str, Any]:
+def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step: int) -> dict[str, Any]:
+    """Record values from what training produced: dtypes, trackers, speed, FLOP/s, convergence."""
     fields: dict[str, Any] = {
         "compute_dtype": r.compute,
         "init_digest": r.init_digest,
@@ -99,7 +101,8 @@ def _result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step
     return fields
 
 
-def _failure_reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """Exception type and message, then the tail of the traceback, on one line."""
     tail = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
     return f"{type(exc).__name__}: {exc} [{tail[-600:]}]"
 
@@ -115,7 +118,7 @@ def _oom_values(case: Case, device: DeviceInfo, exc: BaseException) -> dict[str,
         values |= {"peak_mem_allocated_mb": torch.cuda.max_memory_allocated(device.index) / MIB,
                    "peak_mem_reserved_mb": torch.cuda.max_memory_reserved(device.index) / MIB}  # fmt: skip
         where += f": allocated {allocated:,.0f} MiB, reserved {reserved:,.0f} MiB of {total:,.0f} MiB"
-    values["reason"] = f"out of memory {where}; {_failure_reason(exc)}"
+    values["reason"] = f"out of memory {where}; {failure_reason(exc)}"
     return values
 
 
@@ -140,7 +143,7 @@ def train_in_process(
         if before:
             before()
         r = run_case(case, device, corpus, train, heldout, progress)
-        values |= _result_fields(case, r, device, flops_per_step)
+        values |= result_fields(case, r, device, flops_per_step)
         if r.diverged_at is None:
             values["status"] = "ok"
         else:
@@ -148,7 +151,7 @@ def train_in_process(
     except (torch.OutOfMemoryError, MemoryError) as exc:
         values |= _oom_values(case, device, exc)
     except Exception as exc:  # one broken case must not end the run
-        values |= {"status": "error", "reason": _failure_reason(exc)}
+        values |= {"status": "error", "reason": failure_reason(exc)}
     finally:
         gc.collect()
         if device.type == "cuda":
