@@ -187,3 +187,35 @@ def test_tf32_mode_turns_tf32_on_and_restores():
     with get_mode("tf32")(H100).numerics():
         assert tf32_enabled()
     assert numerics_globals() == before
+
+
+def test_int8_weight_bf16_path_runs_every_matmul_in_bf16():
+    """The CUDA path (bf16) checked on a CPU: forward and backward matmuls all in bf16, and it
+    trains. With fp32 scales torchao's backward would mix fp32 and bf16 and fail."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import models
+    from suite.train import storage_dtypes, train_step
+
+    mode = get_mode("int8-weight")(CPU, compute="bf16")
+    model = mode.prepare(models.GPT(small_case().model_config))
+    opt = mode.make_optimizer(model, lr=3e-3, weight_decay=0.1)
+    matmuls: Counter = Counter()
+
+    class CountMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("mm", "addmm", "bmm")):
+                matmuls[tuple(str(a.dtype) for a in args if torch.is_tensor(a))] += 1
+            return func(*args, **(kwargs or {}))
+
+    batch = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    with CountMatmuls():
+        first, stepped = train_step(model, mode, opt, batch)
+    assert stepped and set(matmuls) == {("torch.bfloat16", "torch.bfloat16")} and sum(matmuls.values()) > 20
+    losses = [train_step(model, mode, opt, batch)[0].item() for _ in range(3)]
+    assert losses[-1] < first.item() - 0.5
+    storage = storage_dtypes(model, opt)
+    assert storage["weight_dtypes"] == ["bfloat16", "float32", "int8"]
+    assert storage["grad_dtypes"] == storage["optimizer_state_dtypes"] == ["bfloat16", "float32"]

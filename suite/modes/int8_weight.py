@@ -4,7 +4,9 @@ Stored in int8 with one fp32 scale per output row: the weights of every Linear i
 transformer blocks (attention qkv and projection, MLP up and down), updated in place with
 stochastic rounding. Kept in fp32: token and position embeddings and the LM head (they are
 one tied matrix, and quantizing it would untie it), LayerNorm gains, all biases.
-Compute: bf16 autocast on CUDA; fp32 on CPU, where bf16 speed depends on the CPU's ISA.
+Compute: bf16 autocast on CUDA, with the quantized Linears themselves in bf16 (bf16 scales and
+biases; so their grads and AdamW state are bf16, as torchao's recipe has it); fp32 on CPU,
+where bf16 speed depends on the CPU's ISA.
 
 Weight decay: torch's AdamW decays with `param.mul_`, which torchao's int8 weight tensor
 does not implement. So the int8 weights sit in a group with weight_decay=0 and this mode
@@ -46,6 +48,13 @@ def is_int8_weight(p: torch.Tensor) -> bool:
     return getattr(p, "int_data", None) is not None and p.int_data.dtype == torch.int8
 
 
+def _cast_input_to(dtype: torch.dtype):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    return hook
+
+
 class Int8Weight(PrecisionMode):
     name = "int8-weight"
     summary = "int8 Linear weights (torchao, stochastic rounding), bf16 compute on GPU"
@@ -55,10 +64,11 @@ class Int8Weight(PrecisionMode):
         "refuses DDP's gradient bucketing (Int8QTLinearWeight.cat); run it with --nproc 1"
     )
 
-    def __init__(self, device: DeviceInfo) -> None:
+    def __init__(self, device: DeviceInfo, compute: str | None = None) -> None:
         super().__init__(device)
-        if device.type == "cuda":
-            self.compute = "bf16"
+        # bf16 on GPUs; the CPU path stays fp32 unless asked (tests ask, to check the GPU path)
+        self.compute = compute or ("bf16" if device.type == "cuda" else "fp32")
+        if self.compute == "bf16":
             self.autocast_dtype = torch.bfloat16
 
     @classmethod
@@ -79,6 +89,16 @@ class Int8Weight(PrecisionMode):
             return isinstance(module, nn.Linear) and fqn.startswith("blocks.")
 
         quantize_(model, int8_weight_only_quantized_training(), filter_fn=in_block_linear)
+        if self.autocast_dtype is not None:
+            # torchao's int8 linear computes in its input's dtype, and its backward runs outside
+            # autocast: with fp32 inputs and scales, the backward would mix fp32 grads with bf16
+            # activations and fail. So the quantized Linears themselves run in bf16: scale and
+            # bias in bf16, inputs cast to bf16 on the way in. Their grads and AdamW state are
+            # then bf16 too, as in torchao's own int8 training recipe.
+            for fqn, module in model.named_modules():
+                if in_block_linear(module, fqn):
+                    module.to(self.autocast_dtype)
+                    module.register_forward_pre_hook(_cast_input_to(self.autocast_dtype))
         return model
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
