@@ -111,7 +111,9 @@ def _mean_over_ranks(values: list[float], world: int) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces only CUDA tensors (on this rank's device, set at init); gloo takes CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)  # SUM: gloo has no AVG
     return (t / world).tolist()
 
