@@ -9,11 +9,12 @@ noise of step time is measured in both runs (their p10-p90 spread), not one glob
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from suite.text import slug
 
 BASELINE_DIR = Path("results/baselines")
 
@@ -41,7 +42,7 @@ CASE_KEYS = ("batch_size", "seq_len", "steps", "warmup", "seed", "compile")
 def machine_key(record: dict[str, Any]) -> str:
     """Baselines are per machine model: the GPU name, else the CPU name."""
     name = record.get("gpu_name") or f"cpu {record.get('cpu')}"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug(name)
 
 
 def baseline_path(record: dict[str, Any], directory: Path = BASELINE_DIR) -> Path:

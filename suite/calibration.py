@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import torch
 
 from suite.hardware import DeviceInfo, synchronize
 from suite.modes.base import tf32_matmuls
+from suite.text import slug
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_SIZES = (2048, 4096, 6144, 8192)
@@ -32,13 +32,9 @@ def calibration_dir() -> Path:
     return Path(os.environ.get("MPBENCH_CALIBRATION_DIR", "results/calibration"))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def calibration_path(device: DeviceInfo) -> Path:
     """Where this machine's calibration lives: one file per (device model, host)."""
-    return calibration_dir() / f"{_slug(device.name)}-{_slug(socket.gethostname())}.json"
+    return calibration_dir() / f"{slug(device.name)}-{slug(socket.gethostname())}.json"
 
 
 def default_dtypes(device: DeviceInfo) -> list[str]:

@@ -27,7 +27,7 @@ from suite.modes import MODES
 from suite.report import build_report
 from suite.run_command import add_arguments as add_run_arguments
 from suite.run_command import cmd_run
-from suite.table import fmt, table
+from suite.text import fmt, table
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite import baseline
+from suite.results import FAILED
 
 MATCH_KEYS = ("model", "mode", "batch_size", "seq_len", "steps", "seed")
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
-FAILED = ("oom", "diverged", "error", "timeout")
 
 
 @dataclass(frozen=True)

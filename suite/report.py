@@ -12,7 +12,6 @@ import base64
 import csv
 import datetime as dt
 import html
-import re
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from suite import report_table as table
 from suite.plots import plot_loss_curves
 from suite.procurement import procurement_table, records_of
 from suite.report_charts import bar_chart
+from suite.text import slug
 
 if TYPE_CHECKING:
     import pandas
@@ -51,10 +51,6 @@ PROCUREMENT_HEADERS = {
 def machine_of(r: dict[str, Any]) -> str:
     """The machine a record ran on: its GPU, else its CPU."""
     return r.get("gpu_name") or f"CPU: {r.get('cpu') or 'unknown'}"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[str, dict[tuple, list[dict[str, Any]]]]:
@@ -133,7 +129,7 @@ def _charts(
         errors = None
         if name == "step time":
             errors = ([r.get("step_time_p10_ms") for r in group], [r.get("step_time_p90_ms") for r in group])
-        path = out_dir / f"{stem}-{_slug(name)}.png"
+        path = out_dir / f"{stem}-{slug(name)}.png"
         bar_chart(path, f"{name}: {title}", ylabel, labels, series, absent, errors, hline)
         charts.append((name, path, ylabel))
     return charts
@@ -262,7 +258,7 @@ def build_report(
     for m, (machine, groups) in enumerate(_groups(records).items(), start=1):
         doc.machine(machine, [r for g in groups.values() for r in g])
         for g, group in enumerate(groups.values(), start=1):
-            doc.group(machine, f"m{m}-g{g}-{_slug(str(group[0].get('model')))}", group)
+            doc.group(machine, f"m{m}-g{g}-{slug(str(group[0].get('model')))}", group)
     if prices or target_loss is not None:
         section_html, section_md = _procurement(df, prices, target_loss)
         doc.page.append(section_html)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pandas is imported only by `load`: importing this module st
 
 SCHEMA = "mpbench.record/1"
 STATUSES = ("ok", "skipped", "oom", "diverged", "error", "timeout")
+FAILED = ("oom", "diverged", "error", "timeout")  # a case that ran and did not finish well
 
 # Every record has every key, in this order; a value that was not measured is None and,
 # for a case that did not finish, `reason` says why.

@@ -18,8 +18,9 @@ from suite.distributed import launched_by_torchrun
 from suite.hardware import resolve_device
 from suite.modes import MODES
 from suite.plots import plot_loss_curves
-from suite.runner import FAILED, RunInterrupted, run_cases, validate
-from suite.table import fmt, table
+from suite.results import FAILED
+from suite.runner import RunInterrupted, run_cases, validate
+from suite.text import fmt, log_to_stderr, table
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
 # two CPU cores; on a GPU, GPT-2 small at its full context.
@@ -190,15 +191,11 @@ def _run_as_rank(opts: dict[str, Any]) -> int:
     )
     validate(cases)
     lead = rank == 0
-    done = run_cases(cases, out=out if lead else None, log=None if not lead else _stderr_line, isolate=False)
+    done = run_cases(cases, out=out if lead else None, log=log_to_stderr if lead else None, isolate=False)
     if lead:
         print(table_or_nothing(done))
         print(f"\nrecords: {out} ({len(done)} written; world size {world})")
     return 1 if any(r["status"] in FAILED for r in done) else 0
-
-
-def _stderr_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def table_or_nothing(done: list[dict]) -> str:

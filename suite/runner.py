@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,10 +24,10 @@ from suite.hardware import DeviceInfo, environment, resolve_device
 from suite.max_batch import find_max_batch
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
+from suite.text import log_to_stderr
 from suite.worker import Interrupted, train_isolated
 
 Log = Callable[[str], None]
-FAILED = ("oom", "diverged", "error", "timeout")
 # what makes two records the same case, for --resume
 CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
             "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm")  # fmt: skip
@@ -38,10 +37,6 @@ def torch_cuda_count() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 class RunInterrupted(Exception):
@@ -133,7 +128,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 def run_cases(
     cases: Sequence[Case],
     out: str | Path | None = None,
-    log: Log | None = _stderr,
+    log: Log | None = log_to_stderr,
     run_id: str | None = None,
     isolate: bool = True,
     case_timeout: float | None = None,
@@ -191,7 +186,7 @@ def run_cases(
                 results.append(out, record)
             records.append(record)
             log(f"{label}: {_summary(record)}")
-            if fail_fast and record["status"] in FAILED:
+            if fail_fast and record["status"] in results.FAILED:
                 log(f"mpbench: --fail-fast: stopping after {_describe(case)} ended as {record['status']}")
                 break
     return records

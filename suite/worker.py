@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
-import sys
 import time
 from typing import Any
 
@@ -29,9 +28,7 @@ def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from suite import faults
     from suite.execute import train_in_process
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    from suite.text import log_to_stderr
 
     def inject() -> None:  # tests only: MPBENCH_FAULT names a fault and a case
         kind = faults.fault_for(case)
@@ -39,7 +36,7 @@ def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
             faults.poison_losses(kind)
             faults.inject_before_training(kind)
 
-    conn.send(train_in_process(case, flops_per_step, label, log, before=inject))
+    conn.send(train_in_process(case, flops_per_step, label, log_to_stderr, before=inject))
     conn.close()
 
 
