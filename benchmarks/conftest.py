@@ -1,6 +1,6 @@
 """Options and the shared case cache for `pytest benchmarks/`.
 
-Every benchmark runs through `suite.runner.run_cases`, the same loop and trackers as
+Every benchmark runs through `suite.running.runner.run_cases`, the same loop and trackers as
 `mpbench run`. Defaults depend on the device found: a small smoke matrix on a CPU (so the
 suite itself is tested everywhere), GPT-2 small at full context on a GPU.
 """
@@ -75,12 +75,12 @@ class CaseCache:
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
 
     def case(self, model: str, mode: str):
-        from suite.case import Case
+        from suite.training.case import Case
 
         return Case(model=model, mode=mode, device=self.cfg.device, compile=self.cfg.compile, **self.cfg.sizes)
 
     def run(self, model: str, mode: str) -> dict[str, Any]:
-        from suite.runner import run_cases
+        from suite.running.runner import run_cases
 
         self.records[model, mode] = run_cases([self.case(model, mode)], out=self.cfg.out, log=None)[0]
         return self.records[model, mode]

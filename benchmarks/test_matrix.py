@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from suite import baseline, convergence
+from suite.reporting import baseline, convergence
 
 EXTRA = (
     "status", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv", "tokens_per_s", "mfu",

@@ -11,10 +11,10 @@ import statistics
 
 import torch
 
-from suite.case import Case
 from suite.hardware import resolve_device
-from suite.runner import Batches
-from suite.train import run_case
+from suite.running.runner import Batches
+from suite.training.case import Case
+from suite.training.train import run_case
 
 ROUNDS = 3
 

@@ -3,7 +3,7 @@
 Scripting API: `run_cases([Case(mode="bf16"), ...], out="r.jsonl")` returns the records.
 """
 
-from suite.case import Case
-from suite.runner import run_cases
+from suite.running.runner import run_cases
+from suite.training.case import Case
 
 __all__ = ["Case", "run_cases"]

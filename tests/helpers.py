@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from suite.case import Case
 from suite.modes.base import fp32_precision_state
+from suite.training.case import Case
 
 
 def small_case(**overrides) -> Case:

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from suite import baseline
-from suite.cli import main
-from suite.results import append, make_record
+from suite.cli.main import main
+from suite.records.store import append, make_record
+from suite.reporting import baseline
 
 CASE = dict(batch_size=16, seq_len=1024, steps=60, warmup=10, seed=0, compile=False)
 

@@ -5,8 +5,8 @@ import subprocess
 import pytest
 import torch
 
-from suite.cli import main
-from suite.results import FIELDS
+from suite.cli.main import main
+from suite.records.store import FIELDS
 
 
 def test_run_writes_one_record_per_mode(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_console_script_is_installed():
 
 
 def test_calibrate_writes_a_file_that_env_and_runs_use(tmp_path, monkeypatch, capsys):
-    from suite import calibration
+    from suite.metrics import calibration
 
     monkeypatch.setenv("MPBENCH_CALIBRATION_DIR", str(tmp_path))
     monkeypatch.setattr(calibration, "CPU_SIZES", (64, 128))  # seconds, not minutes
@@ -116,21 +116,21 @@ def test_calibrate_refuses_an_unknown_dtype(capsys):
 
 
 def test_report_and_compare_commands(tmp_path, capsys):
-    from suite import results
+    from suite.records import store
 
     a = tmp_path / "a.jsonl"
     for mode, step in (("fp32", 100.0), ("bf16", 60.0)):
-        results.append(a, results.make_record(
+        store.append(a, store.make_record(
             status="ok", model="tiny", mode=mode, batch_size=8, seq_len=128, steps=40, warmup=5, seed=0,
             step_time_ms=step, step_time_p10_ms=step * 0.99, step_time_p90_ms=step * 1.01, final_loss=2.9,
             loss_curve=[6.0, 4.0, 2.9], tokens_per_s=1024 / step * 1000, cpu="test cpu"))  # fmt: skip
     assert main(["compare", str(a), str(a)]) == 0
     slower = tmp_path / "b.jsonl"
-    for r in results.read(a):
+    for r in store.read(a):
         r["step_time_ms"] *= 1.2
         r["step_time_p10_ms"] *= 1.2
         r["step_time_p90_ms"] *= 1.2
-        results.append(slower, r)
+        store.append(slower, r)
     capsys.readouterr()
     assert main(["compare", str(a), str(slower)]) == 1
     out = capsys.readouterr().out

@@ -2,8 +2,8 @@
 
 import pytest
 
-from suite.compare import compare_runs, exit_code, format_comparison
-from suite.results import make_record
+from suite.records.store import make_record
+from suite.reporting.compare import compare_runs, exit_code, format_comparison
 
 CASE = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10, seed=0, compile=False)
 

@@ -3,14 +3,15 @@ import json
 import pytest
 import torch
 
-from suite import convergence, run_cases
-from suite.cli import main
-from suite.convergence import TOLERANCES, check, parse_tolerances
+from suite import run_cases
+from suite.cli.main import main
 from suite.hardware import DeviceInfo
 from suite.modes import MODES
 from suite.modes.amp_fp16 import AmpFP16
 from suite.modes.pure_fp16 import DynamicLossScaler, PureFP16
-from suite.results import append, make_record
+from suite.records.store import append, make_record
+from suite.reporting import convergence
+from suite.reporting.convergence import TOLERANCES, check, parse_tolerances
 from tests.helpers import small_case
 
 

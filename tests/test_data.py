@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from suite.data import FileCorpus, MarkovCorpus, make_corpus
+from suite.training.data import FileCorpus, MarkovCorpus, make_corpus
 
 
 def test_batches_are_deterministic_and_seed_dependent():

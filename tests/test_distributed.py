@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from suite import results, run_cases
-from suite.cli import main
+from suite import run_cases
+from suite.cli.main import main
+from suite.records import store
 from tests.helpers import small_case
 
 # DDP averages the two ranks' gradients of their halves of the global batch; a 1-process run
@@ -39,7 +40,7 @@ def test_scaling_ladder_and_grad_comm(tmp_path):
                  "--seq-len", "32", "--steps", "4", "--scaling", "1,2", "--grad-comm", "fp16",
                  "--out", str(out)])  # fmt: skip
     assert code == 0
-    records = {(r["mode"], r["world_size"]): r for r in results.read(out)}
+    records = {(r["mode"], r["world_size"]): r for r in store.read(out)}
     one, two = records["fp32", 1], records["fp32", 2]
     assert one["scaling_efficiency"] == 1.0 and one["grad_comm"] is None
     assert two["grad_comm"] == "fp16" and two["status"] == "ok"
@@ -85,6 +86,6 @@ def test_mpbench_run_launched_by_the_users_torchrun(tmp_path):
            "--seq-len", "32", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    records = results.read(out)  # rank 0 alone wrote them
+    records = store.read(out)  # rank 0 alone wrote them
     assert [(r["mode"], r["world_size"], r["status"]) for r in records] == [("fp32", 2, "ok"), ("bf16", 2, "ok")]
     assert records[1]["loss_delta_vs_fp32"] is not None and records[0]["hosts"]

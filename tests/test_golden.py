@@ -5,14 +5,14 @@ orders) differ by at most 1e-6 over the 30 steps; other CPUs (AVX2 vs AVX-512 ke
 torch releases differ more but, over so few steps, far less than 1e-3. A real change to the
 model, data, init, optimizer or loss moves the curve by more: bf16 autocast alone moves it by
 1e-3 to 4e-3 per step. Digests of the initial weights and batches must match exactly;
-regenerate with `python -m suite.golden` only for a change meant to alter training.
+regenerate with `python -m suite.running.golden` only for a change meant to alter training.
 """
 
 import json
 
 import pytest
 
-from suite.golden import GOLDEN_PATH, golden_curve
+from suite.running.golden import GOLDEN_PATH, golden_curve
 
 TOLERANCE = 1e-3
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from suite import results, run_cases
-from suite.cli import main
+from suite import run_cases
+from suite.cli.main import main
+from suite.records import store
 from tests.helpers import small_case
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def test_a_fault_in_one_case_leaves_the_others_intact(tmp_path, monkeypatch, fau
     monkeypatch.setenv("MPBENCH_FAULT", f"{fault}:bf16")
     out = tmp_path / "r.jsonl"
     records = run_cases([small_case(mode=m) for m in MODES], out=out, log=None, case_timeout=10)
-    on_disk = results.read(out)
+    on_disk = store.read(out)
     assert [(r["mode"], r["status"], r["final_loss"]) for r in on_disk] == [
         (r["mode"], r["status"], r["final_loss"]) for r in records
     ]
@@ -65,7 +66,7 @@ def test_resume_runs_only_what_has_no_record(tmp_path):
     first = run_cases([small_case(mode="fp32")], out=out, log=None, isolate=False)
     again = run_cases([small_case(mode=m) for m in MODES], out=out, log=None, isolate=False, resume=True)
     assert [r["mode"] for r in again] == ["bf16", "int8-weight"]
-    assert [r["mode"] for r in results.read(out)] == MODES
+    assert [r["mode"] for r in store.read(out)] == MODES
     # the fp32 reference from the first run still gives the resumed modes their delta
     assert again[0]["loss_delta_vs_fp32"] == pytest.approx(again[0]["final_loss"] - first[0]["final_loss"])
     assert run_cases([small_case(mode=m) for m in MODES], out=out, log=None, isolate=False, resume=True) == []
@@ -74,7 +75,7 @@ def test_resume_runs_only_what_has_no_record(tmp_path):
 def _appender(path: str, tag: int, n: int) -> None:
     curve = [float(i) for i in range(2000)]  # ~20 kB lines: bigger than a pipe buffer, far from atomic by luck
     for i in range(n):
-        results.append(path, results.make_record(status="ok", mode=f"w{tag}", seed=i, loss_curve=curve))
+        store.append(path, store.make_record(status="ok", mode=f"w{tag}", seed=i, loss_curve=curve))
 
 
 def test_two_concurrent_writers_never_interleave_within_a_line(tmp_path):
@@ -85,7 +86,7 @@ def test_two_concurrent_writers_never_interleave_within_a_line(tmp_path):
         w.start()
     for w in writers:
         w.join(timeout=120)
-    records = results.read(out)  # raises on any broken line
+    records = store.read(out)  # raises on any broken line
     assert sorted((r["mode"], r["seed"]) for r in records) == sorted((f"w{t}", i) for t in (1, 2) for i in range(40))
 
 
@@ -112,11 +113,11 @@ def test_interrupted_run_keeps_its_records_and_resume_completes_it(tmp_path, sig
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr[-2000:]
     assert "not finished: tiny/bf16" in stderr and f"--resume {out}" in stderr
-    kept = results.read(out)
+    kept = store.read(out)
     assert [r["mode"] for r in kept] == ["fp32"] and kept[0]["status"] == "ok"
     resumed = subprocess.run([*cmd[:-2], "--resume", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [r["mode"] for r in results.read(out)] == ["fp32", "bf16", "int8-weight"]
+    assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16", "int8-weight"]
 
 
 def test_config_file_defines_the_matrix_and_flags_override_it(tmp_path):

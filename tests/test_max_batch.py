@@ -1,7 +1,7 @@
 import json
 
-from suite.cli import main
-from suite.max_batch import find_max_batch
+from suite.cli.main import main
+from suite.running.max_batch import find_max_batch
 from tests.helpers import small_case
 
 

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from suite import calibration
 from suite.hardware import DeviceInfo
+from suite.metrics import calibration
 from suite.metrics import window as window_mod
 from suite.metrics.flops import utilization_fields
 from suite.metrics.memory import AllocatorPeak
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult
-from suite.results import REASON_FIELDS
-from suite.runner import run_cases
+from suite.records.store import REASON_FIELDS
+from suite.running.runner import run_cases
 from tests.fake_nvml import MIB, FakeHandle, make_fake
 from tests.helpers import small_case
 

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from suite.data import make_corpus
 from suite.hardware import DeviceInfo
 from suite.modes import MODES, get_mode
 from suite.modes.base import fp32_precision_state, tf32_enabled, tf32_matmuls
 from suite.modes.int8_weight import is_int8_weight
 from suite.modes.pure_fp16 import DynamicLossScaler
-from suite.runner import run_cases
-from suite.train import run_case
+from suite.running.runner import run_cases
+from suite.training.data import make_corpus
+from suite.training.train import run_case
 from tests.helpers import numerics_globals, small_case
 
 CPU = DeviceInfo("cpu", "test cpu")
@@ -197,7 +197,7 @@ def test_int8_weight_bf16_path_runs_every_matmul_in_bf16():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import models
-    from suite.train import storage_dtypes, train_step
+    from suite.training.train import storage_dtypes, train_step
 
     mode = get_mode("int8-weight")(CPU, compute="bf16")
     model = mode.prepare(models.GPT(small_case().model_config))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from suite.peaks import DTYPES, PEAKS, canonical_gpu, peak_flops, peak_row
+from suite.metrics.peaks import DTYPES, PEAKS, canonical_gpu, peak_flops, peak_row
 
 # Device names as torch.cuda.get_device_name / NVML report them.
 REPORTED_NAMES = {

@@ -5,8 +5,8 @@ import math
 import pandas
 import pytest
 
-from suite.procurement import COLUMNS, parse_prices, price_for, procurement_table, time_to_loss
-from suite.results import make_record
+from suite.records.store import make_record
+from suite.reporting.procurement import COLUMNS, parse_prices, price_for, procurement_table, time_to_loss
 
 
 def test_prices_parse():

@@ -3,8 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from suite import results
-from suite.runner import run_cases
+from suite.records import store
+from suite.running.runner import run_cases
 from tests.helpers import small_case
 
 
@@ -22,10 +22,10 @@ def test_every_record_has_every_schema_field(run_file):
     for line, record in zip(lines, records, strict=True):
         parsed = json.loads(line)
         assert parsed == record  # the file holds exactly what run_cases returned
-        assert list(parsed) == list(results.FIELDS)
-        assert parsed["schema"] == results.SCHEMA
+        assert list(parsed) == list(store.FIELDS)
+        assert parsed["schema"] == store.SCHEMA
         assert parsed["run_id"] == records[0]["run_id"]
-        assert parsed["status"] in results.STATUSES
+        assert parsed["status"] in store.STATUSES
 
 
 def test_ok_record_fields(run_file):
@@ -58,31 +58,31 @@ def test_pandas_reads_records_directly(run_file):
 
 def test_append_never_touches_earlier_lines(tmp_path):
     out = tmp_path / "r.jsonl"
-    first = results.make_record(status="ok", mode="fp32")
-    results.append(out, first)
+    first = store.make_record(status="ok", mode="fp32")
+    store.append(out, first)
     before = out.read_bytes()
-    results.append(out, results.make_record(status="error", mode="bf16", reason="x"))
+    store.append(out, store.make_record(status="error", mode="bf16", reason="x"))
     assert out.read_bytes().startswith(before)
-    assert [r["mode"] for r in results.read(out)] == ["fp32", "bf16"]
+    assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16"]
 
 
 def test_non_finite_values_are_written_as_strings(tmp_path):
     out = tmp_path / "r.jsonl"
-    results.append(out, results.make_record(status="diverged", loss_curve=[2.0, float("nan"), float("inf")]))
-    assert results.read(out)[0]["loss_curve"] == [2.0, "nan", "inf"]
+    store.append(out, store.make_record(status="diverged", loss_curve=[2.0, float("nan"), float("inf")]))
+    assert store.read(out)[0]["loss_curve"] == [2.0, "nan", "inf"]
 
 
 def test_make_record_refuses_unknown_fields_and_statuses():
     with pytest.raises(KeyError, match="flux"):
-        results.make_record(status="ok", flux=1)
+        store.make_record(status="ok", flux=1)
     with pytest.raises(ValueError, match="status"):
-        results.make_record(status="fine")
+        store.make_record(status="fine")
 
 
 def test_reader_names_file_and_line_of_a_broken_record(tmp_path):
     out = tmp_path / "r.jsonl"
-    results.append(out, results.make_record(status="ok"))
+    store.append(out, store.make_record(status="ok"))
     with open(out, "a") as f:
         f.write('{"truncated": \n')
     with pytest.raises(ValueError, match=r"r\.jsonl:2: not a JSON record"):
-        results.read(out)
+        store.read(out)

@@ -7,8 +7,10 @@ import re
 
 import pytest
 
-from suite import report, results, run_cases
-from suite.results import append, make_record
+from suite import run_cases
+from suite.records import store
+from suite.records.store import append, make_record
+from suite.reporting import report
 from tests.helpers import small_case
 
 CASE = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10, seed=0, compile=False, run_id="r1")
@@ -46,27 +48,27 @@ def files(tmp_path):
 
 def test_load_two_files_gives_every_record_with_its_source(files):
     gpu, cpu = files
-    df = results.load([gpu, str(cpu)])
+    df = store.load([gpu, str(cpu)])
     assert len(df) == 5
     assert df["source"].tolist() == [str(gpu)] * 3 + [str(cpu)] * 2
-    assert set(results.FIELDS) <= set(df.columns)
-    assert len(results.load(str(gpu.parent / "*.jsonl"))) == 5  # a glob, sorted: cpu.jsonl first
-    assert results.load(str(gpu.parent / "*.jsonl"))["source"].iloc[0] == str(cpu)
+    assert set(store.FIELDS) <= set(df.columns)
+    assert len(store.load(str(gpu.parent / "*.jsonl"))) == 5  # a glob, sorted: cpu.jsonl first
+    assert store.load(str(gpu.parent / "*.jsonl"))["source"].iloc[0] == str(cpu)
 
 
 def test_loader_names_the_missing_file_the_empty_glob_and_the_broken_line(tmp_path, files):
     with pytest.raises(ValueError, match="missing.jsonl"):
-        results.load(tmp_path / "missing.jsonl")
+        store.load(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match=re.escape("nothing-*.jsonl")):
-        results.load(str(tmp_path / "nothing-*.jsonl"))
+        store.load(str(tmp_path / "nothing-*.jsonl"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(files[0].read_text().splitlines()[0] + "\n{not json\n")
     with pytest.raises(ValueError, match=re.escape(f"{broken}:2")):
-        results.load([files[0], broken])
+        store.load([files[0], broken])
 
 
 def test_report_writes_every_file(tmp_path, files):
-    written = report.build_report(results.load(list(files)), tmp_path / "out")
+    written = report.build_report(store.load(list(files)), tmp_path / "out")
     for name in ("index.html", "summary.md", "summary.csv"):
         assert written[name].is_file() and written[name].stat().st_size > 0
     pngs = [p for name, p in written.items() if name.endswith(".png")]
@@ -80,7 +82,7 @@ def test_report_writes_every_file(tmp_path, files):
 
 
 def test_page_is_self_contained(tmp_path, files):
-    page = report.build_report(results.load(list(files)), tmp_path)["index.html"].read_text()
+    page = report.build_report(store.load(list(files)), tmp_path)["index.html"].read_text()
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
     assert "url(" not in page and "<script" not in page.lower()
     images = re.findall(r"<img\b[^>]*>", page)
@@ -92,7 +94,7 @@ def test_page_is_self_contained(tmp_path, files):
 
 
 def test_a_null_metric_reads_not_measured_with_its_reason(tmp_path, files):
-    written = report.build_report(results.load(list(files)), tmp_path)
+    written = report.build_report(store.load(list(files)), tmp_path)
     page, md = written["index.html"].read_text(), written["summary.md"].read_text()
     # bf16's MFU: the cell says "not measured", its tooltip and a footnote give the record's reason
     assert f'<span class="nm" title="{html.escape(NO_PEAK)}">not measured <sup>[' in page
@@ -107,7 +109,7 @@ def test_a_null_metric_reads_not_measured_with_its_reason(tmp_path, files):
 
 
 def test_procurement_section_only_when_asked(tmp_path, files):
-    df = results.load(list(files))
+    df = store.load(list(files))
     assert "Procurement" not in report.build_report(df, tmp_path / "a")["index.html"].read_text()
     page = report.build_report(df, tmp_path / "b", prices={"H100": 2.5}, target_loss=4.5)["index.html"].read_text()
     assert "Procurement" in page and "price (USD/GPU-h)" in page and "CPU run: no GPU price applies" in page
@@ -116,7 +118,7 @@ def test_procurement_section_only_when_asked(tmp_path, files):
 def test_report_of_a_real_cpu_run(tmp_path):
     out = tmp_path / "r.jsonl"
     run_cases([small_case(mode="fp32"), small_case(mode="bf16")], out=out, log=None, isolate=False)
-    written = report.build_report(results.load(out), tmp_path / "report")
+    written = report.build_report(store.load(out), tmp_path / "report")
     page = written["index.html"].read_text()
     assert "CPU: no tensor cores" in page and "not measured" in page
     assert sum(name.endswith(".png") for name in written) == 4  # loss, step time, speed-up, memory; no energy

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from suite import report, results
-from suite.results import append, make_record
+from suite.records import store
+from suite.records.store import append, make_record
+from suite.reporting import report
 
 CHROMIUM = shutil.which("chromium")
 CASE = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=8, warmup=2, seed=0, compile=False, run_id="r1",
@@ -31,7 +32,7 @@ def test_the_page_renders_with_its_charts(tmp_path):
     records = tmp_path / "r.jsonl"
     for mode, step, loss in (("fp32", 200.0, 0.30), ("bf16", 110.0, 0.30), ("pure-fp16", 100.0, 0.25)):
         append(records, _record(mode, step, loss))
-    page = report.build_report(results.load(records), tmp_path / "report", target_loss=4.0)["index.html"]
+    page = report.build_report(store.load(records), tmp_path / "report", target_loss=4.0)["index.html"]
     shot = tmp_path / "shot.png"
     command = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

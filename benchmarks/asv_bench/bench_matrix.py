@@ -27,7 +27,7 @@ def matrix_cases() -> list:
     """The cases asv trains, from the environment (torch imported only here)."""
     import torch
 
-    from suite.case import Case
+    from suite.training.case import Case
 
     device = os.environ.get("MPBENCH_ASV_DEVICE", "auto")
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -56,7 +56,7 @@ class PrecisionMatrix:
     timeout = 3600  # the whole matrix trains in setup_cache
 
     def setup_cache(self) -> dict[str, dict]:
-        from suite.runner import run_cases
+        from suite.running.runner import run_cases
 
         return {r["mode"]: r for r in run_cases(matrix_cases(), log=None)}
 

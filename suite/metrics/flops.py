@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from suite import calibration, peaks
 from suite.hardware import DeviceInfo
+from suite.metrics import calibration, peaks
 
 
 def utilization_fields(flops_per_step: int, step_time_ms: float, compute: str, device: DeviceInfo) -> dict[str, Any]:

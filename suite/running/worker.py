@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any
 
-from suite.case import Case
+from suite.training.case import Case
 
 
 class Interrupted(Exception):
@@ -26,8 +26,8 @@ class Interrupted(Exception):
 
 def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from suite import faults
-    from suite.execute import train_in_process
+    from suite.running import faults
+    from suite.running.execute import train_in_process
     from suite.text import log_to_stderr
 
     def inject() -> None:  # tests only: MPBENCH_FAULT names a fault and a case

@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from models import GPTConfig
-from suite import results
-from suite.case import Case
-from suite.config import load_config
-from suite.distributed import launched_by_torchrun
+from suite.cli.config import load_config
 from suite.hardware import resolve_device
 from suite.modes import MODES
-from suite.plots import plot_loss_curves
-from suite.results import FAILED
-from suite.runner import RunInterrupted, run_cases, validate
+from suite.records import store
+from suite.records.store import FAILED
+from suite.reporting.plots import plot_loss_curves
+from suite.running.distributed import launched_by_torchrun
+from suite.running.runner import RunInterrupted, run_cases, validate
 from suite.text import fmt, log_to_stderr, table
+from suite.training.case import Case
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
 # two CPU cores; on a GPU, GPT-2 small at its full context.
@@ -153,9 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         return _run_as_rank(opts)
     cases = cases_from_options(opts)
-    out = Path(opts.get("out") or Path("results") / "runs" / f"{results.new_run_id()}.jsonl")
+    out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
     validate(cases)  # bad input ends here, before anything is written
-    results.check_writable(out)
+    store.check_writable(out)
     print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
     try:
         search = {"memory_limit_mb": args.memory_limit_mb} if args.find_max_batch else None

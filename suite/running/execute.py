@@ -1,6 +1,6 @@
 """Training one case and turning its outcome into record values (ok, diverged, oom, error).
 
-Used in the worker process of each case (`suite.worker`) and, for tests and scripting,
+Used in the worker process of each case (`suite.running.worker`) and, for tests and scripting,
 directly in the caller's process.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from models import GPT
-from suite.case import Case
-from suite.data import digest, make_corpus
 from suite.hardware import DeviceInfo, resolve_device
 from suite.metrics.flops import utilization_fields
-from suite.train import CaseResult, run_case
+from suite.training.case import Case
+from suite.training.data import digest, make_corpus
+from suite.training.train import CaseResult, run_case
 
 Log = Callable[[str], None]
 MIB = 2**20

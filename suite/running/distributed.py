@@ -1,7 +1,7 @@
 """Data parallelism: one case over N processes with DistributedDataParallel, via torchrun.
 
 Parent side, `train_distributed`: starts `python -m torch.distributed.run --standalone
---nproc-per-node N -m suite.distributed SPEC DIR` and reads back what rank 0 wrote, or, when
+--nproc-per-node N -m suite.running.distributed SPEC DIR` and reads back what rank 0 wrote, or, when
 a rank failed, which rank and why (never a hang: collectives time out, torchrun tears the
 other ranks down, and the parent has --case-timeout).
 
@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from suite.case import Case
+from suite.training.case import Case
 
 COLLECTIVE_TIMEOUT_S = 120  # a rank that stops answering ends the case within this
 
@@ -51,7 +51,8 @@ def train_distributed(case: Case, flops_per_step: int, label: str, timeout_s: fl
             json.dumps({"case": dataclasses.asdict(case), "flops_per_step": flops_per_step, "label": label})
         )
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={case.nproc}",
-               "--max-restarts=0", "--monitor-interval=0.5", "-m", "suite.distributed", str(spec), tmp]  # fmt: skip
+               "--max-restarts=0", "--monitor-interval=0.5",
+               "-m", "suite.running.distributed", str(spec), tmp]  # fmt: skip
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
@@ -122,10 +123,10 @@ def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int,
     """Train this rank's slice of the case; rank 0 returns the record values, others None."""
     import torch.distributed as dist
 
-    from suite.data import digest, make_corpus
-    from suite.execute import result_fields
     from suite.hardware import resolve_device
-    from suite.train import run_case
+    from suite.running.execute import result_fields
+    from suite.training.data import digest, make_corpus
+    from suite.training.train import run_case
 
     device = resolve_device(f"cuda:{local_rank}" if case.device.startswith("cuda") else "cpu")
     corpus = make_corpus(case.data, case.model_config.vocab_size)
@@ -215,8 +216,8 @@ def main(argv: list[str]) -> int:
     """Entry of each rank under torchrun: SPEC_JSON OUT_DIR."""
     import torch.distributed as dist
 
-    from suite import faults
-    from suite.execute import failure_reason
+    from suite.running import faults
+    from suite.running.execute import failure_reason
 
     spec, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

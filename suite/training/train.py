@@ -13,14 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import GPT
-from suite.case import Case
-from suite.data import Corpus, digest
 from suite.hardware import DeviceInfo
 from suite.metrics.tensor_cores import ProfilerTensorCores
 from suite.metrics.timing import StepTimer, TimingStats
 from suite.metrics.window import PROFILED_STEPS, MeasuredWindow, profiler_fields
 from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import tf32_matmuls
+from suite.training.case import Case
+from suite.training.data import Corpus, digest
 
 # progress(step_done, steps, last_loss): called a few times per case
 Progress = Callable[[int, int, float], None]

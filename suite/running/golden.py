@@ -1,6 +1,6 @@
 """The golden fp32 loss curve: `tiny` on CPU, fixed seed, committed under results/golden/.
 
-Regenerate (only when a change is meant to alter training) with `python -m suite.golden`.
+Regenerate (only when a change is meant to alter training) with `python -m suite.running.golden`.
 `tests/test_golden.py` retrains the same case and compares the curve step by step.
 """
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from suite.case import Case
-from suite.runner import run_cases
+from suite.running.runner import run_cases
+from suite.training.case import Case
 
 GOLDEN_CASE = Case(model="tiny", mode="fp32", device="cpu", batch_size=8, seq_len=64, steps=30, warmup=1, seed=0)
-GOLDEN_PATH = Path(__file__).resolve().parent.parent / "results" / "golden" / "tiny-cpu-fp32-seed0.json"
+GOLDEN_PATH = Path(__file__).resolve().parents[2] / "results" / "golden" / "tiny-cpu-fp32-seed0.json"
 
 
 def golden_curve() -> dict:

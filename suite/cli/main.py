@@ -18,22 +18,24 @@ from pathlib import Path
 import torch
 
 from models import GPT, GPTConfig
-from suite import baseline, calibration, convergence, peaks, procurement, results
-from suite.compare import compare_runs, format_comparison
-from suite.compare import exit_code as compare_exit_code
+from suite.cli.run import add_arguments as add_run_arguments
+from suite.cli.run import cmd_run
 from suite.hardware import environment, resolve_device
+from suite.metrics import calibration, peaks
 from suite.metrics.window import nvml_device
 from suite.modes import MODES
-from suite.report import build_report
-from suite.run_command import add_arguments as add_run_arguments
-from suite.run_command import cmd_run
+from suite.records import store
+from suite.reporting import baseline, convergence, procurement
+from suite.reporting.compare import compare_runs, format_comparison
+from suite.reporting.compare import exit_code as compare_exit_code
+from suite.reporting.report import build_report
 from suite.text import fmt, table
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Convergence gate: exit 1 when a mode's loss ends above fp32's by more than its tolerance."""
     tolerances = convergence.parse_tolerances(args.tolerance)
-    records = results.read_all(args.records)
+    records = store.read_all(args.records)
     verdicts = convergence.check(records, tolerances)
     rows = [
         [v.mode, v.model, v.outcome, fmt(v.delta, "+.4f"), fmt(v.tolerance and v.tolerance.max_delta, ".4f"),
@@ -55,7 +57,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     prices = procurement.parse_prices(args.price) if args.price else None
     if args.target_loss is not None and not args.target_loss > 0:
         raise ValueError(f"target_loss={args.target_loss}: must be a positive loss in nats/token")
-    df = results.load(args.records)
+    df = store.load(args.records)
     written = build_report(df, Path(args.out), prices=prices, target_loss=args.target_loss)
     print(f"report of {len(df)} record(s): {written.get('index.html', Path(args.out) / 'index.html')}")
     for name, path in sorted(written.items()):
@@ -66,7 +68,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise."""
-    rows = compare_runs(results.read_all(args.a), results.read_all(args.b))
+    rows = compare_runs(store.read_all(args.a), store.read_all(args.b))
     print(format_comparison(rows))
     code = compare_exit_code(rows)
     regressed = [r.message for r in rows if r.verdict == "regressed"]
@@ -76,9 +78,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Store the ok records of one machine as its committed baseline."""
-    made = baseline.make_baseline(results.read_all(args.records))
+    made = baseline.make_baseline(store.read_all(args.records))
     path = Path(args.out) if args.out else baseline.BASELINE_DIR / f"{made['machine']}.json"
-    results.check_writable(path)
+    store.check_writable(path)
     baseline.save(made, path)
     print(f"baseline for {made['machine']}: {len(made['entries'])} entries ({', '.join(made['entries'])}) in {path}")
     return 0
@@ -140,7 +142,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if d not in calibration.DTYPES:
             raise ValueError(f"dtypes: {d!r} is unknown; choose from {', '.join(calibration.DTYPES)}")
     path = Path(args.out) if args.out else calibration.calibration_path(device)
-    results.check_writable(path.with_suffix(".tmp"))
+    store.check_writable(path.with_suffix(".tmp"))
     print(f"mpbench: calibrating matmul FLOP/s on {device.describe()}", file=sys.stderr)
     result = calibration.measure(device, dtypes, log=lambda line: print(line, file=sys.stderr))
     calibration.save(result, path)

@@ -11,7 +11,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from suite.peaks import canonical_gpu
+from suite.metrics.peaks import canonical_gpu
 
 if TYPE_CHECKING:
     import pandas

@@ -15,17 +15,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from suite import convergence, results
-from suite.case import Case
-from suite.data import make_corpus
-from suite.distributed import launched_by_torchrun, train_distributed, train_here
-from suite.execute import Batches, case_fields, train_in_process
 from suite.hardware import DeviceInfo, environment, resolve_device
-from suite.max_batch import find_max_batch
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
+from suite.records import store
+from suite.reporting import convergence
+from suite.running.distributed import launched_by_torchrun, train_distributed, train_here
+from suite.running.execute import Batches, case_fields, train_in_process
+from suite.running.max_batch import find_max_batch
+from suite.running.worker import Interrupted, train_isolated
 from suite.text import log_to_stderr
-from suite.worker import Interrupted, train_isolated
+from suite.training.case import Case
+from suite.training.data import make_corpus
 
 Log = Callable[[str], None]
 # what makes two records the same case, for --resume
@@ -149,9 +150,9 @@ def run_cases(
     devices = validate(cases)
     existing: list[dict[str, Any]] = []
     if out is not None:
-        out = results.check_writable(out)
-        existing = results.read(out) if resume else []
-    run_id = run_id or results.new_run_id()
+        out = store.check_writable(out)
+        existing = store.read(out) if resume else []
+    run_id = run_id or store.new_run_id()
     for device in {d for d in devices.values() if d.type == "cuda"}:
         _, _, why = nvml_device(device.index)
         if why:
@@ -183,10 +184,10 @@ def run_cases(
                 singles[_scaling_group(record)] = record
             record |= scaling_fields(record, singles.get(_scaling_group(record)))
             if out is not None:
-                results.append(out, record)
+                store.append(out, record)
             records.append(record)
             log(f"{label}: {_summary(record)}")
-            if fail_fast and record["status"] in results.FAILED:
+            if fail_fast and record["status"] in store.FAILED:
                 log(f"mpbench: --fail-fast: stopping after {_describe(case)} ended as {record['status']}")
                 break
     return records
@@ -221,7 +222,7 @@ def _run_one(
     else:
         values |= train_in_process(case, values["flops_per_step"], label, log, batches)
     values["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    return results.make_record(**values)
+    return store.make_record(**values)
 
 
 def _summary(record: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.results import REASON_FIELDS
+from suite.records.store import REASON_FIELDS
 
 NOT_MEASURED = "not measured"
 # Figures whose reason field is not in results.REASON_FIELDS.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from suite.case import Case
+from suite.training.case import Case
 
 ENV = "MPBENCH_FAULT"
 KINDS = ("raise", "oom", "nan", "hang", "crash")
@@ -55,7 +55,7 @@ def poison_losses(kind: str) -> None:
     """For 'nan': wrap this process's train step so that losses from step 2 on are NaN."""
     if kind != "nan":
         return
-    import suite.train as train
+    import suite.training.train as train
 
     real_step = train.train_step
     calls = [0]

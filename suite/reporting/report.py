@@ -16,10 +16,10 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from suite import report_table as table
-from suite.plots import plot_loss_curves
-from suite.procurement import procurement_table, records_of
-from suite.report_charts import bar_chart
+from suite.reporting import table as table
+from suite.reporting.charts import bar_chart
+from suite.reporting.plots import plot_loss_curves
+from suite.reporting.procurement import procurement_table, records_of
 from suite.text import slug
 
 if TYPE_CHECKING:

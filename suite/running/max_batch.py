@@ -12,10 +12,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from suite.case import Case
-from suite.execute import case_fields
 from suite.hardware import resolve_device
-from suite.worker import train_isolated
+from suite.running.execute import case_fields
+from suite.running.worker import train_isolated
+from suite.training.case import Case
 
 TRY_STEPS = 3
 

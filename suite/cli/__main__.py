@@ -1,0 +1,7 @@
+"""`python -m suite.cli ...` runs the `mpbench` command (used under the user's own torchrun)."""
+
+import sys
+
+from suite.cli.main import main
+
+sys.exit(main())

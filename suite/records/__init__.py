@@ -1,0 +1,1 @@
+"""Records: the schema, the append-only JSON Lines store and its reader."""

@@ -1,0 +1,1 @@
+"""Everything that reads records: reports, tables, charts, procurement, compare, baselines, the convergence gate."""

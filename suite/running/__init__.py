@@ -1,0 +1,1 @@
+"""Running cases: the matrix runner, one spawned worker per case, faults, data parallel, max batch."""
