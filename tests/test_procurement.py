@@ -77,7 +77,7 @@ def test_time_to_loss_uses_full_windows_and_skips_nan():
     assert time_to_loss(curve, 100.0, 2.0, window=1) == (5, 0.5)
     assert time_to_loss(curve, 100.0, 0.5, window=3) is None
     assert time_to_loss([1.0, 1.0], 100.0, 5.0, window=3) is None  # never a full window
-    nan = [6.0, "nan", 1.0, 1.0, 1.0, 1.0]  # a window holding a NaN never counts
+    nan = [6.0, math.nan, 1.0, 1.0, 1.0, 1.0]  # a window holding a NaN never counts
     assert time_to_loss(nan, 10.0, 2.0, window=3) == (5, 0.05)
     assert time_to_loss([math.nan, -math.inf, 1.0], 10.0, 2.0, window=1) == (3, 0.03)
     with pytest.raises(ValueError, match="window"):

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -66,10 +67,18 @@ def test_append_never_touches_earlier_lines(tmp_path):
     assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16"]
 
 
-def test_non_finite_values_are_written_as_strings(tmp_path):
+def test_non_finite_values_are_written_as_strings_and_read_back_as_floats(tmp_path):
     out = tmp_path / "r.jsonl"
-    store.append(out, store.make_record(status="diverged", loss_curve=[2.0, float("nan"), float("inf")]))
-    assert store.read(out)[0]["loss_curve"] == [2.0, "nan", "inf"]
+    curve = [2.0, float("nan"), float("inf"), -float("inf")]
+    store.append(out, store.make_record(status="diverged", loss_curve=curve, initial_loss=float("nan"),
+                                        hostname="nan", data="inf"))  # fmt: skip
+    on_disk = json.loads(out.read_text())  # strict JSON: the strings JSON forces them into
+    assert on_disk["loss_curve"] == [2.0, "nan", "inf", "-inf"] and on_disk["initial_loss"] == "nan"
+    for record in (store.read(out)[0], store.read_all(out)[0], store.load(out).iloc[0].to_dict()):
+        loss = record["loss_curve"]
+        assert loss[0] == 2.0 and math.isnan(loss[1]) and loss[2] == math.inf and loss[3] == -math.inf
+        assert math.isnan(record["initial_loss"])
+        assert record["hostname"] == "nan" and record["data"] == "inf"  # words stay words
 
 
 def test_make_record_refuses_unknown_fields_and_statuses():

@@ -106,6 +106,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# Fields holding words, where 'inf' or 'nan' would be text (a data file or host so named), never a number.
+_TEXT_FIELDS = frozenset(
+    ("run_id", "git_commit", "model", "mode", "device", "data", "status", "reason", "hostname", "hosts", "cpu",
+     "platform", "gpu_name", "driver", "cuda", "torch", "python", "compute_dtype")
+)  # fmt: skip
+
+
+def _decoded(value: Any) -> Any:
+    """The inverse of `_json_safe`: 'nan', 'inf', '-inf' back to floats, inside lists too."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
+
+
 def append(path: str | Path, record: dict[str, Any]) -> None:
     """Append one record as one line, flushed and fsynced: earlier lines are never touched.
 
@@ -122,7 +139,11 @@ def append(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSON Lines file; ValueError naming file and line for a broken one."""
+    """All records of a JSON Lines file; ValueError naming file and line for a broken one.
+
+    Non-finite numbers, written as the strings 'nan', 'inf', '-inf', come back as floats here,
+    once, so no consumer decodes them again.
+    """
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -134,7 +155,7 @@ def read(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
             if not isinstance(record, dict) or record.get("schema") != SCHEMA:
                 raise ValueError(f"{path}:{number}: not an mpbench record (schema {SCHEMA!r} expected)")
-            records.append(record)
+            records.append({k: v if k in _TEXT_FIELDS else _decoded(v) for k, v in record.items()})
     return records
 
 

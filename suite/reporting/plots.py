@@ -12,11 +12,6 @@ matplotlib.use("Agg")  # files only: works on headless CI runners
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _finite(values: list[Any]) -> list[float]:
-    """Loss values as floats; a NaN/inf written as a string becomes NaN (a gap in the line)."""
-    return [v if isinstance(v, (int, float)) else float("nan") for v in values]
-
-
 def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Two panels: training loss per step (held-out points, the loss floor), and below it each
     mode's training loss minus fp32's at the same step, where precision effects are visible."""
@@ -25,13 +20,13 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path, title:
     fp32 = next((r for r in curves if r["mode"] == "fp32"), None)
     for r in curves:
         label = r["mode"] if r["status"] == "ok" else f"{r['mode']} ({r['status']})"
-        losses = _finite(r["loss_curve"])
+        losses = r["loss_curve"]  # a NaN is a gap in the line
         steps = range(1, len(losses) + 1)
         (line,) = ax.plot(steps, losses, label=label, lw=1.2)
         for step, loss in r.get("eval_curve") or []:
             ax.plot(step, loss, "o", color=line.get_color(), ms=4)
         if fp32 is not None and r is not fp32:
-            ref = _finite(fp32["loss_curve"])
+            ref = fp32["loss_curve"]
             diff.plot(steps, [a - b for a, b in zip(losses, ref, strict=False)], color=line.get_color(), lw=1)
     for floor in {r["loss_floor"] for r in curves if r.get("loss_floor") is not None}:
         ax.axhline(floor, color="black", ls="--", lw=1, label=f"loss floor {floor:.3f}")

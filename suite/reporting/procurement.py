@@ -82,8 +82,8 @@ def price_for(
 
 
 def _loss(value: Any) -> float | None:
-    """A finite training loss, or None (NaN/inf, also as the strings JSON forces them into)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite training loss, or None (NaN/inf: the reader has decoded them to floats)."""
+    if value is None or not math.isfinite(value):
         return None
     return float(value)
 
