@@ -24,6 +24,7 @@ from suite.hardware import environment, resolve_device
 from suite.metrics import calibration, peaks
 from suite.metrics.window import nvml_device
 from suite.modes import MODES
+from suite.quiet import quiet_dependencies
 from suite.records import store
 from suite.reporting import baseline, convergence, procurement
 from suite.reporting.compare import compare_runs, format_comparison
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_dependencies()  # this process may import torchao too (a mode's availability, a torchrun rank)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -214,6 +214,9 @@ def train_here(case: Case, flops_per_step: int, label: str) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """Entry of each rank under torchrun: SPEC_JSON OUT_DIR."""
+    from suite.quiet import quiet_dependencies
+
+    quiet_dependencies()  # before anything imports torchao
     import torch.distributed as dist
 
     from suite.running import faults

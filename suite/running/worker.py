@@ -26,6 +26,9 @@ class Interrupted(Exception):
 
 def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from suite.quiet import quiet_dependencies
+
+    quiet_dependencies()  # before anything imports torchao
     from suite.running import faults
     from suite.running.execute import train_in_process
     from suite.text import log_to_stderr
