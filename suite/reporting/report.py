@@ -34,9 +34,11 @@ ENVIRONMENT = (
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1800px}
 h1{font-size:22px}h2{font-size:18px;border-bottom:2px solid #446;margin-top:32px}h3{font-size:15px;margin-top:24px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#eef;vertical-align:bottom}td:first-child,td:nth-child(2){text-align:left}
+th{background:#eef;vertical-align:bottom}
 .scroll{overflow-x:auto}.nm{color:#888;font-style:italic}.notes{font-size:12px;color:#555}
 .env td,td.text{text-align:left}.skipped{color:#855;font-size:12px}
+.families{display:flex;flex-wrap:wrap;gap:4px 20px;align-items:flex-start}
+h4{font-size:13px;margin:8px 0 0;color:#446}
 .charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.charts img{width:calc(50% - 12px);min-width:480px}
 """
 PROCUREMENT_HEADERS = {
@@ -205,7 +207,7 @@ class _Document:
             self.csv_rows.append({"machine": machine, **case, "source": r.get("source"), **table.csv_row(r, row)})
         title = _group_title(group[0])
         notes, md_notes = table.Notes(), table.Notes()
-        self.page += [f"<h3>{html.escape(title)}</h3>", f'<div class="scroll">{table.to_html(rows, notes)}</div>']
+        self.page += [f"<h3>{html.escape(title)}</h3>", table.to_html(rows, notes)]
         self.page.append(table.notes_html(notes))
         self.md += ["", f"### {title}", "", table.to_markdown(rows, md_notes), "", table.notes_markdown(md_notes)]
         images, skipped = [], []

@@ -130,20 +130,61 @@ class Notes:
         return self.reasons.index(reason) + 1
 
 
+# The figures in families, one small table each, side by side where the window allows: no table
+# grows wider than a laptop screen however many figures the records gain. `mode` heads every
+# table; a column named in no family (a new figure) joins OTHER until it is given one, and a
+# family longer than MAX_COLUMNS is cut into parts.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "speed": ("status", "step_time_ms", "step_time_p10_p90_ms", "speedup_vs_fp32", "tokens_per_s"),
+    "utilization": ("mfu_pct", "mfu_bf16_pct", "mamf_pct", "tensor_core_util_pct"),
+    "memory": ("peak_mem_mb", "peak_mem_allocated_mb"),
+    "energy": ("energy_mj_per_token", "tokens_per_kj"),
+    "convergence": ("final_loss", "loss_delta_vs_fp32", "excess_loss"),
+}
+KEY_COLUMNS = ("mode",)
+OTHER = "more figures"
+MAX_COLUMNS = 6  # figures per table, besides the key
+
+
+def families() -> list[tuple[str, list[int]]]:
+    """(title, indexes into COLUMNS) of each table: key columns first, then the family's figures."""
+    names = [name for name, _, _ in COLUMNS]
+    placed = set(KEY_COLUMNS).union(*FAMILIES.values())
+    groups = [(title, [n for n in members if n in names]) for title, members in FAMILIES.items()]
+    groups.append((OTHER, [n for n in names if n not in placed]))
+    key = [names.index(n) for n in KEY_COLUMNS]
+    out = []
+    for title, members in groups:
+        parts = [members[i : i + MAX_COLUMNS] for i in range(0, len(members), MAX_COLUMNS)]
+        for p, part in enumerate(parts, start=1):
+            label = f"{title} ({p}/{len(parts)})" if len(parts) > 1 else title
+            out.append((label, key + [names.index(n) for n in part]))
+    return out
+
+
+TEXT_COLUMNS = ("mode", "status")  # words: aligned left; figures align right
+
+
+def _html_cell(cell: Cell, notes: Notes, words: bool) -> str:
+    text = html.escape(cell.text)
+    if cell.reason:
+        cls = ' class="nm"' if cell.missing else ""
+        title = html.escape(cell.reason, quote=True)
+        text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
+    return f'<td class="text">{text}</td>' if words else f"<td>{text}</td>"
+
+
 def to_html(rows: list[list[Cell]], notes: Notes) -> str:
-    """A table with a "not measured" cell carrying its reason as a tooltip and a footnote number."""
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in HEADERS), "</tr></thead><tbody>"]
-    for row in rows:
-        out.append("<tr>")
-        for cell in row:
-            text = html.escape(cell.text)
-            if cell.reason:
-                cls = ' class="nm"' if cell.missing else ""
-                title = html.escape(cell.reason, quote=True)
-                text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
-            out.append(f"<td>{text}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
+    """One table per family; a "not measured" cell carries its reason as a tooltip and a footnote number."""
+    out = ['<div class="families">']
+    for title, columns in families():
+        out.append(f'<div class="family"><h4>{html.escape(title)}</h4><table><thead><tr>')
+        out += [f"<th>{html.escape(COLUMNS[i][1])}</th>" for i in columns]
+        out.append("</tr></thead><tbody>")
+        words = {i: COLUMNS[i][0] in TEXT_COLUMNS for i in columns}
+        out += ["<tr>" + "".join(_html_cell(row[i], notes, words[i]) for i in columns) + "</tr>" for row in rows]
+        out.append("</tbody></table></div>")
+    out.append("</div>")
     return "".join(out)
 
 
@@ -157,11 +198,14 @@ def _md(text: str) -> str:
 
 
 def to_markdown(rows: list[list[Cell]], notes: Notes) -> str:
-    """The same table in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    for row in rows:
-        texts = [_md(c.text + (f" [{notes.ref(c.reason)}]" if c.reason else "")) for c in row]
-        lines.append("| " + " | ".join(texts) + " |")
+    """The same tables in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
+    lines: list[str] = []
+    for title, columns in families():
+        lines += [*([""] if lines else []), f"**{title}**", ""]
+        lines += ["| " + " | ".join(COLUMNS[i][1] for i in columns) + " |", "|" + "---|" * len(columns)]
+        for row in rows:
+            texts = [_md(row[i].text + (f" [{notes.ref(row[i].reason)}]" if row[i].reason else "")) for i in columns]
+            lines.append("| " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
