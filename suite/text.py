@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import re
 import sys
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -11,12 +17,39 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _is_figure(text: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?[\d,.]+(e[-+]?\d+)?%?", text))
+
+
+# a rule of dashes under the header and nothing else, as plain as a log wants it
+DASHED = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
+def rich_table(rows: list[list[object]], header: list[str], right: set[int] | None = None, ascii: bool = True) -> Table:
+    """A rich table with a rule under the header (dashes, or a line on a terminal with `ascii=False`);
+    columns of figures (or those in `right`) right-aligned."""
+    t = Table(box=DASHED if ascii else box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+              header_style="bold")  # fmt: skip
+    for i, name in enumerate(header):
+        cells = [str(r[i]) for r in rows]
+        figures = right is not None and i in right or (right is None and cells and all(
+            _is_figure(c) or c == "-" for c in cells) and any(_is_figure(c) for c in cells))  # fmt: skip
+        t.add_column(name, justify="right" if figures else "left")
+    for r in rows:  # as Text: a '[' in a reason is text, never rich markup
+        t.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in r))
+    return t
+
+
+def render(renderable: object) -> str:
+    """What `console().print` would write to a pipe, as a string, without trailing blanks."""
+    buf = io.StringIO()
+    Console(file=buf, width=100_000, no_color=True, highlight=False, color_system=None).print(renderable)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()).strip("\n")
+
+
 def table(rows: list[list[object]], header: list[str]) -> str:
-    """Left-aligned columns with a rule under the header."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """Columns under a header and a rule, as plain text (rendered by rich)."""
+    return render(rich_table(rows, header))
 
 
 def slug(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import signal
@@ -10,8 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from models import GPTConfig
 from suite.cli.config import load_config
+from suite.cli.progress import STYLE, LiveBars
 from suite.hardware import resolve_device
 from suite.modes import MODES
 from suite.records import store
@@ -19,7 +25,7 @@ from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
 from suite.running.runner import RunInterrupted, run_cases, validate
-from suite.text import fmt, log_to_stderr, table
+from suite.text import fmt, log_to_stderr, render, rich_table
 from suite.training.case import Case
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
@@ -65,6 +71,7 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--grad-comm", help="gradient all-reduce precision with --nproc > 1: fp32 | bf16 | fp16 (default: fp32)")
     add("--find-max-batch", action="store_true", help="also find each mode's largest batch that fits")
     add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
+    add("--quiet", "-q", action="store_true", help="print only the summary: no progress bars or lines")
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,8 +130,9 @@ def _ladder(opts: dict[str, Any]) -> list[int]:
     return [opts.get("nproc", 1)]
 
 
-def summary_table(records: list[dict]) -> str:
-    """Per-mode table: step time with spread, speed-up, MFU, memory, loss and its delta vs fp32."""
+def summary_table(records: list[dict], ascii: bool = True) -> Table:
+    """Per-mode table: step time with spread, speed-up, MFU, memory, loss and its delta vs fp32;
+    the status coloured on a terminal (`ascii=False`)."""
     # fp32 of the same group, for the speed-up (the delta is in the record)
     ref = {
         (r["model"], r["batch_size"], r["seq_len"]): r for r in records if r["mode"] == "fp32" and r["status"] == "ok"
@@ -136,14 +144,15 @@ def summary_table(records: list[dict]) -> str:
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
         rows.append([
-            r["mode"], r["model"], r["status"], fmt(r["step_time_ms"], ".2f"), spread,
+            r["mode"], r["model"], Text(r["status"], style=STYLE.get(r["status"], "")),
+            fmt(r["step_time_ms"], ".2f"), spread,
             fmt(r["tokens_per_s"], ",.0f"), fmt(speedup, ".2f"), fmt(r["mfu"], ".1%"),
             fmt(r["peak_mem_mb"], ",.0f"), fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
             (r["reason"] or "")[:70],
         ])  # fmt: skip
     header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
               "final loss", "vs fp32", "reason"]  # fmt: skip
-    return table(rows, header)
+    return rich_table(rows, header, right=set(range(3, 11)), ascii=ascii)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,11 +165,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
     validate(cases)  # bad input ends here, before anything is written
     store.check_writable(out)
-    print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
+    if not args.quiet:
+        print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
+    # a terminal gets live bars; a pipe or a CI log the plain lines; --quiet nothing until the summary
+    live = LiveBars() if not args.quiet and LiveBars.available() else None
     try:
         search = {"memory_limit_mb": args.memory_limit_mb} if args.find_max_batch else None
-        done = run_cases(cases, out=out, case_timeout=opts.get("case_timeout"), fail_fast=bool(opts.get("fail_fast")),
-                         resume=bool(args.resume), max_batch=search)  # fmt: skip
+        with live or contextlib.nullcontext():
+            done = run_cases(cases, out=out, case_timeout=opts.get("case_timeout"),
+                             fail_fast=bool(opts.get("fail_fast")), resume=bool(args.resume), max_batch=search,
+                             log=None if args.quiet else log_to_stderr, progress=live)  # fmt: skip
     except RunInterrupted as stop:
         print(
             f"mpbench: interrupted by {signal.Signals(stop.signum).name}; {len(stop.done)} finished record(s) "
@@ -169,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + stop.signum  # 130 for SIGINT, 143 for SIGTERM
-    print(table_or_nothing(done))
+    print_summary(done)
     print(f"\nrecords: {out} ({len(done)} written)")
     if args.plot and done:
         print(f"loss curves: {plot_loss_curves(done, out.with_suffix('.png'))}")
@@ -193,10 +207,18 @@ def _run_as_rank(opts: dict[str, Any]) -> int:
     lead = rank == 0
     done = run_cases(cases, out=out if lead else None, log=log_to_stderr if lead else None, isolate=False)
     if lead:
-        print(table_or_nothing(done))
+        print_summary(done)
         print(f"\nrecords: {out} ({len(done)} written; world size {world})")
     return 1 if any(r["status"] in FAILED for r in done) else 0
 
 
-def table_or_nothing(done: list[dict]) -> str:
-    return summary_table(done) if done else "nothing to run: every case already has a record"
+def print_summary(done: list[dict]) -> None:
+    """The summary table on stdout (coloured on a terminal), or why there is none."""
+    if not done:
+        print("nothing to run: every case already has a record")
+        return
+    out = Console(highlight=False)  # stdout
+    if out.is_terminal:
+        out.print(summary_table(done, ascii=False))
+    else:  # a pipe, a file, a CI log: plain text without trailing blanks
+        print(render(summary_table(done)))

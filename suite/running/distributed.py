@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from suite.running.progress import Event, PlainLines, Sink, from_line, step_events, to_line
+from suite.text import log_to_stderr
 from suite.training.case import Case
 
 COLLECTIVE_TIMEOUT_S = 120  # a rank that stops answering ends the case within this
@@ -36,15 +38,24 @@ COLLECTIVE_TIMEOUT_S = 120  # a rank that stops answering ends the case within t
 # ----------------------------------------------------------------------------- parent side
 
 
-def _tee(stream: Any, keep: list[str]) -> None:
-    """Copy the ranks' output to our stderr (progress) and keep it for the failure summary."""
+def _tee(stream: Any, keep: list[str], progress: Sink) -> None:
+    """Rank 0's progress events to `progress`, the ranks' other output to our stderr; keep all
+    of it for the failure summary."""
     for line in stream:
         keep.append(line)
-        sys.stderr.write(line)
+        event = from_line(line)
+        if event is not None:
+            progress(event)
+        else:
+            sys.stderr.write(line)
 
 
-def train_distributed(case: Case, flops_per_step: int, label: str, timeout_s: float | None) -> dict[str, Any]:
-    """Run `case` on `case.nproc` processes; record values, or `error`/`timeout` naming the rank."""
+def train_distributed(
+    case: Case, flops_per_step: int, label: str, timeout_s: float | None, progress: Sink | None = None
+) -> dict[str, Any]:
+    """Run `case` on `case.nproc` processes; record values, or `error`/`timeout` naming the rank.
+
+    Rank 0's progress events go to `progress` (default: the plain lines, on stderr)."""
     with tempfile.TemporaryDirectory(prefix="mpbench-ddp-") as tmp:
         spec = Path(tmp) / "case.json"
         spec.write_text(
@@ -57,7 +68,9 @@ def train_distributed(case: Case, flops_per_step: int, label: str, timeout_s: fl
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
         output: list[str] = []
-        reader = threading.Thread(target=_tee, args=(proc.stderr, output), daemon=True)
+        reader = threading.Thread(
+            target=_tee, args=(proc.stderr, output, progress or PlainLines(log_to_stderr)), daemon=True
+        )
         reader.start()
         try:
             proc.wait(timeout=timeout_s)
@@ -119,8 +132,11 @@ def _mean_over_ranks(values: list[float], world: int) -> list[float]:
     return (t / world).tolist()
 
 
-def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int, local_rank: int) -> dict | None:
-    """Train this rank's slice of the case; rank 0 returns the record values, others None."""
+def run_rank(
+    case: Case, flops_per_step: int, label: str, rank: int, world: int, local_rank: int, emit: Sink | None = None
+) -> dict | None:
+    """Train this rank's slice of the case; rank 0 returns the record values (and sends its
+    progress events to `emit`), others None."""
     import torch.distributed as dist
 
     from suite.hardware import resolve_device
@@ -135,10 +151,7 @@ def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int,
     heldout = corpus.batches(case.eval_batches, B * world, T, case.seed, "heldout")
     shard = slice(rank * B, (rank + 1) * B)
 
-    def progress(step: int, steps: int, loss: float) -> None:
-        if rank == 0:
-            print(f"{label}: step {step}/{steps} loss {loss:.4f} (rank 0 slice)", file=sys.stderr, flush=True)
-
+    progress = step_events(label, emit, " (rank 0 slice)") if rank == 0 and emit else None
     wrap = _ddp_wrapper(case.grad_comm, [local_rank] if device.type == "cuda" else None)
     r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap)
     # every rank takes part in every collective below, in the same order
@@ -203,12 +216,13 @@ def _init_process_group(device_type: str) -> None:
     dist.init_process_group(backend, timeout=dt.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
-def train_here(case: Case, flops_per_step: int, label: str) -> dict[str, Any]:
+def train_here(case: Case, flops_per_step: int, label: str, progress: Sink | None = None) -> dict[str, Any]:
     """One case on this rank of a user-launched torchrun job; every rank calls it in the same
     order. Rank 0 gets the record values; the other ranks get a stand-in they never write."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _init_process_group("cuda" if case.device.startswith("cuda") else "cpu")
-    values = run_rank(case, flops_per_step, label, rank, world, int(os.environ.get("LOCAL_RANK", 0)))
+    emit = progress or PlainLines(log_to_stderr)
+    values = run_rank(case, flops_per_step, label, rank, world, int(os.environ.get("LOCAL_RANK", 0)), emit)
     return values if values is not None else {"status": "skipped", "reason": f"rank {rank}: rank 0 writes the record"}
 
 
@@ -232,7 +246,7 @@ def main(argv: list[str]) -> int:
         if kind:
             faults.poison_losses(kind)
             faults.inject_before_training(kind)
-        values = run_rank(case, spec["flops_per_step"], spec["label"], rank, world, local_rank)
+        values = run_rank(case, spec["flops_per_step"], spec["label"], rank, world, local_rank, _to_parent)
         if values is not None:
             tmp = out / "result.json.tmp"
             tmp.write_text(json.dumps(values, default=_jsonable))
@@ -242,6 +256,12 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:
         (out / f"rank-{rank}.error.json").write_text(json.dumps({"reason": failure_reason(exc)}))
         raise
+
+
+def _to_parent(event: Event) -> None:
+    """Rank 0's progress: one marked line on stderr, which torchrun passes to the parent's reader."""
+    sys.stderr.write(to_line(event))
+    sys.stderr.flush()
 
 
 def _jsonable(value: Any) -> Any:

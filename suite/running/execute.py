@@ -16,11 +16,11 @@ import torch
 from models import GPT
 from suite.hardware import DeviceInfo, resolve_device
 from suite.metrics.flops import utilization_fields
+from suite.running.progress import Event, Sink, step_events
 from suite.training.case import Case
 from suite.training.data import digest, make_corpus
 from suite.training.train import CaseResult, run_case
 
-Log = Callable[[str], None]
 MIB = 2**20
 
 
@@ -126,23 +126,20 @@ def train_in_process(
     case: Case,
     flops_per_step: int,
     label: str,
-    log: Log,
+    emit: Sink,
     batches: Batches | None = None,
     before: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one runnable case here; its outcome as record values. Never raises for a failed case."""
+    """Train one runnable case here, reporting progress events to `emit`; its outcome as record
+    values. Never raises for a failed case."""
     device = resolve_device(case.device)
-    log(f"{label}: training {case.steps} steps on {device.describe()}")
+    emit(Event("start", label, 0, case.steps, text=device.describe()))
     corpus, train, heldout, data_digest = (batches or Batches()).get(case)
     values: dict[str, Any] = {"data_digest": data_digest, "loss_floor": corpus.loss_floor}
-
-    def progress(step: int, steps: int, loss: float) -> None:
-        log(f"{label}: step {step}/{steps} loss {loss:.4f}")
-
     try:
         if before:
             before()
-        r = run_case(case, device, corpus, train, heldout, progress)
+        r = run_case(case, device, corpus, train, heldout, step_events(label, emit))
         values |= result_fields(case, r, device, flops_per_step)
         if r.diverged_at is None:
             values["status"] = "ok"

@@ -9,21 +9,23 @@ a CPU) stays at or under the limit. Sequence length, model and mode stay those o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from suite.hardware import resolve_device
 from suite.running.execute import case_fields
+from suite.running.progress import Sink
 from suite.running.worker import train_isolated
 from suite.training.case import Case
 
 TRY_STEPS = 3
 
 
-def _try(case: Case, batch: int, timeout_s: float | None) -> dict[str, Any]:
+def _try(case: Case, batch: int, timeout_s: float | None, progress: Sink | None = None) -> dict[str, Any]:
     trial = dataclasses.replace(case, batch_size=batch, steps=TRY_STEPS, warmup=1, eval_batches=1, eval_every=0)
     flops = case_fields(trial, resolve_device(trial.device))["flops_per_step"]
-    return train_isolated(trial, flops, f"max-batch {case.mode} b{batch}", timeout_s)
+    return train_isolated(trial, flops, f"max-batch {case.mode} b{batch}", timeout_s, progress)
 
 
 def find_max_batch(
@@ -31,10 +33,14 @@ def find_max_batch(
     memory_limit_mb: float | None = None,
     cap: int = 4096,
     timeout_s: float | None = None,
-    attempt: Callable[[Case, int, float | None], dict[str, Any]] = _try,
+    attempt: Callable[[Case, int, float | None], dict[str, Any]] | None = None,
+    progress: Sink | None = None,
 ) -> dict[str, Any]:
-    """Record fields: `max_batch` (None if even 1 does not fit), the limit, and every try."""
+    """Record fields: `max_batch` (None if even 1 does not fit), the limit, and every try.
+
+    Each try is `attempt` (default: a short isolated run whose progress events go to `progress`)."""
     tries: list[list[Any]] = []
+    attempt = attempt or functools.partial(_try, progress=progress)
 
     def fits(batch: int) -> bool:
         values = attempt(case, batch, timeout_s)

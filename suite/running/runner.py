@@ -23,6 +23,7 @@ from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
 from suite.running.max_batch import find_max_batch
+from suite.running.progress import Event, PlainLines, Sink, ignore
 from suite.running.worker import Interrupted, train_isolated
 from suite.text import log_to_stderr
 from suite.training.case import Case
@@ -136,6 +137,7 @@ def run_cases(
     fail_fast: bool = False,
     resume: bool = False,
     max_batch: dict[str, Any] | None = None,
+    progress: Sink | None = None,
 ) -> list[dict[str, Any]]:
     """Run each case (each group's fp32 first); return the new records, appending each to `out`.
 
@@ -143,10 +145,15 @@ def run_cases(
     False trains in this process (faster for tests; no time limit). case_timeout: seconds per
     case (isolated only). fail_fast: stop after the first failed case. resume: skip cases
     that already have a record in `out`. max_batch: search each runnable case's largest batch
-    first, with these `find_max_batch` arguments (e.g. {"memory_limit_mb": 2048}). Raises
-    RunInterrupted on SIGINT/SIGTERM.
+    first, with these `find_max_batch` arguments (e.g. {"memory_limit_mb": 2048}). progress:
+    where the run's events go (the command line's live bars); by default each becomes a plain
+    line to `log` (None: nothing is shown). Raises RunInterrupted on SIGINT/SIGTERM.
     """
-    log = log or (lambda _line: None)
+    sink = progress or (PlainLines(log) if log else ignore)
+
+    def note(line: str) -> None:
+        sink(Event("note", text=line))
+
     devices = validate(cases)
     existing: list[dict[str, Any]] = []
     if out is not None:
@@ -156,23 +163,24 @@ def run_cases(
     for device in {d for d in devices.values() if d.type == "cuda"}:
         _, _, why = nvml_device(device.index)
         if why:
-            log(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
+            note(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
     have = {tuple(r.get(k) for k in CASE_KEY) for r in existing}
     references = {_group(r): r for r in existing if r["mode"] == convergence.REFERENCE}
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
     if resume:
-        log(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run")
+        note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run")
     batches = Batches()  # shared across cases when they train in this process
     records: list[dict[str, Any]] = []
+    sink(Event("matrix", total=len(todo)))
     with _sigterm_interrupts():
         for i, case in enumerate(todo, start=1):
             label = f"[{i}/{len(todo)}] {case.mode:<11} {case.model} b{case.batch_size}x{case.seq_len}"
             try:
-                record = _run_one(case, devices[case.device], label, run_id, log, batches, isolate, case_timeout)
+                record = _run_one(case, devices[case.device], label, run_id, sink, batches, isolate, case_timeout)
                 if max_batch is not None and record["status"] != "skipped":
-                    log(f"{label}: searching the largest batch that fits")
-                    record |= find_max_batch(case, timeout_s=case_timeout, **max_batch)
+                    note(f"{label}: searching the largest batch that fits")
+                    record |= find_max_batch(case, timeout_s=case_timeout, progress=sink, **max_batch)
             except (KeyboardInterrupt, Interrupted) as exc:
                 signum = getattr(exc, "signum", signal.SIGINT)
                 raise RunInterrupted(signum, records, [_describe(c) for c in todo[i - 1 :]]) from None
@@ -186,9 +194,9 @@ def run_cases(
             if out is not None:
                 store.append(out, record)
             records.append(record)
-            log(f"{label}: {_summary(record)}")
+            sink(Event("done", label, text=_summary(record), status=record["status"]))
             if fail_fast and record["status"] in store.FAILED:
-                log(f"mpbench: --fail-fast: stopping after {_describe(case)} ended as {record['status']}")
+                note(f"mpbench: --fail-fast: stopping after {_describe(case)} ended as {record['status']}")
                 break
     return records
 
@@ -203,7 +211,7 @@ def _describe(case: Case) -> str:
 
 
 def _run_one(
-    case: Case, device: DeviceInfo, label: str, run_id: str, log: Log, batches: Batches, isolate: bool,
+    case: Case, device: DeviceInfo, label: str, run_id: str, sink: Sink, batches: Batches, isolate: bool,
     case_timeout: float | None,
 ) -> dict[str, Any]:  # fmt: skip
     """The record of one case: skipped with the mode's reason, or trained and its outcome."""
@@ -214,13 +222,13 @@ def _run_one(
     if reason:
         values |= {"status": "skipped", "reason": reason}
     elif case.nproc > 1 and launched_by_torchrun():  # the user's torchrun started this rank
-        values |= train_here(case, values["flops_per_step"], label)
+        values |= train_here(case, values["flops_per_step"], label, sink)
     elif case.nproc > 1:  # always in worker processes: torchrun starts the ranks
-        values |= train_distributed(case, values["flops_per_step"], label, case_timeout)
+        values |= train_distributed(case, values["flops_per_step"], label, case_timeout, sink)
     elif isolate:
-        values |= train_isolated(case, values["flops_per_step"], label, case_timeout)
+        values |= train_isolated(case, values["flops_per_step"], label, case_timeout, sink)
     else:
-        values |= train_in_process(case, values["flops_per_step"], label, log, batches)
+        values |= train_in_process(case, values["flops_per_step"], label, sink, batches)
     values["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return store.make_record(**values)
 

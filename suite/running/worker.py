@@ -2,8 +2,9 @@
 
 Spawned (not forked): the child starts with no CUDA context, no allocator history and no
 thread state from earlier cases, so peaks and failures never leak between cases. The child
-ignores SIGINT (the parent decides what an interrupt stops) and sends its values over a pipe;
-a child that dies without sending becomes an `error` record saying how it died.
+ignores SIGINT (the parent decides what an interrupt stops) and sends its progress events, then
+its values, over a pipe; the parent hands the events to its sink as they come. A child that
+dies without sending its values becomes an `error` record saying how it died.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import signal
 import time
 from typing import Any
 
+from suite.running.progress import Event, PlainLines, Sink
+from suite.text import log_to_stderr
 from suite.training.case import Case
 
 
@@ -31,7 +34,6 @@ def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
     quiet_dependencies()  # before anything imports torchao
     from suite.running import faults
     from suite.running.execute import train_in_process
-    from suite.text import log_to_stderr
 
     def inject() -> None:  # tests only: MPBENCH_FAULT names a fault and a case
         kind = faults.fault_for(case)
@@ -39,7 +41,7 @@ def _child(case: Case, flops_per_step: int, label: str, conn: Any) -> None:
             faults.poison_losses(kind)
             faults.inject_before_training(kind)
 
-    conn.send(train_in_process(case, flops_per_step, label, log_to_stderr, before=inject))
+    conn.send(train_in_process(case, flops_per_step, label, conn.send, before=inject))  # events, then values
     conn.close()
 
 
@@ -49,8 +51,13 @@ def _how_it_died(exitcode: int | None) -> str:
     return f"worker process exited with code {exitcode} before reporting a result"
 
 
-def train_isolated(case: Case, flops_per_step: int, label: str, timeout_s: float | None) -> dict[str, Any]:
-    """Run the case in a spawned process; `timeout` / `error` values if it hangs or dies."""
+def train_isolated(
+    case: Case, flops_per_step: int, label: str, timeout_s: float | None, progress: Sink | None = None
+) -> dict[str, Any]:
+    """Run the case in a spawned process; `timeout` / `error` values if it hangs or dies.
+
+    Its progress events go to `progress` (default: the plain lines, on stderr)."""
+    progress = progress or PlainLines(log_to_stderr)
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(case, flops_per_step, label, send), name=f"mpbench-{case.mode}")
@@ -61,13 +68,15 @@ def train_isolated(case: Case, flops_per_step: int, label: str, timeout_s: float
         while True:
             if receive.poll(0.2):
                 try:
-                    values = receive.recv()
+                    message = receive.recv()
                 except EOFError:
                     proc.join()
                     return {"status": "error", "reason": _how_it_died(proc.exitcode)}
-                proc.join(timeout=30)
-                return values
-            if not proc.is_alive():
+                if not isinstance(message, Event):
+                    proc.join(timeout=30)
+                    return message  # the values: the last thing a child sends
+                progress(message)
+            elif not proc.is_alive():  # nothing left to read and gone: it died before sending its values
                 proc.join()
                 return {"status": "error", "reason": _how_it_died(proc.exitcode)}
             if deadline and time.monotonic() > deadline:
