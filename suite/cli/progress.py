@@ -12,7 +12,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from suite.records.store import FAILED
@@ -26,6 +26,20 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+class _Info(ProgressColumn):
+    """A bar's words, drawn at each refresh so the ETAs count down between events."""
+
+    def __init__(self, bars: LiveBars) -> None:
+        super().__init__()
+        self.live = bars
+
+    def render(self, task: Task) -> Text:
+        if task.id == self.live.matrix:
+            return Text(self.live.matrix_info())
+        words, due = task.fields.get("info", ""), task.fields.get("due")
+        return Text(words + (f"  ETA {_clock(max(0.0, due - time.monotonic()))}" if due is not None else ""))
+
+
 class LiveBars:
     """Draws the run's events as bars on a terminal; use as a context manager around the run."""
 
@@ -36,7 +50,7 @@ class LiveBars:
             BarColumn(bar_width=30),
             TextColumn("{task.completed:>4.0f}/{task.total:<4.0f}"),
             TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
+            _Info(self),
             console=self.console,
             transient=True,  # the bars go when the run ends; the outcome lines and the table stay
             refresh_per_second=4,
@@ -62,14 +76,14 @@ class LiveBars:
     def __call__(self, e: Event) -> None:
         if e.kind == "matrix":
             self.started, self.finished, self.total = time.monotonic(), 0, e.total
-            self.matrix = self.bars.add_task("cases", total=max(1, e.total), info=self._matrix_info())
+            self.matrix = self.bars.add_task("cases", total=max(1, e.total))
         elif e.kind in ("start", "step"):
             task = self._case(e)
-            info = [f"loss {e.loss:.4f}" if e.loss is not None else "starting"]
-            if e.step_ms is not None:
-                eta = (e.total - e.done) * e.step_ms / 1000
-                info += [f"{e.step_ms:,.0f} ms/step", f"ETA {_clock(eta)}"]
-            self.bars.update(task, completed=e.done, total=max(1, e.total), info="  ".join(info))
+            info, due = "starting", None
+            if e.loss is not None and e.step_ms is not None:
+                info = f"loss {e.loss:.4f}  {e.step_ms:,.0f} ms/step"
+                due = time.monotonic() + (e.total - e.done) * e.step_ms / 1000  # at the last interval's pace
+            self.bars.update(task, completed=e.done, total=max(1, e.total), info=info, due=due)
         elif e.kind == "done":
             task = self.cases.pop(e.label, None)
             if task is not None:
@@ -77,7 +91,7 @@ class LiveBars:
             self.finished += 1
             self.console.print(Text(f"{e.label}: ") + Text(e.text, style=STYLE.get(e.status, "")))
             if self.matrix is not None:
-                self.bars.update(self.matrix, completed=self.finished, info=self._matrix_info())
+                self.bars.update(self.matrix, completed=self.finished)
         elif e.kind == "note":
             self.console.print(Text(e.text))
 
@@ -85,10 +99,10 @@ class LiveBars:
         if e.label not in self.cases:  # first event of a case: its bar goes under the matrix's
             for other in self.cases.values():  # cases run one at a time: an earlier bar (a max-batch try) is over
                 self.bars.remove_task(other)
-            self.cases = {e.label: self.bars.add_task(e.label, total=max(1, e.total), info="starting")}
+            self.cases = {e.label: self.bars.add_task(e.label, total=max(1, e.total), info="starting", due=None)}
         return self.cases[e.label]
 
-    def _matrix_info(self) -> str:
+    def matrix_info(self) -> str:
         """Cases done and, once one has finished, the time left at the mean time per case so far."""
         left = self.total - self.finished
         if not self.finished or not left:
