@@ -1,7 +1,7 @@
 """Data parallelism: one case over N processes with DistributedDataParallel, via torchrun.
 
 Parent side, `train_distributed`: starts `python -m torch.distributed.run --standalone
---nproc-per-node N -m suite.running.distributed SPEC DIR` and reads back what rank 0 wrote, or, when
+--nproc-per-node N -m suite.running.rank SPEC DIR` and reads back what rank 0 wrote, or, when
 a rank failed, which rank and why (never a hang: collectives time out, torchrun tears the
 other ranks down, and the parent has --case-timeout).
 
@@ -63,9 +63,11 @@ def train_distributed(
         )
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={case.nproc}",
                "--max-restarts=0", "--monitor-interval=0.5",
-               "-m", "suite.running.distributed", str(spec), tmp]  # fmt: skip
+               "-m", "suite.running.rank", str(spec), tmp]  # fmt: skip
+        # torchrun sets 1 thread per rank when unset, and prints a banner saying so: set it ourselves
+        env = {"OMP_NUM_THREADS": "1"} | dict(os.environ)
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
         )
         output: list[str] = []
         reader = threading.Thread(
