@@ -21,6 +21,7 @@ from tests.helpers import small_case
 LABEL = "[1/2] fp32        tiny b8x128"
 EVENTS = [
     Event("matrix", total=2),
+    Event("case", LABEL, 0, 40),
     Event("start", LABEL, 0, 40, text="cpu (AMD EPYC)"),
     Event("step", LABEL, 10, 40, 5.26381, 31.0),
     Event("step", LABEL, 20, 40, 4.1401, 30.0, " (rank 0 slice)"),
@@ -55,11 +56,11 @@ def test_step_events_carry_the_wall_time_per_step_since_the_last():
 
 
 def test_rank_lines_carry_events_and_everything_else_passes(capsys):
-    lines = [to_line(EVENTS[2]), "W torchrun: something\n", "[rank0]: " + to_line(EVENTS[3]), "\x1empbench-event {cut"]
+    lines = [to_line(EVENTS[3]), "W torchrun: something\n", "[rank0]: " + to_line(EVENTS[4]), "\x1empbench-event {cut"]
     events: list[Event] = []
     keep: list[str] = []
     _tee(io.StringIO("".join(lines) + "\n"), keep, events.append)
-    assert events == [EVENTS[2], EVENTS[3]]  # exact round trip, also behind a rank prefix
+    assert events == [EVENTS[3], EVENTS[4]]  # exact round trip, also behind a rank prefix
     assert capsys.readouterr().err == "W torchrun: something\n\x1empbench-event {cut\n"  # a cut line is not lost
     assert len(keep) == 4  # all of it kept for the failure summary
     assert from_line("plain text") is None
@@ -102,7 +103,7 @@ def test_summary_table_prints_reasons_as_they_are():
 def test_events_travel_from_the_worker_process_in_order():
     events: list[Event] = []
     records = run_cases([small_case(mode="fp32", steps=4, warmup=1)], log=None, progress=events.append)
-    assert [e.kind for e in events] == ["matrix", "start", "step", "step", "step", "step", "done"]
+    assert [e.kind for e in events] == ["matrix", "case", "start", "step", "step", "step", "step", "done"]
     assert [e.done for e in events if e.kind == "step"] == [1, 2, 3, 4]
     assert events[-1].status == records[0]["status"] == "ok" and events[-1].text.startswith("ok, ")
 

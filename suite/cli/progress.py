@@ -77,7 +77,7 @@ class LiveBars:
         if e.kind == "matrix":
             self.started, self.finished, self.total = time.monotonic(), 0, e.total
             self.matrix = self.bars.add_task("cases", total=max(1, e.total))
-        elif e.kind in ("start", "step"):
+        elif e.kind in ("case", "start", "step"):
             task = self._case(e)
             info, due = "starting", None
             if e.loss is not None and e.step_ms is not None:

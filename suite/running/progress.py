@@ -19,7 +19,7 @@ from dataclasses import dataclass
 class Event:
     """One thing a run reports as it goes (picklable, and JSON-able for torchrun ranks)."""
 
-    kind: str  # "matrix" (a run starts), "start" (a case trains), "step", "done" (a case ended), "note"
+    kind: str  # "matrix" (a run starts), "case" (a case begins), "start" (it trains), "step", "done", "note"
     label: str = ""  # the case, e.g. "[1/2] fp32        tiny b8x128"
     done: int = 0  # steps done (for "matrix": cases to run, in `total`)
     total: int = 0  # steps of the case, or cases of the run
@@ -38,7 +38,8 @@ def ignore(event: Event) -> None:
 
 
 class PlainLines:
-    """Each event as the one line mpbench prints for it; a step's time and the matrix size are not printed."""
+    """Each event as the one line mpbench prints for it; a step's time, the matrix size and a
+    case's beginning (before its worker or ranks start) are not printed."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log

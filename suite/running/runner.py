@@ -176,6 +176,7 @@ def run_cases(
     with _sigterm_interrupts():
         for i, case in enumerate(todo, start=1):
             label = f"[{i}/{len(todo)}] {case.mode:<11} {case.model} b{case.batch_size}x{case.seq_len}"
+            sink(Event("case", label, 0, case.steps))
             try:
                 record = _run_one(case, devices[case.device], label, run_id, sink, batches, isolate, case_timeout)
                 if max_batch is not None and record["status"] != "skipped":
