@@ -15,6 +15,7 @@ from suite.cli.config import load_config
 from suite.hardware import resolve_device
 from suite.modes import MODES
 from suite.records import store
+from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
@@ -135,15 +136,23 @@ def summary_table(records: list[dict]) -> str:
         ok = r["status"] == "ok"
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
+        bad = suspect_fields(r)  # a suspect figure reads "12.34!"; its rule is in the suspect column
         rows.append([
-            r["mode"], r["model"], r["status"], fmt(r["step_time_ms"], ".2f"), spread,
-            fmt(r["tokens_per_s"], ",.0f"), fmt(speedup, ".2f"), fmt(r["mfu"], ".1%"),
-            fmt(r["peak_mem_mb"], ",.0f"), fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
-            (r["reason"] or "")[:70],
+            r["mode"], r["model"], r["status"], _mark(bad, fmt(r["step_time_ms"], ".2f"), "step_time_ms"),
+            _mark(bad, spread, "step_time_p10_ms", "step_time_p90_ms"),
+            _mark(bad, fmt(r["tokens_per_s"], ",.0f"), "tokens_per_s"), fmt(speedup, ".2f"),
+            _mark(bad, fmt(r["mfu"], ".1%"), "mfu"), _mark(bad, fmt(r["peak_mem_mb"], ",.0f"), "peak_mem_mb"),
+            fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
+            ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-", (r["reason"] or "")[:70],
         ])  # fmt: skip
     header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
-              "final loss", "vs fp32", "reason"]  # fmt: skip
+              "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip
     return table(rows, header)
+
+
+def _mark(bad: dict[str, list], text: str, *keys: str) -> str:
+    """`text` with a "!" when the self-check found any of `keys` suspect."""
+    return f"{text}!" if text != "-" and any(k in bad for k in keys) else text
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -33,6 +33,8 @@ FIELDS: tuple[str, ...] = (
     "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm",
     # outcome
     "status", "reason", "elapsed_s",
+    # self-check (suite/records/checks.py): rules the figures break, [] when none
+    "suspect",
     # model and precision
     "params", "flops_per_token", "flops_per_step", "tokens_per_step", "compute_dtype",
     "weight_dtypes", "grad_dtypes", "optimizer_state_dtypes", "init_digest", "data_digest",

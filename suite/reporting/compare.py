@@ -3,7 +3,9 @@
 A metric of `baseline.RULES` regresses when B is worse than A by more than that metric's
 allowance (its floor plus both runs' measured p10-p90 spread, exactly as `baseline.compare`
 judges a run against a baseline), and improves when B is better by more than the same
-allowance. Throughput and utilization figures are shown as ratios only ("info").
+allowance. Throughput and utilization figures are shown as ratios only ("info"). A figure
+that broke a self-check rule in A or B (`suspect`) gets the verdict "suspect": never a clean
+regression or improvement, and it does not change the exit code.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting import baseline
 
@@ -29,7 +32,7 @@ class Comparison:
     b: float | None
     ratio: float | None  # b / a
     allowed: float | None  # the largest B that is not a regression
-    verdict: str  # "regressed", "improved", "same", "info", "unmatched"
+    verdict: str  # "regressed", "improved", "same", "info", "unmatched", "suspect" (a figure broke a self-check)
     message: str
 
 
@@ -72,15 +75,17 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     # warmup and compile are not part of the match: compare anyway, and say so in every message
     entry = entry | {"case": case_b}
     note = f" [A and B differ: {', '.join(differs)}]" if differs else ""
+    bad_a, bad_b = suspect_fields(ra), suspect_fields(rb)
     rows = []
     for f in baseline.compare(rb, entry):
         allowance = f.allowed - f.old  # the same margin on the better side makes "improved"
         verdict = "regressed" if f.regressed else "improved" if f.new < f.old - allowance else "same"
         ratio = _ratio(f.old, f.new)
         better = f", better than {_num(f.old - allowance)}" if verdict == "improved" else ""
+        verdict, doubt = _doubt(verdict, f.metric, bad_a, bad_b)
         message = (
             f"{model}/{mode} {f.metric}: {_num(f.old)} -> {_num(f.new)} ({_x(ratio)}), "
-            f"allowed up to {_num(f.allowed)}{better}: {verdict}{note}"
+            f"allowed up to {_num(f.allowed)}{better}: {verdict}{doubt}{note}"
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
     for metric in INFO_METRICS:
@@ -88,9 +93,24 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
         if a is None or b is None:
             continue
         ratio = _ratio(a, b)
-        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): info{note}"
-        rows.append(Comparison(model, mode, metric, a, b, ratio, None, "info", message))
+        verdict, doubt = _doubt("info", metric, bad_a, bad_b)
+        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): {verdict}{doubt}{note}"
+        rows.append(Comparison(model, mode, metric, a, b, ratio, None, verdict, message))
     return rows
+
+
+def _doubt(verdict: str, metric: str, bad_a: dict[str, list], bad_b: dict[str, list]) -> tuple[str, str]:
+    """("suspect", why) when A's or B's figure broke a self-check rule, else (verdict, "").
+
+    A suspect figure is never a clean regression or improvement: it neither fails nor passes
+    the gate, and the message says which run's figure broke which rule and what the verdict
+    would have been.
+    """
+    sides = [(side, bad[metric]) for side, bad in (("A", bad_a), ("B", bad_b)) if metric in bad]
+    if not sides:
+        return verdict, ""
+    which = "; ".join(f"{side}: {e.get('note')} [{e.get('rule')}]" for side, entries in sides for e in entries)
+    return "suspect", f" (would be {verdict}; suspect figure in {which})"
 
 
 def _x(ratio: float | None) -> str:
@@ -141,9 +161,10 @@ def format_comparison(rows: list[Comparison]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    counts = {v: sum(r.verdict == v for r in rows) for v in ("regressed", "improved", "same", "info", "unmatched")}
+    verdicts = ("regressed", "improved", "same", "info", "unmatched", "suspect")
+    counts = {v: sum(r.verdict == v for r in rows) for v in verdicts}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
-    lines += [r.message for r in rows if r.verdict in ("regressed", "unmatched") or r.metric == "status"]
+    lines += [r.message for r in rows if r.verdict in ("regressed", "unmatched", "suspect") or r.metric == "status"]
     return "\n".join(lines)
 
 

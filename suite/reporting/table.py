@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.checks import suspect_fields
 from suite.records.store import REASON_FIELDS
 
 NOT_MEASURED = "not measured"
@@ -25,6 +26,7 @@ class Cell:
     value: Any
     text: str
     reason: str | None = None
+    suspect: bool = False  # measured, but breaks a self-check rule (the reason says which)
 
     @property
     def missing(self) -> bool:
@@ -113,9 +115,33 @@ COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
 HEADERS = [header for _, header, _ in COLUMNS]
 
 
+# The record fields behind each column: a column whose field the self-check (`suspect`) names is marked.
+SUSPECT_FIELDS: dict[str, tuple[str, ...]] = {
+    "step_time_ms": ("step_time_ms",), "step_time_p10_p90_ms": ("step_time_p10_ms", "step_time_p90_ms"),
+    "speedup_vs_fp32": ("step_time_ms",), "tokens_per_s": ("tokens_per_s",),
+    "mfu_pct": ("mfu", "achieved_flops"), "mfu_bf16_pct": ("achieved_flops",), "mamf_pct": ("mamf", "achieved_flops"),
+    "tensor_core_util_pct": ("tensor_core_util",), "peak_mem_mb": ("peak_mem_mb",),
+    "peak_mem_allocated_mb": ("peak_mem_allocated_mb",), "energy_mj_per_token": ("energy_j_per_step",),
+    "tokens_per_kj": ("tokens_per_joule",),
+}  # fmt: skip
+SUSPECT = "suspect"
+
+
+def _suspect(cell: Cell, entries: list[dict[str, Any]]) -> Cell:
+    """A measured figure the self-check doubts: kept, marked, and its rules as the note."""
+    if cell.missing or not entries:
+        return cell
+    note = "; ".join(dict.fromkeys(f"suspect ({e.get('rule')}): {e.get('note')}" for e in entries))
+    return Cell(cell.value, f"{cell.text} ({SUSPECT})", note, suspect=True)
+
+
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
-    return [make(r, ref) for _, _, make in COLUMNS]
+    bad = suspect_fields(r)
+    return [
+        _suspect(make(r, ref), [e for key in SUSPECT_FIELDS.get(name, ()) for e in bad.get(key, [])])
+        for name, _, make in COLUMNS
+    ]
 
 
 class Notes:
@@ -138,7 +164,7 @@ def to_html(rows: list[list[Cell]], notes: Notes) -> str:
         for cell in row:
             text = html.escape(cell.text)
             if cell.reason:
-                cls = ' class="nm"' if cell.missing else ""
+                cls = ' class="nm"' if cell.missing else ' style="color:#b00"' if cell.suspect else ""
                 title = html.escape(cell.reason, quote=True)
                 text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
             out.append(f"<td>{text}</td>")
@@ -179,4 +205,5 @@ def csv_row(r: dict[str, Any], row: list[Cell]) -> dict[str, Any]:
         out["not_measured"] = why(r, "status")
     else:
         out["not_measured"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.missing)
+    out["suspect"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.suspect)
     return out
