@@ -87,13 +87,15 @@ class FakeDevice:
     sm_clock_mhz: list[Any] = field(default_factory=lambda: [1980])
     temperature_c: list[Any] = field(default_factory=lambda: [50])
     event_reasons: list[Any] = field(default_factory=lambda: [0])
+    power_limit_mw: list[Any] = field(default_factory=lambda: [700_000])  # nvmlDeviceGetEnforcedPowerLimit
     unsupported: set[str] = field(default_factory=set)  # function names that raise NVMLError_NotSupported
     gpm_supported: bool = False
     gpm_metrics: dict[int, float] = field(default_factory=dict)  # metric id -> percent
     gpm_returns: dict[int, int] = field(default_factory=dict)  # metric id -> per-metric nvmlReturn
 
     def __post_init__(self) -> None:
-        names = ("processes", "mem_used", "power_mw", "energy_mj", "sm_clock_mhz", "temperature_c", "event_reasons")
+        names = ("processes", "mem_used", "power_mw", "energy_mj", "sm_clock_mhz", "temperature_c", "event_reasons",
+                 "power_limit_mw")  # fmt: skip
         self.scripts = {name: Script(getattr(self, name)) for name in names}
 
 
@@ -145,6 +147,7 @@ class FakeNvml:
         self.library_missing = library_missing
         self.uuid_as_bytes = uuid_as_bytes  # old pynvml returned bytes
         self.initialized = False
+        self.driver_version, self.cuda_driver_version = "570.86.15", 12080
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.gpm_allocated: set[int] = set()  # fake sample addresses not yet freed
@@ -177,6 +180,16 @@ class FakeNvml:
 
     def nvmlShutdown(self) -> None:
         self.initialized = False
+
+    def nvmlSystemGetDriverVersion(self) -> str:  # pynvml decodes the C string (convertStrBytes)
+        if not self.initialized:
+            raise NVMLError_Uninitialized()
+        return self.driver_version
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:  # e.g. 12080 for CUDA 12.8
+        if not self.initialized:
+            raise NVMLError_Uninitialized()
+        return self.cuda_driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         if not self.initialized:
@@ -217,6 +230,9 @@ class FakeNvml:
         if sensor != self.NVML_TEMPERATURE_GPU:
             raise NVMLError_InvalidArgument()
         return self._next("nvmlDeviceGetTemperature", handle, "temperature_c")
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:  # mW
+        return self._next("nvmlDeviceGetEnforcedPowerLimit", handle, "power_limit_mw")
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
         return self._next("nvmlDeviceGetCurrentClocksEventReasons", handle, "event_reasons")
