@@ -149,6 +149,11 @@ def test_in_a_container_the_only_listed_process_is_ours():
     assert got["nvml_process_memory"].status == CANNOT
 
 
+def test_an_allocation_served_from_the_cache_cannot_be_checked():
+    got = run(dict(reserved_growth=0.0, nvml_growth=0.0))
+    assert got["nvml_process_memory"].status == CANNOT and "reserved only 0 MiB" in got["nvml_process_memory"].detail
+
+
 def test_a_probe_that_raises_is_a_named_failure():
     fake_cuda, fake_nvml = machine()
 

@@ -210,6 +210,9 @@ def _memory(m: Machine) -> Check:
     figures = asdict(p)
     if p.before_mb is None or p.after_mb is None:
         return Check("nvml_process_memory", CANNOT, f"this process not found in NVML's list: {p.how}", figures)
+    if p.reserved_growth_mb < m.durations.memory_mib / 2:
+        return Check("nvml_process_memory", CANNOT, f"the allocator reserved only {p.reserved_growth_mb:,.0f} MiB "
+                     f"for a {m.durations.memory_mib} MiB block: nothing to compare", figures)  # fmt: skip
     grew = p.after_mb - p.before_mb
     tol = max(MEM_TOLERANCE_MB, MEM_TOLERANCE_REL * p.reserved_growth_mb)
     text = f"NVML ({p.how}) grew {grew:,.0f} MiB for {p.reserved_growth_mb:,.0f} MiB the allocator reserved"

@@ -105,6 +105,7 @@ class TorchCuda:
     def allocate(self, mib: int) -> float:
         """Hold `mib` MiB on the device until `release()`; the growth of the allocator's reserved MiB."""
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # no cached block may serve the request: the driver must map new memory
         before = torch.cuda.memory_reserved(self.device)
         self._held = torch.ones(mib * MIB, dtype=torch.uint8, device=self.device)  # written: the pages are real
         torch.cuda.synchronize(self.device)
