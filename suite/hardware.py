@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,20 @@ def resolve_device(name: str) -> DeviceInfo:
             index,
         )
     raise ValueError(f"device={name!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Make `device` CUDA's current device for the block, restored after (a no-op on CPU).
+
+    Calls that default to the current device (`torch.cuda.Event.record()`, `synchronize()`,
+    library handles) then act on the case's GPU, and no context is made on GPU 0.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
 
 
 def synchronize(device: torch.device) -> None:

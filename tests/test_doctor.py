@@ -11,7 +11,7 @@ from suite.cli.doctor import CANNOT, FAIL, PASS, Durations, diagnose
 from suite.cli.main import main
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult
 from tests.fake_cuda import H100_UUID, FakeCuda
-from tests.fake_nvml import MIB, FakeDevice, FakeNvml, NVMLError_NotSupported
+from tests.fake_nvml import MIB, FakeDevice, FakeNvml
 
 FAST = Durations(event_s=0.01, energy_s=1.0, gpm_s=0.12, share_s=0.01, memory_mib=1024)
 GPU_CHECKS = ["gpu_visible", "nvml_same_gpu", *(name for name, _, _ in doctor.GPU_CHECKS)]
@@ -119,7 +119,7 @@ def test_an_energy_counter_the_gpu_lacks_cannot_be_checked():
 
 
 def test_an_unreadable_power_limit_cannot_be_checked():
-    got = run(power_limit_mw=[NVMLError_NotSupported()])
+    got = run(unsupported={"nvmlDeviceGetEnforcedPowerLimit"})
     assert got["energy_power"].status == CANNOT and "limit unreadable" in got["energy_power"].detail
 
 
@@ -165,11 +165,19 @@ def test_a_probe_that_raises_is_a_named_failure():
     assert got["nvml_process_memory"].status == FAIL and "illegal memory access" in got["nvml_process_memory"].detail
 
 
-def test_the_clocks_are_read_while_the_gpu_works():
+def test_the_clocks_are_read_while_the_gpu_works_through_either_pynvml_name():
     fake_cuda, fake_nvml = machine()
+    reads = []
+    real = fake_nvml.nvmlDeviceGetCurrentClocksEventReasons
+    fake_nvml.nvmlDeviceGetCurrentClocksEventReasons = lambda h: reads.append(len(fake_cuda.loops)) or real(h)
     diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)
-    assert fake_nvml.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 1  # once, from inside the energy loop
-    assert fake_nvml.calls["nvmlDeviceGetEnforcedPowerLimit"] == 1
+    assert len(reads) == 1  # once, from inside a loop (before it was appended to `loops`)
+    assert fake_cuda.loops[reads[0]].iters > 3  # the energy loop, not its 3-matmul trial
+    # a driver before R535: FunctionNotFound for the new name, the old name gives the same bits
+    fake_cuda, fake_nvml = machine(old_driver=True, event_reasons=[0x40])
+    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    assert got["clocks_not_throttled"].status == FAIL and "hw_thermal_slowdown" in got["clocks_not_throttled"].detail
+    assert fake_nvml.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 1
 
 
 @pytest.mark.gpu

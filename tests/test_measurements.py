@@ -32,6 +32,12 @@ class _FakeAllocator:
     def __exit__(self, *exc) -> None:
         pass
 
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
     def result(self) -> AllocatorPeak:
         return AllocatorPeak(allocated_mb=1000.0, reserved_mb=1200.0)
 
@@ -69,7 +75,7 @@ def test_gpu_window_with_gpm_energy_and_process_memory(fake_gpu, monkeypatch):
         gpm_metrics={5: 62.0, 7: 60.0, 9: 0.0},
     )
     w = _run_window(H100)
-    assert not w.wants_profiler(50)  # GPM works: no profiler window needed
+    assert w.profiler_steps(50) == window_mod.PROFILED_STEPS  # kept in case GPM fails at run time
     f = w.fields(timed_steps=9, tokens_per_step=1000)
     assert f["peak_mem_mb"] == 3000 and f["peak_mem_source"] == "nvml-process"
     assert f["peak_mem_device_mb"] == 4000
@@ -85,8 +91,8 @@ def test_gpu_window_with_gpm_energy_and_process_memory(fake_gpu, monkeypatch):
 def test_gpu_without_gpm_plans_the_profiler_and_says_why(fake_gpu):
     fake_gpu(gpm_supported=False, energy_mj=[0, 10_000])
     w = _run_window(A100)
-    assert w.wants_profiler(50)
-    assert not w.wants_profiler(window_mod.PROFILED_STEPS)  # too few steps to carve out a window
+    assert w.profiler_steps(50) == window_mod.PROFILED_STEPS
+    assert w.profiler_steps(window_mod.PROFILED_STEPS) == 0  # too few steps to carve out a window
     f = w.fields(timed_steps=5, tokens_per_step=100)
     assert f.get("tensor_core_util") is None
     assert "GPM not supported" in f["tensor_core_util_reason"]

@@ -22,6 +22,7 @@ import torch
 
 from suite.metrics import nvml as nvml_lib
 from suite.metrics import peaks, probes
+from suite.metrics.nvml_sampler import _EVENT_BITS, THROTTLE_BITS
 from suite.records import checks as rules
 
 PASS, FAIL, CANNOT = "pass", "fail", "cannot check"
@@ -175,9 +176,9 @@ def _throttled(m: Machine) -> Check:
     if bits is None:
         why = m.energy.errors.get("clocks") if m.energy else "the energy probe did not run"
         return Check("clocks_not_throttled", CANNOT, f"clocks-event reasons unread: {why}")
-    named = {name: getattr(m.nvml, f"nvmlClocksEventReason{suffix}", bit) for name, suffix, bit in nvml_lib._EVENT_BITS}
+    named = {name: getattr(m.nvml, f"nvmlClocksEventReason{suffix}", bit) for name, suffix, bit in _EVENT_BITS}
     seen = [name for name, bit in named.items() if bits & bit]
-    slow = [name for name in seen if name in nvml_lib.THROTTLE_BITS]
+    slow = [name for name in seen if name in THROTTLE_BITS]
     figures = {"event_bits": bits, "reasons": seen}
     if slow:
         return Check("clocks_not_throttled", FAIL, f"under a bf16 load the clocks are held down: {', '.join(slow)}; "

@@ -152,14 +152,22 @@ def _try(errors: dict[str, str], key: str, fn: Callable[[], Any]) -> Any:
 def energy_probe(cuda: Any, nvml: Any, handle: Any, seconds: float) -> EnergyProbe:
     """Read the total-energy counter (mJ) before and after a bf16 loop; clocks reasons during it."""
     errors: dict[str, str] = {}
-    events_fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-        nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
-    )  # the older spelling before driver R535
     bits: list[int] = []
 
     def during() -> None:
-        if events_fn is not None and (got := _try(errors, "clocks", lambda: events_fn(handle))) is not None:
-            bits.append(int(got))
+        # the name since driver R535, then the deprecated one (same bits): pynvml has both names, but an
+        # older driver's library lacks the new function and raises FunctionNotFound
+        for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+            fn = getattr(nvml, name, None)
+            if fn is None:
+                continue
+            got = _try(errors, "clocks", lambda fn=fn: fn(handle))
+            if got is not None:
+                bits.append(int(got))
+                errors.pop("clocks", None)
+                return
+            if "FunctionNotFound" not in errors["clocks"]:
+                return
 
     iters = iters_for(cuda, "bf16", seconds)  # the trial stays out of the energy reading
     # the reading spans the loop's 2 warm-up matmuls too (wall_ms does not): +2/iters of energy, under 0.2% at 2 s
@@ -168,8 +176,8 @@ def energy_probe(cuda: Any, nvml: Any, handle: Any, seconds: float) -> EnergyPro
     end = _try(errors, "energy", lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
     limit_mw = _try(errors, "power_limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
     energy = (end - start) / 1e3 if start is not None and end is not None else None
-    if events_fn is None:
-        errors["clocks"] = "no clocks-event function in this pynvml"
+    if not bits:
+        errors.setdefault("clocks", "no clocks-event function in this pynvml")
     return EnergyProbe(energy, timing.wall_ms / 1e3, None if limit_mw is None else limit_mw / 1e3,
                        bits[0] if bits else None, errors)  # fmt: skip
 

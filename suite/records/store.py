@@ -51,7 +51,10 @@ FIELDS: tuple[str, ...] = (
     "peak_mem_reserved_mb", "peak_mem_reason",
     # energy and clocks (NVML, over the timed window)
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
-    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
+    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "power_limit_w", "gpu_shared_with",
+    "sampler_stalled", "nvml_reason",
+    # the measured window: seconds of timed steps (held-out evaluation excluded)
+    "window_s",
     # data parallel (world_size > 1): per-rank step times, hosts, efficiency vs 1 process
     "rank_step_time_ms", "hosts", "scaling_efficiency", "scaling_reason",
     # largest batch that fits (--find-max-batch)
@@ -77,7 +80,10 @@ REASON_FIELDS: dict[str, str] = {
         ("peak_mem_mb", "peak_mem_device_mb", "peak_mem_allocated_mb", "peak_mem_reserved_mb"), "peak_mem_reason"
     ),
     **dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"), "energy_reason"),
-    **dict.fromkeys(("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples"), "nvml_reason"),
+    **dict.fromkeys(
+        ("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples", "power_limit_w", "gpu_shared_with"),
+        "nvml_reason",
+    ),
 }
 
 
