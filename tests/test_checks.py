@@ -32,7 +32,7 @@ def sound(**kw):
         peak_mem_source="nvml-process", peak_mem_device_mb=30_500.0, peak_mem_allocated_mb=25_000.0,
         peak_mem_reserved_mb=29_400.0, avg_power_w=POWER, energy_j_per_step=POWER * WINDOW_S / STEPS,
         tokens_per_joule=TOKENS * STEPS / (POWER * WINDOW_S), throttled=False, throttle_reasons=[],
-        final_loss=3.0, loss_curve=[5.0, 3.0], window_s=WINDOW_S, power_limit_w=700.0,
+        final_loss=3.0, loss_curve=[5.0, 3.0], window_s=WINDOW_S, power_limit_w=700.0, gpu_shared_with=[],
     ) | kw  # fmt: skip
     # window_s and power_limit_w may not be schema fields yet: set them beside the record
     extra = {k: v for k, v in values.items() if k not in store.FIELDS}
@@ -73,6 +73,7 @@ BROKEN = [
     ("tensor_core_util_in_range", dict(tensor_core_util=1.3), 1.3, 1.0),
     ("tensor_core_util_in_range", dict(tensor_core_util_hmma=-0.1), -0.1, 0.0),
     ("not_throttled", dict(throttled=True, throttle_reasons=["sw_power_cap"]), True, False),
+    ("gpu_not_shared", dict(gpu_shared_with=[4242]), [4242], []),
 ]  # fmt: skip
 
 

@@ -216,6 +216,15 @@ def _throttled(r: dict[str, Any]) -> Iterator[Suspect]:
         )
 
 
+def _shared(r: dict[str, Any]) -> Iterator[Suspect]:
+    """Other processes on the GPU during the window: its energy, power and GPM figures are not ours alone."""
+    others = r.get("gpu_shared_with")
+    if isinstance(others, list) and others:
+        fields = ["energy_j_per_step", "avg_power_w", "tokens_per_joule", "tensor_core_util", "step_time_ms"]
+        pids = ", ".join(map(str, others))
+        yield _flag("gpu_not_shared", fields, others, [], f"other processes used the GPU during the window: pid {pids}")
+
+
 RULES: dict[str, Callable[[dict[str, Any]], Iterator[Suspect]]] = {
     "percentiles_ordered": _percentiles,
     "tokens_per_s": _tokens_per_s,
@@ -227,6 +236,7 @@ RULES: dict[str, Callable[[dict[str, Any]], Iterator[Suspect]]] = {
     "step_times_within_window": _window,
     "tensor_core_util_in_range": _tensor_cores,
     "not_throttled": _throttled,
+    "gpu_not_shared": _shared,
 }
 
 
