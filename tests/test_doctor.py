@@ -187,3 +187,43 @@ def test_on_a_real_gpu_the_probes_agree_with_themselves():
     for name in ("gpu_visible", "event_vs_wall"):
         assert got[name].status == PASS, got[name]
     assert all(c.status in (PASS, FAIL, CANNOT) and c.detail for c in got.values())
+
+
+def test_the_real_cuda_boundary_times_and_syncs_the_chosen_device(monkeypatch):
+    """TorchCuda against a recording stand-in for torch: events on cuda:1's stream, sync of cuda:1 only."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from suite.metrics import probes
+
+    calls = []
+
+    class Tensor:
+        def to(self, dtype):
+            return self
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+        def elapsed_time(self, end):
+            return 12.5
+
+    cuda = SimpleNamespace(
+        device=lambda d: calls.append(("device", d)) or nullcontext(), current_stream=lambda d: ("stream", d),
+        Event=Event, synchronize=lambda d=None: calls.append(("sync", d)),
+    )  # fmt: skip
+    fake = SimpleNamespace(cuda=cuda, device=torch.device, randn=lambda *shape, device: Tensor(),
+                           empty_like=lambda t: Tensor(), matmul=lambda a, b, out: calls.append("matmul"))  # fmt: skip
+    monkeypatch.setattr(probes, "torch", fake)
+    t = probes.TorchCuda(1).matmul_loop("bf16", 64, 3, during=lambda: calls.append("during"))
+    dev = torch.device("cuda", 1)
+    assert t.event_ms == 12.5 and t.iters == 3 and t.wall_ms >= 0
+    assert [c for c in calls if c[0] == "record"] == [("record", ("stream", dev))] * 2
+    assert [c for c in calls if c[0] == "sync"] == [("sync", dev)] * 2 and ("device", dev) in calls
+    # the loop's 3 matmuls sit between the events; `during` runs after the last launch, before the final sync
+    order = [c if isinstance(c, str) else c[0] for c in calls]
+    assert order[-7:] == ["record", "matmul", "matmul", "matmul", "record", "during", "sync"]
