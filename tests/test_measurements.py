@@ -8,6 +8,7 @@ import pytest
 
 from suite.hardware import DeviceInfo
 from suite.metrics import calibration
+from suite.metrics import nvml as nvml_mod
 from suite.metrics import window as window_mod
 from suite.metrics.flops import utilization_fields
 from suite.metrics.memory import AllocatorPeak
@@ -160,3 +161,33 @@ def test_cpu_record_has_every_metric_or_its_reason(tmp_path, monkeypatch):
     assert r["timed_steps"] == 4 and len(r["step_times_ms"]) == 4
     assert r["peak_mem_source"] == "rss" and r["peak_mem_mb"] > 50  # torch alone needs more
     assert r["achieved_flops"] == pytest.approx(r["flops_per_step"] / (r["step_time_ms"] / 1e3))
+
+
+def test_pause_leaves_evaluation_out_of_time_energy_and_gpm(fake_gpu, monkeypatch):
+    monkeypatch.setattr(nvml_mod, "GPM_MIN_WINDOW_S", 0.02)
+    # energy: 1000 J at enter, 1010 at the pause, 1500 at the resume (the evaluation), 1520 at exit
+    fake, _ = fake_gpu(energy_mj=[1_000_000, 1_010_000, 1_500_000, 1_520_000], gpm_supported=True,
+                       gpm_metrics={5: 50.0, 7: 50.0, 9: 0.0})  # fmt: skip
+    w = window_mod.MeasuredWindow(H100)
+    with w:
+        time.sleep(0.05)
+        with w.paused():
+            time.sleep(0.2)  # held-out evaluation
+        time.sleep(0.05)
+    f = w.fields(timed_steps=10, tokens_per_step=100)
+    assert 0.09 < f["window_s"] < 0.2  # the two timed segments, not the 0.2 s evaluation
+    assert f["energy_j_per_step"] == pytest.approx(3.0)  # (10 + 20) J over 10 steps
+    assert f["tensor_core_util"] == pytest.approx(0.5) and fake.calls["nvmlGpmMetricsGet"] == 2  # one per segment
+
+
+def test_a_failing_device_sync_still_closes_every_tracker(fake_gpu, monkeypatch):
+    fake, _ = fake_gpu(gpm_supported=True)
+    w = window_mod.MeasuredWindow(H100)
+    with pytest.raises(RuntimeError, match="illegal memory access"), w:
+        monkeypatch.setattr(window_mod, "synchronize", _raise_device_error)
+    assert not w._sampler._thread.is_alive()
+    assert not fake.gpm_allocated  # GPM samples freed
+
+
+def _raise_device_error(dev) -> None:
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")

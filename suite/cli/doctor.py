@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from suite.hardware import native_bf16_flag
 from suite.metrics import nvml as nvml_lib
 from suite.metrics import peaks, probes
 from suite.metrics.nvml_sampler import _EVENT_BITS, THROTTLE_BITS
@@ -96,19 +97,14 @@ def _threads() -> Check:
 
 def _cpu_bf16() -> Check:
     """bf16 autocast on this CPU: a matmul close to fp32's, and whether the CPU has bf16 instructions."""
-    flags = ""
-    try:
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+    native = native_bf16_flag()
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(256, 256, generator=gen), torch.randn(256, 256, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = a @ b
     err = float((low.float() - a @ b).norm() / (a @ b).norm())
     figures = {"rel_error": err, "native": native}
-    how = f"native ({', '.join(native)})" if native else "no bf16 instructions: emulated, ~30x slower than fp32"
+    how = f"native ({native})" if native else "no bf16 instructions: emulated, ~30x slower than fp32"
     if low.dtype != torch.bfloat16 or not err < 2e-2:
         return Check("cpu_bf16", FAIL, f"bf16 autocast matmul off by {err:.2g} (dtype {low.dtype})", figures)
     return Check("cpu_bf16", PASS, f"bf16 autocast matmul within {err:.1e} of fp32; {how}", figures)

@@ -58,13 +58,13 @@ FIELDS: tuple[str, ...] = (
     # data parallel (world_size > 1): per-rank step times, hosts, efficiency vs 1 process
     "rank_step_time_ms", "hosts", "scaling_efficiency", "scaling_reason",
     # largest batch that fits (--find-max-batch)
-    "max_batch", "max_batch_limit_mb", "max_batch_tries",
+    "max_batch", "max_batch_limit_mb", "max_batch_tries", "max_batch_reason",
     # convergence (nats / token)
     "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
     "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
-    "python", "cpu", "cpu_count", "torch_threads", "hostname", "platform",
+    "python", "cpu", "cpu_count", "cpu_bf16_native", "torch_threads", "hostname", "platform",
 )
 # fmt: on
 
