@@ -248,7 +248,8 @@ def check(record: dict[str, Any]) -> list[Suspect]:
 def suspect_fields(record: dict[str, Any]) -> dict[str, list[Suspect]]:
     """Record field -> the suspect entries naming it (empty for a clean or unchecked record)."""
     out: dict[str, list[Suspect]] = {}
-    for s in record.get("suspect") or []:
+    entries = record.get("suspect")
+    for s in entries if isinstance(entries, list) else []:  # None: written before the checks existed
         if isinstance(s, dict):
             for key in s.get("fields") or []:
                 out.setdefault(key, []).append(s)
