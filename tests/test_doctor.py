@@ -72,7 +72,7 @@ BROKEN = [
     ("energy_power", dict(watts=2000.0), {}, "above the enforced limit 700 W"),
     ("energy_power", dict(watts=0.0), {}, "did not advance"),
     ("energy_power", dict(watts=1.0), {}, "below any working GPU"),
-    ("clocks_not_throttled", {}, dict(event_reasons=[0x4]), "sw_power_cap"),
+    ("clocks_not_throttled", {}, dict(event_reasons=[0x8 | 0x4]), "hw_slowdown"),
     ("clocks_not_throttled", {}, dict(event_reasons=[0x40 | 0x1]), "hw_thermal_slowdown"),
     ("tensor_core_util", dict(tensor_util_pct={"bf16": 3.0, "fp32": 0.0}), {}, "should use tensor cores"),
     ("tensor_core_util", {}, dict(gpm_returns={5: 3}), "Not Supported"),  # GPM supported, fails at run time
@@ -92,6 +92,12 @@ def test_each_gpu_check_fails_through_the_fakes(name, cuda, nvml_device, text):
 
 def test_every_gpu_check_has_a_failing_case():
     assert {b[0] for b in BROKEN} == set(GPU_CHECKS)
+
+
+def test_a_power_cap_under_max_power_matmuls_is_not_a_failure():
+    got = run(event_reasons=[0x4])
+    assert got["clocks_not_throttled"].status == PASS
+    assert "at the power cap of 700 W" in got["clocks_not_throttled"].detail
 
 
 def test_failing_checks_make_the_command_exit_1(monkeypatch, capsys):

@@ -174,11 +174,18 @@ def _throttled(m: Machine) -> Check:
         return Check("clocks_not_throttled", CANNOT, f"clocks-event reasons unread: {why}")
     named = {name: getattr(m.nvml, f"nvmlClocksEventReason{suffix}", bit) for name, suffix, bit in _EVENT_BITS}
     seen = [name for name, bit in named.items() if bits & bit]
-    slow = [name for name in seen if name in THROTTLE_BITS]
+    # A GPU at its power cap under the heaviest load there is (large bf16 matmuls) works as designed;
+    # thermal, hardware and power-brake slowdowns mean cooling, power delivery or an external signal.
+    slow = [name for name in seen if name in THROTTLE_BITS and name != "sw_power_cap"]
     figures = {"event_bits": bits, "reasons": seen}
     if slow:
         return Check("clocks_not_throttled", FAIL, f"under a bf16 load the clocks are held down: {', '.join(slow)}; "
                      "records will be flagged throttled", figures)  # fmt: skip
+    if "sw_power_cap" in seen:
+        limit = f" of {m.energy.power_limit_w:.0f} W" if m.energy.power_limit_w else ""
+        text = (f"no thermal or hardware slowdown; at the power cap{limit} under max-power matmuls (normal; "
+                "a training window that hits it is flagged throttled)")  # fmt: skip
+        return Check("clocks_not_throttled", PASS, text, figures)
     return Check("clocks_not_throttled", PASS, f"no power or thermal slowdown under load ({bits:#x})", figures)
 
 
