@@ -24,9 +24,13 @@ def machine(cuda=None, nvml=None, **device):
     return FakeCuda(device=dev, **(cuda or {})), nvml
 
 
+def checks_of(fake_cuda, fake_nvml, device="cuda"):
+    """The doctor's checks by name on fake hardware (no training run: there is no real GPU)."""
+    return {c.name: c for c in diagnose(device, fake_cuda, fake_nvml, durations=FAST, run_record=False)}
+
+
 def run(cuda=None, device="cuda", **nvml_device):
-    fake_cuda, fake_nvml = machine(cuda, **nvml_device)
-    return {c.name: c for c in diagnose(device, cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    return checks_of(*machine(cuda, **nvml_device), device=device)
 
 
 def test_a_healthy_gpu_passes_every_check():
@@ -42,6 +46,7 @@ def test_a_healthy_gpu_passes_every_check():
 def test_on_this_cpu_every_gpu_check_cannot_be_checked_and_nothing_fails():
     got = {c.name: c for c in diagnose("auto", cuda=FakeCuda(present=False), durations=FAST)}
     assert {got[n].status for n in GPU_CHECKS} == {CANNOT}
+    assert got["record_self_check"].status == PASS and got["record_self_check"].figures["suspect"] == []
     assert "no CUDA GPU" in got["energy_power"].detail
     assert got["cpu_threads"].status == PASS and got["cpu_bf16"].status == PASS
     assert all(c.status != FAIL for c in got.values())
@@ -49,14 +54,15 @@ def test_on_this_cpu_every_gpu_check_cannot_be_checked_and_nothing_fails():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
 def test_the_command_on_this_cpu_exits_0_with_cannot_check_lines(capsys):
-    assert main(["doctor"]) == 0
+    assert main(["doctor", "--no-run"]) == 0
     text = capsys.readouterr().out
     assert "cannot check  gpu_visible" in text and "no CUDA GPU" in text and "0 failed" in text
-    assert main(["doctor", "--json"]) == 0
+    assert "record_self_check" not in text  # --no-run
+    assert main(["doctor", "--json", "--no-run"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["failed"] is False
     assert {c["name"]: c["status"] for c in data["checks"]}["event_vs_wall"] == CANNOT
-    assert main(["doctor", "--device", "cuda"]) == 1  # asked for a GPU that is not there: a failure
+    assert main(["doctor", "--device", "cuda", "--no-run"]) == 1  # asked for a GPU that is not there: a failure
     assert "FAIL          gpu_visible" in capsys.readouterr().out
     assert main(["doctor", "--device", "gpu"]) == 2
     assert "device='gpu'" in capsys.readouterr().err
@@ -103,15 +109,18 @@ def test_a_power_cap_under_max_power_matmuls_is_not_a_failure():
 def test_failing_checks_make_the_command_exit_1(monkeypatch, capsys):
     fake_cuda, fake_nvml = machine(dict(event_scale=0.5))
     real = doctor.diagnose
-    monkeypatch.setattr(doctor, "diagnose", lambda d: real(d, cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST))
-    assert main(["doctor", "--device", "cuda:0"]) == 1
+    monkeypatch.setattr(
+        doctor,
+        "diagnose",
+        lambda d, run_record: real(d, cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST, run_record=run_record),
+    )
+    assert main(["doctor", "--device", "cuda:0", "--no-run"]) == 1
     assert "FAIL          event_vs_wall" in capsys.readouterr().out
 
 
 def test_without_nvml_the_nvml_checks_cannot_be_checked_and_the_match_fails():
     fake_cuda, _ = machine()
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=FakeNvml([], library_missing=True),
-                                       durations=FAST)}  # fmt: skip
+    got = checks_of(fake_cuda, FakeNvml([], library_missing=True))
     assert got["nvml_same_gpu"].status == FAIL and "NVML Shared Library Not Found" in got["nvml_same_gpu"].detail
     for name in ("energy_power", "tensor_core_util", "nvml_process_memory", "no_other_process"):
         assert got[name].status == CANNOT and "NVML not matched" in got[name].detail
@@ -120,7 +129,7 @@ def test_without_nvml_the_nvml_checks_cannot_be_checked_and_the_match_fails():
 
 def test_an_energy_counter_the_gpu_lacks_cannot_be_checked():
     fake_cuda, fake_nvml = machine(unsupported={"nvmlDeviceGetTotalEnergyConsumption"})
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    got = checks_of(fake_cuda, fake_nvml)
     assert got["energy_power"].status == CANNOT and "NotSupported" in got["energy_power"].detail
 
 
@@ -140,17 +149,17 @@ def test_without_gpm_the_profiler_share_judges_tensor_cores():
 
 def test_a_gpm_window_under_100_ms_fails_rather_than_guesses():
     fake_cuda, fake_nvml = machine(dict(max_sleep_s=0.0))
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    got = checks_of(fake_cuda, fake_nvml)
     assert got["tensor_core_util"].status == FAIL and "needs more than 100 ms" in got["tensor_core_util"].detail
 
 
 def test_in_a_container_the_only_listed_process_is_ours():
     fake_cuda, fake_nvml = machine(dict(pid=1))  # NVML lists pid 1; this process is os.getpid()
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    got = checks_of(fake_cuda, fake_nvml)
     assert got["no_other_process"].status == PASS and "only process listed" in got["no_other_process"].detail
     assert got["nvml_process_memory"].status == PASS
     fake_cuda, fake_nvml = machine(dict(pid=1, others=[(2, MIB)]))
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    got = checks_of(fake_cuda, fake_nvml)
     assert got["no_other_process"].status == FAIL and "at least 1 other" in got["no_other_process"].detail
     assert got["nvml_process_memory"].status == CANNOT
 
@@ -167,7 +176,7 @@ def test_a_probe_that_raises_is_a_named_failure():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     fake_cuda.allocate = broken
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    got = checks_of(fake_cuda, fake_nvml)
     assert got["nvml_process_memory"].status == FAIL and "illegal memory access" in got["nvml_process_memory"].detail
 
 
@@ -176,12 +185,12 @@ def test_the_clocks_are_read_while_the_gpu_works_through_either_pynvml_name():
     reads = []
     real = fake_nvml.nvmlDeviceGetCurrentClocksEventReasons
     fake_nvml.nvmlDeviceGetCurrentClocksEventReasons = lambda h: reads.append(len(fake_cuda.loops)) or real(h)
-    diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)
+    checks_of(fake_cuda, fake_nvml)
     assert len(reads) == 1  # once, from inside a loop (before it was appended to `loops`)
     assert fake_cuda.loops[reads[0]].iters > 3  # the energy loop, not its 3-matmul trial
     # a driver before R535: FunctionNotFound for the new name, the old name gives the same bits
     fake_cuda, fake_nvml = machine(old_driver=True, event_reasons=[0x40])
-    got = {c.name: c for c in diagnose("cuda", cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST)}
+    got = checks_of(fake_cuda, fake_nvml)
     assert got["clocks_not_throttled"].status == FAIL and "hw_thermal_slowdown" in got["clocks_not_throttled"].detail
     assert fake_nvml.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 1
 

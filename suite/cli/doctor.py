@@ -110,6 +110,24 @@ def _cpu_bf16() -> Check:
     return Check("cpu_bf16", PASS, f"bf16 autocast matmul within {err:.1e} of fp32; {how}", figures)
 
 
+def _record_self_check(device: str) -> Check:
+    """A short tiny fp32 run through the real pipeline: its record must break no self-check rule."""
+    from suite.running.runner import run_cases  # training imports stay out of the other checks
+    from suite.training.case import Case
+
+    case = Case(model="tiny", mode="fp32", device=device, batch_size=2, seq_len=32, steps=8, warmup=2,
+                eval_batches=1)  # fmt: skip
+    r = run_cases([case], log=None, isolate=False)[0]
+    figures = {"status": r["status"], "step_time_ms": r["step_time_ms"], "suspect": r["suspect"]}
+    if r["status"] != "ok":
+        return Check("record_self_check", FAIL, f"tiny fp32 run ended {r['status']}: {r['reason']}", figures)
+    if r["suspect"]:
+        notes = "; ".join(f"{s['rule']}: {s['note']}" for s in r["suspect"])
+        return Check("record_self_check", FAIL, f"tiny fp32 run's record breaks: {notes}", figures)
+    return Check("record_self_check", PASS, f"a {case.steps}-step tiny fp32 run on {r['device']} wrote a record "
+                 f"that breaks no self-check rule ({r['step_time_ms']:.2f} ms/step)", figures)  # fmt: skip
+
+
 def _gpu_visible(m: Machine) -> Check:
     why = m.cuda.unavailable()
     if why:
@@ -273,13 +291,27 @@ GPU_CHECKS: tuple[tuple[str, Callable[[Machine], Check], bool], ...] = (
 
 
 def diagnose(device: str = "auto", cuda: Any = None, nvml_module: Any = None,
-             durations: Durations | None = None) -> list[Check]:  # fmt: skip
-    """Every check for `device` ("auto", "cpu", "cuda", "cuda:N"); `cuda`/`nvml_module` replace the real ones."""
+             durations: Durations | None = None, run_record: bool = True) -> list[Check]:  # fmt: skip
+    """Every check for `device` ("auto", "cpu", "cuda", "cuda:N"); `cuda`/`nvml_module` replace the real
+    ones; `run_record` adds a short tiny training run whose record must pass the self-check."""
+    checks = _diagnose(device, cuda, nvml_module, durations or Durations())
+    if run_record:
+        gpu = next(c for c in checks if c.name == "gpu_visible").status == PASS
+        target = device if device != "auto" else ("cuda" if gpu else "cpu")
+        if target.startswith("cuda") and not gpu:
+            checks.insert(-1, Check("record_self_check", CANNOT, "no CUDA GPU to train on"))
+        else:
+            checks.insert(-1, _guard("record_self_check", lambda: _record_self_check(target)))
+    return checks
+
+
+def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations) -> list[Check]:
+    """The checks without the training run."""
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r} is unknown; choose auto, cpu, cuda or cuda:N")
     out = [_threads()]
     index = int(device[5:]) if device.startswith("cuda:") else 0
-    m = Machine(cuda if cuda is not None else probes.TorchCuda(index), durations=durations or Durations())
+    m = Machine(cuda if cuda is not None else probes.TorchCuda(index), durations=durations)
     gpu_names = ["gpu_visible", "nvml_same_gpu", *(name for name, _, _ in GPU_CHECKS)]
     absent = m.cuda.unavailable()
     if device == "cpu" or (device == "auto" and absent):
@@ -322,7 +354,7 @@ def format_checks(results: list[Check]) -> str:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Print the checks (or --json); exit 1 when one failed."""
-    results = diagnose(args.device)
+    results = diagnose(args.device, run_record=not args.no_run)
     failed = any(c.status == FAIL for c in results)
     if args.json:
         print(json.dumps({"device": args.device, "failed": failed, "checks": [asdict(c) for c in results]},
@@ -337,4 +369,5 @@ def add_parser(sub: Any) -> None:
     doc = sub.add_parser("doctor", help="check this machine (GPU, NVML, clocks, energy) before trusting its figures")
     doc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     doc.add_argument("--json", action="store_true", help="the same checks as JSON")
+    doc.add_argument("--no-run", action="store_true", help="skip the short tiny training run (record self-check)")
     doc.set_defaults(func=cmd_doctor)
