@@ -143,16 +143,19 @@ def _power(r: dict[str, Any]) -> Iterator[Suspect]:
     power = _num(r.get("avg_power_w"))
     if power is None:
         return
-    n = _gpus(r)
-    if power < IDLE_FLOOR_W * n:
+    n, window = _gpus(r), _window_s(r)
+    # a counter reading up to one update stale at each end: over a window of W s the average may read
+    # low by COUNTER_UPDATE_S / W of itself (0 W for a window shorter than one update)
+    stale = COUNTER_UPDATE_S / window if window else 0.0
+    floor = IDLE_FLOOR_W * n * (1 - stale)
+    if power < floor:
         yield _flag("power_in_range", ["avg_power_w", "energy_j_per_step", "tokens_per_joule"], power,
-                    IDLE_FLOOR_W * n, f"average power {power:.1f} W below an idle floor of {IDLE_FLOOR_W * n:g} W "
+                    floor, f"average power {power:.1f} W below an idle floor of {floor:.3g} W "
                     f"({n} GPU(s)): the energy counter did not count this window")  # fmt: skip
     limit = _num(r.get("power_limit_w"))
     if limit is None:  # unknown limit: that half of the rule cannot be checked
         return
-    window = _window_s(r)
-    tol = POWER_OVERSHOOT + (COUNTER_UPDATE_S / window if window else 0.0)
+    tol = POWER_OVERSHOOT + stale
     if power > limit * n * (1 + tol):
         yield _flag("power_in_range", ["avg_power_w", "energy_j_per_step", "tokens_per_joule"], power,
                     limit * n, f"average power {power:.1f} W above the enforced limit {limit * n:g} W "
