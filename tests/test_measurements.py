@@ -83,7 +83,8 @@ def test_gpu_window_with_gpm_energy_and_process_memory(fake_gpu, monkeypatch):
     assert (f["peak_mem_allocated_mb"], f["peak_mem_reserved_mb"]) == (1000.0, 1200.0)
     assert f["energy_j_per_step"] == pytest.approx(5.0)
     assert f["tokens_per_joule"] == pytest.approx(9 * 1000 / 45)
-    assert f["avg_power_w"] == pytest.approx(45 / w.duration_s, rel=0.01)
+    assert f["avg_power_w"] == pytest.approx(45 / w._sampler.result().duration_s)  # over the energy readings
+    assert f["window_s"] == pytest.approx(w._sampler.result().duration_s, abs=0.05)
     assert f["tensor_core_util"] == pytest.approx(0.62) and f["tensor_core_util_source"] == "nvml-gpm"
     assert f["tensor_core_util_hmma"] == pytest.approx(0.60) and f["tensor_core_util_imma"] == 0.0
     assert f["sm_clock_mhz"] == 1980 and f["throttled"] is False

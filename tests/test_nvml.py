@@ -9,6 +9,7 @@ import pynvml
 import pytest
 
 from suite.metrics import nvml as nv
+from suite.metrics import nvml_readings as nr
 from suite.metrics import nvml_sampler as ns
 from suite.metrics.nvml import GpmTensorUtil, find_handle, load_nvml, uuid_of_torch_device
 from tests.fake_nvml import FakeDevice, FakeNvml, make_fake
@@ -21,12 +22,12 @@ def test_fake_constants_match_real_pynvml():
         assert getattr(FakeNvml, name) == getattr(pynvml, name), name
     for name in [n for n in vars(FakeNvml) if n.startswith("NVMLError_")]:
         assert getattr(FakeNvml, name)().value == getattr(pynvml, name)().value, name
-    for name, suffix, bit in ns._EVENT_BITS:
+    for name, suffix, bit in nr.EVENT_BITS:
         assert getattr(pynvml, f"nvmlClocksEventReason{suffix}") == bit, name
 
 
 def test_code_uses_names_that_real_pynvml_has():
-    used = [fn for fn, *_ in ns._POLLED.values()] + [c for _, c, *_ in ns._POLLED.values() if c]
+    used = [fn for fn, *_ in nr.POLLED.values()] + [c for _, c, *_ in nr.POLLED.values() if c]
     used += ["nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetTotalEnergyConsumption", "c_nvmlGpmMetricsGet_t"]
     used += ["nvmlDeviceGetCurrentClocksEventReasons", "nvmlGpmQueryDeviceSupport", "NVML_GPM_METRICS_GET_VERSION"]
     used += [*ns._EVENT_FUNCTIONS, "nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetMemoryInfo", "nvmlMemory_v2"]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from suite.metrics import nvml_sampler as ns
+from suite.metrics import nvml_readings as nr
 from suite.metrics.nvml_sampler import NvmlSampler
 from tests.fake_nvml import MIB, FakeNvml, NVMLError_GpuIsLost, make_fake
 
@@ -22,7 +22,7 @@ def wait_for_calls(fake: FakeNvml, name: str, n: int, timeout_s: float = 2.0) ->
         time.sleep(0.001)
 
 
-def run_window(fake: FakeNvml, pid: int = PID, sleep_s: float = 0.0, device: int = -1) -> ns.NvmlWindow:
+def run_window(fake: FakeNvml, pid: int = PID, sleep_s: float = 0.0, device: int = -1) -> nr.NvmlWindow:
     """Sample the fake's device for one short window."""
     handle = fake.nvmlDeviceGetHandleByIndex(len(fake.devices) + device if device < 0 else device)
     with NvmlSampler(fake, handle, pid=pid, interval_s=FAST) as sampler:
@@ -154,9 +154,9 @@ def test_power_cap_bit_means_throttled():
     assert w.throttle_reasons == ["gpu_idle", "sw_power_cap"]
 
 
-@pytest.mark.parametrize("name", sorted(ns.THROTTLE_BITS))
+@pytest.mark.parametrize("name", sorted(nr.THROTTLE_BITS))
 def test_every_counted_bit_means_throttled(name):
-    bit = {n: b for n, _, b in ns._EVENT_BITS}[name]
+    bit = {n: b for n, _, b in nr.EVENT_BITS}[name]
     w = run_window(make_fake(event_reasons=[bit])[0])
     assert w.throttled is True and w.throttle_reasons == [name]
 

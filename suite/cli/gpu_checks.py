@@ -13,7 +13,7 @@ from typing import Any
 
 from suite.metrics import nvml as nvml_lib
 from suite.metrics import peaks, probes
-from suite.metrics.nvml_sampler import _EVENT_BITS, THROTTLE_BITS
+from suite.metrics.nvml_readings import EVENT_BITS, THROTTLE_BITS
 from suite.records import checks as rules
 
 PASS, FAIL, CANNOT = "pass", "fail", "cannot check"
@@ -119,7 +119,7 @@ def _throttled(m: Machine) -> Check:
     if bits is None:
         why = m.energy.errors.get("clocks") if m.energy else "the energy probe did not run"
         return Check("clocks_not_throttled", CANNOT, f"clocks-event reasons unread: {why}")
-    named = {name: getattr(m.nvml, f"nvmlClocksEventReason{suffix}", bit) for name, suffix, bit in _EVENT_BITS}
+    named = {name: getattr(m.nvml, f"nvmlClocksEventReason{suffix}", bit) for name, suffix, bit in EVENT_BITS}
     seen = [name for name, bit in named.items() if bits & bit]
     # A GPU at its power cap under the heaviest load there is (large bf16 matmuls) works as designed;
     # thermal, hardware and power-brake slowdowns mean cooling, power delivery or an external signal.

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from suite.hardware import DeviceInfo, synchronize
+from suite.hardware import DeviceInfo, on_device, synchronize
 from suite.metrics.timing import CudaEvents
 from suite.modes.base import tf32_matmuls
 from suite.text import slug
@@ -89,7 +89,7 @@ def measure(
         if name not in DTYPES:
             raise ValueError(f"dtypes: {name!r} is unknown; choose from {', '.join(DTYPES)}")
         tries = []
-        with tf32_matmuls(name == "tf32"):
+        with on_device(device.torch_device), tf32_matmuls(name == "tf32"):
             for n in sizes:
                 seconds = _time_matmul(device, DTYPES[name], n, repeats)
                 tries.append({"n": n, "seconds": seconds, "flops": 2 * n**3 / seconds})
