@@ -113,6 +113,36 @@ COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
 HEADERS = [header for _, header, _ in COLUMNS]
 
 
+def _scale(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    value = r.get("fidelity_loss_scale")
+    if value is None and r.get("grad_rel_err_vs_fp64") is not None:
+        return Cell(None, "none")  # a mode without loss scaling: nothing is missing
+    return _cell(value, ",.0f", lambda: why(r, "grad_rel_err_vs_fp64"))
+
+
+# The float64 comparison (mpbench fidelity, mpbench run --fidelity): its own table, shown for a
+# group only where some record has it. Errors in scientific notation: they span 1e-8 to 1.
+FIDELITY_COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
+    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
+    ("grad_cos_vs_fp64", "grad cosine vs fp64", _field("grad_cos_vs_fp64", ".7f")),
+    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _field("grad_rel_err_vs_fp64", ".2e")),
+    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _field("grad_max_abs_err_vs_fp64", ".2e")),
+    ("update_cos_vs_fp64", "update cosine vs fp64", _field("update_cos_vs_fp64", ".5f")),
+    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _field("update_rel_err_vs_fp64", ".2e")),
+    ("grad_underflow_pct", "grad underflow (%)", _field("grad_underflow_frac", ".4f", 100)),
+    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _field("scaled_grad_underflow_frac", ".4f", 100)),
+    ("grad_overflow_pct", "grad inf/NaN (%)", _field("grad_overflow_frac", ".4f", 100)),
+    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _field("fidelity_loss_diff", "+.2e")),
+    ("fidelity_loss_scale", "loss scale", _scale),
+]  # fmt: skip
+FIDELITY_HEADERS = [header for _, header, _ in FIDELITY_COLUMNS]
+
+
+def fidelity_cells(r: dict[str, Any]) -> list[Cell]:
+    """The fidelity columns of one record."""
+    return [make(r, None) for _, _, make in FIDELITY_COLUMNS]
+
+
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
     return [make(r, ref) for _, _, make in COLUMNS]
@@ -130,9 +160,9 @@ class Notes:
         return self.reasons.index(reason) + 1
 
 
-def to_html(rows: list[list[Cell]], notes: Notes) -> str:
+def to_html(rows: list[list[Cell]], notes: Notes, headers: list[str] = HEADERS) -> str:
     """A table with a "not measured" cell carrying its reason as a tooltip and a footnote number."""
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in HEADERS), "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in headers), "</tr></thead><tbody>"]
     for row in rows:
         out.append("<tr>")
         for cell in row:
@@ -156,9 +186,9 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(rows: list[list[Cell]], notes: Notes) -> str:
+def to_markdown(rows: list[list[Cell]], notes: Notes, headers: list[str] = HEADERS) -> str:
     """The same table in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         texts = [_md(c.text + (f" [{notes.ref(c.reason)}]" if c.reason else "")) for c in row]
         lines.append("| " + " | ".join(texts) + " |")
