@@ -229,7 +229,14 @@ def record_fields(steps: list[StepFidelity]) -> dict[str, Any]:
     return {
         **_global(last),
         "fidelity_steps": [
-            {"step": s.step, "stepped": s.stepped, **{k: json_number(v) for k, v in _global(s).items()}} for s in steps
+            {
+                "step": s.step,
+                "stepped": s.stepped,
+                "loss": s.loss,
+                "ref_loss": s.ref_loss,
+                **{k: json_number(v) for k, v in _global(s).items()},
+            }
+            for s in steps
         ],  # fmt: skip
         "fidelity_layers": [row for s in steps for row in s.rows],
         "fidelity_reason": last.note,
