@@ -15,6 +15,7 @@ from suite.modes.bf16 import BF16
 from suite.modes.pure_fp16 import DynamicLossScaler, PureFP16
 from suite.records import store
 from suite.reporting.compare import compare_runs
+from suite.reporting.report import build_report
 from suite.running.runner import run_cases
 from suite.training import fidelity
 from suite.training.data import make_corpus
@@ -159,6 +160,15 @@ def test_fidelity_command_rows_per_mode_and_records(tmp_path, capsys, monkeypatc
     assert all(list(r) == list(store.FIELDS) for r in records)
     assert records[0]["grad_rel_err_vs_fp64"] < 1e-5 and records[0]["steps"] == 1
     assert records[1]["grad_rel_err_vs_fp64"] is None and "CUDA" in records[1]["fidelity_reason"]
+    # the report: a per-tensor chart (log scale, a 'nan' as a gap) and a table of the global figures
+    layers = records[0]["fidelity_layers"]
+    layers[0] = layers[0] | {"grad_rel_err": "nan"}
+    store.append(out, store.make_record(**{k: v for k, v in records[0].items() if k != "schema"} | {"mode": "bf16"}))
+    written = build_report(store.load(out), tmp_path / "report")
+    chart = next(p for name, p in written.items() if name.endswith("fidelity-layers.png"))
+    assert chart.stat().st_size > 10_000
+    md = written["summary.md"].read_text()
+    assert "grad rel. L2 error vs fp64" in md and f"{records[0]['grad_rel_err_vs_fp64']:.2e}" in md
 
 
 def test_fidelity_refuses_a_model_that_cannot_fit_twice(capsys, monkeypatch):
@@ -166,6 +176,19 @@ def test_fidelity_refuses_a_model_that_cannot_fit_twice(capsys, monkeypatch):
     assert main(["fidelity", "--device", "cpu", "--modes", "fp32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model='tiny'" in err[0] and "float64 copy" in err[0]
+
+
+def test_fit_on_a_gpu_uses_its_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from suite.hardware import DeviceInfo
+
+    gpu = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    fidelity.check_fits(small_case(model="gpt2-small"), gpu)  # 124M x 60 B = 7 GiB: fits
+    with pytest.raises(ValueError, match=r"model='gpt2-xl'.*the memory of NVIDIA H100 80GB HBM3 is 80.0 GiB"):
+        fidelity.check_fits(small_case(model="gpt2-xl"), gpu)  # 1.56B x 60 B = 87 GiB
+    assert fidelity.available_bytes(CPU)[0] > 0
 
 
 def test_bad_input_exits_2(capsys):

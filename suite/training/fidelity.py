@@ -59,10 +59,13 @@ class StepFidelity:
 
 
 def available_bytes(device: DeviceInfo) -> tuple[int, str]:
-    """Memory free for the comparison, and what it is: CUDA free memory, or available RAM."""
+    """Memory for the comparison, and what it is: the GPU's total memory, or available RAM.
+
+    On a GPU the total, not the free memory: reading free memory creates a CUDA context in the
+    process asking (the parent of `mpbench run`), which would then hold GPU memory all run long.
+    """
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device.index)
-        return free, f"free on {device.name}"
+        return torch.cuda.get_device_properties(device.index).total_memory, f"the memory of {device.name}"
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -80,8 +83,8 @@ def check_fits(case: Case, device: DeviceInfo) -> None:
     if need > have:
         raise ValueError(
             f"model={case.model!r}: the fidelity check holds the mode's model and a float64 copy, about "
-            f"{need / 2**30:.1f} GiB ({params:,} parameters x {BYTES_PER_PARAM} B), but only {have / 2**30:.1f} GiB "
-            f"is {what}; use a smaller --model or another --device"
+            f"{need / 2**30:.1f} GiB ({params:,} parameters x {BYTES_PER_PARAM} B), but {what} is "
+            f"{have / 2**30:.1f} GiB; use a smaller --model or another --device"
         )
 
 
