@@ -180,10 +180,12 @@ def _compare_step(k: int, mode: PrecisionMode, model: nn.Module, opt: torch.opti
                 if note is None:
                     du = updates.add(plain(p).to(F64) - before[n].to(F64), ref_params[n].detach() - before[n].to(F64))
                     row |= {"update_cos": du.cos, "update_rel_err": du.rel_err, "update_max_abs_err": du.max_abs_err}
-            row |= {"scaled_grad_underflow_frac": lb.underflow / lb.numel}
+            row |= {"scaled_grad_underflow_frac": lb.underflow / lb.numel,
+                    "scaled_grad_overflow_frac": lb.overflow / lb.numel}  # fmt: skip
             rows.append({key: json_number(v) for key, v in row.items()})
     if not stepped:
-        note = f"step {k} was skipped by loss scaling (inf/NaN in the gradients scaled by {scale:g})"
+        by = f"inf/NaN in the gradients scaled by {scale:g}" if scale is not None else "the mode skipped it"
+        note = f"step {k} was skipped by loss scaling ({by}): no gradient or update to compare"
     elif note:
         note = f"no update compared at step {k}: {note}"
     return StepFidelity(
