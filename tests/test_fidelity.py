@@ -12,6 +12,7 @@ from suite.cli.main import main
 from suite.hardware import resolve_device
 from suite.modes import MODES
 from suite.modes.bf16 import BF16
+from suite.modes.fp32 import FP32
 from suite.modes.pure_fp16 import DynamicLossScaler, PureFP16
 from suite.records import store
 from suite.reporting.compare import compare_runs
@@ -217,3 +218,31 @@ def test_compare_bounds_fidelity_like_the_loss():
     assert verdict[("grad_rel_err_vs_fp64", "same")] == "same"
     assert verdict[("grad_rel_err_vs_fp64", "worse")] == "regressed"
     assert verdict[("grad_cos_vs_fp64", "worse")] == "regressed"  # 1 - cos 10x larger
+    broken = compare_runs([base], [base | {"grad_rel_err_vs_fp64": "inf", "grad_cos_vs_fp64": "nan"}])
+    assert {r.metric: r.verdict for r in broken if r.metric.startswith("grad_")} == {
+        "grad_rel_err_vs_fp64": "regressed", "grad_cos_vs_fp64": "regressed"}  # fmt: skip
+
+
+class FP32WithAnInfGradient(FP32):
+    """A mode without loss scaling whose backward overflows in one element: the step is applied."""
+
+    name = "test-inf-gradient"
+
+    def backward_and_step(self, loss, optimizer):
+        loss.backward()
+        optimizer.param_groups[0]["params"][0].grad[0, 0] = float("inf")
+        optimizer.step()
+        return True
+
+
+def test_inf_gradients_are_counted_and_recorded(monkeypatch, tmp_path):
+    monkeypatch.setitem(MODES, FP32WithAnInfGradient.name, FP32WithAnInfGradient)
+    f = measure(FP32WithAnInfGradient.name)
+    assert f["grad_overflow_frac"] > 0 and f["grad_rel_err_vs_fp64"] == float("inf")
+    out = tmp_path / "r.jsonl"
+    case = small_case(mode=FP32WithAnInfGradient.name)
+    store.append(out, store.make_record(status="ok", model="tiny", mode=case.mode, **f))
+    back = store.read(out)[0]
+    assert back["grad_rel_err_vs_fp64"] == "inf"  # JSON has no inf: written as the store writes it
+    md = build_report(store.load(out), tmp_path / "rep")["summary.md"].read_text()
+    assert "| inf |" in md

@@ -10,6 +10,7 @@ ratios only ("info").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,21 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     return rows
 
 
+def _float(value: Any) -> float | None:
+    """A stored figure as a float: 'nan' / 'inf' strings decoded, None (not measured) kept."""
+    return float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+
+
 def _distance(value: float, how: str) -> float:
     return 1.0 - value if how == "one_minus" else abs(value) if how == "magnitude" else value
+
+
+def _verdict(da: float, db: float, margin: float) -> str:
+    """Lower distance is better; an inf/NaN distance (broken numerics) is worse than any finite one."""
+    fa, fb = math.isfinite(da), math.isfinite(db)
+    if not (fa and fb):
+        return "same" if fa == fb else "regressed" if fa else "improved"
+    return "regressed" if db > da + margin else "improved" if db < da - margin else "same"
 
 
 def _fidelity_rows(ra: dict[str, Any], rb: dict[str, Any], note: str) -> list[Comparison]:
@@ -127,12 +141,12 @@ def _fidelity_rows(ra: dict[str, Any], rb: dict[str, Any], note: str) -> list[Co
     model, mode = ra["model"], ra["mode"]
     rows = []
     for metric, bound in FIDELITY_BOUNDS.items():
-        a, b = ra.get(metric), rb.get(metric)
-        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
-            continue  # absent, or 'nan'/'inf' as stored: nothing to bound
+        a, b = _float(ra.get(metric)), _float(rb.get(metric))
+        if a is None or b is None:
+            continue
         da, db = _distance(a, bound.distance), _distance(b, bound.distance)
         margin = max(da * bound.rel, bound.abs)
-        verdict = "regressed" if db > da + margin else "improved" if db < da - margin else "same"
+        verdict = _verdict(da, db, margin)
         allowed = da + margin  # the worst distance that passes, shown as the figure's own bound
         if bound.distance == "one_minus":
             allowed, limit = 1.0 - allowed, f"down to {1.0 - (da + margin):.10g}"

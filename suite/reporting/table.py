@@ -120,19 +120,30 @@ def _scale(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
     return _cell(value, ",.0f", lambda: why(r, "grad_rel_err_vs_fp64"))
 
 
+def _figure(key: str, fmt: str, scale: float = 1.0) -> Callable[..., Cell]:
+    """`_field` for a figure that may be stored as 'nan' / 'inf' (a mode with inf gradients)."""
+
+    def column(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+        value = r.get(key)
+        value = float(value) if isinstance(value, str) else value
+        return _cell(None if value is None else value * scale, fmt, lambda: why(r, key))
+
+    return column
+
+
 # The float64 comparison (mpbench fidelity, mpbench run --fidelity): its own table, shown for a
 # group only where some record has it. Errors in scientific notation: they span 1e-8 to 1.
 FIDELITY_COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
     ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
-    ("grad_cos_vs_fp64", "grad cosine vs fp64", _field("grad_cos_vs_fp64", ".7f")),
-    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _field("grad_rel_err_vs_fp64", ".2e")),
-    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _field("grad_max_abs_err_vs_fp64", ".2e")),
-    ("update_cos_vs_fp64", "update cosine vs fp64", _field("update_cos_vs_fp64", ".5f")),
-    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _field("update_rel_err_vs_fp64", ".2e")),
-    ("grad_underflow_pct", "grad underflow (%)", _field("grad_underflow_frac", ".4f", 100)),
-    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _field("scaled_grad_underflow_frac", ".4f", 100)),
-    ("grad_overflow_pct", "grad inf/NaN (%)", _field("grad_overflow_frac", ".4f", 100)),
-    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _field("fidelity_loss_diff", "+.2e")),
+    ("grad_cos_vs_fp64", "grad cosine vs fp64", _figure("grad_cos_vs_fp64", ".7f")),
+    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _figure("grad_rel_err_vs_fp64", ".2e")),
+    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _figure("grad_max_abs_err_vs_fp64", ".2e")),
+    ("update_cos_vs_fp64", "update cosine vs fp64", _figure("update_cos_vs_fp64", ".5f")),
+    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _figure("update_rel_err_vs_fp64", ".2e")),
+    ("grad_underflow_pct", "grad underflow (%)", _figure("grad_underflow_frac", ".4f", 100)),
+    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _figure("scaled_grad_underflow_frac", ".4f", 100)),
+    ("grad_overflow_pct", "grad inf/NaN (%)", _figure("grad_overflow_frac", ".4f", 100)),
+    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _figure("fidelity_loss_diff", "+.2e")),
     ("fidelity_loss_scale", "loss scale", _scale),
 ]  # fmt: skip
 FIDELITY_HEADERS = [header for _, header, _ in FIDELITY_COLUMNS]
