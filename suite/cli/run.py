@@ -12,7 +12,7 @@ from typing import Any
 
 from models import GPTConfig
 from suite.cli.config import load_config
-from suite.hardware import resolve_device
+from suite.hardware import NATIVE_BF16_FLAGS, native_bf16_flag, resolve_device
 from suite.modes import MODES
 from suite.records import store
 from suite.records.store import FAILED
@@ -23,12 +23,33 @@ from suite.text import fmt, log_to_stderr, table
 from suite.training.case import Case
 from suite.training.fidelity import check_fits
 
-# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
-# two CPU cores; on a GPU, GPT-2 small at its full context.
+# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on two
+# CPU cores, with smaller sizes on a CPU without native bf16, where bf16 runs in software like
+# fp16 (every mode gets the same sizes, so they stay comparable); on a GPU, GPT-2 small at its
+# full context.
 RUN_DEFAULTS = {
     "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),
+    "cpu-no-bf16": dict(model="tiny", batch_size=4, seq_len=64, steps=40, warmup=5),
     "cuda": dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=100, warmup=10),
 }
+
+
+def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
+    """(default sizes for this device, the one-line reason on a CPU)."""
+    if device_type == "cuda":
+        return RUN_DEFAULTS["cuda"], None
+    flag = native_bf16_flag()
+    key = "cpu" if flag else "cpu-no-bf16"
+    d = RUN_DEFAULTS[key]
+    sizes = f"batch {d['batch_size']} x {d['seq_len']} tokens, {d['steps']} steps"
+    if flag:
+        return d, f"CPU with native bf16 ({flag}): default sizes {sizes}"
+    return d, (
+        f"CPU without native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag): bf16 and fp16 run in software, "
+        f"~30x slower than fp32, so every mode gets the smaller default sizes {sizes}"
+    )
+
+
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
@@ -100,7 +121,7 @@ def _parse_modes(text: str) -> list[str]:
 def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     """models x modes, unset sizes filled with the defaults of the device found."""
     device_name = opts.get("device", "auto")
-    defaults = RUN_DEFAULTS[resolve_device(device_name).type]
+    defaults, _ = run_defaults(resolve_device(device_name).type)
     modes = _parse_modes(opts["modes"]) if opts.get("modes") else list(MODES)
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
@@ -165,6 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     validate(cases)  # bad input ends here, before anything is written
     _check_fidelity(cases)
     store.check_writable(out)
+    _, why = run_defaults(resolve_device(opts.get("device", "auto")).type)
+    if why and not {"batch_size", "seq_len", "steps"} <= opts.keys():
+        print(f"mpbench: {why} (flags override them)", file=sys.stderr)
     print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
     try:
         search = {"memory_limit_mb": args.memory_limit_mb} if args.find_max_batch else None

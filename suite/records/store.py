@@ -49,11 +49,14 @@ FIELDS: tuple[str, ...] = (
     "peak_mem_reserved_mb", "peak_mem_reason",
     # energy and clocks (NVML, over the timed window)
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
-    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
+    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "power_limit_w", "gpu_shared_with",
+    "sampler_stalled", "nvml_reason",
+    # the measured window: seconds of timed steps (held-out evaluation excluded)
+    "window_s",
     # data parallel (world_size > 1): per-rank step times, hosts, efficiency vs 1 process
     "rank_step_time_ms", "hosts", "scaling_efficiency", "scaling_reason",
     # largest batch that fits (--find-max-batch)
-    "max_batch", "max_batch_limit_mb", "max_batch_tries",
+    "max_batch", "max_batch_limit_mb", "max_batch_tries", "max_batch_reason",
     # convergence (nats / token)
     "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
     "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
@@ -64,7 +67,7 @@ FIELDS: tuple[str, ...] = (
     "fidelity_steps", "fidelity_layers", "fidelity_reason",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
-    "python", "cpu", "cpu_count", "torch_threads", "hostname", "platform",
+    "python", "cpu", "cpu_count", "cpu_bf16_native", "torch_threads", "hostname", "platform",
 )
 # fmt: on
 
@@ -88,7 +91,10 @@ REASON_FIELDS: dict[str, str] = {
         ("peak_mem_mb", "peak_mem_device_mb", "peak_mem_allocated_mb", "peak_mem_reserved_mb"), "peak_mem_reason"
     ),
     **dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"), "energy_reason"),
-    **dict.fromkeys(("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples"), "nvml_reason"),
+    **dict.fromkeys(
+        ("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples", "power_limit_w", "gpu_shared_with"),
+        "nvml_reason",
+    ),
     **dict.fromkeys(FIDELITY_FIGURES, "fidelity_reason"),
 }
 

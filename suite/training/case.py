@@ -58,6 +58,11 @@ class Case:
             raise ValueError(
                 f"warmup={self.warmup}: must be in 0..steps-1 (steps={self.steps}) so that some steps are timed"
             )
+        if self.compile and self.warmup < 2:
+            raise ValueError(
+                f"warmup={self.warmup}: --compile needs --warmup 2 or more, so that compilation (first step) "
+                "and recompilation (second) stay out of the timed window"
+            )
         block = self.model_config.block_size
         if self.seq_len > block:
             raise ValueError(
