@@ -1,4 +1,5 @@
-"""The `mpbench` command: run | check | report | compare | baseline | models | modes | calibrate | env | doctor.
+"""The `mpbench` command: run | fidelity | check | report | compare | baseline | models | modes | calibrate |
+env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM (finished
@@ -20,6 +21,8 @@ import torch
 
 from models import GPT, GPTConfig
 from suite.cli import doctor
+from suite.cli.fidelity import add_arguments as add_fidelity_arguments
+from suite.cli.fidelity import cmd_fidelity
 from suite.cli.run import add_arguments as add_run_arguments
 from suite.cli.run import cmd_run
 from suite.hardware import environment, resolve_device
@@ -173,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train the precision matrix and write records")
     add_run_arguments(run, _int)
     run.set_defaults(func=cmd_run)
+
+    fid = sub.add_parser("fidelity", help="each mode's gradients and update against a float64 reference step")
+    add_fidelity_arguments(fid, _int)
+    fid.set_defaults(func=cmd_fidelity)
 
     chk = sub.add_parser("check", help="convergence gate: exit 1 if a mode's loss drifted from fp32")
     chk.add_argument("records", nargs="+", help="JSON Lines record files")

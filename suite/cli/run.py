@@ -22,6 +22,7 @@ from suite.running.distributed import launched_by_torchrun
 from suite.running.runner import RunInterrupted, run_cases, validate
 from suite.text import fmt, log_to_stderr, table
 from suite.training.case import Case
+from suite.training.fidelity import check_fits
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on two
 # CPU cores, with smaller sizes on a CPU without native bf16, where bf16 runs in software like
@@ -53,7 +54,7 @@ def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling")  # fmt: skip
+             "scaling", "fidelity")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -85,6 +86,12 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--nproc", type=int_type, help="data-parallel processes per case (torchrun; batch size is per process)")
     add("--scaling", help="process-count ladder, e.g. 1,2,4: every case at each count, with scaling efficiency")
     add("--grad-comm", help="gradient all-reduce precision with --nproc > 1: fp32 | bf16 | fp16 (default: fp32)")
+    add(
+        "--fidelity",
+        action="store_true",
+        default=None,
+        help="also compare each case's first step with a float64 reference (after training, untimed)",
+    )
     add("--find-max-batch", action="store_true", help="also find each mode's largest batch that fits")
     add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
 
@@ -128,7 +135,8 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
                      data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
-                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"))  # fmt: skip
+                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"),
+                     fidelity=bool(opts.get("fidelity")))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
 
@@ -185,6 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cases = cases_from_options(opts)
     out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
     validate(cases)  # bad input ends here, before anything is written
+    _check_fidelity(cases)
     store.check_writable(out)
     _, why = run_defaults(resolve_device(opts.get("device", "auto")).type)
     if why and not {"batch_size", "seq_len", "steps"} <= opts.keys():
@@ -210,6 +219,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loss_floor is not None:
         print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
     return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def _check_fidelity(cases: list[Case]) -> None:
+    """--fidelity compares one process's step: refuse data parallelism and models that cannot fit twice."""
+    for case in cases:
+        if case.fidelity and case.nproc > 1:
+            raise ValueError("fidelity: compares a one-process step; drop --nproc/--scaling or --fidelity")
+    for case in {(c.model, c.device): c for c in cases if c.fidelity}.values():
+        check_fits(case, resolve_device(case.device))
 
 
 def _run_as_rank(opts: dict[str, Any]) -> int:

@@ -62,11 +62,24 @@ FIELDS: tuple[str, ...] = (
     # convergence (nats / token)
     "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
     "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
+    # fidelity: gradients and update against a float64 step of the same weights and batch (--fidelity)
+    "grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
+    "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
+    "scaled_grad_underflow_frac", "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_loss_scale",
+    "fidelity_steps", "fidelity_layers", "fidelity_reason",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
     "python", "cpu", "cpu_count", "cpu_bf16_native", "torch_threads", "hostname", "platform",
 )
 # fmt: on
+
+# The fidelity figures that are null, with `fidelity_reason`, when not compared or not comparable
+# (fidelity_loss_scale is null for modes without loss scaling: that needs no reason).
+FIDELITY_FIGURES = (
+    "grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
+    "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
+    "scaled_grad_underflow_frac", "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_layers",
+)  # fmt: skip
 
 # A metric that may be null, and the field that then says why (same reason for a group).
 REASON_FIELDS: dict[str, str] = {
@@ -84,6 +97,7 @@ REASON_FIELDS: dict[str, str] = {
         ("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples", "power_limit_w", "gpu_shared_with"),
         "nvml_reason",
     ),
+    **dict.fromkeys(FIDELITY_FIGURES, "fidelity_reason"),
 }
 
 

@@ -135,6 +135,47 @@ def _suspect(cell: Cell, entries: list[dict[str, Any]]) -> Cell:
     return Cell(cell.value, f"{cell.text} ({SUSPECT})", note, suspect=True)
 
 
+def _scale(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    value = r.get("fidelity_loss_scale")
+    if value is None and r.get("grad_rel_err_vs_fp64") is not None:
+        return Cell(None, "none")  # a mode without loss scaling: nothing is missing
+    return _cell(value, ",.0f", lambda: why(r, "grad_rel_err_vs_fp64"))
+
+
+def _figure(key: str, fmt: str, scale: float = 1.0) -> Callable[..., Cell]:
+    """`_field` for a figure that may be stored as 'nan' / 'inf' (a mode with inf gradients)."""
+
+    def column(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+        value = r.get(key)
+        value = float(value) if isinstance(value, str) else value
+        return _cell(None if value is None else value * scale, fmt, lambda: why(r, key))
+
+    return column
+
+
+# The float64 comparison (mpbench fidelity, mpbench run --fidelity): its own table, shown for a
+# group only where some record has it. Errors in scientific notation: they span 1e-8 to 1.
+FIDELITY_COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
+    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
+    ("grad_cos_vs_fp64", "grad cosine vs fp64", _figure("grad_cos_vs_fp64", ".7f")),
+    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _figure("grad_rel_err_vs_fp64", ".2e")),
+    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _figure("grad_max_abs_err_vs_fp64", ".2e")),
+    ("update_cos_vs_fp64", "update cosine vs fp64", _figure("update_cos_vs_fp64", ".5f")),
+    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _figure("update_rel_err_vs_fp64", ".2e")),
+    ("grad_underflow_pct", "grad underflow (%)", _figure("grad_underflow_frac", ".4f", 100)),
+    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _figure("scaled_grad_underflow_frac", ".4f", 100)),
+    ("grad_overflow_pct", "grad inf/NaN (%)", _figure("grad_overflow_frac", ".4f", 100)),
+    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _figure("fidelity_loss_diff", "+.2e")),
+    ("fidelity_loss_scale", "loss scale", _scale),
+]  # fmt: skip
+FIDELITY_HEADERS = [header for _, header, _ in FIDELITY_COLUMNS]
+
+
+def fidelity_cells(r: dict[str, Any]) -> list[Cell]:
+    """The fidelity columns of one record."""
+    return [make(r, None) for _, _, make in FIDELITY_COLUMNS]
+
+
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
     bad = suspect_fields(r)
@@ -156,9 +197,9 @@ class Notes:
         return self.reasons.index(reason) + 1
 
 
-def to_html(rows: list[list[Cell]], notes: Notes) -> str:
+def to_html(rows: list[list[Cell]], notes: Notes, headers: list[str] = HEADERS) -> str:
     """A table with a "not measured" cell carrying its reason as a tooltip and a footnote number."""
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in HEADERS), "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in headers), "</tr></thead><tbody>"]
     for row in rows:
         out.append("<tr>")
         for cell in row:
@@ -182,9 +223,9 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(rows: list[list[Cell]], notes: Notes) -> str:
+def to_markdown(rows: list[list[Cell]], notes: Notes, headers: list[str] = HEADERS) -> str:
     """The same table in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         texts = [_md(c.text + (f" [{notes.ref(c.reason)}]" if c.reason else "")) for c in row]
         lines.append("| " + " | ".join(texts) + " |")
