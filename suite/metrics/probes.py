@@ -20,6 +20,7 @@ import torch
 
 from suite.metrics.nvml import GpmResult, GpmTensorUtil
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult, ProfilerTensorCores
+from suite.metrics.timing import CudaEvents
 from suite.modes.base import tf32_matmuls
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -82,17 +83,16 @@ class TorchCuda:
             c = torch.empty_like(a)
             for _ in range(2):  # warm-up: cuBLAS picks its kernel, clocks rise
                 torch.matmul(a, b, out=c)
-            stream = torch.cuda.current_stream(dev)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(dev)
+            events = CudaEvents(dev, torch.cuda)  # on this device's stream, as the step timer's are
+            events.synchronize()
             t0 = time.perf_counter()
-            start.record(stream)
+            start = events.mark()
             for _ in range(iters):
                 torch.matmul(a, b, out=c)  # out=: no allocation inside the loop
-            end.record(stream)
+            end = events.mark()
             if during is not None:
                 during()
-            torch.cuda.synchronize(dev)
+            events.synchronize()
             wall_ms = (time.perf_counter() - t0) * 1e3
             return LoopTiming(dtype, n, iters, start.elapsed_time(end), wall_ms)
 
