@@ -11,7 +11,7 @@ reduce-scatter (which averages them over ranks, as DDP does).
 `full_copy` gathers the weights into a plain model for evaluation, so the held-out loss is
 taken in strict fp32 from what the shards learned, whatever the policy computes in.
 Only API that torch 2.11 has too (`torch.distributed.fsdp.fully_shard`, `MixedPrecisionPolicy`,
-`torch.distributed.tensor.DTensor.full_tensor`).
+`torch.distributed.device_mesh.init_device_mesh`, `torch.distributed.tensor.DTensor.full_tensor`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def fsdp_wrapper(grad_comm: str, found: dict[str, Any]) -> Callable[[nn.Module, 
     `param_dtype` and `reduce_dtype` (what the policy resolves to for this model)."""
 
     def wrap(model: nn.Module, mode: PrecisionMode) -> nn.Module:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         plan = type(mode).fsdp_plan(grad_comm)
@@ -42,9 +44,11 @@ def fsdp_wrapper(grad_comm: str, found: dict[str, Any]) -> Callable[[nn.Module, 
             raise RuntimeError(plan.unavailable)
         stored = sorted({_dtype_name(p.dtype) for p in model.parameters() if p.is_floating_point()})
         policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+        # the mesh on the model's device: FSDP's default is the accelerator's even for a CPU case
+        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the same object, its parameters now DTensor shards
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the same object, its parameters now DTensor shards
         mode.use_fsdp(plan)
         # None in the policy: no cast (param: as stored; reduce: the gradients', i.e. the param dtype)
         param = _dtype_name(plan.param_dtype) if plan.param_dtype else ",".join(stored)
