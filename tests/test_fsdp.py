@@ -124,7 +124,7 @@ def test_parallel_is_validated_and_unshardable_modes_are_skipped_before_launch(c
     with pytest.raises(ValueError, match="parallel='zero' is unknown"):
         Case(parallel="zero")
     assert main(["run", "--device", "cpu", "--nproc", "2", "--parallel", "zero", "--out", str(tmp_path / "r")]) == 2
-    assert "parallel='zero'" in capsys.readouterr().err
+    assert "parallel='zero': 'zero' is unknown; give ddp, fsdp, or both" in capsys.readouterr().err
     validate([small_case(nproc=2, parallel="fsdp", grad_comm="bf16")])  # bf16 reduce-scatter runs on gloo
     with pytest.raises(ValueError, match="needs CUDA and NCCL"):
         validate([small_case(nproc=2, parallel="ddp", grad_comm="bf16")])
@@ -134,11 +134,16 @@ def test_parallel_is_validated_and_unshardable_modes_are_skipped_before_launch(c
     assert time.monotonic() - started < 5  # decided in the parent: no torchrun started
 
 
-def test_cli_ladder_runs_one_process_once_and_ddp_before_fsdp():
+def test_cli_ladder_runs_one_process_once_and_ddp_before_fsdp(tmp_path):
+    from suite.cli.config import load_config
     from suite.cli.run import cases_from_options
 
-    cases = cases_from_options({"device": "cpu", "modes": "fp32", "scaling": "1,2", "parallel": "fsdp,ddp"})
+    config = tmp_path / "m.toml"
+    config.write_text('device = "cpu"\nmodes = ["fp32"]\nscaling = "1,2"\nparallel = "fsdp,ddp"\n')
+    cases = cases_from_options(load_config(config))
     assert [(c.nproc, c.parallel) for c in cases] == [(1, "ddp"), (2, "ddp"), (2, "fsdp")]
+    with pytest.raises(ValueError, match="parallel='ddp,zero3': 'zero3' is unknown"):
+        cases_from_options({"device": "cpu", "parallel": "ddp,zero3"})
 
 
 # ----------------------------------------------------------------- through torchrun (slow)

@@ -147,8 +147,10 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
 def _parallel(opts: dict[str, Any]) -> list[str]:
     """--parallel ddp, fsdp or ddp,fsdp (DDP first: each FSDP record's memory is compared with it)."""
     items = [t.strip() for t in str(opts.get("parallel", "ddp")).split(",") if t.strip()]
-    if not items or any(t not in PARALLEL for t in items):
-        raise ValueError(f"parallel={opts.get('parallel')!r}: expected {' or '.join(PARALLEL)}, or both as ddp,fsdp")
+    bad = [t for t in items if t not in PARALLEL]
+    if not items or bad:
+        what = f"{bad[0]!r} is unknown" if bad else "empty"
+        raise ValueError(f"parallel={opts.get('parallel')!r}: {what}; give ddp, fsdp, or both as ddp,fsdp")
     return sorted(set(items), key=PARALLEL.index)
 
 
