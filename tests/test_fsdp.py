@@ -61,6 +61,27 @@ def test_a_param_dtype_replaces_autocast_and_fp16_scalers_agree_across_ranks():
     assert pure.scaler.across_ranks
 
 
+def test_pure_fp16_skips_the_step_when_another_rank_overflowed(monkeypatch):
+    """Sharded, each rank sees only its gradient shard: the verdict is the minimum over ranks."""
+    import torch.distributed as dist
+
+    from suite.modes.pure_fp16 import DynamicLossScaler
+
+    ops = []
+
+    def another_rank_saw_inf(flag, op):  # faithful to all_reduce(MIN): 1.0 here, 0.0 there -> 0.0
+        ops.append(op)
+        flag.zero_()
+
+    monkeypatch.setattr(dist, "all_reduce", another_rank_saw_inf)
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    scaler = DynamicLossScaler()
+    scaler.across_ranks = True
+    stepped = scaler.backward_and_step(w.float().sum(), torch.optim.SGD([w], lr=1.0))
+    assert stepped is False and ops == [dist.ReduceOp.MIN]  # this rank's grads were finite
+    assert scaler.scale == 2.0**15 and torch.equal(w.detach(), torch.ones(4, dtype=torch.float16))
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     """A 1-rank gloo process group in this process: FSDP2 without torchrun."""
