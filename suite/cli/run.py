@@ -21,7 +21,7 @@ from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
 from suite.running.runner import RunInterrupted, run_cases, validate
 from suite.text import fmt, log_to_stderr, table
-from suite.training.case import Case
+from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
 
 # What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on two
@@ -54,7 +54,7 @@ def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling", "fidelity")  # fmt: skip
+             "scaling", "fidelity", "parallel")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -92,6 +92,7 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         default=None,
         help="also compare each case's first step with a float64 reference (after training, untimed)",
     )
+    add("--parallel", help="with --nproc > 1: ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp)")
     add("--find-max-batch", action="store_true", help="also find each mode's largest batch that fits")
     add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
 
@@ -128,17 +129,29 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     # default warm-up never takes more than half the steps, so a short run still times some
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
     cases = []
-    for nproc, model in itertools.product(_ladder(opts), opts.get("models") or [defaults["model"]]):
+    strategies = _parallel(opts)
+    ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 else strategies[:1])]  # 1 process: once
+    for (nproc, parallel), model in itertools.product(ladder, opts.get("models") or [defaults["model"]]):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
         fixed = dict(device=device_name, steps=steps, warmup=warmup, seed=opts.get("seed", 0),
                      batch_size=opts.get("batch_size", defaults["batch_size"]),
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
                      data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
-                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"),
+                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
                      fidelity=bool(opts.get("fidelity")))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
+
+
+def _parallel(opts: dict[str, Any]) -> list[str]:
+    """--parallel ddp, fsdp or ddp,fsdp (DDP first: each FSDP record's memory is compared with it)."""
+    items = [t.strip() for t in str(opts.get("parallel", "ddp")).split(",") if t.strip()]
+    bad = [t for t in items if t not in PARALLEL]
+    if not items or bad:
+        what = f"{bad[0]!r} is unknown" if bad else "empty"
+        raise ValueError(f"parallel={opts.get('parallel')!r}: {what}; give ddp, fsdp, or both as ddp,fsdp")
+    return sorted(set(items), key=PARALLEL.index)
 
 
 def _ladder(opts: dict[str, Any]) -> list[int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode
+from suite.modes.base import FsdpPlan, PrecisionMode
 
 
 class AmpFP16(PrecisionMode):
@@ -12,6 +12,8 @@ class AmpFP16(PrecisionMode):
     name = "amp-fp16"
     summary = "fp32 weights, fp16 autocast, GradScaler"
     needs = "any device (slow on CPU)"
+    no_fsdp = None
+    fsdp_param_dtype = torch.float16  # FSDP2: fp32 shards, gathered and computed in fp16
 
     def __init__(self, device: DeviceInfo) -> None:
         super().__init__(device)
@@ -35,3 +37,11 @@ class AmpFP16(PrecisionMode):
     def loss_scale(self) -> torch.Tensor | float:
         scale = self._scale_tensor()
         return self.scaler.get_scale() if scale is None else scale  # before any step: the initial float
+
+    def use_fsdp(self, plan: FsdpPlan) -> None:
+        super().use_fsdp(plan)
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        # GradScaler would find inf/NaN in this rank's gradient shard only, and ranks would
+        # disagree on skipping a step; the sharded scaler all-reduces that verdict first.
+        self.scaler = ShardedGradScaler(self.device.type)

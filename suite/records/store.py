@@ -30,7 +30,7 @@ FIELDS: tuple[str, ...] = (
     "schema", "run_id", "timestamp", "git_commit", "git_dirty",
     # the case
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
-    "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm",
+    "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm", "parallel",
     # outcome
     "status", "reason", "elapsed_s",
     # self-check (suite/records/checks.py): rules the figures break, [] when none
@@ -55,8 +55,10 @@ FIELDS: tuple[str, ...] = (
     "sampler_stalled", "nvml_reason",
     # the measured window: seconds of timed steps (held-out evaluation excluded)
     "window_s",
-    # data parallel (world_size > 1): per-rank step times, hosts, efficiency vs 1 process
-    "rank_step_time_ms", "hosts", "scaling_efficiency", "scaling_reason",
+    # data parallel (world_size > 1): per-rank step times and memory, hosts, efficiency vs 1 process
+    "rank_step_time_ms", "rank_peak_mem_mb", "hosts", "scaling_efficiency", "scaling_reason",
+    # sharded (parallel "fsdp"): FSDP2's policy dtypes, memory saved per rank vs DDP
+    "param_dtype", "reduce_dtype", "mem_saving_vs_ddp", "mem_saving_basis", "mem_saving_reason",
     # largest batch that fits (--find-max-batch)
     "max_batch", "max_batch_limit_mb", "max_batch_tries", "max_batch_reason",
     # convergence (nats / token)
@@ -98,6 +100,7 @@ REASON_FIELDS: dict[str, str] = {
         "nvml_reason",
     ),
     **dict.fromkeys(FIDELITY_FIGURES, "fidelity_reason"),
+    **dict.fromkeys(("mem_saving_vs_ddp", "mem_saving_basis"), "mem_saving_reason"),
 }
 
 

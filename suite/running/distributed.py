@@ -1,4 +1,4 @@
-"""Data parallelism: one case over N processes with DistributedDataParallel, via torchrun.
+"""Data parallelism: one case over N processes with DDP or FSDP2 (`case.parallel`), via torchrun.
 
 Parent side, `train_distributed`: starts `python -m torch.distributed.run --standalone
 --nproc-per-node N -m suite.running.distributed SPEC DIR` and reads back what rank 0 wrote, or, when
@@ -7,9 +7,10 @@ other ranks down, and the parent has --case-timeout).
 
 Rank side, `main`: every rank builds the same global batches (N x batch_size sequences, as a
 1-process run with N times the batch would see), trains on its own slice with the mode's
-prepare/step and DDP gradient averaging, and sends its figures to rank 0, which writes one
-set of record values: the slowest rank's step time, the largest per-rank memory, summed
-energy, losses averaged over ranks (so the curve is the global batch's loss).
+prepare/step and DDP gradient averaging (or FSDP2 sharding, `suite.running.sharding`), and
+sends its figures to rank 0, which writes one set of record values: the slowest rank's step
+time, the largest per-rank memory (each rank's in `rank_peak_mem_mb`), summed energy, losses
+averaged over ranks (so the curve is the global batch's loss).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _ddp_wrapper(grad_comm: str, device_ids: list[int] | None):
     import torch.distributed.algorithms.ddp_comm_hooks.default_hooks as hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    def wrap(model):
+    def wrap(model, mode):
         ddp = DistributedDataParallel(model, device_ids=device_ids)
         if grad_comm == "bf16":
             ddp.register_comm_hook(None, hooks.bf16_compress_hook)
@@ -139,8 +140,14 @@ def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int,
         if rank == 0:
             print(f"{label}: step {step}/{steps} loss {loss:.4f} (rank 0 slice)", file=sys.stderr, flush=True)
 
-    wrap = _ddp_wrapper(case.grad_comm, [local_rank] if device.type == "cuda" else None)
-    r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap)
+    sharded: dict[str, Any] = {}  # FSDP: the policy's param_dtype and reduce_dtype
+    if case.parallel == "fsdp":
+        from suite.running.sharding import fsdp_wrapper, full_copy
+
+        wrap, unshard = fsdp_wrapper(case.grad_comm, sharded), full_copy
+    else:
+        wrap, unshard = _ddp_wrapper(case.grad_comm, [local_rank] if device.type == "cuda" else None), None
+    r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap, unshard=unshard)
     # every rank takes part in every collective below, in the same order
     r.loss_curve = _mean_over_ranks(r.loss_curve, world)
     if r.final_loss is not None:
@@ -159,6 +166,8 @@ def run_rank(case: Case, flops_per_step: int, label: str, rank: int, world: int,
         "data_digest": digest(train),
         "loss_floor": corpus.loss_floor,
         "rank_step_time_ms": [e["timing"].median_ms if e["timing"] else None for e in everyone],
+        "rank_peak_mem_mb": [e["measurements"].get("peak_mem_mb") for e in everyone],
+        **sharded,
         "hosts": sorted({e["host"] for e in everyone}),
         **result_fields(case, r, device, flops_per_step),
     }

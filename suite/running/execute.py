@@ -65,6 +65,7 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "eval_every": case.eval_every,
         "world_size": case.nproc,
         "grad_comm": case.grad_comm if case.nproc > 1 else None,
+        "parallel": case.parallel if case.nproc > 1 else None,
         "weight_decay": case.weight_decay,
         "params": shapes.num_params(),
         "flops_per_token": per_token,

@@ -173,14 +173,17 @@ def run_case(
     heldout_batches: torch.Tensor,
     progress: Progress | None = None,
     trackers: bool = True,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    wrap: Callable[[nn.Module, PrecisionMode], nn.Module] | None = None,
+    unshard: Callable[[nn.Module], nn.Module] | None = None,
 ) -> CaseResult:
     """Build the model from the case's seed, let the mode prepare it, train, evaluate.
 
     Every CUDA call runs with the case's GPU as the current device (events, syncs and contexts
     that default to the current device land on it, not on GPU 0). `trackers=False` leaves only
-    the step timer (to measure what the trackers cost). `wrap` wraps the prepared model for
-    training (data parallelism: DistributedDataParallel); storage and evaluation see the model.
+    the step timer (to measure what the trackers cost). `wrap(model, mode)` wraps the prepared
+    model for training, before the optimizer sees its parameters (data parallelism: DDP, or
+    FSDP2, which replaces them with shards); storage and evaluation see the model itself, or
+    for a sharded one what `unshard` gathers.
     """
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
@@ -188,12 +191,12 @@ def run_case(
     init_digest = digest(torch.cat([p.detach().flatten() for p in model.parameters()]))
     with on_device(dev), mode.numerics():
         model = mode.prepare(model.to(dev))
+        trained = wrap(model, mode) if wrap else model
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
-        trained = wrap(model) if wrap else model
         step_fn = torch.compile(trained) if case.compile else trained
 
         def held_out_loss() -> float:
-            return evaluate(mode.eval_model(model), heldout_batches, dev)
+            return evaluate(mode.eval_model(unshard(model) if unshard else model), heldout_batches, dev)
 
         loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss)
         timing, measurements = _train_measured(case, device, loop, train_batches, trackers)
