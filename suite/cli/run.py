@@ -18,26 +18,49 @@ from rich.text import Text
 from models import GPTConfig
 from suite.cli.config import load_config
 from suite.cli.progress import STYLE, LiveBars
-from suite.hardware import resolve_device
+from suite.hardware import NATIVE_BF16_FLAGS, native_bf16_flag, resolve_device
 from suite.modes import MODES
 from suite.records import store
+from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
 from suite.running.runner import RunInterrupted, run_cases, validate
 from suite.text import fmt, log_to_stderr, render, rich_table
-from suite.training.case import Case
+from suite.training.case import PARALLEL, Case
+from suite.training.fidelity import check_fits
 
-# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
-# two CPU cores; on a GPU, GPT-2 small at its full context.
+# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on two
+# CPU cores, with smaller sizes on a CPU without native bf16, where bf16 runs in software like
+# fp16 (every mode gets the same sizes, so they stay comparable); on a GPU, GPT-2 small at its
+# full context.
 RUN_DEFAULTS = {
     "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),
+    "cpu-no-bf16": dict(model="tiny", batch_size=4, seq_len=64, steps=40, warmup=5),
     "cuda": dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=100, warmup=10),
 }
+
+
+def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
+    """(default sizes for this device, the one-line reason on a CPU)."""
+    if device_type == "cuda":
+        return RUN_DEFAULTS["cuda"], None
+    flag = native_bf16_flag()
+    key = "cpu" if flag else "cpu-no-bf16"
+    d = RUN_DEFAULTS[key]
+    sizes = f"batch {d['batch_size']} x {d['seq_len']} tokens, {d['steps']} steps"
+    if flag:
+        return d, f"CPU with native bf16 ({flag}): default sizes {sizes}"
+    return d, (
+        f"CPU without native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag): bf16 and fp16 run in software, "
+        f"~30x slower than fp32, so every mode gets the smaller default sizes {sizes}"
+    )
+
+
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling")  # fmt: skip
+             "scaling", "fidelity", "parallel")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -69,6 +92,13 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--nproc", type=int_type, help="data-parallel processes per case (torchrun; batch size is per process)")
     add("--scaling", help="process-count ladder, e.g. 1,2,4: every case at each count, with scaling efficiency")
     add("--grad-comm", help="gradient all-reduce precision with --nproc > 1: fp32 | bf16 | fp16 (default: fp32)")
+    add(
+        "--fidelity",
+        action="store_true",
+        default=None,
+        help="also compare each case's first step with a float64 reference (after training, untimed)",
+    )
+    add("--parallel", help="with --nproc > 1: ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp)")
     add("--find-max-batch", action="store_true", help="also find each mode's largest batch that fits")
     add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
     add("--quiet", "-q", action="store_true", help="print only the summary: no progress bars or lines")
@@ -100,22 +130,35 @@ def _parse_modes(text: str) -> list[str]:
 def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     """models x modes, unset sizes filled with the defaults of the device found."""
     device_name = opts.get("device", "auto")
-    defaults = RUN_DEFAULTS[resolve_device(device_name).type]
+    defaults, _ = run_defaults(resolve_device(device_name).type)
     modes = _parse_modes(opts["modes"]) if opts.get("modes") else list(MODES)
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
     cases = []
-    for nproc, model in itertools.product(_ladder(opts), opts.get("models") or [defaults["model"]]):
+    strategies = _parallel(opts)
+    ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 else strategies[:1])]  # 1 process: once
+    for (nproc, parallel), model in itertools.product(ladder, opts.get("models") or [defaults["model"]]):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
         fixed = dict(device=device_name, steps=steps, warmup=warmup, seed=opts.get("seed", 0),
                      batch_size=opts.get("batch_size", defaults["batch_size"]),
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
                      data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
-                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"))  # fmt: skip
+                     nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
+                     fidelity=bool(opts.get("fidelity")))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
+
+
+def _parallel(opts: dict[str, Any]) -> list[str]:
+    """--parallel ddp, fsdp or ddp,fsdp (DDP first: each FSDP record's memory is compared with it)."""
+    items = [t.strip() for t in str(opts.get("parallel", "ddp")).split(",") if t.strip()]
+    bad = [t for t in items if t not in PARALLEL]
+    if not items or bad:
+        what = f"{bad[0]!r} is unknown" if bad else "empty"
+        raise ValueError(f"parallel={opts.get('parallel')!r}: {what}; give ddp, fsdp, or both as ddp,fsdp")
+    return sorted(set(items), key=PARALLEL.index)
 
 
 def _ladder(opts: dict[str, Any]) -> list[int]:
@@ -143,16 +186,24 @@ def summary_table(records: list[dict], ascii: bool = True) -> Table:
         ok = r["status"] == "ok"
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
+        bad = suspect_fields(r)  # a suspect figure reads "12.34!"; its rule is in the suspect column
         rows.append([
             r["mode"], r["model"], Text(r["status"], style=STYLE.get(r["status"], "")),
-            fmt(r["step_time_ms"], ".2f"), spread,
-            fmt(r["tokens_per_s"], ",.0f"), fmt(speedup, ".2f"), fmt(r["mfu"], ".1%"),
-            fmt(r["peak_mem_mb"], ",.0f"), fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
-            (r["reason"] or "")[:70],
+            _mark(bad, fmt(r["step_time_ms"], ".2f"), "step_time_ms"),
+            _mark(bad, spread, "step_time_p10_ms", "step_time_p90_ms"),
+            _mark(bad, fmt(r["tokens_per_s"], ",.0f"), "tokens_per_s"), fmt(speedup, ".2f"),
+            _mark(bad, fmt(r["mfu"], ".1%"), "mfu"), _mark(bad, fmt(r["peak_mem_mb"], ",.0f"), "peak_mem_mb"),
+            fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
+            ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-", (r["reason"] or "")[:70],
         ])  # fmt: skip
     header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
-              "final loss", "vs fp32", "reason"]  # fmt: skip
+              "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip
     return rich_table(rows, header, right=set(range(3, 11)), ascii=ascii)
+
+
+def _mark(bad: dict[str, list], text: str, *keys: str) -> str:
+    """`text` with a "!" when the self-check found any of `keys` suspect."""
+    return f"{text}!" if text != "-" and any(k in bad for k in keys) else text
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -164,7 +215,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cases = cases_from_options(opts)
     out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
     validate(cases)  # bad input ends here, before anything is written
+    _check_fidelity(cases)
     store.check_writable(out)
+    _, why = run_defaults(resolve_device(opts.get("device", "auto")).type)
+    if why and not {"batch_size", "seq_len", "steps"} <= opts.keys() and not args.quiet:
+        print(f"mpbench: {why} (flags override them)", file=sys.stderr)
     if not args.quiet:
         print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
     # a terminal gets live bars; a pipe or a CI log the plain lines; --quiet nothing until the summary
@@ -191,6 +246,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loss_floor is not None:
         print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
     return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def _check_fidelity(cases: list[Case]) -> None:
+    """--fidelity compares one process's step: refuse data parallelism and models that cannot fit twice."""
+    for case in cases:
+        if case.fidelity and case.nproc > 1:
+            raise ValueError("fidelity: compares a one-process step; drop --nproc/--scaling or --fidelity")
+    for case in {(c.model, c.device): c for c in cases if c.fidelity}.values():
+        check_fits(case, resolve_device(case.device))
 
 
 def _run_as_rank(opts: dict[str, Any]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,17 @@ import torch.nn as nn
 from suite.hardware import DeviceInfo
 
 ADAM_BETAS = (0.9, 0.95)  # GPT-2 / nanoGPT
+# --grad-comm names -> the dtype gradients are communicated in
+COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FsdpPlan:
+    """How FSDP2 (`fully_shard`) shards a mode: its MixedPrecisionPolicy dtypes, or why it can't."""
+
+    param_dtype: torch.dtype | None = None  # all-gather and compute dtype; None: as stored
+    reduce_dtype: torch.dtype | None = None  # reduce-scatter dtype; None: the gradients' own
+    unavailable: str | None = None  # set: the mode is skipped under FSDP with this reason
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -99,6 +111,10 @@ class PrecisionMode:
     needs: ClassVar[str] = "any device"
     allow_tf32: ClassVar[bool] = False  # every mode states TF32 explicitly
     no_data_parallel: ClassVar[str | None] = None  # why DistributedDataParallel cannot wrap it
+    # why FSDP2 cannot shard it, after the mode's name; opt-in: a mode is sharded under
+    # --parallel fsdp only once it says how (None, and fsdp_param_dtype)
+    no_fsdp: ClassVar[str | None] = "has not been checked under FSDP2; run it with --parallel ddp or --nproc 1"
+    fsdp_param_dtype: ClassVar[torch.dtype | None] = None  # FSDP's param_dtype; None: as stored
     adam_eps: ClassVar[float] = 1e-8
 
     def __init__(self, device: DeviceInfo) -> None:
@@ -133,13 +149,36 @@ class PrecisionMode:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """Backward and optimizer step; False when the step was skipped (loss-scale overflow)."""
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool | torch.Tensor:
+        """Backward and optimizer step; False when the step was skipped (loss-scale overflow). A mode
+        may return a 0-dim bool tensor instead, so that knowing costs no host sync in the step."""
         loss.backward()
         optimizer.step()
         return True
 
     @property
-    def loss_scale(self) -> float | None:
-        """Current loss scale, None for modes without loss scaling."""
+    def loss_scale(self) -> float | torch.Tensor | None:
+        """Current loss scale (a float or a 0-dim device tensor: read it outside timed code), None
+        for modes without loss scaling."""
         return None
+
+    @classmethod
+    def fsdp_plan(cls, grad_comm: str = "fp32") -> FsdpPlan:
+        """FSDP2's policy for this mode: parameters gathered in `fsdp_param_dtype` (None: as
+        stored), gradients reduced in --grad-comm's dtype; with the default fp32 that is fp32
+        under a low param dtype (FSDP's usual recipe) and otherwise the gradients' own dtype,
+        as DDP does."""
+        if cls.no_fsdp:
+            return FsdpPlan(unavailable=f"{cls.name} {cls.no_fsdp}")
+        if grad_comm != "fp32":
+            reduce = COMM_DTYPES[grad_comm]
+        else:
+            reduce = torch.float32 if cls.fsdp_param_dtype is not None else None
+        return FsdpPlan(param_dtype=cls.fsdp_param_dtype, reduce_dtype=reduce)
+
+    def use_fsdp(self, plan: FsdpPlan) -> None:
+        """Called once FSDP2 has sharded the model with `plan`. A param dtype replaces autocast:
+        FSDP casts per module (low-precision activations and residual stream), as torchtitan
+        does, rather than per op."""
+        if plan.param_dtype is not None:
+            self.autocast_dtype = None

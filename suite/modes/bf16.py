@@ -12,6 +12,8 @@ class BF16(PrecisionMode):
     name = "bf16"
     summary = "fp32 weights, bf16 autocast, no loss scaling"
     needs = "CUDA compute capability 8.0+, or a CPU"
+    no_fsdp = None
+    fsdp_param_dtype = torch.bfloat16  # FSDP2: fp32 shards, gathered and computed in bf16
 
     def __init__(self, device: DeviceInfo) -> None:
         super().__init__(device)

@@ -6,3 +6,4 @@ class FP32(PrecisionMode):
 
     name = "fp32"
     summary = "fp32 weights and compute, TF32 explicitly off (the reference)"
+    no_fsdp = None  # FSDP2: fp32 shards, no policy

@@ -63,6 +63,11 @@ class Int8Weight(PrecisionMode):
         "int8-weight does not run under DistributedDataParallel: torchao's int8 weight tensor "
         "refuses DDP's gradient bucketing (Int8QTLinearWeight.cat); run it with --nproc 1"
     )
+    no_fsdp = (
+        "is not sharded: FSDP2 wraps torchao's int8 weight in a DTensor, which hides the int8 data "
+        "this mode's weight decay and optimizer groups look for (not checked to train correctly); "
+        "run it with --nproc 1"
+    )
 
     def __init__(self, device: DeviceInfo, compute: str | None = None) -> None:
         super().__init__(device)

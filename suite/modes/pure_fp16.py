@@ -8,7 +8,12 @@ import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode
+from suite.modes.base import FsdpPlan, PrecisionMode
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) gradient; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class DynamicLossScaler:
@@ -23,11 +28,20 @@ class DynamicLossScaler:
         self.scale = init_scale
         self.growth_interval = growth_interval
         self._clean_steps = 0
+        self.across_ranks = False  # FSDP2: each rank holds a gradient shard; agree on the verdict
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
         (loss * self.scale).backward()
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        # a DTensor's .all() is only this rank's verdict (a pending partial): check the local
+        # shard and, when sharded, take the minimum over ranks, so all skip or all step
+        finite = torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all()
+        if self.across_ranks:
+            import torch.distributed as dist
+
+            flag = finite.to(torch.float32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
         if not finite.item():  # the one host sync of the step
             self.scale /= 2
             self._clean_steps = 0
@@ -54,6 +68,7 @@ class PureFP16(PrecisionMode):
     summary = "fp16 weights, grads and AdamW state, no master copy, own loss scaling"
     needs = "any device (very slow on CPU)"
     adam_eps = 1e-4
+    no_fsdp = None  # FSDP2: fp16 shards, gathered and reduced in fp16 (no policy)
 
     def __init__(self, device: DeviceInfo) -> None:
         super().__init__(device)
@@ -72,3 +87,7 @@ class PureFP16(PrecisionMode):
     @property
     def loss_scale(self) -> float | None:
         return self.scaler.scale
+
+    def use_fsdp(self, plan: FsdpPlan) -> None:
+        super().use_fsdp(plan)
+        self.scaler.across_ranks = True

@@ -11,6 +11,7 @@ class TF32(PrecisionMode):
     summary = "fp32 weights, TF32 tensor-core matmuls"
     needs = "CUDA, compute capability 8.0+"
     allow_tf32 = True
+    no_fsdp = None  # FSDP2: fp32 shards, no policy, TF32 matmuls
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.checks import suspect_fields
 from suite.records.store import REASON_FIELDS
 
 NOT_MEASURED = "not measured"
@@ -25,6 +26,7 @@ class Cell:
     value: Any
     text: str
     reason: str | None = None
+    suspect: bool = False  # measured, but breaks a self-check rule (the reason says which)
 
     @property
     def missing(self) -> bool:
@@ -113,9 +115,63 @@ COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
 HEADERS = [header for _, header, _ in COLUMNS]
 
 
+# The record fields behind each column: a column whose field the self-check (`suspect`) names is marked.
+SUSPECT_FIELDS: dict[str, tuple[str, ...]] = {
+    "step_time_ms": ("step_time_ms",), "step_time_p10_p90_ms": ("step_time_p10_ms", "step_time_p90_ms"),
+    "speedup_vs_fp32": ("step_time_ms",), "tokens_per_s": ("tokens_per_s",),
+    "mfu_pct": ("mfu", "achieved_flops"), "mfu_bf16_pct": ("achieved_flops",), "mamf_pct": ("mamf", "achieved_flops"),
+    "tensor_core_util_pct": ("tensor_core_util",), "peak_mem_mb": ("peak_mem_mb",),
+    "peak_mem_allocated_mb": ("peak_mem_allocated_mb",), "energy_mj_per_token": ("energy_j_per_step",),
+    "tokens_per_kj": ("tokens_per_joule",),
+}  # fmt: skip
+SUSPECT = "suspect"
+
+
+def _suspect(cell: Cell, entries: list[dict[str, Any]]) -> Cell:
+    """A measured figure the self-check doubts: kept, marked, and its rules as the note."""
+    if cell.missing or not entries:
+        return cell
+    note = "; ".join(dict.fromkeys(f"suspect ({e.get('rule')}): {e.get('note')}" for e in entries))
+    return Cell(cell.value, f"{cell.text} ({SUSPECT})", note, suspect=True)
+
+
+def _scale(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    value = r.get("fidelity_loss_scale")
+    if value is None and r.get("grad_rel_err_vs_fp64") is not None:
+        return Cell(None, "none")  # a mode without loss scaling: nothing is missing
+    return _cell(value, ",.0f", lambda: why(r, "grad_rel_err_vs_fp64"))
+
+
+# The float64 comparison (mpbench fidelity, mpbench run --fidelity): its own table, shown for a
+# group only where some record has it. Errors in scientific notation: they span 1e-8 to 1.
+FIDELITY_COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
+    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
+    ("grad_cos_vs_fp64", "grad cosine vs fp64", _field("grad_cos_vs_fp64", ".7f")),
+    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _field("grad_rel_err_vs_fp64", ".2e")),
+    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _field("grad_max_abs_err_vs_fp64", ".2e")),
+    ("update_cos_vs_fp64", "update cosine vs fp64", _field("update_cos_vs_fp64", ".5f")),
+    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _field("update_rel_err_vs_fp64", ".2e")),
+    ("grad_underflow_pct", "grad underflow (%)", _field("grad_underflow_frac", ".4f", 100)),
+    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _field("scaled_grad_underflow_frac", ".4f", 100)),
+    ("grad_overflow_pct", "grad inf/NaN (%)", _field("grad_overflow_frac", ".4f", 100)),
+    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _field("fidelity_loss_diff", "+.2e")),
+    ("fidelity_loss_scale", "loss scale", _scale),
+]  # fmt: skip
+FIDELITY_HEADERS = [header for _, header, _ in FIDELITY_COLUMNS]
+
+
+def fidelity_cells(r: dict[str, Any]) -> list[Cell]:
+    """The fidelity columns of one record."""
+    return [make(r, None) for _, _, make in FIDELITY_COLUMNS]
+
+
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
-    return [make(r, ref) for _, _, make in COLUMNS]
+    bad = suspect_fields(r)
+    return [
+        _suspect(make(r, ref), [e for key in SUSPECT_FIELDS.get(name, ()) for e in bad.get(key, [])])
+        for name, _, make in COLUMNS
+    ]
 
 
 class Notes:
@@ -168,21 +224,33 @@ TEXT_COLUMNS = ("mode", "status")  # words: aligned left; figures align right
 def _html_cell(cell: Cell, notes: Notes, words: bool) -> str:
     text = html.escape(cell.text)
     if cell.reason:
-        cls = ' class="nm"' if cell.missing else ""
+        cls = ' class="nm"' if cell.missing else ' style="color:#b00"' if cell.suspect else ""
         title = html.escape(cell.reason, quote=True)
         text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
     return f'<td class="text">{text}</td>' if words else f"<td>{text}</td>"
 
 
-def to_html(rows: list[list[Cell]], notes: Notes) -> str:
-    """One table per family; a "not measured" cell carries its reason as a tooltip and a footnote number."""
+def _tables(headers: list[str] | None) -> tuple[list[tuple[str, list[int]]], list[str], set[int]]:
+    """(title and column indexes of each table, every header, the columns of words): the families
+    of COLUMNS, or `headers` (key first) cut into parts of at most MAX_COLUMNS figures."""
+    if headers is None:
+        return families(), [h for _, h, _ in COLUMNS], {i for i, c in enumerate(COLUMNS) if c[0] in TEXT_COLUMNS}
+    figures = list(range(1, len(headers)))
+    parts = [figures[i : i + MAX_COLUMNS] for i in range(0, len(figures), MAX_COLUMNS)] or [[]]
+    titled = [(f"part {p} of {len(parts)}" if len(parts) > 1 else "", [0, *part]) for p, part in enumerate(parts, 1)]
+    return titled, headers, {0}
+
+
+def to_html(rows: list[list[Cell]], notes: Notes, headers: list[str] | None = None) -> str:
+    """One table per family (or `headers`, cut into parts); a "not measured" cell carries its
+    reason as a tooltip and a footnote number."""
+    tables, names, words = _tables(headers)
     out = ['<div class="families">']
-    for title, columns in families():
+    for title, columns in tables:
         out.append(f'<div class="family"><h4>{html.escape(title)}</h4><table><thead><tr>')
-        out += [f"<th>{html.escape(COLUMNS[i][1])}</th>" for i in columns]
+        out += [f"<th>{html.escape(names[i])}</th>" for i in columns]
         out.append("</tr></thead><tbody>")
-        words = {i: COLUMNS[i][0] in TEXT_COLUMNS for i in columns}
-        out += ["<tr>" + "".join(_html_cell(row[i], notes, words[i]) for i in columns) + "</tr>" for row in rows]
+        out += ["<tr>" + "".join(_html_cell(row[i], notes, i in words) for i in columns) + "</tr>" for row in rows]
         out.append("</tbody></table></div>")
     out.append("</div>")
     return "".join(out)
@@ -197,12 +265,13 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(rows: list[list[Cell]], notes: Notes) -> str:
+def to_markdown(rows: list[list[Cell]], notes: Notes, headers: list[str] | None = None) -> str:
     """The same tables in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
+    tables, names, _ = _tables(headers)
     lines: list[str] = []
-    for title, columns in families():
-        lines += [*([""] if lines else []), f"**{title}**", ""]
-        lines += ["| " + " | ".join(COLUMNS[i][1] for i in columns) + " |", "|" + "---|" * len(columns)]
+    for title, columns in tables:
+        lines += [*([""] if lines else []), f"**{title}**", ""] if title else ([""] if lines else [])
+        lines += ["| " + " | ".join(names[i] for i in columns) + " |", "|" + "---|" * len(columns)]
         for row in rows:
             texts = [_md(row[i].text + (f" [{notes.ref(row[i].reason)}]" if row[i].reason else "")) for i in columns]
             lines.append("| " + " | ".join(texts) + " |")
@@ -223,4 +292,5 @@ def csv_row(r: dict[str, Any], row: list[Cell]) -> dict[str, Any]:
         out["not_measured"] = why(r, "status")
     else:
         out["not_measured"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.missing)
+    out["suspect"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.suspect)
     return out

@@ -1,4 +1,4 @@
-"""Data parallelism: one case over N processes with DistributedDataParallel, via torchrun.
+"""Data parallelism: one case over N processes with DDP or FSDP2 (`case.parallel`), via torchrun.
 
 Parent side, `train_distributed`: starts `python -m torch.distributed.run --standalone
 --nproc-per-node N -m suite.running.rank SPEC DIR` and reads back what rank 0 wrote, or, when
@@ -7,9 +7,10 @@ other ranks down, and the parent has --case-timeout).
 
 Rank side, `main`: every rank builds the same global batches (N x batch_size sequences, as a
 1-process run with N times the batch would see), trains on its own slice with the mode's
-prepare/step and DDP gradient averaging, and sends its figures to rank 0, which writes one
-set of record values: the slowest rank's step time, the largest per-rank memory, summed
-energy, losses averaged over ranks (so the curve is the global batch's loss).
+prepare/step and DDP gradient averaging (or FSDP2 sharding, `suite.running.sharding`), and
+sends its figures to rank 0, which writes one set of record values: the slowest rank's step
+time, the largest per-rank memory (each rank's in `rank_peak_mem_mb`), summed energy, losses
+averaged over ranks (so the curve is the global batch's loss).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _ddp_wrapper(grad_comm: str, device_ids: list[int] | None):
     import torch.distributed.algorithms.ddp_comm_hooks.default_hooks as hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    def wrap(model):
+    def wrap(model, mode):
         ddp = DistributedDataParallel(model, device_ids=device_ids)
         if grad_comm == "bf16":
             ddp.register_comm_hook(None, hooks.bf16_compress_hook)
@@ -154,8 +155,14 @@ def run_rank(
     shard = slice(rank * B, (rank + 1) * B)
 
     progress = step_events(label, emit, " (rank 0 slice)") if rank == 0 and emit else None
-    wrap = _ddp_wrapper(case.grad_comm, [local_rank] if device.type == "cuda" else None)
-    r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap)
+    sharded: dict[str, Any] = {}  # FSDP: the policy's param_dtype and reduce_dtype
+    if case.parallel == "fsdp":
+        from suite.running.sharding import fsdp_wrapper, full_copy
+
+        wrap, unshard = fsdp_wrapper(case.grad_comm, sharded), full_copy
+    else:
+        wrap, unshard = _ddp_wrapper(case.grad_comm, [local_rank] if device.type == "cuda" else None), None
+    r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap, unshard=unshard)
     # every rank takes part in every collective below, in the same order
     r.loss_curve = _mean_over_ranks(r.loss_curve, world)
     if r.final_loss is not None:
@@ -174,6 +181,8 @@ def run_rank(
         "data_digest": digest(train),
         "loss_floor": corpus.loss_floor,
         "rank_step_time_ms": [e["timing"].median_ms if e["timing"] else None for e in everyone],
+        "rank_peak_mem_mb": [e["measurements"].get("peak_mem_mb") for e in everyone],
+        **sharded,
         "hosts": sorted({e["host"] for e in everyone}),
         **result_fields(case, r, device, flops_per_step),
     }
@@ -188,17 +197,39 @@ def _slowest(everyone: list[dict]) -> dict:
 
 
 def _combined_measurements(everyone: list[dict], slowest: dict, case: Case) -> dict[str, Any]:
-    """Per-rank figures into one: the slowest rank's, the largest memory, summed energy."""
+    """Per-rank figures into one: the slowest rank's, the largest memory, summed energy. A figure
+    some rank lacks is null with that reason, never the other ranks' figure passed off as the job's."""
     m = dict(slowest["measurements"])
+    ranks = [e["measurements"] for e in everyone]
+    sources = {r.get("peak_mem_source") for r in ranks if r.get("peak_mem_mb") is not None}
     for key in ("peak_mem_mb", "peak_mem_device_mb", "peak_mem_allocated_mb", "peak_mem_reserved_mb"):
-        vals = [e["measurements"].get(key) for e in everyone if e["measurements"].get(key) is not None]
-        m[key] = max(vals) if vals else None  # never a sum: each GPU must fit its own peak
-    energies = [e["measurements"].get("energy_j_per_step") for e in everyone]
-    if energies and all(v is not None for v in energies):
-        m["energy_j_per_step"] = sum(energies)
-        m["avg_power_w"] = sum(e["measurements"].get("avg_power_w") or 0 for e in everyone)
+        missing = [e["rank"] for e in everyone if e["measurements"].get(key) is None]
+        m[key] = None if missing else max(r[key] for r in ranks)  # never a sum: each GPU must fit its own peak
+        if missing and len(missing) < len(ranks):
+            m["peak_mem_reason"] = f"{key}: rank(s) {missing} have none ({_reason_of(everyone, missing, 'peak_mem')})"
+    if len(sources) > 1:  # like with like: one rank's NVML process figure is not another's RSS
+        m["peak_mem_mb"] = m["peak_mem_source"] = None
+        m["peak_mem_reason"] = f"ranks measured peak_mem_mb differently ({sorted(map(str, sources))})"
+    missing = [e["rank"] for e in everyone if e["measurements"].get("energy_j_per_step") is None]
+    if not missing:
+        m["energy_j_per_step"] = sum(r["energy_j_per_step"] for r in ranks)
+        m["avg_power_w"] = sum(r.get("avg_power_w") or 0 for r in ranks)
         m["tokens_per_joule"] = case.tokens_per_step / m["energy_j_per_step"]
+    elif len(missing) < len(ranks):  # (when no rank has energy, the slowest's reason says why)
+        m |= dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"))
+        m["energy_reason"] = (
+            f"rank(s) {missing} measured no energy ({_reason_of(everyone, missing, 'energy')}), so the job's "
+            "energy is unknown (one rank's is not the job's)"
+        )
     return m
+
+
+def _reason_of(everyone: list[dict], ranks: list[int], group: str) -> str:
+    """The first of these ranks' `{group}_reason`, or a plain 'no reason given'."""
+    for e in everyone:
+        if e["rank"] in ranks and e["measurements"].get(f"{group}_reason"):
+            return e["measurements"][f"{group}_reason"]
+    return "no reason given"
 
 
 def launched_by_torchrun() -> bool:

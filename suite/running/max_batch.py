@@ -38,16 +38,22 @@ def find_max_batch(
 ) -> dict[str, Any]:
     """Record fields: `max_batch` (None if even 1 does not fit), the limit, and every try.
 
-    Each try is `attempt` (default: a short isolated run whose progress events go to `progress`)."""
+    The limit is compared with `peak_mem_mb` only (this process: NVML on a GPU, RSS on a CPU),
+    never with a device-wide figure; a try whose process peak is unknown ends the search, with
+    `max_batch_reason` saying why, rather than judging it on another figure.
+    Each try is `attempt` (default: a short isolated run whose progress events go to `progress`).
+    """
     tries: list[list[Any]] = []
+    unknown: list[str] = []
     attempt = attempt or functools.partial(_try, progress=progress)
 
     def fits(batch: int) -> bool:
         values = attempt(case, batch, timeout_s)
         peak = values.get("peak_mem_mb")
-        ok = values.get("status") == "ok" and (
-            memory_limit_mb is None or (peak is not None and peak <= memory_limit_mb)
-        )
+        ran = values.get("status") == "ok"
+        if ran and memory_limit_mb is not None and peak is None:
+            unknown.append(f"batch {batch}: peak_mem_mb unknown ({values.get('peak_mem_reason') or 'no reason'})")
+        ok = ran and not unknown and (memory_limit_mb is None or peak <= memory_limit_mb)
         tries.append([batch, values.get("status"), peak, ok])
         return ok
 
@@ -63,4 +69,7 @@ def find_max_batch(
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         last_ok = lo
+    if unknown:  # the limit cannot be judged: no figure rather than one judged on something else
+        return {"max_batch": None, "max_batch_limit_mb": memory_limit_mb, "max_batch_tries": tries,
+                "max_batch_reason": f"--memory-limit-mb cannot be checked: {unknown[0]}"}  # fmt: skip
     return {"max_batch": last_ok, "max_batch_limit_mb": memory_limit_mb, "max_batch_tries": tries}

@@ -18,7 +18,7 @@ from typing import Any
 from suite.hardware import DeviceInfo, environment, resolve_device
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
-from suite.records import store
+from suite.records import checks, store
 from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -32,7 +32,7 @@ from suite.training.data import make_corpus
 Log = Callable[[str], None]
 # what makes two records the same case, for --resume
 CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
-            "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm")  # fmt: skip
+            "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm", "parallel")  # fmt: skip
 
 
 def torch_cuda_count() -> int:
@@ -61,9 +61,10 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
         gpus = torch_cuda_count() if devices[c.device].type == "cuda" else None
         if gpus is not None and c.nproc > gpus:
             raise ValueError(f"nproc={c.nproc}: only {gpus} GPU(s) here; use --nproc {gpus} or less")
-        if c.nproc > 1 and c.grad_comm == "bf16" and gpus is None:
+        if c.nproc > 1 and c.parallel == "ddp" and c.grad_comm == "bf16" and gpus is None:
             raise ValueError(
-                "grad_comm='bf16': torch's bf16 all-reduce hook needs CUDA and NCCL; use fp32 or fp16 on a CPU"
+                "grad_comm='bf16': torch's bf16 all-reduce hook needs CUDA and NCCL; use fp32 or fp16 on a CPU "
+                "(or --parallel fsdp, whose bf16 reduce-scatter runs on gloo)"
             )
         corpus = make_corpus(c.data, c.model_config.vocab_size)
         if hasattr(corpus, "check_fits"):
@@ -79,7 +80,8 @@ def reference_first(cases: Sequence[Case]) -> list[Case]:
     return sorted(cases, key=lambda c: (first_seen[_group(c)], c.mode != convergence.REFERENCE))
 
 
-GROUP = ("model", "device", "batch_size", "seq_len", "steps", "seed", "data", "compile", "nproc", "grad_comm")
+GROUP = ("model", "device", "batch_size", "seq_len", "steps", "seed", "data", "compile", "nproc", "grad_comm",
+         "parallel")  # fmt: skip
 
 
 def _group(case_or_record: Case | dict[str, Any], keys: tuple[str, ...] = GROUP) -> tuple:
@@ -89,7 +91,7 @@ def _group(case_or_record: Case | dict[str, Any], keys: tuple[str, ...] = GROUP)
     return tuple(getattr(case_or_record, k) for k in keys)
 
 
-SCALING_GROUP = ("mode", *(k for k in GROUP if k not in ("nproc", "grad_comm")))
+SCALING_GROUP = ("mode", *(k for k in GROUP if k not in ("nproc", "grad_comm", "parallel")))
 
 
 def _scaling_group(case_or_record: Case | dict[str, Any]) -> tuple:
@@ -107,6 +109,31 @@ def scaling_fields(record: dict[str, Any], single: dict[str, Any] | None) -> dic
     if single is None or single.get("tokens_per_s") is None:
         return {"scaling_reason": "no ok 1-process run of this case in this invocation (use --scaling 1,N)"}
     return {"scaling_efficiency": record["tokens_per_s"] / (n * single["tokens_per_s"])}
+
+
+def _ddp_twin(record: dict[str, Any]) -> tuple:
+    """The same case on the same processes under DDP: what an FSDP record's memory is compared with."""
+    return (*_scaling_group(record), record.get("world_size"), record.get("grad_comm"))
+
+
+def memory_saving_fields(
+    record: dict[str, Any], ddp: dict[str, Any] | None, single: dict[str, Any] | None
+) -> dict[str, Any]:
+    """FSDP's memory saving per rank: 1 - its largest rank peak / DDP's for the same case (else
+    the 1-process run's, which holds what one DDP rank holds but DDP's gradient buckets).
+    Allocator peaks where both have them (GPU), else peak_mem_mb (CPU: whole-process RSS)."""
+    if record.get("parallel") != "fsdp":
+        return {"mem_saving_reason": "not a sharded (--parallel fsdp) run"}
+    for name, base in (("ddp", ddp), ("1-process", single)):
+        if base is None or base.get("status") != "ok":
+            continue
+        for key in ("peak_mem_allocated_mb", "peak_mem_mb"):
+            if record.get(key) and base.get(key):
+                return {"mem_saving_vs_ddp": 1 - record[key] / base[key], "mem_saving_basis": f"{name} {key}"}
+    if record.get("peak_mem_mb") is None:
+        return {"mem_saving_reason": f"no peak memory (status {record['status']})"}
+    return {"mem_saving_reason": "no ok DDP or 1-process run of this case in this invocation "
+            "(use --parallel ddp,fsdp or --scaling 1,N)"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -167,6 +194,7 @@ def run_cases(
     have = {tuple(r.get(k) for k in CASE_KEY) for r in existing}
     references = {_group(r): r for r in existing if r["mode"] == convergence.REFERENCE}
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
+    ddps = {_ddp_twin(r): r for r in existing if r.get("parallel") == "ddp"}
     todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
     if resume:
         note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run")
@@ -192,6 +220,10 @@ def run_cases(
             if case.nproc == 1:
                 singles[_scaling_group(record)] = record
             record |= scaling_fields(record, singles.get(_scaling_group(record)))
+            if record.get("parallel") == "ddp":
+                ddps[_ddp_twin(record)] = record
+            record |= memory_saving_fields(record, ddps.get(_ddp_twin(record)), singles.get(_scaling_group(record)))
+            record["suspect"] = checks.check(record)  # the last step before writing: every figure is in
             if out is not None:
                 store.append(out, record)
             records.append(record)
@@ -219,7 +251,9 @@ def _run_one(
     values: dict[str, Any] = {"run_id": run_id, **case_fields(case, device), **environment(device)}
     t0 = time.perf_counter()
     mode = get_mode(case.mode)
-    reason = mode.unavailable_reason(device) or (mode.no_data_parallel if case.nproc > 1 else None)
+    reason = mode.unavailable_reason(device)
+    if not reason and case.nproc > 1:
+        reason = mode.fsdp_plan(case.grad_comm).unavailable if case.parallel == "fsdp" else mode.no_data_parallel
     if reason:
         values |= {"status": "skipped", "reason": reason}
     elif case.nproc > 1 and launched_by_torchrun():  # the user's torchrun started this rank
@@ -235,9 +269,11 @@ def _run_one(
 
 
 def _summary(record: dict[str, Any]) -> str:
+    suspect = "; ".join(s["note"] for s in record.get("suspect") or [])
+    suspect = f"; SUSPECT: {suspect}" if suspect else ""
     if record["status"] != "ok":
-        return f"{record['status']}: {record['reason']}"
+        return f"{record['status']}: {record['reason']}{suspect}"
     return (
         f"ok, {record['step_time_ms']:.1f} ms/step (p10-p90 {record['step_time_p10_ms']:.1f}-"
-        f"{record['step_time_p90_ms']:.1f}), final loss {record['final_loss']:.4f}"
+        f"{record['step_time_p90_ms']:.1f}), final loss {record['final_loss']:.4f}{suspect}"
     )

@@ -9,6 +9,7 @@ from suite.hardware import DEVICE_CHOICES
 from suite.modes import MODES
 
 GRAD_COMM = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")  # with nproc > 1: DistributedDataParallel, or FSDP2 sharding
 # Peak learning rates by model size, from the GPT-3 paper's table (tiny: chosen to learn
 # visibly within a few dozen steps).
 DEFAULT_LR = {"tiny": 3e-3, "gpt2-small": 6e-4, "gpt2-medium": 3e-4, "gpt2-large": 2.5e-4, "gpt2-xl": 2e-4}
@@ -34,6 +35,8 @@ class Case:
     eval_every: int = 0  # also evaluate every N steps (0: only at the end)
     nproc: int = 1  # data-parallel processes; batch_size is per process
     grad_comm: str = "fp32"  # gradient all-reduce precision with nproc > 1: fp32 | bf16 | fp16
+    fidelity: bool = False  # also compare step 1 with a float64 reference (mpbench run --fidelity)
+    parallel: str = "ddp"  # how nproc > 1 processes share the model: ddp | fsdp
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():
@@ -48,6 +51,8 @@ class Case:
                 raise ValueError(f"{f.name}={value!r}: must be an integer")
         if self.grad_comm not in GRAD_COMM:
             raise ValueError(f"grad_comm={self.grad_comm!r} is unknown; choose one of {', '.join(GRAD_COMM)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r} is unknown; choose one of {', '.join(PARALLEL)}")
         for name in ("batch_size", "seq_len", "steps", "eval_batches", "nproc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
@@ -56,6 +61,11 @@ class Case:
         if not 0 <= self.warmup < self.steps:
             raise ValueError(
                 f"warmup={self.warmup}: must be in 0..steps-1 (steps={self.steps}) so that some steps are timed"
+            )
+        if self.compile and self.warmup < 2:
+            raise ValueError(
+                f"warmup={self.warmup}: --compile needs --warmup 2 or more, so that compilation (first step) "
+                "and recompilation (second) stay out of the timed window"
             )
         block = self.model_config.block_size
         if self.seq_len > block:
