@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_compare_bounds_fidelity_like_the_loss():
     assert verdict[("grad_rel_err_vs_fp64", "same")] == "same"
     assert verdict[("grad_rel_err_vs_fp64", "worse")] == "regressed"
     assert verdict[("grad_cos_vs_fp64", "worse")] == "regressed"  # 1 - cos 10x larger
-    broken = compare_runs([base], [base | {"grad_rel_err_vs_fp64": "inf", "grad_cos_vs_fp64": "nan"}])
+    broken = compare_runs([base], [base | {"grad_rel_err_vs_fp64": math.inf, "grad_cos_vs_fp64": math.nan}])  # as read
     assert {r.metric: r.verdict for r in broken if r.metric.startswith("grad_")} == {
         "grad_rel_err_vs_fp64": "regressed", "grad_cos_vs_fp64": "regressed"}  # fmt: skip
 
@@ -242,7 +243,7 @@ def test_inf_gradients_are_counted_and_recorded(monkeypatch, tmp_path):
     out = tmp_path / "r.jsonl"
     case = small_case(mode=FP32WithAnInfGradient.name)
     store.append(out, store.make_record(status="ok", model="tiny", mode=case.mode, **f))
-    back = store.read(out)[0]
-    assert back["grad_rel_err_vs_fp64"] == "inf"  # JSON has no inf: written as the store writes it
+    assert json.loads(out.read_text())["grad_rel_err_vs_fp64"] == "inf"  # JSON has no inf: the store writes a string
+    assert store.read(out)[0]["grad_rel_err_vs_fp64"] == math.inf  # and the reader decodes it
     md = build_report(store.load(out), tmp_path / "rep")["summary.md"].read_text()
     assert "| inf |" in md
