@@ -3,7 +3,7 @@
 Keys (all optional; command-line flags override them):
 
     models = ["tiny", "gpt2-small"]   # or model = "tiny"
-    modes = ["fp32", "bf16"]          # default: all
+    modes = ["fp32", "bf16"]          # or "all"; default: all on a GPU, the minute's worth on a CPU
     device = "auto"
     batch_size = 8
     seq_len = 128
@@ -21,6 +21,7 @@ Keys (all optional; command-line flags override them):
     nproc = 1                         # data-parallel processes per case
     scaling = "1,2,4"                 # or a ladder of process counts
     grad_comm = "fp32"                # gradient all-reduce precision: fp32 | bf16 | fp16
+    emulate = false                   # fp8/MXFP8 on emulated kernels below their GPU capability
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ KEYS: dict[str, tuple[type, ...]] = {
     "seq_len": (int,), "steps": (int,), "warmup": (int,), "seed": (int,), "lr": (float, int),
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
+    "emulate": (bool,),
 }  # fmt: skip
 
 

@@ -37,6 +37,8 @@ RULES: dict[str, Rule] = {
     "final_loss": Rule(floor_rel=0.0, floor_abs=0.02),  # nats: run-to-run numerics at a fixed seed
 }
 CASE_KEYS = ("batch_size", "seq_len", "steps", "warmup", "seed", "compile")
+# Figures that time the step: meaningless for a mode on emulated kernels, so never gated there.
+TIMING_METRICS = ("step_time_ms", "energy_j_per_step")
 
 
 def machine_key(record: dict[str, Any]) -> str:
@@ -67,6 +69,7 @@ def make_baseline(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             "case": {k: r.get(k) for k in CASE_KEYS},
             "spread": _spread(r),
             "metrics": {m: r.get(m) for m in RULES},
+            "emulated": bool(r.get("emulated")),
             "run_id": r.get("run_id"), "git_commit": r.get("git_commit"), "torch": r.get("torch"),
         }  # fmt: skip
     if len(machines) != 1:
@@ -101,8 +104,11 @@ def compare(record: dict[str, Any], entry: dict[str, Any]) -> list[Finding]:
             f"({ {k: record.get(k) for k in CASE_KEYS} } vs {entry['case']}); compare like with like"
         )
     noise = max(_spread(record), entry.get("spread", 0.0))
+    emulated = bool(record.get("emulated")) or bool(entry.get("emulated"))
     findings = []
     for metric, rule in RULES.items():
+        if emulated and metric in TIMING_METRICS:
+            continue  # emulated kernels: the step time says nothing, so it cannot regress
         old, new = entry["metrics"].get(metric), record.get(metric)
         if old is None or new is None:
             continue

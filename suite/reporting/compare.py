@@ -3,7 +3,8 @@
 A metric of `baseline.RULES` regresses when B is worse than A by more than that metric's
 allowance (its floor plus both runs' measured p10-p90 spread, exactly as `baseline.compare`
 judges a run against a baseline), and improves when B is better by more than the same
-allowance. Throughput and utilization figures are shown as ratios only ("info").
+allowance. Throughput and utilization figures are shown as ratios only ("info"). A case on
+emulated kernels (either side) is judged on memory and loss only: its timings are not speeds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from suite.reporting import baseline
 
 MATCH_KEYS = ("model", "mode", "batch_size", "seq_len", "steps", "seed")
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
+SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emulated kernels, like step time
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,10 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
             f"allowed up to {_num(f.allowed)}{better}: {verdict}{note}"
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
+    emulated = bool(ra.get("emulated") or rb.get("emulated"))
     for metric in INFO_METRICS:
+        if emulated and metric in SPEED_METRICS:
+            continue  # emulated kernels: speed ratios would mean nothing
         a, b = ra.get(metric), rb.get(metric)
         if a is None or b is None:
             continue

@@ -34,6 +34,7 @@ class Case:
     eval_every: int = 0  # also evaluate every N steps (0: only at the end)
     nproc: int = 1  # data-parallel processes; batch_size is per process
     grad_comm: str = "fp32"  # gradient all-reduce precision with nproc > 1: fp32 | bf16 | fp16
+    emulate: bool = False  # run fp8/MXFP8 modes with emulated kernels on a GPU below their capability
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():

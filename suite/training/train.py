@@ -201,7 +201,7 @@ def run_case(
         if loop.diverged_at is None:
             final = held_out_loss()
             loop.eval_curve.append([case.steps, final])
-        storage = storage_dtypes(model, optimizer)  # grads of the last step are still there
+        storage = storage_dtypes(model, optimizer) | mode.layer_fields()  # grads of the last step are still there
     return CaseResult(
         timing=timing,
         loss_curve=torch.stack(loop.losses).tolist(),
