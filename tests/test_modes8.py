@@ -323,3 +323,26 @@ def test_compare_and_baseline_never_gate_emulated_timings(trained):
     slow = native | {"step_time_ms": native["step_time_ms"] * 10}
     entry = baseline.make_baseline([native])["entries"]["tiny/int8-mixed"]
     assert any(f.metric == "step_time_ms" and f.regressed for f in baseline.compare(slow, entry))
+
+
+def test_emulate_flag_and_config_key_reach_the_case(tmp_path):
+    from suite.cli.main import build_parser
+    from suite.cli.run import cases_from_options, options
+
+    args = build_parser().parse_args(["run", "--device", "cpu", "--modes", "fp8-tensorwise", "--emulate"])
+    assert [c.emulate for c in cases_from_options(options(args))] == [True]
+    config = tmp_path / "m.toml"
+    config.write_text('modes = "all"\nemulate = true\ndevice = "cpu"\n')
+    args = build_parser().parse_args(["run", "--config", str(config)])
+    cases = cases_from_options(options(args))
+    assert [c.mode for c in cases] == list(MODES) and all(c.emulate for c in cases)
+
+
+def test_modes_command_says_which_run_emulated_and_their_peak_dtype(capsys):
+    from suite.cli.main import main
+
+    assert main(["modes", "--device", "cpu"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert " fp8 " in lines["fp8-tensorwise"] and "emulated" in lines["fp8-tensorwise"]
+    assert " mxfp8 " in lines["mxfp8"] and " int8 " in lines["int8-mixed"]
+    assert "emulated" not in lines["int8-mixed"] and lines["pure-bf16-sr"].rstrip().endswith("yes")

@@ -73,7 +73,7 @@ def decide(mode: type[PrecisionMode], device: DeviceInfo, emulate: bool) -> tupl
         return None, None
     if device.type == "cuda" and not emulate:
         return f"{why}; --emulate runs it with emulated kernels (numerics only)", None
-    return None, f"{why}: ran emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
+    return None, f"{why}: runs emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
 
 
 # torch >= 2.9 has per-backend `fp32_precision` settings and raises when the legacy flags

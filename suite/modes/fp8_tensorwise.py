@@ -29,7 +29,7 @@ FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multi
 
 class FP8Tensorwise(PrecisionMode):
     name = "fp8-tensorwise"
-    summary = "fp32 master, float8 block matmuls (torchao, tensorwise scales), bf16 elsewhere"
+    summary = "fp32 master, float8 block matmuls (torchao, tensorwise scales), bf16 autocast elsewhere on a GPU"
     needs = "torchao; CUDA 8.9+ (emulated on a CPU, or below 8.9 with --emulate)"
     recipe: ClassVar[str] = "tensorwise"
     minimum: ClassVar[tuple[int, int]] = (8, 9)

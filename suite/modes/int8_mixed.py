@@ -27,7 +27,7 @@ _QUANTIZE = "torchao.quantization"
 
 class Int8Mixed(PrecisionMode):
     name = "int8-mixed"
-    summary = "fp32 master, int8 block matmuls with dynamic row scales (torchao), bf16 elsewhere"
+    summary = "fp32 master, int8 block matmuls with dynamic row scales (torchao), bf16 autocast elsewhere on a GPU"
     needs = "torchao; CUDA 8.0+ or a CPU (real int8 matmuls, slow)"
     cpu_default = False
 

@@ -34,7 +34,7 @@ def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
 
 class MXFP8(PrecisionMode):
     name = "mxfp8"
-    summary = "fp32 master, MXFP8 block-scaled matmuls (torchao), bf16 elsewhere"
+    summary = "fp32 master, MXFP8 block-scaled matmuls (torchao), bf16 autocast elsewhere on a GPU"
     needs = "torchao; CUDA 10.0+ (emulated on a CPU, or below 10.0 with --emulate)"
     cpu_default = False  # emulated: several times fp32's step time on a CPU
 
