@@ -163,7 +163,9 @@ def test_mxfp8_scales_each_32_block_where_rowwise_fp8_cannot():
         model = _Block(128, 128, bias=False)
         with torch.no_grad():
             model.blocks[0].weight.copy_(torch.eye(128))
-        out[mode] = get_mode(mode)(CPU).prepare(model)(x)[:, 64]
+        prepared = get_mode(mode)(CPU)
+        with prepared.numerics():  # as the train loop does: globals restored after
+            out[mode] = prepared.prepare(model)(x)[:, 64]
     assert torch.all(out["fp8-rowwise"] == 0)
     assert torch.allclose(out["mxfp8"], torch.full((32,), 0.1), rtol=0.07)  # e4m3: 3 mantissa bits
 
@@ -346,3 +348,15 @@ def test_modes_command_says_which_run_emulated_and_their_peak_dtype(capsys):
     assert " fp8 " in lines["fp8-tensorwise"] and "emulated" in lines["fp8-tensorwise"]
     assert " mxfp8 " in lines["mxfp8"] and " int8 " in lines["int8-mixed"]
     assert "emulated" not in lines["int8-mixed"] and lines["pure-bf16-sr"].rstrip().endswith("yes")
+
+
+def test_fp8_modes_put_back_the_inductor_patch_torchao_makes():
+    from torch._inductor.codegen.triton import TritonOverrides
+
+    before = TritonOverrides.__dict__["minimum"], TritonOverrides.__dict__["maximum"]
+    mode = get_mode("fp8-tensorwise")(CPU)
+    with mode.numerics():
+        mode.prepare(_Block(32, 32))
+        patched = TritonOverrides.__dict__["minimum"]
+    assert patched is not before[0]  # torchao 0.18 did patch it (the test would be void otherwise)
+    assert (TritonOverrides.__dict__["minimum"], TritonOverrides.__dict__["maximum"]) == before

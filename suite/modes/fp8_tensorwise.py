@@ -8,13 +8,15 @@ CPU. On a CPU or a GPU below 8.9 the float8 matmuls are emulated (torchao `emula
 dequantized operands, high-precision matmul), so the numerics are fp8's and the speed is not.
 
 `convert_to_float8_training` also patches inductor's Triton min/max code generation for the
-whole process (a numerically identical workaround for a Triton fp8 store bug); each case runs
-in its own process, so no other case sees it.
+whole process (a numerically identical workaround for a Triton fp8 store bug); `numerics()`
+puts it back when the case ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -22,7 +24,7 @@ import torch.nn as nn
 
 from suite.hardware import DeviceInfo
 from suite.modes.base import PrecisionMode, needs_emulation
-from suite.modes.torchao_calls import check_tokens, import_torchao, select_linears
+from suite.modes.torchao_calls import check_tokens, import_torchao, inductor_patch_restored, select_linears
 
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multiple of 16
 
@@ -51,6 +53,12 @@ class FP8Tensorwise(PrecisionMode):
     @classmethod
     def emulation_reason(cls, device: DeviceInfo) -> str | None:
         return needs_emulation(device, cls.minimum, f"float8 {cls.recipe} matmuls")
+
+    @contextlib.contextmanager
+    def numerics(self) -> Iterator[None]:
+        """TF32 off (the base's), and torchao's process-wide inductor patch undone at the end."""
+        with super().numerics(), inductor_patch_restored():
+            yield
 
     def config(self):
         """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated)."""

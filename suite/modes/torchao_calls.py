@@ -7,10 +7,11 @@ about its CUDA extensions quiet on a CPU build of torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -74,3 +75,30 @@ def check_tokens(model: nn.Module, multiple: int, what: str) -> None:
             )
 
     model.register_forward_pre_hook(hook)
+
+
+@contextlib.contextmanager
+def inductor_patch_restored() -> Iterator[None]:
+    """Undo, on exit, what `convert_to_float8_training` changes for the whole process.
+
+    torchao 0.18 replaces inductor's `TritonOverrides.minimum/maximum` (Triton code generation
+    for min/max; a numerically identical workaround for a Triton fp8 store bug) and marks it
+    done in `torchao.float8._inductor_patch._PATCHED`. Both are put back, so a later case in
+    the same process compiles as it would have.
+    """
+    try:
+        from torch._inductor.codegen.triton import TritonOverrides
+    except Exception:  # no inductor Triton backend here: torchao patches nothing either
+        yield
+        return
+    saved = {name: TritonOverrides.__dict__.get(name) for name in ("minimum", "maximum")}
+    patch, _ = import_torchao("torchao.float8._inductor_patch")
+    flag = getattr(patch, "_PATCHED", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is not None:
+                setattr(TritonOverrides, name, value)
+        if patch is not None and flag is not None:
+            patch._PATCHED = flag
