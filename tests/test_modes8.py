@@ -360,3 +360,24 @@ def test_fp8_modes_put_back_the_inductor_patch_torchao_makes():
         patched = TritonOverrides.__dict__["minimum"]
     assert patched is not before[0]  # torchao 0.18 did patch it (the test would be void otherwise)
     assert (TritonOverrides.__dict__["minimum"], TritonOverrides.__dict__["maximum"]) == before
+
+
+def test_missing_torchao_skips_each_torchao_mode_with_the_reason(monkeypatch):
+    import importlib
+
+    from suite.modes import torchao_calls
+
+    real = importlib.import_module
+
+    def no_torchao(name: str, *args):
+        if name.startswith("torchao"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(torchao_calls.importlib, "import_module", no_torchao)
+    for mode in ("int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8"):
+        skip, emulated = decide(get_mode(mode), H100, emulate=True)
+        assert skip.startswith(f"{mode} needs torchao") and "pip install torchao" in skip and emulated is None
+    with pytest.raises(RuntimeError, match="fp8-tensorwise needs torchao"):
+        get_mode("fp8-tensorwise")(CPU).prepare(_Block(16, 16))
+    assert decide(get_mode("pure-bf16-sr"), H100, emulate=False) == (None, None)  # torch only
