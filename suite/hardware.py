@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,20 @@ def resolve_device(name: str) -> DeviceInfo:
     raise ValueError(f"device={name!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
 
 
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Make `device` CUDA's current device for the block, restored after (a no-op on CPU).
+
+    Calls that default to the current device (`torch.cuda.Event.record()`, `synchronize()`,
+    library handles) then act on the case's GPU, and no context is made on GPU 0.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work so a host clock reading means something."""
     if device.type == "cuda":
@@ -76,6 +92,30 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# CPU flags that give bf16 matmuls in hardware: x86 AVX512-BF16 and AMX, Arm's BF16 extension. Without
+# one, torch runs bf16 (and fp16) on a CPU in software, ~30x slower than fp32 (issue 17's AVX2 EPYC).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo ('flags' on x86, 'Features' on Arm); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_flag(flags: frozenset[str] | None = None) -> str | None:
+    """The flag through which this CPU runs bf16 natively, None when it has none."""
+    have = cpu_flags() if flags is None else flags
+    return next((f for f in NATIVE_BF16_FLAGS if f in have), None)
 
 
 @functools.cache
@@ -128,6 +168,7 @@ def environment(device: DeviceInfo) -> dict[str, object]:
         "python": platform.python_version(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_bf16_native": None if on_gpu else native_bf16_flag() is not None,
         "torch_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "platform": f"{sys.platform}-{platform.machine()}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -80,14 +81,19 @@ class FakeDevice:
 
     uuid: str
     processes: list[list[tuple[int, int | None]]] = field(default_factory=lambda: [[]])  # (pid, used bytes)
-    mem_used: list[Any] = field(default_factory=lambda: [1024 * MIB])  # bytes
+    mem_used: list[Any] = field(default_factory=lambda: [1024 * MIB])  # bytes, as v1 reports it (reserved included)
     mem_total: int = 80 * 1024 * MIB
+    mem_reserved: int = 0  # driver-reserved bytes: in v1's `used`, separate in v2
+    power_limit_mw: int = 700_000
     power_mw: list[Any] = field(default_factory=lambda: [300_000])
     energy_mj: list[Any] = field(default_factory=lambda: [0])
     sm_clock_mhz: list[Any] = field(default_factory=lambda: [1980])
     temperature_c: list[Any] = field(default_factory=lambda: [50])
     event_reasons: list[Any] = field(default_factory=lambda: [0])
     unsupported: set[str] = field(default_factory=set)  # function names that raise NVMLError_NotSupported
+    old_driver: bool = False  # before R535 / R510: no ...ClocksEventReasons, no nvmlDeviceGetMemoryInfo_v2
+    stalls: dict[str, int] = field(default_factory=dict)  # function name -> call number from which it hangs
+    stall_s: float = 30.0
     gpm_supported: bool = False
     gpm_metrics: dict[int, float] = field(default_factory=dict)  # metric id -> percent
     gpm_returns: dict[int, int] = field(default_factory=dict)  # metric id -> per-metric nvmlReturn
@@ -135,6 +141,7 @@ class FakeNvml:
     nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
     nvmlClocksEventReasonDisplayClockSetting = 0x100
     nvmlClocksEventReasonNone = 0x0
+    nvmlMemory_v2 = pynvml.nvmlMemory_v2
     c_nvmlGpmMetricsGet_t = pynvml.c_nvmlGpmMetricsGet_t
     c_nvmlGpmSample_t = pynvml.c_nvmlGpmSample_t
 
@@ -145,6 +152,7 @@ class FakeNvml:
         self.library_missing = library_missing
         self.uuid_as_bytes = uuid_as_bytes  # old pynvml returned bytes
         self.initialized = False
+        self.driver_version, self.cuda_driver_version = "570.86.15", 12080
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.gpm_allocated: set[int] = set()  # fake sample addresses not yet freed
@@ -152,9 +160,10 @@ class FakeNvml:
         self._next_sample = 0x1000
 
     def _device(self, name: str, handle: FakeHandle) -> FakeDevice:
-        """Count the call, check init and handle, raise if `name` is unsupported."""
+        """Count the call, check init and handle, raise if `name` is unsupported, hang if it stalls."""
         with self._lock:
             self.calls[name] += 1
+            calls = self.calls[name]
         if not self.initialized:
             raise NVMLError_Uninitialized()
         if not isinstance(handle, FakeHandle) or not 0 <= handle.index < len(self.devices):
@@ -162,6 +171,8 @@ class FakeNvml:
         device = self.devices[handle.index]
         if name in device.unsupported:
             raise NVMLError_NotSupported()
+        if name in device.stalls and calls >= device.stalls[name]:
+            time.sleep(device.stall_s)  # a driver call that does not return (GPU reset, Xid)
         return device
 
     def _next(self, name: str, handle: FakeHandle, script: str) -> Any:
@@ -177,6 +188,16 @@ class FakeNvml:
 
     def nvmlShutdown(self) -> None:
         self.initialized = False
+
+    def nvmlSystemGetDriverVersion(self) -> str:  # pynvml decodes the C string (convertStrBytes)
+        if not self.initialized:
+            raise NVMLError_Uninitialized()
+        return self.driver_version
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:  # e.g. 12080 for CUDA 12.8
+        if not self.initialized:
+            raise NVMLError_Uninitialized()
+        return self.cuda_driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         if not self.initialized:
@@ -196,11 +217,21 @@ class FakeNvml:
         procs = self._next("nvmlDeviceGetComputeRunningProcesses", handle, "processes")
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in procs]
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> SimpleNamespace:
         device = self._device("nvmlDeviceGetMemoryInfo", handle)
+        if version is not None and (device.old_driver or version != pynvml.nvmlMemory_v2):
+            raise NVMLError_FunctionNotFound() if device.old_driver else NVMLError_InvalidArgument()
         with self._lock:
             used = device.scripts["mem_used"].next()
-        return SimpleNamespace(total=device.mem_total, used=used, free=device.mem_total - used)
+        if version is None:  # v1: `used` includes driver-reserved memory
+            return SimpleNamespace(total=device.mem_total, used=used, free=device.mem_total - used)
+        return SimpleNamespace(
+            version=version, total=device.mem_total, reserved=device.mem_reserved,
+            used=used - device.mem_reserved, free=device.mem_total - used,
+        )  # fmt: skip
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
+        return self._device("nvmlDeviceGetEnforcedPowerLimit", handle).power_limit_mw
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
         return self._next("nvmlDeviceGetPowerUsage", handle, "power_mw")
@@ -219,7 +250,12 @@ class FakeNvml:
         return self._next("nvmlDeviceGetTemperature", handle, "temperature_c")
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
+        if self._device("nvmlDeviceGetCurrentClocksEventReasons", handle).old_driver:
+            raise NVMLError_FunctionNotFound()  # pynvml has the name; the driver's library does not
         return self._next("nvmlDeviceGetCurrentClocksEventReasons", handle, "event_reasons")
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
+        return self._next("nvmlDeviceGetCurrentClocksThrottleReasons", handle, "event_reasons")
 
     def nvmlGpmQueryDeviceSupport(self, handle: FakeHandle) -> SimpleNamespace:
         device = self._device("nvmlGpmQueryDeviceSupport", handle)

@@ -70,3 +70,15 @@ def test_cli_writes_the_baseline(tmp_path, capsys):
     assert main(["baseline", str(records), "--out", str(out)]) == 0
     assert sorted(json.loads(out.read_text())["entries"]) == ["gpt2-small/bf16", "gpt2-small/fp32"]
     assert main(["baseline", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_memory_measured_differently_is_not_compared():
+    from suite.reporting import baseline
+
+    a = {"model": "tiny", "mode": "fp32", "status": "ok", "gpu_name": "NVIDIA H100", "peak_mem_mb": 1000.0,
+         "peak_mem_source": "nvml-process", "step_time_ms": 10.0, "batch_size": 8, "seq_len": 128}  # fmt: skip
+    entry = baseline.make_baseline([a])["entries"]["tiny/fp32"]
+    same = baseline.compare(a | {"peak_mem_mb": 3000.0}, entry)
+    assert [f.metric for f in same if f.regressed] == ["peak_mem_mb"]
+    other = baseline.compare(a | {"peak_mem_mb": 3000.0, "peak_mem_source": "rss"}, entry)
+    assert "peak_mem_mb" not in [f.metric for f in other]

@@ -141,3 +141,25 @@ def test_report_and_compare_commands(tmp_path, capsys):
     assert main(["report", str(a), "--price", "H100=free"]) == 2
     assert "price=" in _error_line(capsys)
     assert main(["report", str(tmp_path / "none-*.jsonl")]) == 2
+
+
+def test_cpu_default_sizes_follow_native_bf16(monkeypatch):
+    from suite.cli import run as run_cmd
+    from suite.hardware import native_bf16_flag
+
+    assert native_bf16_flag(frozenset({"avx2", "avx512_bf16"})) == "avx512_bf16"
+    assert native_bf16_flag(frozenset({"fp", "asimd", "bf16"})) == "bf16"  # Arm's Features line
+    assert native_bf16_flag(frozenset({"avx2", "fma"})) is None
+    monkeypatch.setattr(run_cmd, "native_bf16_flag", lambda: None)
+    sizes, why = run_cmd.run_defaults("cpu")
+    assert "without native bf16" in why and "batch 4 x 64" in why
+    cases = run_cmd.cases_from_options({"device": "cpu"})
+    assert {(c.batch_size, c.seq_len, c.steps) for c in cases} == {(4, 64, 40)}  # the same sizes for every mode
+    monkeypatch.setattr(run_cmd, "native_bf16_flag", lambda: "amx_bf16")
+    assert {(c.batch_size, c.seq_len) for c in run_cmd.cases_from_options({"device": "cpu"})} == {(8, 128)}
+    assert run_cmd.run_defaults("cuda")[1] is None
+
+
+def test_compile_with_too_little_warmup_exits_2(capsys):
+    assert main(["run", "--device", "cpu", "--model", "tiny", "--compile", "--steps", "4", "--warmup", "1"]) == 2
+    assert "warmup=1: --compile needs --warmup 2" in _error_line(capsys)

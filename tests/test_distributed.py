@@ -89,3 +89,26 @@ def test_mpbench_run_launched_by_the_users_torchrun(tmp_path):
     records = store.read(out)  # rank 0 alone wrote them
     assert [(r["mode"], r["world_size"], r["status"]) for r in records] == [("fp32", 2, "ok"), ("bf16", 2, "ok")]
     assert records[1]["loss_delta_vs_fp32"] is not None and records[0]["hosts"]
+
+
+def _rank(rank: int, step_ms: float, **measurements):
+    from suite.metrics.timing import TimingStats
+
+    return {"rank": rank, "timing": TimingStats.from_times([step_ms]), "measurements": measurements}
+
+
+def test_a_rank_without_energy_nulls_the_jobs_energy_instead_of_passing_one_rank_off():
+    from suite.running.distributed import _combined_measurements, _slowest
+
+    everyone = [
+        _rank(0, 10.0, energy_j_per_step=5.0, avg_power_w=300.0, peak_mem_mb=900.0, peak_mem_source="nvml-process"),
+        _rank(1, 12.0, energy_j_per_step=None, energy_reason="nvmlDeviceGetTotalEnergyConsumption: Not Supported",
+              peak_mem_mb=None, peak_mem_source=None, peak_mem_reason="pid 7 is not among the 2"),
+    ]  # fmt: skip
+    m = _combined_measurements(everyone, _slowest(everyone), small_case(nproc=2))
+    assert m["energy_j_per_step"] is None and m["tokens_per_joule"] is None and m["avg_power_w"] is None
+    assert "rank(s) [1] measured no energy (nvmlDeviceGetTotalEnergyConsumption: Not Supported)" in m["energy_reason"]
+    assert m["peak_mem_mb"] is None and "rank(s) [1]" in m["peak_mem_reason"]  # not rank 0's 900 MiB
+    both = [_rank(r, 10.0, energy_j_per_step=5.0, avg_power_w=300.0, peak_mem_mb=900.0 + r) for r in (0, 1)]
+    m = _combined_measurements(both, _slowest(both), small_case(nproc=2))
+    assert m["energy_j_per_step"] == 10.0 and m["peak_mem_mb"] == 901.0

@@ -34,6 +34,15 @@ def test_memory_limit_decides_before_oom():
     assert found["max_batch_limit_mb"] == 350.0
 
 
+def test_a_limit_is_never_judged_without_the_process_peak():
+    def attempt(case, batch, timeout_s):  # a GPU in a container where this process's figure is unknown
+        return {"status": "ok", "peak_mem_mb": None, "peak_mem_reason": "pid 7 is not among the 2"}
+
+    found = find_max_batch(small_case(), memory_limit_mb=350.0, attempt=attempt)
+    assert found["max_batch"] is None and len(found["max_batch_tries"]) == 1
+    assert "cannot be checked: batch 1: peak_mem_mb unknown (pid 7 is not among the 2)" in found["max_batch_reason"]
+
+
 def test_nothing_fits_and_the_cap():
     attempt, _ = _fake(limit_batch=0)
     assert find_max_batch(small_case(), attempt=attempt)["max_batch"] is None

@@ -8,6 +8,7 @@ import pytest
 
 from suite.hardware import DeviceInfo
 from suite.metrics import calibration
+from suite.metrics import nvml as nvml_mod
 from suite.metrics import window as window_mod
 from suite.metrics.flops import utilization_fields
 from suite.metrics.memory import AllocatorPeak
@@ -30,6 +31,12 @@ class _FakeAllocator:
         return self
 
     def __exit__(self, *exc) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
         pass
 
     def result(self) -> AllocatorPeak:
@@ -69,14 +76,15 @@ def test_gpu_window_with_gpm_energy_and_process_memory(fake_gpu, monkeypatch):
         gpm_metrics={5: 62.0, 7: 60.0, 9: 0.0},
     )
     w = _run_window(H100)
-    assert not w.wants_profiler(50)  # GPM works: no profiler window needed
+    assert w.profiler_steps(50) == window_mod.PROFILED_STEPS  # kept in case GPM fails at run time
     f = w.fields(timed_steps=9, tokens_per_step=1000)
     assert f["peak_mem_mb"] == 3000 and f["peak_mem_source"] == "nvml-process"
     assert f["peak_mem_device_mb"] == 4000
     assert (f["peak_mem_allocated_mb"], f["peak_mem_reserved_mb"]) == (1000.0, 1200.0)
     assert f["energy_j_per_step"] == pytest.approx(5.0)
     assert f["tokens_per_joule"] == pytest.approx(9 * 1000 / 45)
-    assert f["avg_power_w"] == pytest.approx(45 / w.duration_s, rel=0.01)
+    assert f["avg_power_w"] == pytest.approx(45 / w._sampler.result().duration_s)  # over the energy readings
+    assert f["window_s"] == pytest.approx(w._sampler.result().duration_s, abs=0.05)
     assert f["tensor_core_util"] == pytest.approx(0.62) and f["tensor_core_util_source"] == "nvml-gpm"
     assert f["tensor_core_util_hmma"] == pytest.approx(0.60) and f["tensor_core_util_imma"] == 0.0
     assert f["sm_clock_mhz"] == 1980 and f["throttled"] is False
@@ -85,8 +93,8 @@ def test_gpu_window_with_gpm_energy_and_process_memory(fake_gpu, monkeypatch):
 def test_gpu_without_gpm_plans_the_profiler_and_says_why(fake_gpu):
     fake_gpu(gpm_supported=False, energy_mj=[0, 10_000])
     w = _run_window(A100)
-    assert w.wants_profiler(50)
-    assert not w.wants_profiler(window_mod.PROFILED_STEPS)  # too few steps to carve out a window
+    assert w.profiler_steps(50) == window_mod.PROFILED_STEPS
+    assert w.profiler_steps(window_mod.PROFILED_STEPS) == 0  # too few steps to carve out a window
     f = w.fields(timed_steps=5, tokens_per_step=100)
     assert f.get("tensor_core_util") is None
     assert "GPM not supported" in f["tensor_core_util_reason"]
@@ -154,3 +162,33 @@ def test_cpu_record_has_every_metric_or_its_reason(tmp_path, monkeypatch):
     assert r["timed_steps"] == 4 and len(r["step_times_ms"]) == 4
     assert r["peak_mem_source"] == "rss" and r["peak_mem_mb"] > 50  # torch alone needs more
     assert r["achieved_flops"] == pytest.approx(r["flops_per_step"] / (r["step_time_ms"] / 1e3))
+
+
+def test_pause_leaves_evaluation_out_of_time_energy_and_gpm(fake_gpu, monkeypatch):
+    monkeypatch.setattr(nvml_mod, "GPM_MIN_WINDOW_S", 0.02)
+    # energy: 1000 J at enter, 1010 at the pause, 1500 at the resume (the evaluation), 1520 at exit
+    fake, _ = fake_gpu(energy_mj=[1_000_000, 1_010_000, 1_500_000, 1_520_000], gpm_supported=True,
+                       gpm_metrics={5: 50.0, 7: 50.0, 9: 0.0})  # fmt: skip
+    w = window_mod.MeasuredWindow(H100)
+    with w:
+        time.sleep(0.05)
+        with w.paused():
+            time.sleep(0.2)  # held-out evaluation
+        time.sleep(0.05)
+    f = w.fields(timed_steps=10, tokens_per_step=100)
+    assert 0.09 < f["window_s"] < 0.2  # the two timed segments, not the 0.2 s evaluation
+    assert f["energy_j_per_step"] == pytest.approx(3.0)  # (10 + 20) J over 10 steps
+    assert f["tensor_core_util"] == pytest.approx(0.5) and fake.calls["nvmlGpmMetricsGet"] == 2  # one per segment
+
+
+def test_a_failing_device_sync_still_closes_every_tracker(fake_gpu, monkeypatch):
+    fake, _ = fake_gpu(gpm_supported=True)
+    w = window_mod.MeasuredWindow(H100)
+    with pytest.raises(RuntimeError, match="illegal memory access"), w:
+        monkeypatch.setattr(window_mod, "synchronize", _raise_device_error)
+    assert not w._sampler._thread.is_alive()
+    assert not fake.gpm_allocated  # GPM samples freed
+
+
+def _raise_device_error(dev) -> None:
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")

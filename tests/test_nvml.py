@@ -1,34 +1,18 @@
-"""NVML metrics against a fake pynvml: peaks, energy, UUID matching, throttling, GPM and failure paths."""
+"""NVML against a fake pynvml: loading, UUID matching, constants and names, GPM and its failure paths."""
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import pynvml
 import pytest
 
 from suite.metrics import nvml as nv
-from suite.metrics.nvml import GpmTensorUtil, NvmlSampler, find_handle, load_nvml, uuid_of_torch_device
-from tests.fake_nvml import MIB, FakeDevice, FakeNvml, NVMLError_GpuIsLost, make_fake
-
-PID = 4242
-FAST = 0.005  # poll interval for tests
-
-
-def wait_for_calls(fake: FakeNvml, name: str, n: int, timeout_s: float = 2.0) -> None:
-    """Block until the fake has served `n` calls of `name` (the sampler thread is running)."""
-    deadline = time.monotonic() + timeout_s
-    while fake.calls[name] < n:
-        assert time.monotonic() < deadline, f"sampler made only {fake.calls[name]} {name} calls"
-        time.sleep(0.001)
-
-
-def run_window(fake: FakeNvml, pid: int = PID, sleep_s: float = 0.0, device: int = -1) -> nv.NvmlWindow:
-    """Sample the fake's device for one short window."""
-    handle = fake.nvmlDeviceGetHandleByIndex(len(fake.devices) + device if device < 0 else device)
-    with NvmlSampler(fake, handle, pid=pid, interval_s=FAST) as sampler:
-        time.sleep(sleep_s)
-    return sampler.result()
+from suite.metrics import nvml_readings as nr
+from suite.metrics import nvml_sampler as ns
+from suite.metrics.nvml import GpmTensorUtil, find_handle, load_nvml, uuid_of_torch_device
+from tests.fake_nvml import FakeDevice, FakeNvml, make_fake
 
 
 def test_fake_constants_match_real_pynvml():
@@ -38,14 +22,16 @@ def test_fake_constants_match_real_pynvml():
         assert getattr(FakeNvml, name) == getattr(pynvml, name), name
     for name in [n for n in vars(FakeNvml) if n.startswith("NVMLError_")]:
         assert getattr(FakeNvml, name)().value == getattr(pynvml, name)().value, name
-    for name, suffix, bit in nv._EVENT_BITS:
+    for name, suffix, bit in nr.EVENT_BITS:
         assert getattr(pynvml, f"nvmlClocksEventReason{suffix}") == bit, name
 
 
 def test_code_uses_names_that_real_pynvml_has():
-    used = [fn for fn, *_ in nv._POLLED.values()] + [c for _, c, *_ in nv._POLLED.values() if c]
+    used = [fn for fn, *_ in nr.POLLED.values()] + [c for _, c, *_ in nr.POLLED.values() if c]
     used += ["nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetTotalEnergyConsumption", "c_nvmlGpmMetricsGet_t"]
     used += ["nvmlDeviceGetCurrentClocksEventReasons", "nvmlGpmQueryDeviceSupport", "NVML_GPM_METRICS_GET_VERSION"]
+    used += [*ns._EVENT_FUNCTIONS, "nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetMemoryInfo", "nvmlMemory_v2"]
+    assert "version" in inspect.signature(pynvml.nvmlDeviceGetMemoryInfo).parameters  # the v2 call's keyword
     used += [f"NVML_GPM_METRIC_{kind}_TENSOR_UTIL" for kind in ("ANY", "HMMA", "IMMA")]
     assert [name for name in used if not hasattr(pynvml, name)] == []
     assert {"isSupportedDevice"} <= {f for f, _ in pynvml.c_nvmlGpmSupport_t._fields_}
@@ -93,124 +79,6 @@ def test_find_handle_unknown_uuid_names_it():
         find_handle(fake, "deadbeef-0000-0000-0000-000000000000")
 
 
-def test_peaks_include_a_spike_seen_in_one_sample():
-    # calls 0 (enter) and 1 (thread or exit) always happen, so the spike at call 1 is always sampled
-    fake, _ = make_fake(
-        processes=[[(PID, 1024 * MIB)], [(PID, 3072 * MIB), (99, 5000 * MIB)], [(PID, 1024 * MIB)]],
-        mem_used=[2048 * MIB, 8192 * MIB, 2048 * MIB],
-    )
-    w = run_window(fake)
-    assert w.peak_mem_mb == 3072 and w.peak_mem_source == "nvml-process"
-    assert w.peak_mem_device_mb == 8192
-    assert w.samples >= 2 and "peak_mem_mb" not in w.reasons
-
-
-def test_background_thread_samples_between_enter_and_exit():
-    fake, _ = make_fake(processes=[[(PID, 100 * MIB)]] * 4 + [[(PID, 900 * MIB)], [(PID, 100 * MIB)]])
-    handle = fake.nvmlDeviceGetHandleByIndex(2)
-    with NvmlSampler(fake, handle, pid=PID, interval_s=FAST) as sampler:
-        wait_for_calls(fake, "nvmlDeviceGetComputeRunningProcesses", 6)
-    w = sampler.result()
-    assert w.peak_mem_mb == 900 and w.samples >= 7
-    assert not sampler._thread.is_alive()
-
-
-def test_energy_is_end_minus_start_and_power_is_energy_over_time():
-    fake, _ = make_fake(energy_mj=[5_000_000, 5_250_000, 9_999_999], power_mw=[250_000])
-    w = run_window(fake, sleep_s=0.02)
-    assert w.energy_j == pytest.approx(250.0)
-    assert w.duration_s >= 0.02
-    assert w.avg_power_w == pytest.approx(250.0 / w.duration_s)
-    assert w.power_w_samples_mean == pytest.approx(250.0)
-    assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 2  # read at enter and exit, never per sample
-
-
-def test_process_not_listed_falls_back_to_device_memory():
-    fake, _ = make_fake(processes=[[(1, 500 * MIB)]], mem_used=[3000 * MIB, 4000 * MIB])
-    w = run_window(fake)
-    assert w.peak_mem_source == "nvml-device"
-    assert w.peak_mem_mb == w.peak_mem_device_mb == 4000
-    assert str(PID) in w.reasons["peak_mem_source"]
-
-
-def test_clock_median_and_temperature_max():
-    fake, _ = make_fake(sm_clock_mhz=[1980, 1000, 1980], temperature_c=[60, 85, 70])
-    handle = fake.nvmlDeviceGetHandleByIndex(2)
-    with NvmlSampler(fake, handle, pid=PID, interval_s=FAST) as sampler:
-        wait_for_calls(fake, "nvmlDeviceGetClockInfo", 5)
-    w = sampler.result()
-    assert w.sm_clock_mhz == 1980 and w.temperature_c_max == 85
-
-
-def test_power_cap_bit_means_throttled():
-    idle, cap = FakeNvml.nvmlClocksEventReasonGpuIdle, FakeNvml.nvmlClocksEventReasonSwPowerCap
-    fake, _ = make_fake(event_reasons=[idle, cap | idle, 0])
-    w = run_window(fake)
-    assert w.throttled is True
-    assert w.throttle_reasons == ["gpu_idle", "sw_power_cap"]
-
-
-@pytest.mark.parametrize("name", sorted(nv.THROTTLE_BITS))
-def test_every_counted_bit_means_throttled(name):
-    bit = {n: b for n, _, b in nv._EVENT_BITS}[name]
-    w = run_window(make_fake(event_reasons=[bit])[0])
-    assert w.throttled is True and w.throttle_reasons == [name]
-
-
-def test_idle_and_application_clock_bits_are_not_throttling():
-    bits = FakeNvml.nvmlClocksEventReasonGpuIdle | FakeNvml.nvmlClocksEventReasonApplicationsClocksSetting
-    w = run_window(make_fake(event_reasons=[bits])[0])
-    assert w.throttled is False
-    assert w.throttle_reasons == ["gpu_idle", "applications_clocks_setting"]
-
-
-def test_unsupported_metrics_are_none_with_reason_and_others_still_work():
-    unsupported = {"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetTemperature"}
-    fake, _ = make_fake(unsupported=unsupported, processes=[[(PID, 700 * MIB)]], temperature_c=[50])
-    w = run_window(fake, sleep_s=0.01)
-    assert w.energy_j is None and w.avg_power_w is None and w.power_w_samples_mean is None
-    assert w.temperature_c_max is None
-    assert "Not Supported" in w.reasons["energy_j"] and "Not Supported" in w.reasons["power_w_samples_mean"]
-    assert "nvmlDeviceGetTemperature" in w.reasons["temperature_c_max"]
-    assert w.peak_mem_mb == 700 and w.sm_clock_mhz == 1980 and w.throttled is False
-    assert fake.calls["nvmlDeviceGetPowerUsage"] == 1  # not supported: asked once, then skipped
-
-
-def test_transient_error_is_retried_and_leaves_no_reason():
-    fake, _ = make_fake(mem_used=[NVMLError_GpuIsLost(), 5000 * MIB])
-    w = run_window(fake)
-    assert w.peak_mem_device_mb == 5000 and "peak_mem_device_mb" not in w.reasons
-
-
-def test_a_non_nvml_error_never_reaches_the_caller():
-    fake, _ = make_fake(processes=[RuntimeError("driver went odd")], mem_used=[1234 * MIB])
-    w = run_window(fake, sleep_s=0.02)
-    assert w.peak_mem_source == "nvml-device" and w.peak_mem_mb == 1234
-    assert "driver went odd" in w.reasons["peak_mem_source"]
-
-
-def test_malformed_process_entries_only_lose_process_memory():
-    fake, _ = make_fake(mem_used=[900 * MIB], power_mw=[100_000])
-    fake.nvmlDeviceGetComputeRunningProcesses = lambda handle: [object()]  # no .pid
-    w = run_window(fake)
-    assert w.peak_mem_source == "nvml-device" and w.peak_mem_mb == 900 and w.power_w_samples_mean == 100
-    assert "AttributeError" in w.reasons["peak_mem_source"] and "sampler" not in w.reasons
-
-
-def test_unreported_process_memory_falls_back_with_reason():
-    fake, _ = make_fake(processes=[[(PID, None)]], mem_used=[900 * MIB])
-    w = run_window(fake)
-    assert w.peak_mem_source == "nvml-device" and "usedGpuMemory not reported" in w.reasons["peak_mem_source"]
-
-
-def test_sampler_lets_training_errors_through_and_stops():
-    fake, _ = make_fake()
-    sampler = NvmlSampler(fake, fake.nvmlDeviceGetHandleByIndex(0), pid=PID, interval_s=FAST)
-    with pytest.raises(ValueError, match="boom"), sampler:
-        raise ValueError("boom")
-    assert not sampler._thread.is_alive() and sampler.result().samples >= 2
-
-
 def gpm_fake(**overrides):
     """A fake whose last device supports GPM with fixed percentages."""
     metrics = {
@@ -218,7 +86,7 @@ def gpm_fake(**overrides):
         FakeNvml.NVML_GPM_METRIC_HMMA_TENSOR_UTIL: 40.0,
         FakeNvml.NVML_GPM_METRIC_IMMA_TENSOR_UTIL: 0.0,
     }
-    return make_fake(gpm_supported=True, gpm_metrics=metrics, **overrides)[0]
+    return make_fake(**({"gpm_supported": True, "gpm_metrics": metrics} | overrides))[0]
 
 
 def test_gpm_percentages_become_fractions(monkeypatch):
@@ -274,3 +142,36 @@ def test_uuid_of_torch_device_is_none_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
     assert uuid_of_torch_device(0) is None
+
+
+def test_gpm_segments_are_weighted_by_their_length_and_short_ones_left_out(monkeypatch):
+    monkeypatch.setattr(nv, "GPM_MIN_WINDOW_S", 0.03)
+    fake = gpm_fake()
+    values = iter([80.0, 20.0])  # ANY metric of the first, then the second long segment
+    real = fake.nvmlGpmMetricsGet
+
+    def scripted(request):
+        out = real(request)
+        out.metrics[0].value = next(values)
+        return out
+
+    fake.nvmlGpmMetricsGet = scripted
+    with GpmTensorUtil(fake, fake.nvmlDeviceGetHandleByIndex(2)) as gpm:
+        time.sleep(0.09)  # long segment, weight ~3
+        gpm.pause()
+        gpm.resume()
+        gpm.pause()  # a segment under the minimum: left out, said so
+        gpm.resume()
+        time.sleep(0.03 * 1.2)  # long segment, weight ~1.2
+    r = gpm.result()
+    assert 0.55 < r.tensor_core_util < 0.70  # ~ (3*0.8 + 1.2*0.2) / 4.2 = 0.63; an unweighted mean is 0.5
+    assert "1 segment(s) of 100 ms or less left out" in r.reason
+    assert not fake.gpm_allocated
+
+
+def test_gpm_figure_outside_0_1_is_kept_for_the_self_check(monkeypatch):
+    monkeypatch.setattr(nv, "GPM_MIN_WINDOW_S", 0.0)
+    fake = gpm_fake(gpm_metrics={FakeNvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 130.0})
+    with GpmTensorUtil(fake, fake.nvmlDeviceGetHandleByIndex(2)) as gpm:
+        pass
+    assert gpm.result().tensor_core_util == pytest.approx(1.3)  # measured, not clamped

@@ -1,10 +1,12 @@
-"""The `mpbench` command: run | check | report | compare | baseline | models | modes | calibrate | env.
+"""The `mpbench` command: run | fidelity | check | report | compare | baseline | models | modes | calibrate |
+env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM (finished
 records are kept; --resume finishes the run).
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
 `compare`: 0 nothing regressed beyond its noise, 1 something did, 2 bad input.
+`doctor`: 0 no check failed (pass or cannot check), 1 a check failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 import torch
 
 from models import GPT, GPTConfig
+from suite.cli import doctor
+from suite.cli.fidelity import add_arguments as add_fidelity_arguments
+from suite.cli.fidelity import cmd_fidelity
 from suite.cli.run import add_arguments as add_run_arguments
 from suite.cli.run import cmd_run
 from suite.hardware import environment, resolve_device
@@ -179,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(run, _int)
     run.set_defaults(func=cmd_run)
 
+    fid = sub.add_parser("fidelity", help="each mode's gradients and update against a float64 reference step")
+    add_fidelity_arguments(fid, _int)
+    fid.set_defaults(func=cmd_fidelity)
+
     chk = sub.add_parser("check", help="convergence gate: exit 1 if a mode's loss drifted from fp32")
     chk.add_argument("records", nargs="+", help="JSON Lines record files")
     chk.add_argument("--tolerance", help="override bounds, e.g. bf16=0.05,amp-fp16=0.01 (nats/token)")
@@ -211,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print the environment, the peak FLOP/s row and NVML status")
     env.add_argument("--device", default="auto")
     env.set_defaults(func=cmd_env)
+    doctor.add_parser(sub)
     return parser
 
 

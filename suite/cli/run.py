@@ -12,26 +12,49 @@ from typing import Any
 
 from models import GPTConfig
 from suite.cli.config import load_config
-from suite.hardware import resolve_device
+from suite.hardware import NATIVE_BF16_FLAGS, native_bf16_flag, resolve_device
 from suite.modes import MODES
 from suite.records import store
+from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
 from suite.running.runner import RunInterrupted, run_cases, validate
 from suite.text import fmt, log_to_stderr, table
 from suite.training.case import Case
+from suite.training.fidelity import check_fits
 
-# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on
-# two CPU cores; on a GPU, GPT-2 small at its full context.
+# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on two
+# CPU cores, with smaller sizes on a CPU without native bf16, where bf16 runs in software like
+# fp16 (every mode gets the same sizes, so they stay comparable); on a GPU, GPT-2 small at its
+# full context.
 RUN_DEFAULTS = {
     "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),
+    "cpu-no-bf16": dict(model="tiny", batch_size=4, seq_len=64, steps=40, warmup=5),
     "cuda": dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=100, warmup=10),
 }
+
+
+def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
+    """(default sizes for this device, the one-line reason on a CPU)."""
+    if device_type == "cuda":
+        return RUN_DEFAULTS["cuda"], None
+    flag = native_bf16_flag()
+    key = "cpu" if flag else "cpu-no-bf16"
+    d = RUN_DEFAULTS[key]
+    sizes = f"batch {d['batch_size']} x {d['seq_len']} tokens, {d['steps']} steps"
+    if flag:
+        return d, f"CPU with native bf16 ({flag}): default sizes {sizes}"
+    return d, (
+        f"CPU without native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag): bf16 and fp16 run in software, "
+        f"~30x slower than fp32, so every mode gets the smaller default sizes {sizes}"
+    )
+
+
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling", "emulate")  # fmt: skip
+             "scaling", "fidelity", "emulate")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -67,6 +90,12 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--nproc", type=int_type, help="data-parallel processes per case (torchrun; batch size is per process)")
     add("--scaling", help="process-count ladder, e.g. 1,2,4: every case at each count, with scaling efficiency")
     add("--grad-comm", help="gradient all-reduce precision with --nproc > 1: fp32 | bf16 | fp16 (default: fp32)")
+    add(
+        "--fidelity",
+        action="store_true",
+        default=None,
+        help="also compare each case's first step with a float64 reference (after training, untimed)",
+    )
     add(
         "--emulate",
         action="store_true",
@@ -107,7 +136,7 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     """models x modes, unset sizes filled with the defaults of the device found."""
     device_name = opts.get("device", "auto")
     device_type = resolve_device(device_name).type
-    defaults = RUN_DEFAULTS[device_type]
+    defaults, _ = run_defaults(device_type)
     modes = _parse_modes(opts["modes"]) if opts.get("modes") else default_modes(device_type)
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
@@ -121,7 +150,7 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
                      data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
                      nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"),
-                     emulate=bool(opts.get("emulate", False)))  # fmt: skip
+                     fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
 
@@ -155,16 +184,25 @@ def summary_table(records: list[dict]) -> str:
         ok = r["status"] == "ok"
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base and not r.get("emulated") else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
+        bad = suspect_fields(r)  # a suspect figure reads "12.34!"; its rule is in the suspect column
         label = r["mode"] + (" (emulated)" if r.get("emulated") else "")
         rows.append([
-            label, r["model"], r["status"], fmt(r["step_time_ms"], ".2f"), spread,
-            fmt(r["tokens_per_s"], ",.0f"), fmt(speedup, ".2f"), fmt(r["mfu"], ".1%"),
-            fmt(r["peak_mem_mb"], ",.0f"), fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
+            label, r["model"], r["status"], _mark(bad, fmt(r["step_time_ms"], ".2f"), "step_time_ms"),
+            _mark(bad, spread, "step_time_p10_ms", "step_time_p90_ms"),
+            _mark(bad, fmt(r["tokens_per_s"], ",.0f"), "tokens_per_s"), fmt(speedup, ".2f"),
+            _mark(bad, fmt(r["mfu"], ".1%"), "mfu"), _mark(bad, fmt(r["peak_mem_mb"], ",.0f"), "peak_mem_mb"),
+            fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
+            ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-",
             (r["reason"] or r.get("emulated_reason") or "")[:70],
         ])  # fmt: skip
     header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
-              "final loss", "vs fp32", "reason"]  # fmt: skip
+              "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip
     return table(rows, header)
+
+
+def _mark(bad: dict[str, list], text: str, *keys: str) -> str:
+    """`text` with a "!" when the self-check found any of `keys` suspect."""
+    return f"{text}!" if text != "-" and any(k in bad for k in keys) else text
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -176,7 +214,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cases = cases_from_options(opts)
     out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
     validate(cases)  # bad input ends here, before anything is written
+    _check_fidelity(cases)
     store.check_writable(out)
+    _, why = run_defaults(resolve_device(opts.get("device", "auto")).type)
+    if why and not {"batch_size", "seq_len", "steps"} <= opts.keys():
+        print(f"mpbench: {why} (flags override them)", file=sys.stderr)
     print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
     try:
         search = {"memory_limit_mb": args.memory_limit_mb} if args.find_max_batch else None
@@ -198,6 +240,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loss_floor is not None:
         print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
     return 1 if any(r["status"] in FAILED for r in done) else 0
+
+
+def _check_fidelity(cases: list[Case]) -> None:
+    """--fidelity compares one process's step: refuse data parallelism and models that cannot fit twice."""
+    for case in cases:
+        if case.fidelity and case.nproc > 1:
+            raise ValueError("fidelity: compares a one-process step; drop --nproc/--scaling or --fidelity")
+    for case in {(c.model, c.device): c for c in cases if c.fidelity}.values():
+        check_fits(case, resolve_device(case.device))
 
 
 def _run_as_rank(opts: dict[str, Any]) -> int:

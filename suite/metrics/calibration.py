@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from suite.hardware import DeviceInfo, synchronize
+from suite.hardware import DeviceInfo, on_device, synchronize
+from suite.metrics.timing import CudaEvents
 from suite.modes.base import tf32_matmuls
 from suite.text import slug
 
@@ -55,13 +56,13 @@ def _time_matmul(device: DeviceInfo, dtype: torch.dtype, n: int, repeats: int) -
     for _ in range(3):  # warm-up: cuBLAS heuristics, clocks, caches
         a @ b
     times = []
+    events = CudaEvents(device.torch_device) if device.type == "cuda" else None
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        if events is not None:  # events on the calibrated device's stream, not the current device's
+            start = events.mark()
             for _ in range(inner):
                 a @ b
-            end.record()
+            end = events.mark()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / inner)
         else:
@@ -88,7 +89,7 @@ def measure(
         if name not in DTYPES:
             raise ValueError(f"dtypes: {name!r} is unknown; choose from {', '.join(DTYPES)}")
         tries = []
-        with tf32_matmuls(name == "tf32"):
+        with on_device(device.torch_device), tf32_matmuls(name == "tf32"):
             for n in sizes:
                 seconds = _time_matmul(device, DTYPES[name], n, repeats)
                 tries.append({"n": n, "seconds": seconds, "flops": 2 * n**3 / seconds})

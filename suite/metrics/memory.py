@@ -39,6 +39,7 @@ class RssSampler:
         self.interval_s = interval_s
         self._peak = 0
         self._stop = threading.Event()
+        self._active = threading.Event()  # cleared while the window is paused
         self._thread = threading.Thread(target=self._poll, daemon=True, name="mpbench-rss")
         self._supported = _rss_bytes() is not None
 
@@ -49,9 +50,20 @@ class RssSampler:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._sample()
+            if self._active.is_set():
+                self._sample()
+
+    def pause(self) -> None:
+        """Stop counting (held-out evaluation): a last sample now, none until `resume`."""
+        self._sample()
+        self._active.clear()
+
+    def resume(self) -> None:
+        self._active.set()
+        self._sample()
 
     def __enter__(self) -> RssSampler:
+        self._active.set()
         self._sample()
         if self._supported:
             self._thread.start()
@@ -78,20 +90,33 @@ class AllocatorPeak:
 
 
 class AllocatorPeakTracker:
-    """torch's CUDA caching-allocator peaks over a window (tensors, and what it holds)."""
+    """torch's CUDA caching-allocator peaks over a window (tensors, and what it holds).
+
+    A pause (held-out evaluation) keeps the peaks so far and resets torch's counters on resume, so the
+    evaluation's own tensors are not counted; blocks the allocator cached during it stay reserved, and
+    are counted, since the process really holds them while it trains.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._kept = (0, 0)  # (allocated, reserved) bytes: peaks of the segments before a pause
+
+    def _peaks(self) -> tuple[int, int]:
+        return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
 
     def __enter__(self) -> AllocatorPeakTracker:
         torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
+    def pause(self) -> None:
+        self._kept = tuple(map(max, self._kept, self._peaks()))
+
+    def resume(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
     def __exit__(self, *exc: object) -> None:
-        pass
+        self.pause()
 
     def result(self) -> AllocatorPeak:
-        return AllocatorPeak(
-            torch.cuda.max_memory_allocated(self.device) / MIB,
-            torch.cuda.max_memory_reserved(self.device) / MIB,
-        )
+        allocated, reserved = self._kept
+        return AllocatorPeak(allocated / MIB, reserved / MIB)

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,34 +46,65 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+class CudaEvents:
+    """Timing events on one device's stream, whatever the current device is.
+
+    `torch.cuda.Event.record()` and `torch.cuda.synchronize()` without arguments act on the
+    *current* device: with `--device cuda:1` they would time idle GPU 0 (and make a context on
+    it). Everything here names the device. `cuda` is the `torch.cuda` module (a fake in tests).
+    """
+
+    def __init__(self, device: torch.device, cuda: Any = None) -> None:
+        self.device = device
+        self.cuda = cuda or torch.cuda
+
+    def mark(self) -> Any:
+        """A timing event recorded now on the device's current stream."""
+        event = self.cuda.Event(enable_timing=True)
+        event.record(self.cuda.current_stream(self.device))
+        return event
+
+    def synchronize(self) -> None:
+        self.cuda.synchronize(self.device)
+
+
 class StepTimer:
     """Times each step wrapped in `measure()`; `stats()` summarizes them.
 
-    On CUDA a pair of events brackets the step and nothing syncs until `stats()`, so the
-    timer adds no host sync of its own. On CPU the clock is read after a sync (a no-op).
+    On CUDA a pair of events brackets the step and nothing syncs until `flush()` (called at the
+    loop's check points, which sync anyway) or `stats()`, so the timer adds no host sync of its
+    own and holds no more than one check interval of events. On CPU the clock is read after a
+    sync (a no-op).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    def __init__(self, device: torch.device, cuda: Any = None) -> None:
+        self.events = CudaEvents(device, cuda) if device.type == "cuda" else None
+        self._pending: list[tuple[Any, Any]] = []
         self._times_ms: list[float] = []
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        if self.events is not None:
+            start = self.events.mark()
             yield
-            end.record()
-            self._events.append((start, end))
+            self._pending.append((start, self.events.mark()))
         else:
             t0 = time.perf_counter()
             yield
             self._times_ms.append((time.perf_counter() - t0) * 1e3)
 
+    def flush(self) -> None:
+        """Turn recorded event pairs into times (waits for the device)."""
+        if self.events is not None and self._pending:
+            self.events.synchronize()
+            self._times_ms.extend(s.elapsed_time(e) for s, e in self._pending)
+            self._pending.clear()
+
+    @property
+    def total_ms(self) -> float:
+        """Sum of the step times measured so far (after `flush`)."""
+        return sum(self._times_ms)
+
     def stats(self) -> TimingStats:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self._times_ms.extend(s.elapsed_time(e) for s, e in self._events)
-            self._events.clear()
+        self.flush()
         return TimingStats.from_times(self._times_ms)

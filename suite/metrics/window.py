@@ -3,7 +3,8 @@
 `MeasuredWindow` is a context manager around the timed steps of a case. It syncs the device
 at both ends, samples memory (NVML on a GPU, RSS on a CPU), reads the energy counter and
 GPM tensor-core activity, and turns what it saw into flat record fields, each figure that
-could not be measured being None with a `*_reason`.
+could not be measured being None with a `*_reason`. `paused()` takes held-out evaluation out
+of every figure: time, energy, GPM segments, memory samples and allocator peaks.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from suite.hardware import DeviceInfo, synchronize
 from suite.metrics import nvml as nvml_lib
 from suite.metrics.memory import AllocatorPeakTracker, RssSampler
+from suite.metrics.nvml_sampler import NvmlSampler
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult
 
-# Steps run under the torch profiler for tensor-core share where GPM is unavailable. They
-# come after the timed window (the profiler slows kernel launches) and still train.
+# Steps kept after the timed window on a GPU, run under the torch profiler for tensor-core share
+# when GPM gave no figure (the profiler slows kernel launches, so never inside the window). They
+# train either way.
 PROFILED_STEPS = 3
 
 
@@ -47,46 +51,67 @@ class MeasuredWindow:
         self.dev = device.torch_device
         self._stack = contextlib.ExitStack()
         self._nvml_reason: str | None = None
-        self._sampler: nvml_lib.NvmlSampler | None = None
+        self._sampler: NvmlSampler | None = None
         self._gpm: nvml_lib.GpmTensorUtil | None = None
         self._allocator: AllocatorPeakTracker | None = None
         self._rss: RssSampler | None = None
         if device.type == "cuda":
             nvml, handle, self._nvml_reason = nvml_device(device.index) if use_nvml else (None, None, "NVML off")
             if nvml is not None:
-                self._sampler = nvml_lib.NvmlSampler(nvml, handle, pid=os.getpid())
+                self._sampler = NvmlSampler(nvml, handle, pid=os.getpid())
                 self._gpm = nvml_lib.GpmTensorUtil(nvml, handle)
             self._allocator = AllocatorPeakTracker(self.dev)
         else:
             self._rss = RssSampler()
         self.duration_s = 0.0
 
-    def wants_profiler(self, steps_after_warmup: int) -> bool:
-        """True on a GPU where GPM cannot give tensor-core utilization and enough steps remain
-        for a profiler window after the timed ones."""
-        if self.device.type != "cuda" or steps_after_warmup <= PROFILED_STEPS:
-            return False
-        return self._gpm is None or not self._gpm.supported
+    def profiler_steps(self, steps_after_warmup: int) -> int:
+        """Steps to keep after the window for the profiler's tensor-core share: on a GPU, whenever
+        enough steps remain (GPM can fail at run time, or the window be too short for it)."""
+        return PROFILED_STEPS if self.device.type == "cuda" and steps_after_warmup > PROFILED_STEPS else 0
+
+    def _trackers(self) -> list[Any]:
+        return [t for t in (self._allocator, self._rss, self._sampler, self._gpm) if t is not None]
 
     def __enter__(self) -> MeasuredWindow:
         synchronize(self.dev)  # start from an idle device: warm-up work is not in the window
-        for tracker in (self._allocator, self._rss, self._sampler, self._gpm):
-            if tracker is not None:
-                self._stack.enter_context(tracker)
+        for tracker in self._trackers():
+            self._stack.enter_context(tracker)
         self._t0 = time.perf_counter()
         return self
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the block's work out of the window (held-out evaluation between timed steps)."""
+        synchronize(self.dev)  # the steps before the pause are done and counted
+        self.duration_s += time.perf_counter() - self._t0
+        for tracker in self._trackers():
+            tracker.pause()
+        try:
+            yield
+        finally:
+            synchronize(self.dev)  # the evaluation is done before the window goes on
+            for tracker in self._trackers():
+                tracker.resume()
+            self._t0 = time.perf_counter()
+
     def __exit__(self, *exc: object) -> None:
-        synchronize(self.dev)  # the window ends when the device has finished its work
-        self.duration_s = time.perf_counter() - self._t0
-        self._stack.close()
+        try:
+            synchronize(self.dev)  # the window ends when the device has finished its work
+        finally:  # a failed sync (a device error) still stops the sampler threads and frees GPM samples
+            self.duration_s += time.perf_counter() - self._t0
+            self._stack.close()
 
     def fields(self, timed_steps: int, tokens_per_step: int) -> dict[str, Any]:
         """Record fields for memory, energy, clocks and GPM tensor-core utilization."""
         if self.device.type != "cuda":
             return self._cpu_fields()
         alloc = self._allocator.result()
-        out: dict[str, Any] = {"peak_mem_allocated_mb": alloc.allocated_mb, "peak_mem_reserved_mb": alloc.reserved_mb}
+        out: dict[str, Any] = {
+            "window_s": self.duration_s,
+            "peak_mem_allocated_mb": alloc.allocated_mb,
+            "peak_mem_reserved_mb": alloc.reserved_mb,
+        }
         if self._sampler is None:  # the allocator figures exist; nothing from NVML does
             why = f"NVML unavailable: {self._nvml_reason}"
             return out | dict.fromkeys(
@@ -105,7 +130,12 @@ class MeasuredWindow:
             "throttled": w.throttled,
             "throttle_reasons": w.throttle_reasons,
             "nvml_samples": w.samples,
-            "nvml_reason": _why(w.reasons, "sm_clock_mhz", "temperature_c_max", "throttled", "sampler"),
+            "power_limit_w": w.power_limit_w,
+            "gpu_shared_with": w.gpu_shared_with,
+            "sampler_stalled": w.stalled,
+            "nvml_reason": _why(
+                w.reasons, "sm_clock_mhz", "temperature_c_max", "throttled", "power_limit_w", "sampler"
+            ),
         }
         if w.energy_j and timed_steps:  # a zero reading means the counter did not tick: no figure
             out["energy_j_per_step"] = w.energy_j / timed_steps
@@ -128,6 +158,7 @@ class MeasuredWindow:
     def _cpu_fields(self) -> dict[str, Any]:
         rss = self._rss.result()
         return {
+            "window_s": self.duration_s,
             "peak_mem_mb": rss.peak_mem_mb,
             "peak_mem_source": rss.source,
             "peak_mem_reason": "CPU: device and allocator peaks are GPU-only; peak_mem_mb is this process's RSS",
@@ -137,14 +168,16 @@ class MeasuredWindow:
         }
 
 
-def profiler_fields(result: ProfilerTensorCoreResult) -> dict[str, Any]:
-    """Record fields from the profiler's tensor-core share (the fallback where GPM is missing)."""
+def profiler_fields(result: ProfilerTensorCoreResult, gpm_reason: str | None = None) -> dict[str, Any]:
+    """Record fields from the profiler's tensor-core share (the fallback where GPM gave none;
+    `gpm_reason` says why, and stays in the reason beside the profiler's figure)."""
+    gpm = f"nvml-gpm gave no figure ({gpm_reason}); " if gpm_reason else ""
     if result.share is None:
-        return {"tensor_core_util_reason": result.reason, "tensor_core_util_source": None}
+        return {"tensor_core_util_reason": gpm + result.reason, "tensor_core_util_source": None}
     return {
         "tensor_core_util": result.share,
         "tensor_core_util_source": "profiler",
-        "tensor_core_util_reason": None,
+        "tensor_core_util_reason": (gpm + "profiler share of kernel time instead") if gpm else None,
         "tensor_core_top_kernels": [[name, round(us, 1)] for name, us in result.top_kernels],
     }
 

@@ -18,16 +18,20 @@ class AmpFP16(PrecisionMode):
         self.compute = "fp16"
         self.autocast_dtype = torch.float16
         self.scaler = torch.amp.GradScaler(device.type)
-        self._scale = self.scaler.get_scale()  # cached: reading it is a host sync
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        before = self._scale
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)  # skips the step if any grad is inf/NaN (syncs once)
+    def _scale_tensor(self) -> torch.Tensor | None:
+        """The scale as GradScaler keeps it, on the device; None before the first step.
+        (`get_scale()` would return a float through a host sync: once per step, for nothing.)"""
+        return self.scaler._get_scale_async()
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        self.scaler.scale(loss).backward()  # creates the scale tensor on the first step
+        before = self._scale_tensor().clone()  # update() changes it in place
+        self.scaler.step(optimizer)  # skips the step if any grad is inf/NaN (its one host sync)
         self.scaler.update()  # ... and then backs the scale off
-        self._scale = self.scaler.get_scale()
-        return self._scale >= before
+        return self._scale_tensor() >= before  # 0-dim bool on the device: read at check points
 
     @property
-    def loss_scale(self) -> float | None:
-        return self._scale
+    def loss_scale(self) -> torch.Tensor | float:
+        scale = self._scale_tensor()
+        return self.scaler.get_scale() if scale is None else scale  # before any step: the initial float

@@ -177,13 +177,15 @@ class PrecisionMode:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """Backward and optimizer step; False when the step was skipped (loss-scale overflow)."""
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool | torch.Tensor:
+        """Backward and optimizer step; False when the step was skipped (loss-scale overflow). A mode
+        may return a 0-dim bool tensor instead, so that knowing costs no host sync in the step."""
         loss.backward()
         optimizer.step()
         return True
 
     @property
-    def loss_scale(self) -> float | None:
-        """Current loss scale, None for modes without loss scaling."""
+    def loss_scale(self) -> float | torch.Tensor | None:
+        """Current loss scale (a float or a 0-dim device tensor: read it outside timed code), None
+        for modes without loss scaling."""
         return None

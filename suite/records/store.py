@@ -33,6 +33,8 @@ FIELDS: tuple[str, ...] = (
     "compile", "data", "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm",
     # outcome
     "status", "reason", "elapsed_s",
+    # self-check (suite/records/checks.py): rules the figures break, [] when none
+    "suspect",
     # model and precision
     "params", "flops_per_token", "flops_per_step", "tokens_per_step", "compute_dtype",
     "weight_dtypes", "grad_dtypes", "optimizer_state_dtypes", "init_digest", "data_digest",
@@ -51,19 +53,35 @@ FIELDS: tuple[str, ...] = (
     "peak_mem_reserved_mb", "peak_mem_reason",
     # energy and clocks (NVML, over the timed window)
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
-    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "nvml_reason",
+    "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "power_limit_w", "gpu_shared_with",
+    "sampler_stalled", "nvml_reason",
+    # the measured window: seconds of timed steps (held-out evaluation excluded)
+    "window_s",
     # data parallel (world_size > 1): per-rank step times, hosts, efficiency vs 1 process
     "rank_step_time_ms", "hosts", "scaling_efficiency", "scaling_reason",
     # largest batch that fits (--find-max-batch)
-    "max_batch", "max_batch_limit_mb", "max_batch_tries",
+    "max_batch", "max_batch_limit_mb", "max_batch_tries", "max_batch_reason",
     # convergence (nats / token)
     "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
     "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
+    # fidelity: gradients and update against a float64 step of the same weights and batch (--fidelity)
+    "grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
+    "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
+    "scaled_grad_underflow_frac", "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_loss_scale",
+    "fidelity_steps", "fidelity_layers", "fidelity_reason",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
-    "python", "cpu", "cpu_count", "torch_threads", "hostname", "platform",
+    "python", "cpu", "cpu_count", "cpu_bf16_native", "torch_threads", "hostname", "platform",
 )
 # fmt: on
+
+# The fidelity figures that are null, with `fidelity_reason`, when not compared or not comparable
+# (fidelity_loss_scale is null for modes without loss scaling: that needs no reason).
+FIDELITY_FIGURES = (
+    "grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
+    "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
+    "scaled_grad_underflow_frac", "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_layers",
+)  # fmt: skip
 
 # A metric that may be null, and the field that then says why (same reason for a group).
 REASON_FIELDS: dict[str, str] = {
@@ -77,7 +95,11 @@ REASON_FIELDS: dict[str, str] = {
         ("peak_mem_mb", "peak_mem_device_mb", "peak_mem_allocated_mb", "peak_mem_reserved_mb"), "peak_mem_reason"
     ),
     **dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"), "energy_reason"),
-    **dict.fromkeys(("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples"), "nvml_reason"),
+    **dict.fromkeys(
+        ("sm_clock_mhz", "temperature_c_max", "throttled", "nvml_samples", "power_limit_w", "gpu_shared_with"),
+        "nvml_reason",
+    ),
+    **dict.fromkeys(FIDELITY_FIGURES, "fidelity_reason"),
 }
 
 

@@ -37,6 +37,9 @@ RULES: dict[str, Rule] = {
     "final_loss": Rule(floor_rel=0.0, floor_abs=0.02),  # nats: run-to-run numerics at a fixed seed
 }
 CASE_KEYS = ("batch_size", "seq_len", "steps", "warmup", "seed", "compile")
+# A metric measured in more than one way is compared only between records that measured it the same way
+# (an NVML process figure is not RSS, nor a device-wide figure).
+SOURCE_OF = {"peak_mem_mb": "peak_mem_source"}
 # Figures that time the step: meaningless for a mode on emulated kernels, so never gated there.
 TIMING_METRICS = ("step_time_ms", "energy_j_per_step")
 
@@ -69,6 +72,7 @@ def make_baseline(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             "case": {k: r.get(k) for k in CASE_KEYS},
             "spread": _spread(r),
             "metrics": {m: r.get(m) for m in RULES},
+            "sources": {m: r.get(src) for m, src in SOURCE_OF.items()},
             "emulated": bool(r.get("emulated")),
             "run_id": r.get("run_id"), "git_commit": r.get("git_commit"), "torch": r.get("torch"),
         }  # fmt: skip
@@ -112,6 +116,9 @@ def compare(record: dict[str, Any], entry: dict[str, Any]) -> list[Finding]:
         old, new = entry["metrics"].get(metric), record.get(metric)
         if old is None or new is None:
             continue
+        was, now = entry.get("sources", {}).get(metric), record.get(SOURCE_OF.get(metric, ""))
+        if metric in SOURCE_OF and was is not None and was != now:
+            continue  # measured differently: no verdict either way
         allowed = old + max(old * (rule.floor_rel + rule.spread_factor * noise), rule.floor_abs)
         findings.append(Finding(metric, old, new, allowed, new > allowed))
     return findings

@@ -71,3 +71,31 @@ def bar_chart(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _number(v: object) -> float | None:
+    """A figure as a float; 'nan'/'inf' strings (how records store them) decoded, None kept."""
+    return None if v is None else float(v)  # type: ignore[arg-type]
+
+
+def layer_chart(path: Path, title: str, tensors: list[str], panels: dict[str, dict[str, list[float | None]]]) -> Path:
+    """One panel per figure (e.g. gradient and update relative error), x = tensor in model order,
+    one line per mode, log y. A zero, missing or non-finite value is a gap in its line, never a 0."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.6, 2.8 + 2.4 * len(panels)), dpi=100, sharex=True)
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (ylabel, series) in zip(axes, panels.items(), strict=True):
+        for s, (mode, values) in enumerate(series.items()):
+            ys = [v if v is not None and 0 < v < float("inf") else float("nan") for v in map(_number, values)]
+            ax.plot(range(len(tensors)), ys, marker="o", ms=3, lw=1.2, label=mode, color=f"C{s}")
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=4)
+    every = max(1, -(-len(tensors) // 60))  # at most ~60 names: gpt2-xl has ~580 tensors
+    axes[-1].set_xticks(range(0, len(tensors), every), tensors[::every], rotation=90, fontsize=6)
+    axes[0].set_title(textwrap.fill(title, 110), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -3,18 +3,45 @@
 A metric of `baseline.RULES` regresses when B is worse than A by more than that metric's
 allowance (its floor plus both runs' measured p10-p90 spread, exactly as `baseline.compare`
 judges a run against a baseline), and improves when B is better by more than the same
-allowance. Throughput and utilization figures are shown as ratios only ("info"). A case on
-emulated kernels (either side) is judged on memory and loss only: its timings are not speeds.
+allowance. The fidelity figures (vs float64) have no noise to measure: like the loss, each has
+a bounded difference (`FIDELITY_BOUNDS`). Throughput and utilization figures are shown as
+ratios only ("info"). A figure that broke a self-check rule in A or B (`suspect`) gets the
+verdict "suspect": never a clean regression or improvement, and it does not change the exit code. A case on
+emulated kernels (either side) is judged on memory, loss and fidelity only: its timings are not speeds.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting import baseline
 
+
+@dataclass(frozen=True)
+class Bound:
+    """A bounded-difference rule for a fidelity figure, as `final_loss` has: B may be worse than A by
+    max(rel x A's distance, abs) and no more. `distance` maps the figure to a lower-is-better one."""
+
+    rel: float
+    abs: float
+    distance: str = "value"  # "value", "one_minus" (a cosine), "magnitude" (a signed difference)
+
+
+# Deterministic figures at a fixed seed (no timing noise); the margins cover kernel-order and
+# atomic-add differences between runs, where a 2x larger error is a real change.
+FIDELITY_BOUNDS: dict[str, Bound] = {
+    "grad_rel_err_vs_fp64": Bound(rel=0.25, abs=1e-6),
+    "update_rel_err_vs_fp64": Bound(rel=0.25, abs=1e-5),
+    "grad_cos_vs_fp64": Bound(rel=0.5, abs=1e-10, distance="one_minus"),  # 1 - cos ~ rel_err^2 / 2
+    "update_cos_vs_fp64": Bound(rel=0.5, abs=1e-8, distance="one_minus"),
+    "grad_underflow_frac": Bound(rel=0.25, abs=1e-6),
+    "grad_overflow_frac": Bound(rel=0.0, abs=0.0),  # any new inf/NaN in applied gradients
+    "fidelity_loss_diff": Bound(rel=0.5, abs=1e-6, distance="magnitude"),
+}
 MATCH_KEYS = ("model", "mode", "batch_size", "seq_len", "steps", "seed")
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
 SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emulated kernels, like step time
@@ -31,7 +58,7 @@ class Comparison:
     b: float | None
     ratio: float | None  # b / a
     allowed: float | None  # the largest B that is not a regression
-    verdict: str  # "regressed", "improved", "same", "info", "unmatched"
+    verdict: str  # "regressed", "improved", "same", "info", "unmatched", "suspect" (a figure broke a self-check)
     message: str
 
 
@@ -74,17 +101,20 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     # warmup and compile are not part of the match: compare anyway, and say so in every message
     entry = entry | {"case": case_b}
     note = f" [A and B differ: {', '.join(differs)}]" if differs else ""
+    bad_a, bad_b = suspect_fields(ra), suspect_fields(rb)
     rows = []
     for f in baseline.compare(rb, entry):
         allowance = f.allowed - f.old  # the same margin on the better side makes "improved"
         verdict = "regressed" if f.regressed else "improved" if f.new < f.old - allowance else "same"
         ratio = _ratio(f.old, f.new)
         better = f", better than {_num(f.old - allowance)}" if verdict == "improved" else ""
+        verdict, doubt = _doubt(verdict, f.metric, bad_a, bad_b)
         message = (
             f"{model}/{mode} {f.metric}: {_num(f.old)} -> {_num(f.new)} ({_x(ratio)}), "
-            f"allowed up to {_num(f.allowed)}{better}: {verdict}{note}"
+            f"allowed up to {_num(f.allowed)}{better}: {verdict}{doubt}{note}"
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
+    rows += _fidelity_rows(ra, rb, note)
     emulated = bool(ra.get("emulated") or rb.get("emulated"))
     for metric in INFO_METRICS:
         if emulated and metric in SPEED_METRICS:
@@ -93,8 +123,61 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
         if a is None or b is None:
             continue
         ratio = _ratio(a, b)
-        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): info{note}"
-        rows.append(Comparison(model, mode, metric, a, b, ratio, None, "info", message))
+        verdict, doubt = _doubt("info", metric, bad_a, bad_b)
+        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): {verdict}{doubt}{note}"
+        rows.append(Comparison(model, mode, metric, a, b, ratio, None, verdict, message))
+    return rows
+
+
+def _doubt(verdict: str, metric: str, bad_a: dict[str, list], bad_b: dict[str, list]) -> tuple[str, str]:
+    """("suspect", why) when A's or B's figure broke a self-check rule, else (verdict, "").
+
+    A suspect figure is never a clean regression or improvement: it neither fails nor passes
+    the gate, and the message says which run's figure broke which rule and what the verdict
+    would have been.
+    """
+    sides = [(side, bad[metric]) for side, bad in (("A", bad_a), ("B", bad_b)) if metric in bad]
+    if not sides:
+        return verdict, ""
+    which = "; ".join(f"{side}: {e.get('note')} [{e.get('rule')}]" for side, entries in sides for e in entries)
+    return "suspect", f" (would be {verdict}; suspect figure in {which})"
+
+
+def _float(value: Any) -> float | None:
+    """A stored figure as a float: 'nan' / 'inf' strings decoded, None (not measured) kept."""
+    return float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+
+
+def _distance(value: float, how: str) -> float:
+    return 1.0 - value if how == "one_minus" else abs(value) if how == "magnitude" else value
+
+
+def _verdict(da: float, db: float, margin: float) -> str:
+    """Lower distance is better; an inf/NaN distance (broken numerics) is worse than any finite one."""
+    fa, fb = math.isfinite(da), math.isfinite(db)
+    if not (fa and fb):
+        return "same" if fa == fb else "regressed" if fa else "improved"
+    return "regressed" if db > da + margin else "improved" if db < da - margin else "same"
+
+
+def _fidelity_rows(ra: dict[str, Any], rb: dict[str, Any], note: str) -> list[Comparison]:
+    """Fidelity figures present in both: regressed beyond the bound, improved beyond it, or the same."""
+    model, mode = ra["model"], ra["mode"]
+    rows = []
+    for metric, bound in FIDELITY_BOUNDS.items():
+        a, b = _float(ra.get(metric)), _float(rb.get(metric))
+        if a is None or b is None:
+            continue
+        da, db = _distance(a, bound.distance), _distance(b, bound.distance)
+        margin = max(da * bound.rel, bound.abs)
+        verdict = _verdict(da, db, margin)
+        allowed = da + margin  # the worst distance that passes, shown as the figure's own bound
+        if bound.distance == "one_minus":
+            allowed, limit = 1.0 - allowed, f"down to {1.0 - (da + margin):.10g}"
+        else:
+            limit = f"{'|diff| ' if bound.distance == 'magnitude' else ''}up to {_num(allowed)}"
+        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)}, allowed {limit}: {verdict}{note}"
+        rows.append(Comparison(model, mode, metric, a, b, _ratio(a, b), allowed, verdict, message))
     return rows
 
 
@@ -146,9 +229,10 @@ def format_comparison(rows: list[Comparison]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    counts = {v: sum(r.verdict == v for r in rows) for v in ("regressed", "improved", "same", "info", "unmatched")}
+    verdicts = ("regressed", "improved", "same", "info", "unmatched", "suspect")
+    counts = {v: sum(r.verdict == v for r in rows) for v in verdicts}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
-    lines += [r.message for r in rows if r.verdict in ("regressed", "unmatched") or r.metric == "status"]
+    lines += [r.message for r in rows if r.verdict in ("regressed", "unmatched", "suspect") or r.metric == "status"]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from suite.reporting import table as table
-from suite.reporting.charts import bar_chart
+from suite.reporting.charts import bar_chart, layer_chart
 from suite.reporting.plots import plot_loss_curves
 from suite.reporting.procurement import procurement_table, records_of
 from suite.text import slug
@@ -39,6 +39,14 @@ th{background:#eef;vertical-align:bottom}td:first-child,td:nth-child(2){text-ali
 .env td,td.text{text-align:left}.skipped{color:#855;font-size:12px}
 .charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.charts img{width:calc(50% - 12px);min-width:480px}
 """
+FIDELITY_CSV = ("grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
+                "update_rel_err_vs_fp64", "grad_underflow_frac", "scaled_grad_underflow_frac", "grad_overflow_frac",
+                "fidelity_loss_diff", "fidelity_loss_scale")  # fmt: skip
+FIDELITY_NOTE = (
+    "Against float64: each mode's gradients (as its optimizer applies them) and update (weights after minus "
+    "before) against a float64 step from the same weights and batch, at the last step compared; see README "
+    "'Fidelity'. Underflow: gradient elements that are 0 in the mode and not in float64."
+)
 PROCUREMENT_HEADERS = {
     "gpu": "GPU", "mode": "mode", "model": "model", "tokens_per_s": "tokens/s",
     "price_per_hour": "price (USD/GPU-h)", "tokens_per_dollar": "tokens per USD", "tokens_per_kj": "tokens per kJ",
@@ -106,6 +114,8 @@ def _charts(
         charts.append(("loss curves", path, "training loss per step (nats/token) and minus fp32's"))
     else:
         charts.append(("loss curves", None, "no record of this group has a loss curve"))
+    if any(r.get("fidelity_layers") for r in group):
+        charts.append(_layer_chart(group, title, out_dir / f"{stem}-fidelity-layers.png"))
     sources = sorted({str(r["peak_mem_source"]) for r in group if r.get("peak_mem_source")})
     memory = {
         f"peak ({', '.join(sources) or 'NVML/RSS'})": values("peak memory NVML/RSS (MiB) (source)"),
@@ -134,6 +144,19 @@ def _charts(
         bar_chart(path, f"{name}: {title}", ylabel, labels, series, absent, errors, hline)
         charts.append((name, path, ylabel))
     return charts
+
+
+def _layer_chart(group: list[dict[str, Any]], title: str, path: Path) -> tuple[str, Path, str]:
+    """Relative error vs float64 by tensor (model order), one line per mode, log scale; last step compared."""
+    last = {r["mode"]: [x for x in r["fidelity_layers"] if x["step"] == max(y["step"] for y in r["fidelity_layers"])]
+            for r in group if r.get("fidelity_layers")}  # fmt: skip
+    tensors = list(dict.fromkeys(x["tensor"] for rows in last.values() for x in rows))
+    panels = {}
+    for key, label in (("grad_rel_err", "gradient rel. L2 error vs fp64"), ("update_rel_err", "update rel. error")):
+        panels[label] = {mode: [{x["tensor"]: x.get(key) for x in rows}.get(t) for t in tensors]
+                         for mode, rows in last.items()}  # fmt: skip
+    layer_chart(path, f"fidelity by tensor: {title}", tensors, panels)
+    return "fidelity by tensor", path, "relative error vs float64 per parameter tensor (log); a gap: 0 or not compared"
 
 
 def _chart_headers(header: str, series: dict[str, list[float | None]]) -> list[str]:
@@ -203,12 +226,17 @@ class _Document:
         rows = [table.cells(r, ref) for r in group]
         for r, row in zip(group, rows, strict=True):
             case = {k: r.get(k) for k in GROUP_KEYS}
-            self.csv_rows.append({"machine": machine, **case, "source": r.get("source"), **table.csv_row(r, row)})
+            fid = {k: r.get(k) for k in FIDELITY_CSV}
+            self.csv_rows.append(
+                {"machine": machine, **case, "source": r.get("source"), **table.csv_row(r, row), **fid}
+            )
         title = _group_title(group[0])
         notes, md_notes = table.Notes(), table.Notes()
         self.page += [f"<h3>{html.escape(title)}</h3>", f'<div class="scroll">{table.to_html(rows, notes)}</div>']
         self.page.append(table.notes_html(notes))
         self.md += ["", f"### {title}", "", table.to_markdown(rows, md_notes), "", table.notes_markdown(md_notes)]
+        if any(r.get("fidelity_layers") for r in group):
+            self._fidelity(group)
         images, skipped = [], []
         for name, path, caption in _charts(group, rows, stem, self.out_dir):
             if path is None:  # said on the page, so a missing chart is never mistaken for a lost one
@@ -221,6 +249,19 @@ class _Document:
         self.page.append(f'<div class="charts">{"".join(images)}</div>')
         if skipped:
             self.page.append(f'<ul class="skipped">{"".join(skipped)}</ul>')
+
+    def _fidelity(self, group: list[dict[str, Any]]) -> None:
+        """The float64 comparison's table, for a group where some record has one."""
+        rows = [table.fidelity_cells(r) for r in group]
+        notes, md_notes = table.Notes(), table.Notes()
+        heads = table.FIDELITY_HEADERS
+        body = table.to_html(rows, notes, heads)
+        self.page += [
+            f"<p>{html.escape(FIDELITY_NOTE)}</p>",
+            f'<div class="scroll">{body}</div>',
+            table.notes_html(notes),
+        ]
+        self.md += ["", FIDELITY_NOTE, "", table.to_markdown(rows, md_notes, heads), "", table.notes_markdown(md_notes)]
 
     def save(self) -> dict[str, Path]:
         doc = (

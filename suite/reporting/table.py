@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.checks import suspect_fields
 from suite.records.store import REASON_FIELDS
 
 NOT_MEASURED = "not measured"
@@ -25,6 +26,7 @@ class Cell:
     value: Any
     text: str
     reason: str | None = None
+    suspect: bool = False  # measured, but breaks a self-check rule (the reason says which)
 
     @property
     def missing(self) -> bool:
@@ -122,9 +124,74 @@ COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
 HEADERS = [header for _, header, _ in COLUMNS]
 
 
+# The record fields behind each column: a column whose field the self-check (`suspect`) names is marked.
+SUSPECT_FIELDS: dict[str, tuple[str, ...]] = {
+    "step_time_ms": ("step_time_ms",), "step_time_p10_p90_ms": ("step_time_p10_ms", "step_time_p90_ms"),
+    "speedup_vs_fp32": ("step_time_ms",), "tokens_per_s": ("tokens_per_s",),
+    "mfu_pct": ("mfu", "achieved_flops"), "mfu_bf16_pct": ("achieved_flops",), "mamf_pct": ("mamf", "achieved_flops"),
+    "tensor_core_util_pct": ("tensor_core_util",), "peak_mem_mb": ("peak_mem_mb",),
+    "peak_mem_allocated_mb": ("peak_mem_allocated_mb",), "energy_mj_per_token": ("energy_j_per_step",),
+    "tokens_per_kj": ("tokens_per_joule",),
+}  # fmt: skip
+SUSPECT = "suspect"
+
+
+def _suspect(cell: Cell, entries: list[dict[str, Any]]) -> Cell:
+    """A measured figure the self-check doubts: kept, marked, and its rules as the note."""
+    if cell.missing or not entries:
+        return cell
+    note = "; ".join(dict.fromkeys(f"suspect ({e.get('rule')}): {e.get('note')}" for e in entries))
+    return Cell(cell.value, f"{cell.text} ({SUSPECT})", note, suspect=True)
+
+
+def _scale(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+    value = r.get("fidelity_loss_scale")
+    if value is None and r.get("grad_rel_err_vs_fp64") is not None:
+        return Cell(None, "none")  # a mode without loss scaling: nothing is missing
+    return _cell(value, ",.0f", lambda: why(r, "grad_rel_err_vs_fp64"))
+
+
+def _figure(key: str, fmt: str, scale: float = 1.0) -> Callable[..., Cell]:
+    """`_field` for a figure that may be stored as 'nan' / 'inf' (a mode with inf gradients)."""
+
+    def column(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
+        value = r.get(key)
+        value = float(value) if isinstance(value, str) else value
+        return _cell(None if value is None else value * scale, fmt, lambda: why(r, key))
+
+    return column
+
+
+# The float64 comparison (mpbench fidelity, mpbench run --fidelity): its own table, shown for a
+# group only where some record has it. Errors in scientific notation: they span 1e-8 to 1.
+FIDELITY_COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
+    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
+    ("grad_cos_vs_fp64", "grad cosine vs fp64", _figure("grad_cos_vs_fp64", ".7f")),
+    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _figure("grad_rel_err_vs_fp64", ".2e")),
+    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _figure("grad_max_abs_err_vs_fp64", ".2e")),
+    ("update_cos_vs_fp64", "update cosine vs fp64", _figure("update_cos_vs_fp64", ".5f")),
+    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _figure("update_rel_err_vs_fp64", ".2e")),
+    ("grad_underflow_pct", "grad underflow (%)", _figure("grad_underflow_frac", ".4f", 100)),
+    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _figure("scaled_grad_underflow_frac", ".4f", 100)),
+    ("grad_overflow_pct", "grad inf/NaN (%)", _figure("grad_overflow_frac", ".4f", 100)),
+    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _figure("fidelity_loss_diff", "+.2e")),
+    ("fidelity_loss_scale", "loss scale", _scale),
+]  # fmt: skip
+FIDELITY_HEADERS = [header for _, header, _ in FIDELITY_COLUMNS]
+
+
+def fidelity_cells(r: dict[str, Any]) -> list[Cell]:
+    """The fidelity columns of one record."""
+    return [make(r, None) for _, _, make in FIDELITY_COLUMNS]
+
+
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
-    return [make(r, ref) for _, _, make in COLUMNS]
+    bad = suspect_fields(r)
+    return [
+        _suspect(make(r, ref), [e for key in SUSPECT_FIELDS.get(name, ()) for e in bad.get(key, [])])
+        for name, _, make in COLUMNS
+    ]
 
 
 class Notes:
@@ -139,15 +206,15 @@ class Notes:
         return self.reasons.index(reason) + 1
 
 
-def to_html(rows: list[list[Cell]], notes: Notes) -> str:
+def to_html(rows: list[list[Cell]], notes: Notes, headers: list[str] = HEADERS) -> str:
     """A table with a "not measured" cell carrying its reason as a tooltip and a footnote number."""
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in HEADERS), "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in headers), "</tr></thead><tbody>"]
     for row in rows:
         out.append("<tr>")
         for cell in row:
             text = html.escape(cell.text)
             if cell.reason:
-                cls = ' class="nm"' if cell.missing else ""
+                cls = ' class="nm"' if cell.missing else ' style="color:#b00"' if cell.suspect else ""
                 title = html.escape(cell.reason, quote=True)
                 text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
             out.append(f"<td>{text}</td>")
@@ -165,9 +232,9 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(rows: list[list[Cell]], notes: Notes) -> str:
+def to_markdown(rows: list[list[Cell]], notes: Notes, headers: list[str] = HEADERS) -> str:
     """The same table in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         texts = [_md(c.text + (f" [{notes.ref(c.reason)}]" if c.reason else "")) for c in row]
         lines.append("| " + " | ".join(texts) + " |")
@@ -188,4 +255,5 @@ def csv_row(r: dict[str, Any], row: list[Cell]) -> dict[str, Any]:
         out["not_measured"] = why(r, "status")
     else:
         out["not_measured"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.missing)
+    out["suspect"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.suspect)
     return out

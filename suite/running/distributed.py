@@ -173,17 +173,39 @@ def _slowest(everyone: list[dict]) -> dict:
 
 
 def _combined_measurements(everyone: list[dict], slowest: dict, case: Case) -> dict[str, Any]:
-    """Per-rank figures into one: the slowest rank's, the largest memory, summed energy."""
+    """Per-rank figures into one: the slowest rank's, the largest memory, summed energy. A figure
+    some rank lacks is null with that reason, never the other ranks' figure passed off as the job's."""
     m = dict(slowest["measurements"])
+    ranks = [e["measurements"] for e in everyone]
+    sources = {r.get("peak_mem_source") for r in ranks if r.get("peak_mem_mb") is not None}
     for key in ("peak_mem_mb", "peak_mem_device_mb", "peak_mem_allocated_mb", "peak_mem_reserved_mb"):
-        vals = [e["measurements"].get(key) for e in everyone if e["measurements"].get(key) is not None]
-        m[key] = max(vals) if vals else None  # never a sum: each GPU must fit its own peak
-    energies = [e["measurements"].get("energy_j_per_step") for e in everyone]
-    if energies and all(v is not None for v in energies):
-        m["energy_j_per_step"] = sum(energies)
-        m["avg_power_w"] = sum(e["measurements"].get("avg_power_w") or 0 for e in everyone)
+        missing = [e["rank"] for e in everyone if e["measurements"].get(key) is None]
+        m[key] = None if missing else max(r[key] for r in ranks)  # never a sum: each GPU must fit its own peak
+        if missing and len(missing) < len(ranks):
+            m["peak_mem_reason"] = f"{key}: rank(s) {missing} have none ({_reason_of(everyone, missing, 'peak_mem')})"
+    if len(sources) > 1:  # like with like: one rank's NVML process figure is not another's RSS
+        m["peak_mem_mb"] = m["peak_mem_source"] = None
+        m["peak_mem_reason"] = f"ranks measured peak_mem_mb differently ({sorted(map(str, sources))})"
+    missing = [e["rank"] for e in everyone if e["measurements"].get("energy_j_per_step") is None]
+    if not missing:
+        m["energy_j_per_step"] = sum(r["energy_j_per_step"] for r in ranks)
+        m["avg_power_w"] = sum(r.get("avg_power_w") or 0 for r in ranks)
         m["tokens_per_joule"] = case.tokens_per_step / m["energy_j_per_step"]
+    elif len(missing) < len(ranks):  # (when no rank has energy, the slowest's reason says why)
+        m |= dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"))
+        m["energy_reason"] = (
+            f"rank(s) {missing} measured no energy ({_reason_of(everyone, missing, 'energy')}), so the job's "
+            "energy is unknown (one rank's is not the job's)"
+        )
     return m
+
+
+def _reason_of(everyone: list[dict], ranks: list[int], group: str) -> str:
+    """The first of these ranks' `{group}_reason`, or a plain 'no reason given'."""
+    for e in everyone:
+        if e["rank"] in ranks and e["measurements"].get(f"{group}_reason"):
+            return e["measurements"][f"{group}_reason"]
+    return "no reason given"
 
 
 def launched_by_torchrun() -> bool:

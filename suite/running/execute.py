@@ -17,6 +17,7 @@ from models import GPT
 from suite.hardware import DeviceInfo, resolve_device
 from suite.metrics.flops import utilization_fields
 from suite.modes import get_mode
+from suite.training import fidelity
 from suite.training.case import Case
 from suite.training.data import digest, make_corpus
 from suite.training.train import CaseResult, run_case
@@ -132,6 +133,21 @@ def _oom_values(case: Case, device: DeviceInfo, exc: BaseException) -> dict[str,
     return values
 
 
+def fidelity_values(case: Case, device: DeviceInfo, batches: torch.Tensor, log: Log, label: str) -> dict[str, Any]:
+    """The float64 comparison of `mpbench run --fidelity`, after training and outside every timed
+    window: a fresh model from the case's seed, the case's first batch, so the step compared is
+    the run's own first step. Failing never fails the case: `fidelity_reason` says why."""
+    if not case.fidelity:
+        return {"fidelity_reason": "not requested (mpbench run --fidelity, or mpbench fidelity)"}
+    log(f"{label}: comparing step 1 with a float64 reference")
+    try:
+        return fidelity.record_fields(fidelity.measure(case, device, batches))
+    except Exception as exc:
+        return {"fidelity_reason": f"the float64 comparison failed: {failure_reason(exc)}"}
+    finally:
+        gc.collect()
+
+
 def train_in_process(
     case: Case,
     flops_per_step: int,
@@ -154,6 +170,7 @@ def train_in_process(
             before()
         r = run_case(case, device, corpus, train, heldout, progress)
         values |= result_fields(case, r, device, flops_per_step)
+        values |= fidelity_values(case, device, train[:1], log, label)
         if r.diverged_at is None:
             values["status"] = "ok"
         else:

@@ -33,15 +33,22 @@ def find_max_batch(
     timeout_s: float | None = None,
     attempt: Callable[[Case, int, float | None], dict[str, Any]] = _try,
 ) -> dict[str, Any]:
-    """Record fields: `max_batch` (None if even 1 does not fit), the limit, and every try."""
+    """Record fields: `max_batch` (None if even 1 does not fit), the limit, and every try.
+
+    The limit is compared with `peak_mem_mb` only (this process: NVML on a GPU, RSS on a CPU),
+    never with a device-wide figure; a try whose process peak is unknown ends the search, with
+    `max_batch_reason` saying why, rather than judging it on another figure.
+    """
     tries: list[list[Any]] = []
+    unknown: list[str] = []
 
     def fits(batch: int) -> bool:
         values = attempt(case, batch, timeout_s)
         peak = values.get("peak_mem_mb")
-        ok = values.get("status") == "ok" and (
-            memory_limit_mb is None or (peak is not None and peak <= memory_limit_mb)
-        )
+        ran = values.get("status") == "ok"
+        if ran and memory_limit_mb is not None and peak is None:
+            unknown.append(f"batch {batch}: peak_mem_mb unknown ({values.get('peak_mem_reason') or 'no reason'})")
+        ok = ran and not unknown and (memory_limit_mb is None or peak <= memory_limit_mb)
         tries.append([batch, values.get("status"), peak, ok])
         return ok
 
@@ -57,4 +64,7 @@ def find_max_batch(
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         last_ok = lo
+    if unknown:  # the limit cannot be judged: no figure rather than one judged on something else
+        return {"max_batch": None, "max_batch_limit_mb": memory_limit_mb, "max_batch_tries": tries,
+                "max_batch_reason": f"--memory-limit-mb cannot be checked: {unknown[0]}"}  # fmt: skip
     return {"max_batch": last_ok, "max_batch_limit_mb": memory_limit_mb, "max_batch_tries": tries}

@@ -19,7 +19,7 @@ from suite.hardware import DeviceInfo, environment, resolve_device
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.modes.base import decide
-from suite.records import store
+from suite.records import checks, store
 from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -184,6 +184,7 @@ def run_cases(
             if case.nproc == 1:
                 singles[_scaling_group(record)] = record
             record |= scaling_fields(record, singles.get(_scaling_group(record)))
+            record["suspect"] = checks.check(record)  # the last step before writing: every figure is in
             if out is not None:
                 store.append(out, record)
             records.append(record)
@@ -229,9 +230,11 @@ def _run_one(
 
 
 def _summary(record: dict[str, Any]) -> str:
+    suspect = "; ".join(s["note"] for s in record.get("suspect") or [])
+    suspect = f"; SUSPECT: {suspect}" if suspect else ""
     if record["status"] != "ok":
-        return f"{record['status']}: {record['reason']}"
+        return f"{record['status']}: {record['reason']}{suspect}"
     return (
         f"ok, {record['step_time_ms']:.1f} ms/step (p10-p90 {record['step_time_p10_ms']:.1f}-"
-        f"{record['step_time_p90_ms']:.1f}), final loss {record['final_loss']:.4f}"
+        f"{record['step_time_p90_ms']:.1f}), final loss {record['final_loss']:.4f}{suspect}"
     )

@@ -34,6 +34,7 @@ class Case:
     eval_every: int = 0  # also evaluate every N steps (0: only at the end)
     nproc: int = 1  # data-parallel processes; batch_size is per process
     grad_comm: str = "fp32"  # gradient all-reduce precision with nproc > 1: fp32 | bf16 | fp16
+    fidelity: bool = False  # also compare step 1 with a float64 reference (mpbench run --fidelity)
     emulate: bool = False  # run fp8/MXFP8 modes with emulated kernels on a GPU below their capability
 
     def __post_init__(self) -> None:
@@ -57,6 +58,11 @@ class Case:
         if not 0 <= self.warmup < self.steps:
             raise ValueError(
                 f"warmup={self.warmup}: must be in 0..steps-1 (steps={self.steps}) so that some steps are timed"
+            )
+        if self.compile and self.warmup < 2:
+            raise ValueError(
+                f"warmup={self.warmup}: --compile needs --warmup 2 or more, so that compilation (first step) "
+                "and recompilation (second) stay out of the timed window"
             )
         block = self.model_config.block_size
         if self.seq_len > block:

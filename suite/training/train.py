@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import GPT
-from suite.hardware import DeviceInfo
+from suite.hardware import DeviceInfo, on_device
 from suite.metrics.tensor_cores import ProfilerTensorCores
 from suite.metrics.timing import StepTimer, TimingStats
-from suite.metrics.window import PROFILED_STEPS, MeasuredWindow, profiler_fields
+from suite.metrics.window import MeasuredWindow, profiler_fields
 from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import tf32_matmuls
 from suite.training.case import Case
@@ -28,8 +28,9 @@ Progress = Callable[[int, int, float], None]
 
 def train_step(
     model: nn.Module, mode: PrecisionMode, optimizer: torch.optim.Optimizer, batch: torch.Tensor
-) -> tuple[torch.Tensor, bool]:
-    """One optimizer step on batch (B, T+1). Returns (detached loss, whether the step applied)."""
+) -> tuple[torch.Tensor, bool | torch.Tensor]:
+    """One optimizer step on batch (B, T+1). Returns (detached loss, whether the step applied: a bool
+    or a 0-dim bool tensor, so that the step adds no host sync of its own)."""
     x, y = batch[:, :-1], batch[:, 1:]  # inputs and next-token targets, (B, T) each
     # Free the previous step's grads here, not after the step, so they stay inspectable.
     optimizer.zero_grad(set_to_none=True)
@@ -88,10 +89,12 @@ class CaseResult:
 
 
 class _Loop:
-    """Runs train steps over batches, keeps every loss, and stops at the first NaN/inf.
+    """Runs train steps over batches and stops at the first NaN/inf loss.
 
-    Losses stay on the device; they are checked (one sync) only at the few progress
-    points, so the loop adds no host sync per step.
+    Per-step values live in tensors preallocated on the device, one per series (loss, whether
+    the step applied, loss scale), written without a host sync and read only at the few check
+    points. A growing list of per-step tensors would pin freed heap memory on a CPU (resident
+    memory grew ~2 MB a step) and cost cache blocks or syncs on a GPU.
     """
 
     def __init__(
@@ -109,32 +112,44 @@ class _Loop:
         self.steps, self.progress = steps, progress
         self.report_every = max(1, steps // 4)
         self.eval_every, self.evaluate = eval_every, evaluate
-        self.losses: list[torch.Tensor] = []
-        self.loss_scales: list[float] = []
+        self.losses = torch.full((steps,), float("nan"), device=dev)  # (steps,) fp32
+        self.applied = torch.ones(steps, dtype=torch.bool, device=dev)  # False: loss scaling skipped it
+        self.scales = torch.zeros(steps, device=dev) if mode.loss_scale is not None else None
         self.eval_curve: list[list[float]] = []
-        self.skipped = 0
+        self.done = 0
         self.diverged_at: int | None = None
         self._checked = 0
 
-    def run(self, batches: torch.Tensor, timer: StepTimer | None = None) -> None:
+    def run(
+        self,
+        batches: torch.Tensor,
+        timer: StepTimer | None = None,
+        pause: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        """Train on `batches` (n, B, T+1); `pause` wraps each held-out evaluation (the measured
+        window is paused around it, so its work is not counted)."""
         for batch in batches:
             if self.diverged_at is not None:
                 return
             batch = batch.to(self.dev, non_blocking=True)  # outside the timed step
             with timer.measure() if timer else contextlib.nullcontext():
                 loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
-            self.losses.append(loss)
-            self.skipped += not stepped
-            if self.mode.loss_scale is not None:
-                self.loss_scales.append(self.mode.loss_scale)
-            done = len(self.losses)
+            i = self.done
+            self.losses[i] = loss  # a device copy: no sync
+            self.applied[i] = stepped  # a bool, or a 0-dim bool tensor on the device
+            if self.scales is not None:
+                self.scales[i] = self.mode.loss_scale
+            self.done = done = i + 1
             if done % self.report_every == 0 or done == self.steps:
-                self._check(done)
+                self._check(done, timer)
             if self.eval_every and done % self.eval_every == 0 and done < self.steps and self.diverged_at is None:
-                self.eval_curve.append([done, self.evaluate()])
+                with pause():
+                    self.eval_curve.append([done, self.evaluate()])
 
-    def _check(self, done: int) -> None:
-        recent = torch.stack(self.losses[self._checked :]).tolist()
+    def _check(self, done: int, timer: StepTimer | None) -> None:
+        recent = self.losses[self._checked : done].tolist()  # the check point's one sync
+        if timer is not None:
+            timer.flush()  # the device is idle up to here: the events are ready
         bad = [i for i, v in enumerate(recent) if not math.isfinite(v)]
         if bad:
             self.diverged_at = self._checked + bad[0]
@@ -142,6 +157,12 @@ class _Loop:
         self._checked = done
         if self.progress:
             self.progress(done, self.steps, recent[-1])
+
+    def curves(self) -> tuple[list[float], int, list[float] | None]:
+        """(loss per step run, steps skipped by loss scaling, loss scale after each step or None)."""
+        n = self.done
+        skipped = int((~self.applied[:n]).sum())
+        return self.losses[:n].tolist(), skipped, None if self.scales is None else self.scales[:n].tolist()
 
 
 def run_case(
@@ -156,18 +177,16 @@ def run_case(
 ) -> CaseResult:
     """Build the model from the case's seed, let the mode prepare it, train, evaluate.
 
-    Steps run in phases: warm-up (not measured), the timed window (step timer inside,
-    memory/energy/GPM trackers around it), and, on a GPU without GPM, a few last steps
-    under the profiler for tensor-core share. Every phase trains: the loss curve has
-    `case.steps` entries whatever is measured. `trackers=False` leaves only the step timer
-    (to measure what the trackers cost). `wrap` wraps the prepared model for training (data
-    parallelism: DistributedDataParallel); storage and evaluation see the model itself.
+    Every CUDA call runs with the case's GPU as the current device (events, syncs and contexts
+    that default to the current device land on it, not on GPU 0). `trackers=False` leaves only
+    the step timer (to measure what the trackers cost). `wrap` wraps the prepared model for
+    training (data parallelism: DistributedDataParallel); storage and evaluation see the model.
     """
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # fp32 on the CPU: identical for every mode
     init_digest = digest(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    with mode.numerics():
+    with on_device(dev), mode.numerics():
         model = mode.prepare(model.to(dev))
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
         trained = wrap(model) if wrap else model
@@ -177,37 +196,19 @@ def run_case(
             return evaluate(mode.eval_model(model), heldout_batches, dev)
 
         loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss)
-        window = MeasuredWindow(device) if trackers else None
-        profiled = PROFILED_STEPS if window and window.wants_profiler(case.steps - case.warmup) else 0
-        timed_end = case.steps - profiled
-
-        loop.run(train_batches[: case.warmup])
-        timer = StepTimer(dev)
-        with window or contextlib.nullcontext():
-            loop.run(train_batches[case.warmup : timed_end], timer)
-        measurements: dict[str, Any] = {}
-        timing = None
-        if loop.diverged_at is None:
-            timing = timer.stats()
-            measurements["timed_steps"] = len(timing.times_ms)
-            if window:
-                measurements |= window.fields(len(timing.times_ms), case.batch_size * case.seq_len)  # this process
-        if profiled and loop.diverged_at is None:
-            with ProfilerTensorCores() as prof:
-                loop.run(train_batches[timed_end:])
-            measurements |= profiler_fields(prof.result())
-
+        timing, measurements = _train_measured(case, device, loop, train_batches, trackers)
         final = None
         if loop.diverged_at is None:
             final = held_out_loss()
             loop.eval_curve.append([case.steps, final])
         storage = storage_dtypes(model, optimizer) | mode.layer_fields()  # grads of the last step are still there
+        loss_curve, skipped, scales = loop.curves()
     return CaseResult(
         timing=timing,
-        loss_curve=torch.stack(loop.losses).tolist(),
+        loss_curve=loss_curve,
         final_loss=final,
-        skipped_steps=loop.skipped,
-        loss_scale_curve=loop.loss_scales or None,
+        skipped_steps=skipped,
+        loss_scale_curve=scales,
         eval_curve=loop.eval_curve,
         diverged_at=loop.diverged_at,
         compute=mode.compute,
@@ -215,3 +216,34 @@ def run_case(
         storage=storage,
         measurements=measurements,
     )
+
+
+def _train_measured(
+    case: Case, device: DeviceInfo, loop: _Loop, batches: torch.Tensor, trackers: bool
+) -> tuple[TimingStats | None, dict[str, Any]]:
+    """All steps, in phases: warm-up (not measured); the timed window (step timer inside,
+    memory/energy/GPM trackers around it, paused for held-out evaluation); then, on a GPU, a
+    few reserved steps that run under the profiler when GPM gave no tensor-core figure (not
+    supported, failed at run time, or a window too short) and train plainly otherwise."""
+    window = MeasuredWindow(device) if trackers else None
+    reserved = window.profiler_steps(case.steps - case.warmup) if window else 0
+    timed_end = case.steps - reserved
+    loop.run(batches[: case.warmup])
+    timer = StepTimer(device.torch_device)
+    with window or contextlib.nullcontext():
+        loop.run(batches[case.warmup : timed_end], timer, window.paused if window else contextlib.nullcontext)
+    measurements: dict[str, Any] = {}
+    timing = None
+    if loop.diverged_at is None:
+        timing = timer.stats()
+        measurements["timed_steps"] = len(timing.times_ms)
+        if window:
+            measurements |= window.fields(len(timing.times_ms), case.batch_size * case.seq_len)  # this process
+    rest = batches[timed_end:]
+    if reserved and loop.diverged_at is None and measurements.get("tensor_core_util") is None:
+        with ProfilerTensorCores() as prof:
+            loop.run(rest)
+        measurements |= profiler_fields(prof.result(), gpm_reason=measurements.get("tensor_core_util_reason"))
+    else:
+        loop.run(rest)  # reserved steps train all the same: the loss curve has every step
+    return timing, measurements

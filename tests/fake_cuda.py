@@ -1,0 +1,91 @@
+"""A fake of `suite.metrics.probes.TorchCuda`: scripted matmul rates and clocks, and the NVML
+readings a real GPU would move while it works (energy counter, process memory, GPM)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from suite.metrics.probes import LoopTiming
+from suite.metrics.tensor_cores import ProfilerTensorCoreResult
+from tests.fake_nvml import MIB, FakeDevice, FakeNvml, Script
+
+H100_UUID = "GPU-0000000a-1111-2222-3333-444444444442"
+
+
+@dataclass
+class FakeCuda:
+    """One GPU as torch sees it. `device` is the fake NVML device this GPU drives."""
+
+    device: FakeDevice | None = None
+    present: bool = True
+    gpu_name: str = "NVIDIA H100 80GB HBM3"
+    gpu_uuid: str | None = H100_UUID
+    tflops: dict[str, float] = field(default_factory=lambda: {"bf16": 650.0, "fp32": 50.0})  # rate of each loop
+    wall_extra_ms: float = 0.05  # launch and sync: wall time = event time + this
+    event_scale: float = 1.0  # < 1: the events time less than the GPU did (wrong device or stream)
+    watts: float = 550.0  # board power while a loop runs: advances the energy counter
+    tensor_util_pct: dict[str, float] = field(default_factory=lambda: {"bf16": 85.0, "fp32": 0.0})  # GPM reads
+    nvml_growth: float = 1.0  # how much of an allocation NVML's process figure shows
+    reserved_growth: float = 1.0  # how much of an allocation the allocator reports reserving
+    pid: int = field(default_factory=os.getpid)
+    others: list[tuple[int, int]] = field(default_factory=list)  # other processes on the GPU: (pid, bytes)
+    profiler: dict[str, ProfilerTensorCoreResult] = field(default_factory=dict)
+    max_sleep_s: float = 0.15  # a loop sleeps its wall time up to this: GPM needs > 100 ms between samples
+    used_bytes: int = 600 * MIB  # our CUDA context
+    energy_mj: int = 10_000_000
+    loops: list[LoopTiming] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        """What NVML reads now: our process and the others, and the energy counter."""
+        if self.device is not None:
+            self.device.scripts["processes"] = Script([[(self.pid, self.used_bytes), *self.others]])
+            self.device.scripts["energy_mj"] = Script([self.energy_mj])
+
+    def unavailable(self) -> str | None:
+        return None if self.present else "no CUDA GPU (fake: torch.cuda.is_available() is False)"
+
+    def name(self) -> str:
+        return self.gpu_name
+
+    def uuid(self) -> str | None:
+        return self.gpu_uuid
+
+    def memory_mb(self) -> float:
+        return 80 * 1024.0
+
+    def matmul_loop(self, dtype: str, n: int, iters: int, during: Any = None) -> LoopTiming:
+        gpu_ms = 2 * n**3 * iters / (self.tflops[dtype] * 1e12) * 1e3
+        if self.device is not None:  # GPM shows this loop's tensor-core use while it runs
+            util = self.tensor_util_pct[dtype]
+            self.device.gpm_metrics = {FakeNvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: util,
+                                       FakeNvml.NVML_GPM_METRIC_HMMA_TENSOR_UTIL: util,
+                                       FakeNvml.NVML_GPM_METRIC_IMMA_TENSOR_UTIL: 0.0}  # fmt: skip
+        if during is not None:
+            during()
+        time.sleep(min(gpu_ms / 1e3, self.max_sleep_s))
+        self.energy_mj += round(self.watts * gpu_ms)  # W x ms = mJ
+        self._publish()
+        timing = LoopTiming(dtype, n, iters, gpu_ms * self.event_scale, gpu_ms + self.wall_extra_ms)
+        self.loops.append(timing)
+        return timing
+
+    def profiler_share(self, dtype: str, n: int, iters: int) -> ProfilerTensorCoreResult:
+        self.matmul_loop(dtype, n, iters)
+        return self.profiler.get(dtype, ProfilerTensorCoreResult(None, [], "fake: no profiler figures scripted"))
+
+    def allocate(self, mib: int) -> float:
+        self._held = round(mib * MIB * self.nvml_growth)
+        self.used_bytes += self._held
+        self._publish()
+        return mib * self.reserved_growth
+
+    def release(self) -> None:
+        self.used_bytes -= getattr(self, "_held", 0)
+        self._held = 0
+        self._publish()

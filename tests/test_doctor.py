@@ -1,0 +1,244 @@
+"""`mpbench doctor`: honest "cannot check" on this CPU, and each GPU check failed through the
+fake NVML and the fake CUDA timing layer, passing with a healthy fake."""
+
+import json
+
+import pytest
+import torch
+
+from suite.cli import doctor
+from suite.cli.doctor import CANNOT, FAIL, PASS, Durations, diagnose
+from suite.cli.main import main
+from suite.metrics.tensor_cores import ProfilerTensorCoreResult
+from tests.fake_cuda import H100_UUID, FakeCuda
+from tests.fake_nvml import MIB, FakeDevice, FakeNvml
+
+FAST = Durations(event_s=0.01, energy_s=1.0, gpm_s=0.12, share_s=0.01, memory_mib=1024)
+GPU_CHECKS = ["gpu_visible", "nvml_same_gpu", *(name for name, _, _ in doctor.GPU_CHECKS)]
+
+
+def machine(cuda=None, nvml=None, **device):
+    """A healthy H100 unless told otherwise: (fake CUDA, fake NVML)."""
+    dev = FakeDevice(uuid=H100_UUID, **({"gpm_supported": True} | device))
+    nvml = nvml or FakeNvml([dev])
+    return FakeCuda(device=dev, **(cuda or {})), nvml
+
+
+def checks_of(fake_cuda, fake_nvml, device="cuda"):
+    """The doctor's checks by name on fake hardware (no training run: there is no real GPU)."""
+    return {c.name: c for c in diagnose(device, fake_cuda, fake_nvml, durations=FAST, run_record=False)}
+
+
+def run(cuda=None, device="cuda", **nvml_device):
+    return checks_of(*machine(cuda, **nvml_device), device=device)
+
+
+def test_a_healthy_gpu_passes_every_check():
+    got = run()
+    assert {name: c.status for name, c in got.items() if c.status != PASS} == {}
+    assert set(GPU_CHECKS) <= set(got)
+    assert got["tensor_core_util"].figures == {"source": "GPM", "bf16": 0.85, "fp32": 0.0}
+    assert got["energy_power"].figures["avg_power_w"] == pytest.approx(550, rel=1e-3)
+    assert got["nvml_process_memory"].figures["after_mb"] - got["nvml_process_memory"].figures["before_mb"] == 1024
+    assert "driver 570.86.15" in got["versions"].detail and "cuda_driver 12.8" in got["versions"].detail
+
+
+def test_on_this_cpu_every_gpu_check_cannot_be_checked_and_nothing_fails():
+    got = {c.name: c for c in diagnose("auto", cuda=FakeCuda(present=False), durations=FAST)}
+    assert {got[n].status for n in GPU_CHECKS} == {CANNOT}
+    assert got["record_self_check"].status == PASS and got["record_self_check"].figures["suspect"] == []
+    assert "no CUDA GPU" in got["energy_power"].detail
+    assert got["cpu_threads"].status == PASS and got["cpu_bf16"].status == PASS
+    assert all(c.status != FAIL for c in got.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
+def test_the_command_on_this_cpu_exits_0_with_cannot_check_lines(capsys):
+    assert main(["doctor", "--no-run"]) == 0
+    text = capsys.readouterr().out
+    assert "cannot check  gpu_visible" in text and "no CUDA GPU" in text and "0 failed" in text
+    assert "record_self_check" not in text  # --no-run
+    assert main(["doctor", "--json", "--no-run"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["failed"] is False
+    assert {c["name"]: c["status"] for c in data["checks"]}["event_vs_wall"] == CANNOT
+    assert main(["doctor", "--device", "cuda", "--no-run"]) == 1  # asked for a GPU that is not there: a failure
+    assert "FAIL          gpu_visible" in capsys.readouterr().out
+    assert main(["doctor", "--device", "gpu"]) == 2
+    assert "device='gpu'" in capsys.readouterr().err
+
+
+# (check, how to break it: fake CUDA settings, fake NVML device settings, text the detail must hold)
+BROKEN = [
+    ("gpu_visible", dict(present=False), {}, "no CUDA GPU"),
+    ("nvml_same_gpu", dict(gpu_uuid="GPU-ffffffff-0000-0000-0000-000000000000"), {}, "no NVML device has UUID"),
+    ("nvml_same_gpu", dict(gpu_uuid=None), {}, "no UUID"),
+    ("event_vs_wall", dict(event_scale=0.5), {}, "events miss the GPU's work"),
+    ("event_vs_wall", dict(event_scale=1.2), {}, "longer than the wall clock"),
+    ("energy_power", dict(watts=2000.0), {}, "above the enforced limit 700 W"),
+    ("energy_power", dict(watts=0.0), {}, "did not advance"),
+    ("energy_power", dict(watts=1.0), {}, "below any working GPU"),
+    ("clocks_not_throttled", {}, dict(event_reasons=[0x8 | 0x4]), "hw_slowdown"),
+    ("clocks_not_throttled", {}, dict(event_reasons=[0x40 | 0x1]), "hw_thermal_slowdown"),
+    ("tensor_core_util", dict(tensor_util_pct={"bf16": 3.0, "fp32": 0.0}), {}, "should use tensor cores"),
+    ("tensor_core_util", {}, dict(gpm_returns={5: 3}), "Not Supported"),  # GPM supported, fails at run time
+    ("nvml_process_memory", dict(nvml_growth=0.0), {}, "grew 0 MiB for 1,024 MiB"),
+    ("peak_table_row", dict(gpu_name="NVIDIA Mystery 9000"), {}, "no row for 'NVIDIA Mystery 9000'"),
+    ("matmul_share_of_peak", dict(tflops={"bf16": 100.0, "fp32": 50.0}), {}, "outside 25%-105%"),
+    ("matmul_share_of_peak", dict(tflops={"bf16": 1500.0, "fp32": 50.0}), {}, "the row or the timing is wrong"),
+    ("no_other_process", dict(others=[(4242, 2048 * MIB)]), {}, "pid 4242 (2,048 MiB)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "cuda", "nvml_device", "text"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_each_gpu_check_fails_through_the_fakes(name, cuda, nvml_device, text):
+    got = run(cuda, **nvml_device)
+    assert got[name].status == FAIL and text in got[name].detail, got[name]
+
+
+def test_every_gpu_check_has_a_failing_case():
+    assert {b[0] for b in BROKEN} == set(GPU_CHECKS)
+
+
+def test_a_power_cap_under_max_power_matmuls_is_not_a_failure():
+    got = run(event_reasons=[0x4])
+    assert got["clocks_not_throttled"].status == PASS
+    assert "at the power cap of 700 W" in got["clocks_not_throttled"].detail
+
+
+def test_failing_checks_make_the_command_exit_1(monkeypatch, capsys):
+    fake_cuda, fake_nvml = machine(dict(event_scale=0.5))
+    real = doctor.diagnose
+    monkeypatch.setattr(
+        doctor,
+        "diagnose",
+        lambda d, run_record: real(d, cuda=fake_cuda, nvml_module=fake_nvml, durations=FAST, run_record=run_record),
+    )
+    assert main(["doctor", "--device", "cuda:0", "--no-run"]) == 1
+    assert "FAIL          event_vs_wall" in capsys.readouterr().out
+
+
+def test_without_nvml_the_nvml_checks_cannot_be_checked_and_the_match_fails():
+    fake_cuda, _ = machine()
+    got = checks_of(fake_cuda, FakeNvml([], library_missing=True))
+    assert got["nvml_same_gpu"].status == FAIL and "NVML Shared Library Not Found" in got["nvml_same_gpu"].detail
+    for name in ("energy_power", "tensor_core_util", "nvml_process_memory", "no_other_process"):
+        assert got[name].status == CANNOT and "NVML not matched" in got[name].detail
+    assert got["event_vs_wall"].status == PASS and got["matmul_share_of_peak"].status == PASS
+
+
+def test_an_energy_counter_the_gpu_lacks_cannot_be_checked():
+    fake_cuda, fake_nvml = machine(unsupported={"nvmlDeviceGetTotalEnergyConsumption"})
+    got = checks_of(fake_cuda, fake_nvml)
+    assert got["energy_power"].status == CANNOT and "NotSupported" in got["energy_power"].detail
+
+
+def test_an_unreadable_power_limit_cannot_be_checked():
+    got = run(unsupported={"nvmlDeviceGetEnforcedPowerLimit"})
+    assert got["energy_power"].status == CANNOT and "limit unreadable" in got["energy_power"].detail
+
+
+def test_without_gpm_the_profiler_share_judges_tensor_cores():
+    shares = {"bf16": ProfilerTensorCoreResult(0.9, [("nvjet_tst", 1.0)]), "fp32": ProfilerTensorCoreResult(0.0)}
+    got = run(dict(profiler=shares), gpm_supported=False)
+    assert got["tensor_core_util"].status == PASS and "profiler" in got["tensor_core_util"].detail
+    same = {"bf16": ProfilerTensorCoreResult(0.1), "fp32": ProfilerTensorCoreResult(0.1)}
+    assert run(dict(profiler=same), gpm_supported=False)["tensor_core_util"].status == FAIL
+    assert run(gpm_supported=False)["tensor_core_util"].status == CANNOT  # neither GPM nor the profiler
+
+
+def test_a_gpm_window_under_100_ms_fails_rather_than_guesses():
+    fake_cuda, fake_nvml = machine(dict(max_sleep_s=0.0))
+    got = checks_of(fake_cuda, fake_nvml)
+    assert got["tensor_core_util"].status == FAIL and "needs more than 100 ms" in got["tensor_core_util"].detail
+
+
+def test_in_a_container_the_only_listed_process_is_ours():
+    fake_cuda, fake_nvml = machine(dict(pid=1))  # NVML lists pid 1; this process is os.getpid()
+    got = checks_of(fake_cuda, fake_nvml)
+    assert got["no_other_process"].status == PASS and "only process listed" in got["no_other_process"].detail
+    assert got["nvml_process_memory"].status == PASS
+    fake_cuda, fake_nvml = machine(dict(pid=1, others=[(2, MIB)]))
+    got = checks_of(fake_cuda, fake_nvml)
+    assert got["no_other_process"].status == FAIL and "at least 1 other" in got["no_other_process"].detail
+    assert got["nvml_process_memory"].status == CANNOT
+
+
+def test_an_allocation_served_from_the_cache_cannot_be_checked():
+    got = run(dict(reserved_growth=0.0, nvml_growth=0.0))
+    assert got["nvml_process_memory"].status == CANNOT and "reserved only 0 MiB" in got["nvml_process_memory"].detail
+
+
+def test_a_probe_that_raises_is_a_named_failure():
+    fake_cuda, fake_nvml = machine()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    fake_cuda.allocate = broken
+    got = checks_of(fake_cuda, fake_nvml)
+    assert got["nvml_process_memory"].status == FAIL and "illegal memory access" in got["nvml_process_memory"].detail
+
+
+def test_the_clocks_are_read_while_the_gpu_works_through_either_pynvml_name():
+    fake_cuda, fake_nvml = machine()
+    reads = []
+    real = fake_nvml.nvmlDeviceGetCurrentClocksEventReasons
+    fake_nvml.nvmlDeviceGetCurrentClocksEventReasons = lambda h: reads.append(len(fake_cuda.loops)) or real(h)
+    checks_of(fake_cuda, fake_nvml)
+    assert len(reads) == 1  # once, from inside a loop (before it was appended to `loops`)
+    assert fake_cuda.loops[reads[0]].iters > 3  # the energy loop, not its 3-matmul trial
+    # a driver before R535: FunctionNotFound for the new name, the old name gives the same bits
+    fake_cuda, fake_nvml = machine(old_driver=True, event_reasons=[0x40])
+    got = checks_of(fake_cuda, fake_nvml)
+    assert got["clocks_not_throttled"].status == FAIL and "hw_thermal_slowdown" in got["clocks_not_throttled"].detail
+    assert fake_nvml.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here")
+def test_on_a_real_gpu_the_probes_agree_with_themselves():
+    got = {c.name: c for c in diagnose("cuda")}
+    for name in ("gpu_visible", "event_vs_wall"):
+        assert got[name].status == PASS, got[name]
+    assert all(c.status in (PASS, FAIL, CANNOT) and c.detail for c in got.values())
+
+
+def test_the_real_cuda_boundary_times_and_syncs_the_chosen_device(monkeypatch):
+    """TorchCuda against a recording stand-in for torch: events on cuda:1's stream, sync of cuda:1 only."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from suite.metrics import probes
+
+    calls = []
+
+    class Tensor:
+        def to(self, dtype):
+            return self
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+        def elapsed_time(self, end):
+            return 12.5
+
+    cuda = SimpleNamespace(
+        device=lambda d: calls.append(("device", d)) or nullcontext(), current_stream=lambda d: ("stream", d),
+        Event=Event, synchronize=lambda d=None: calls.append(("sync", d)),
+    )  # fmt: skip
+    fake = SimpleNamespace(cuda=cuda, device=torch.device, randn=lambda *shape, device: Tensor(),
+                           empty_like=lambda t: Tensor(), matmul=lambda a, b, out: calls.append("matmul"))  # fmt: skip
+    monkeypatch.setattr(probes, "torch", fake)
+    t = probes.TorchCuda(1).matmul_loop("bf16", 64, 3, during=lambda: calls.append("during"))
+    dev = torch.device("cuda", 1)
+    assert t.event_ms == 12.5 and t.iters == 3 and t.wall_ms >= 0
+    assert [c for c in calls if c[0] == "record"] == [("record", ("stream", dev))] * 2
+    assert [c for c in calls if c[0] == "sync"] == [("sync", dev)] * 2 and ("device", dev) in calls
+    # the loop's 3 matmuls sit between the events; `during` runs after the last launch, before the final sync
+    order = [c if isinstance(c, str) else c[0] for c in calls]
+    assert order[-7:] == ["record", "matmul", "matmul", "matmul", "record", "during", "sync"]
