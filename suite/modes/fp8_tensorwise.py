@@ -60,7 +60,7 @@ class FP8Tensorwise(PrecisionMode):
         with super().numerics(), inductor_patch_restored():
             yield
 
-    def config(self):
+    def config(self) -> object:
         """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated)."""
         float8, _ = import_torchao("torchao.float8")
         if self.recipe == "tensorwise":
