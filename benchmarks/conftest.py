@@ -14,7 +14,10 @@ import pytest
 
 SMOKE = dict(model="tiny", batch_size=4, seq_len=64, steps=8, warmup=2)
 GPU = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10)
-ALL_MODES = "fp32,tf32,amp-fp16,bf16,pure-fp16,int8-weight"  # fp32 first: the reference
+ALL_MODES = (
+    "fp32,tf32,amp-fp16,bf16,pure-fp16,int8-weight,"  # fp32 first: the reference
+    "pure-bf16,pure-bf16-sr,int8-mixed,fp8-tensorwise,fp8-rowwise,mxfp8"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,6 +30,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--mpbench-batch-size", type=int, default=None)
     group.addoption("--mpbench-seq-len", type=int, default=None)
     group.addoption("--mpbench-compile", action="store_true", help="torch.compile every case")
+    group.addoption("--mpbench-emulate", action="store_true", help="emulate fp8/MXFP8 below their GPU capability")
     group.addoption("--mpbench-baselines", default="results/baselines", help="folder of committed baselines")
     group.addoption("--mpbench-out", default=None, help="also append every record to this JSON Lines file")
 
@@ -39,6 +43,7 @@ class BenchConfig:
     sizes: dict[str, int]
     compile: bool
     baselines: str
+    emulate: bool
     out: str | None
 
 
@@ -55,7 +60,8 @@ def _config(config: pytest.Config) -> BenchConfig:
     models = (config.getoption("--mpbench-model") or defaults["model"]).split(",")
     modes = [m.strip() for m in config.getoption("--mpbench-modes").split(",") if m.strip()]
     return BenchConfig(device, models, modes, sizes, config.getoption("--mpbench-compile"),
-                       config.getoption("--mpbench-baselines"), config.getoption("--mpbench-out"))  # fmt: skip
+                       config.getoption("--mpbench-baselines"), config.getoption("--mpbench-emulate"),
+                       config.getoption("--mpbench-out"))  # fmt: skip
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -77,7 +83,8 @@ class CaseCache:
     def case(self, model: str, mode: str):
         from suite.training.case import Case
 
-        return Case(model=model, mode=mode, device=self.cfg.device, compile=self.cfg.compile, **self.cfg.sizes)
+        return Case(model=model, mode=mode, device=self.cfg.device, compile=self.cfg.compile,
+                    emulate=self.cfg.emulate, **self.cfg.sizes)  # fmt: skip
 
     def run(self, model: str, mode: str) -> dict[str, Any]:
         from suite.running.runner import run_cases
@@ -101,10 +108,11 @@ def cases(bench_config: BenchConfig) -> CaseCache:
 
 @pytest.fixture
 def runnable(cases: CaseCache, model: str, mode: str) -> None:
-    """Skip a mode this device cannot run, with the mode's own reason."""
+    """Skip a mode this device cannot run (or only emulated, without --mpbench-emulate), with its reason."""
     from suite.hardware import resolve_device
     from suite.modes import get_mode
+    from suite.modes.base import decide
 
-    reason = get_mode(mode).unavailable_reason(resolve_device(cases.cfg.device))
+    reason, _ = decide(get_mode(mode), resolve_device(cases.cfg.device), cases.cfg.emulate)
     if reason:
         pytest.skip(reason)

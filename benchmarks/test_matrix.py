@@ -15,8 +15,9 @@ EXTRA = (
     "status", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv", "tokens_per_s", "mfu",
     "mfu_bf16", "mamf", "tensor_core_util", "tensor_core_util_source", "peak_mem_mb", "peak_mem_source",
     "peak_mem_allocated_mb", "energy_j_per_step", "tokens_per_joule", "final_loss", "loss_floor", "device", "gpu_name",
+    "emulated", "emulated_reason",
 )  # fmt: skip
-SIXTEEN_BIT = ("amp-fp16", "bf16", "pure-fp16")
+SIXTEEN_BIT = ("amp-fp16", "bf16", "pure-fp16", "pure-bf16", "pure-bf16-sr")
 
 
 def _ok(record: dict) -> dict:

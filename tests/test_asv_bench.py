@@ -67,3 +67,15 @@ def test_cases_follow_the_environment(monkeypatch):
     monkeypatch.setenv("MPBENCH_ASV_STEPS", "5")
     cases = bench_matrix.matrix_cases()
     assert [c.mode for c in cases] == MODES and {c.steps for c in cases} == {5} and cases[0].model == "tiny"
+
+
+def test_emulated_timings_are_not_tracked_but_their_loss_is():
+    records = {"fp8-tensorwise": {"emulated": True, "step_time_ms": 50.0, "energy_j_per_step": 1.0,
+                                  "tokens_per_step": 256, "final_loss": 3.5, "peak_mem_mb": 900.0}}  # fmt: skip
+    assert math.isnan(figure(records, "fp8-tensorwise", "step_time_ms"))
+    assert math.isnan(per_token(records, "fp8-tensorwise", "step_time_ms", 1e3))
+    assert math.isnan(per_token(records, "fp8-tensorwise", "energy_j_per_step", 1e3))
+    assert figure(records, "fp8-tensorwise", "final_loss") == 3.5
+    assert figure(records, "fp8-tensorwise", "peak_mem_mb") == 900.0
+    native = {"int8-mixed": records["fp8-tensorwise"] | {"emulated": False}}
+    assert figure(native, "int8-mixed", "step_time_ms") == 50.0

@@ -92,7 +92,7 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16", "amp-fp16", "pure-fp16"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "amp-fp16", "pure-fp16", "pure-bf16"])
 def test_sharding_on_one_rank_trains_like_the_plain_model(one_rank_group, mode):
     from torch.distributed.tensor import DTensor
 
@@ -113,12 +113,13 @@ def test_sharding_on_one_rank_trains_like_the_plain_model(one_rank_group, mode):
     fsdp = run_case(case, CPU, corpus, train, heldout, trackers=False, wrap=wrap, unshard=full_copy)
     plain = run_case(case, CPU, corpus, train, heldout, trackers=False)
     assert set(seen["params"]) == {DTensor}  # every parameter became a shard
-    stored = "float16" if mode == "pure-fp16" else "float32"
+    stored = {"pure-fp16": "float16", "pure-bf16": "bfloat16"}.get(mode, "float32")
     assert fsdp.storage["weight_dtypes"] == [stored] and fsdp.storage["optimizer_state_dtypes"] == [stored]
     assert found == {"fp32": {"param_dtype": "float32", "reduce_dtype": "float32"},
                      "bf16": {"param_dtype": "bfloat16", "reduce_dtype": "float32"},
                      "amp-fp16": {"param_dtype": "float16", "reduce_dtype": "float32"},
-                     "pure-fp16": {"param_dtype": "float16", "reduce_dtype": "float16"}}[mode]  # fmt: skip
+                     "pure-fp16": {"param_dtype": "float16", "reduce_dtype": "float16"},
+                     "pure-bf16": {"param_dtype": "bfloat16", "reduce_dtype": "bfloat16"}}[mode]  # fmt: skip
     if mode in ("bf16", "amp-fp16"):  # module-level casts are not autocast: close, not equal
         # measured over 3 steps: bf16 2.2e-4, amp-fp16 1.2e-4 (ShardedGradScaler, no overflow)
         assert max(abs(a - b) for a, b in zip(fsdp.loss_curve, plain.loss_curve, strict=True)) < 2e-3

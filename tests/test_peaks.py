@@ -24,16 +24,24 @@ REPORTED_NAMES = {
     "NVIDIA L4": "L4",
     "NVIDIA L40S": "L40S",
     "NVIDIA GeForce RTX 4090": "RTX 4090",
+    "NVIDIA B200": "B200",
+    "NVIDIA GH200 480GB": "GH200",
+    "NVIDIA GH200 120GB": "GH200",
+    "NVIDIA GH200 144G HBM3e": "GH200",
+    "NVIDIA H800": "H800 SXM",
+    "NVIDIA H800 PCIe": "H800 PCIe",
+    "NVIDIA H100 SXM5 64GB": "H100 SXM5 64GB",
+    "NVIDIA H100 SXM5 94GB": "H100 SXM5 94GB",
 }
 
 UNKNOWN_NAMES = [
     "NVIDIA GeForce RTX 3060",
-    "NVIDIA B200",
+    "NVIDIA B200A",  # another Blackwell part
     "AMD Instinct MI300X",
     "Intel(R) Xeon(R) Platinum 8480C",
     "NVIDIA H100",  # no form factor: SXM, PCIe and NVL differ, so no guess
     "NVIDIA H20",  # a prefix of "H200", a different part
-    "NVIDIA H800",
+    "NVIDIA H800L 94GB",  # the H800 NVL: no datasheet row
     "NVIDIA A10",  # not the A10G
     "NVIDIA A100-SXM4-40GB MIG 1g.5gb",  # a MIG slice has a fraction of the SMs
     "NVIDIA L40",
@@ -41,7 +49,7 @@ UNKNOWN_NAMES = [
     "NVIDIA GeForce RTX 4090 Laptop GPU",
     "Tesla V100S-PCIE-32GB",
     "Tesla V100-SXM3-32GB",
-    "NVIDIA GH200 480GB",
+    "NVIDIA GB200",  # not a GH200
     "",
 ]
 
@@ -151,3 +159,19 @@ def test_peak_row_for_printing():
     assert row is not None
     assert row["gpu"] == "L40S" and row["bf16"] == 362.05 and "datasheet" in row["source"]
     assert set(DTYPES) <= set(row)
+
+
+def test_new_rows_dense_figures():
+    """Issue 12 item 11: B200 per GPU (HGX datasheet, sparse / 2), GH200, H800, H100 SXM5 variants."""
+    b200 = {d: peak_flops("NVIDIA B200", d)[0] for d in DTYPES}
+    assert b200 == {"fp32": 75e12, "tf32": 1100e12, "fp16": 2250e12, "bf16": 2250e12, "fp8": 4500e12,
+                    "int8": 4500e12, "mxfp8": 4500e12}  # fmt: skip
+    for name in ("NVIDIA GH200 480GB", "NVIDIA H800", "NVIDIA H100 SXM5 64GB", "NVIDIA H100 SXM5 94GB"):
+        assert peak_flops(name, "bf16") == (989.5e12, None) and peak_flops(name, "fp8") == (1979e12, None)
+    assert peak_flops("NVIDIA H800 PCIe", "int8") == (1513e12, None)
+
+
+def test_mxfp8_only_on_blackwell():
+    value, reason = peak_flops("NVIDIA H100 80GB HBM3", "mxfp8")
+    assert value is None and "H100" in reason and "mxfp8" in reason
+    assert [k for k, row in PEAKS.items() if row.mxfp8 is not None] == ["B200"]

@@ -20,7 +20,10 @@ import os
 
 # fixed here rather than imported, so that importing this file does not import torch;
 # tests/test_asv_bench.py checks it against the registry
-MODES = ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight"]
+MODES = ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight",
+         "pure-bf16", "pure-bf16-sr", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8"]  # fmt: skip
+# timings of a mode on emulated kernels (fp8/MXFP8 on a CPU) are not speeds: tracked as n/a
+SPEED_KEYS = ("step_time_ms", "energy_j_per_step", "tokens_per_s", "mfu")
 
 
 def matrix_cases() -> list:
@@ -40,13 +43,14 @@ def matrix_cases() -> list:
 def figure(records: dict[str, dict], mode: str, key: str, scale: float = 1.0) -> float:
     """One metric of one mode's record; NaN (shown as n/a) when the mode did not run or the
     metric was not measured. A skipped mode is skipped by `setup` before this is reached."""
-    value = records.get(mode, {}).get(key)
+    r = records.get(mode, {})
+    value = None if r.get("emulated") and key in SPEED_KEYS else r.get(key)
     return value * scale if isinstance(value, (int, float)) else math.nan
 
 
 def per_token(records: dict[str, dict], mode: str, key: str, scale: float) -> float:
     r = records.get(mode, {})
-    value, tokens = r.get(key), r.get("tokens_per_step")
+    value, tokens = None if r.get("emulated") and key in SPEED_KEYS else r.get(key), r.get("tokens_per_step")
     return value * scale / tokens if isinstance(value, (int, float)) and tokens else math.nan
 
 

@@ -3,7 +3,7 @@
 Keys (all optional; command-line flags override them):
 
     models = ["tiny", "gpt2-small"]   # or model = "tiny"
-    modes = ["fp32", "bf16"]          # default: all
+    modes = ["fp32", "bf16"]          # or "all"; default: all on a GPU, the minute's worth on a CPU
     device = "auto"
     batch_size = 8
     seq_len = 128
@@ -22,6 +22,7 @@ Keys (all optional; command-line flags override them):
     scaling = "1,2,4"                 # or a ladder of process counts
     grad_comm = "fp32"                # gradient all-reduce precision: fp32 | bf16 | fp16
     parallel = "ddp"                  # with nproc > 1: ddp | fsdp | "ddp,fsdp"
+    emulate = false                   # fp8/MXFP8 on emulated kernels below their GPU capability
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ KEYS: dict[str, tuple[type, ...]] = {
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
     "parallel": (str,),
+    "emulate": (bool,),
 }  # fmt: skip
 
 

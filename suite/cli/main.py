@@ -29,6 +29,7 @@ from suite.hardware import environment, resolve_device
 from suite.metrics import calibration, peaks
 from suite.metrics.window import nvml_device
 from suite.modes import MODES
+from suite.modes.base import decide
 from suite.quiet import quiet_dependencies
 from suite.records import store
 from suite.reporting import baseline, convergence, procurement
@@ -118,10 +119,16 @@ def cmd_modes(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     rows = []
     for name, mode in MODES.items():
-        reason = mode.unavailable_reason(device)
-        rows.append([name, mode.summary, mode.needs, "yes" if reason is None else f"no: {reason}"])
+        skip, emulated = decide(mode, device, bool(args.emulate))
+        here = f"no: {skip}" if skip else f"yes, {emulated}" if emulated else "yes"
+        peak = mode(device).compute if skip is None else "-"
+        rows.append([name, mode.summary, mode.needs, peak, here])
     print(f"device: {device.describe()}")
-    print(table(rows, ["mode", "what", "needs", "runs here"]))
+    print(table(rows, ["mode", "what", "needs", "peak dtype", "runs here"]))
+    print(
+        "\nweights, grads and AdamW state stay fp32 in the fp8, mxfp8 and int8 modes: their 8-bit casts happen "
+        "inside each matmul. An emulated mode's numerics are real; its step time is not a speed."
+    )
     return 0
 
 
@@ -204,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
     modes = sub.add_parser("modes", help="list precision modes and whether each can run here")
     modes.add_argument("--device", default="auto")
+    modes.add_argument("--emulate", action="store_true", help="as `mpbench run --emulate`: emulate below capability")
     modes.set_defaults(func=cmd_modes)
     cal = sub.add_parser("calibrate", help="measure this machine's best matmul FLOP/s per dtype (for mamf)")
     cal.add_argument("--device", default="auto")

@@ -60,7 +60,7 @@ def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling", "fidelity", "parallel")  # fmt: skip
+             "scaling", "fidelity", "parallel", "emulate")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -71,7 +71,11 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         "--model",
         help=f"preset(s), comma-separated: {', '.join(GPTConfig.presets())} (default: tiny on CPU, gpt2-small)",
     )
-    add("--modes", help=f"comma-separated, from {modes} (default: all)")
+    add(
+        "--modes",
+        help=f"comma-separated, from {modes}, or all (default: all on a GPU; on a CPU those that "
+        "fit in a minute: no 8-bit or pure-bf16 mode)",
+    )
     add("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
     add("--batch-size", type=int_type, help="sequences per step (default: 8 CPU, 16 GPU)")
     add("--seq-len", type=int_type, help="tokens per sequence (default: 128 CPU, 1024 GPU)")
@@ -99,6 +103,13 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         help="also compare each case's first step with a float64 reference (after training, untimed)",
     )
     add("--parallel", help="with --nproc > 1: ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp)")
+    add(
+        "--emulate",
+        action="store_true",
+        default=None,
+        help="run fp8/MXFP8 modes with emulated kernels on a GPU below their capability (numerics only; "
+        "a CPU always emulates them)",
+    )
     add("--find-max-batch", action="store_true", help="also find each mode's largest batch that fits")
     add("--memory-limit-mb", type=float, help="with --find-max-batch: a batch fits only if its peak stays under this")
     add("--quiet", "-q", action="store_true", help="print only the summary: no progress bars or lines")
@@ -118,6 +129,8 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_modes(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(MODES)
     modes = [m.strip() for m in text.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
@@ -130,8 +143,9 @@ def _parse_modes(text: str) -> list[str]:
 def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     """models x modes, unset sizes filled with the defaults of the device found."""
     device_name = opts.get("device", "auto")
-    defaults, _ = run_defaults(resolve_device(device_name).type)
-    modes = _parse_modes(opts["modes"]) if opts.get("modes") else list(MODES)
+    device_type = resolve_device(device_name).type
+    defaults, _ = run_defaults(device_type)
+    modes = _parse_modes(opts["modes"]) if opts.get("modes") else default_modes(device_type)
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
@@ -146,7 +160,7 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
                      data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
                      nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
-                     fidelity=bool(opts.get("fidelity")))  # fmt: skip
+                     fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
 
@@ -159,6 +173,11 @@ def _parallel(opts: dict[str, Any]) -> list[str]:
         what = f"{bad[0]!r} is unknown" if bad else "empty"
         raise ValueError(f"parallel={opts.get('parallel')!r}: {what}; give ddp, fsdp, or both as ddp,fsdp")
     return sorted(set(items), key=PARALLEL.index)
+
+
+def default_modes(device_type: str) -> list[str]:
+    """Every mode on a GPU; on a CPU the modes whose `cpu_default` says they fit the minute."""
+    return [name for name, mode in MODES.items() if device_type != "cpu" or mode.cpu_default]
 
 
 def _ladder(opts: dict[str, Any]) -> list[int]:
@@ -184,17 +203,19 @@ def summary_table(records: list[dict], ascii: bool = True) -> Table:
     for r in records:
         base = ref.get((r["model"], r["batch_size"], r["seq_len"]))
         ok = r["status"] == "ok"
-        speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base else None
+        speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base and not r.get("emulated") else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
         bad = suspect_fields(r)  # a suspect figure reads "12.34!"; its rule is in the suspect column
+        label = r["mode"] + (" (emulated)" if r.get("emulated") else "")
         rows.append([
-            r["mode"], r["model"], Text(r["status"], style=STYLE.get(r["status"], "")),
+            label, r["model"], Text(r["status"], style=STYLE.get(r["status"], "")),
             _mark(bad, fmt(r["step_time_ms"], ".2f"), "step_time_ms"),
             _mark(bad, spread, "step_time_p10_ms", "step_time_p90_ms"),
             _mark(bad, fmt(r["tokens_per_s"], ",.0f"), "tokens_per_s"), fmt(speedup, ".2f"),
             _mark(bad, fmt(r["mfu"], ".1%"), "mfu"), _mark(bad, fmt(r["peak_mem_mb"], ",.0f"), "peak_mem_mb"),
             fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
-            ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-", (r["reason"] or "")[:70],
+            ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-",
+            (r["reason"] or r.get("emulated_reason") or "")[:70],
         ])  # fmt: skip
     header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
               "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip

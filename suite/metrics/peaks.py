@@ -3,8 +3,9 @@
 Every figure is the datasheet's *dense* rate (no 2:4 structured sparsity; datasheets print
 the sparse rate with an asterisk, and we halve it), for tensor-core math with FP32
 accumulation where the datasheet tells the two apart. "fp32" is the non-tensor-core FMA rate;
-"int8" is in OP/s. All figures assume the maximum boost clock: under sustained load the clock
-is usually lower (PCIe cards and the 72 W L4 most of all), so an MFU against these peaks
+"int8" is in OP/s; "mxfp8" is the block-scaled MXFP8 rate (32-element blocks, e8m0 scales),
+which only Blackwell tensor cores run. All figures assume the maximum boost clock: under
+sustained load the clock is usually lower (PCIe cards and the 72 W L4 most of all), so an MFU against these peaks
 understates how busy the units were, never overstates it.
 
 A GPU that is not in the table, or a dtype it lacks, gives `None` and a reason: never the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "mxfp8")
 _T = 1e12  # the table is written in TFLOP/s (TOP/s for int8)
 
 
@@ -32,6 +33,7 @@ class _Row:
     fp8: float | None
     int8: float | None
     unconfirmed: tuple[str, ...] = ()  # dtypes left None because no datasheet figure was confirmed
+    mxfp8: float | None = None  # MX block-scaled fp8 (Blackwell); None: no MX tensor cores
 
 
 # fmt: off
@@ -90,6 +92,29 @@ PEAKS: dict[str, _Row] = {
     # INT8 3341*: the H100 NVL figures. Boost clock, up to 600 W.
     "H200 NVL": _Row("NVIDIA H200 NVL", "Hopper", "NVIDIA H200 datasheet, NVL column",
                      60.0, 417.5, 835.5, 835.5, 1670.5, 1670.5),
+    # NVIDIA H100 datasheet, SXM5 column again, for the 64 GB and 94 GB SXM5 boards (PCI ids 2337,
+    # 2339): NVIDIA prints one SXM5 column with no memory size and no separate datasheet for
+    # these; they are the same GH100 SXM5 part with a different HBM fit-out. Check on the GPU.
+    "H100 SXM5 64GB": _Row("NVIDIA H100 SXM5 64GB", "Hopper", "NVIDIA H100 datasheet, SXM5 column",
+                           67.0, 494.5, 989.5, 989.5, 1979.0, 1979.0),
+    "H100 SXM5 94GB": _Row("NVIDIA H100 SXM5 94GB", "Hopper", "NVIDIA H100 datasheet, SXM5 column",
+                           67.0, 494.5, 989.5, 989.5, 1979.0, 1979.0),
+    # NVIDIA H800 SXM5 datasheet: FP32 67; TF32 989*, FP16/BF16 1979*, FP8 3958*, INT8 3958*: the
+    # H100 SXM5 figures (the export part cuts FP64 to 1 TFLOP/s and NVLink to 400 GB/s, not these).
+    "H800 SXM": _Row("NVIDIA H800 SXM", "Hopper", "NVIDIA H800 SXM5 datasheet",
+                     67.0, 494.5, 989.5, 989.5, 1979.0, 1979.0),
+    # NVIDIA H800 PCIe 80GB datasheet: FP32 51; TF32 756*, FP16/BF16 1513*, FP8 3026*, INT8 3026*.
+    "H800 PCIe": _Row("NVIDIA H800 PCIe", "Hopper", "NVIDIA H800 PCIe datasheet",
+                      51.0, 378.0, 756.5, 756.5, 1513.0, 1513.0),
+    # NVIDIA GH200 Grace Hopper Superchip datasheet, the GPU's figures: FP32 67; TF32 494 | 989*,
+    # FP16/BF16 990 | 1979*, FP8 1979 | 3958*, INT8 1979 | 3958* (96 and 144 GB HBM versions alike).
+    "GH200": _Row("NVIDIA GH200", "Hopper", "NVIDIA GH200 Grace Hopper Superchip datasheet",
+                  67.0, 494.5, 989.5, 989.5, 1979.0, 1979.0),
+    # NVIDIA HGX B200 datasheet, per-GPU figures (1000 W): FP32 75; TF32 2.2 PF*, FP16/BF16 4.5 PF*,
+    # FP8/FP6 9 PF*, INT8 9 POPS* (halved: 1100, 2250, 4500, 4500). MXFP8 runs at the FP8 rate
+    # (Blackwell tensor cores scale 32-element blocks in hardware): 4500.
+    "B200": _Row("NVIDIA B200", "Blackwell", "NVIDIA HGX B200 datasheet, per GPU",
+                 75.0, 1100.0, 2250.0, 2250.0, 4500.0, 4500.0, mxfp8=4500.0),
     # NVIDIA Ada architecture whitepaper, appendix (GeForce RTX 4090): FP32 82.6, TF32 82.6,
     # FP16/BF16 with FP32 accumulate 165.2 (330.3 is the FP16-accumulate rate), FP8 with FP32
     # accumulate 330.3 (660.6 with FP16 accumulate), INT8 660.6, at 2520 MHz boost.
@@ -107,6 +132,12 @@ _NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"(nvidia )?h100 nvl", "H100 NVL"),
     (r"(nvidia )?h200", "H200 SXM"),
     (r"(nvidia )?h200 nvl", "H200 NVL"),
+    (r"(nvidia )?h100 sxm5 64gb", "H100 SXM5 64GB"),
+    (r"(nvidia )?h100 sxm5 94gb", "H100 SXM5 94GB"),
+    (r"(nvidia )?h800", "H800 SXM"),  # torch reports the SXM5 part as "NVIDIA H800"
+    (r"(nvidia )?h800 pcie", "H800 PCIe"),
+    (r"(nvidia )?gh200( \d+gb?)?( hbm3e?)?", "GH200"),
+    (r"(nvidia )?b200", "B200"),
     (r"(nvidia )?a100-sxm4?-40gb", "A100 SXM 40GB"),
     (r"(nvidia )?a100-sxm4?-80gb", "A100 SXM 80GB"),
     (r"(nvidia )?a100-pcie-40gb|(nvidia )?a100 40gb pcie", "A100 PCIe 40GB"),
@@ -161,7 +192,7 @@ def peak_row(gpu_name: str, *, memory_mb: float | None = None) -> dict[str, obje
     row = PEAKS[key]
     return {
         "gpu": key,
-        "unit": "dense TFLOP/s at boost clock (int8: TOP/s)",
+        "unit": "dense TFLOP/s at boost clock (int8: TOP/s; mxfp8: MX block-scaled fp8)",
         **{dtype: getattr(row, dtype) for dtype in DTYPES},
         "source": row.source,
     }

@@ -5,12 +5,22 @@ from __future__ import annotations
 from suite.modes.amp_fp16 import AmpFP16
 from suite.modes.base import PrecisionMode
 from suite.modes.bf16 import BF16
+from suite.modes.fp8_rowwise import FP8Rowwise
+from suite.modes.fp8_tensorwise import FP8Tensorwise
 from suite.modes.fp32 import FP32
+from suite.modes.int8_mixed import Int8Mixed
 from suite.modes.int8_weight import Int8Weight
+from suite.modes.mxfp8 import MXFP8
+from suite.modes.pure_bf16 import PureBF16
+from suite.modes.pure_bf16_sr import PureBF16SR
 from suite.modes.pure_fp16 import PureFP16
 from suite.modes.tf32 import TF32
 
-MODES: dict[str, type[PrecisionMode]] = {m.name: m for m in (FP32, TF32, AmpFP16, BF16, PureFP16, Int8Weight)}
+MODES: dict[str, type[PrecisionMode]] = {
+    m.name: m
+    for m in (FP32, TF32, AmpFP16, BF16, PureFP16, Int8Weight)
+    + (PureBF16, PureBF16SR, Int8Mixed, FP8Tensorwise, FP8Rowwise, MXFP8)  # issue 14: 8-bit and pure bf16
+}
 
 
 def get_mode(name: str) -> type[PrecisionMode]:

@@ -4,6 +4,13 @@ The train loop calls, in order: `unavailable_reason` (skip?), `numerics()` aroun
 case (global flags, restored after), `prepare(model)`, `make_optimizer(model, ...)`, then
 per step `forward_context()` around forward + loss and `backward_and_step(loss, opt)`.
 The loop never branches on a mode's name.
+
+Emulation: a mode whose kernels this device lacks (fp8 on a CPU or an Ampere GPU) may still
+run with torchao's emulated kernels: its numerics and convergence are real, its step time
+is not a speed. `emulation_reason` says why a mode would be emulated here; `decide` turns
+that into skip-or-run: on a CPU such modes run emulated by default (the only way to run
+them there), on a GPU below the mode's capability they are skipped unless the case asks
+for `emulate`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,33 @@ def needs_capability(device: DeviceInfo, minimum: tuple[int, int], what: str) ->
         have = ".".join(map(str, device.capability or ("?",)))
         return f"{what} needs compute capability {minimum[0]}.{minimum[1]}; this GPU ({device.name}) is {have}"
     return None
+
+
+def needs_emulation(device: DeviceInfo, minimum: tuple[int, int], what: str) -> str | None:
+    """Why `what` has no native kernels on `device` (so it would be emulated), or None."""
+    if device.type != "cuda":
+        return f"{what}: no {device.type} kernels"
+    if device.capability is None or device.capability < minimum:
+        have = ".".join(map(str, device.capability or ("?",)))
+        need = f"{minimum[0]}.{minimum[1]}"
+        return f"{what}: real kernels need compute capability {need}; this GPU ({device.name}) is {have}"
+    return None
+
+
+def decide(mode: type[PrecisionMode], device: DeviceInfo, emulate: bool) -> tuple[str | None, str | None]:
+    """(skip reason, emulated reason) for running `mode` on `device`; at most one is set.
+
+    CPU: emulated by default. GPU below the mode's capability: skipped unless `emulate`.
+    """
+    skip = mode.unavailable_reason(device)
+    if skip:
+        return skip, None
+    why = mode.emulation_reason(device)
+    if why is None:
+        return None, None
+    if device.type == "cuda" and not emulate:
+        return f"{why}; --emulate runs it with emulated kernels (numerics only)", None
+    return None, f"{why}: runs emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
 
 
 # torch >= 2.9 has per-backend `fp32_precision` settings and raises when the legacy flags
@@ -116,6 +150,7 @@ class PrecisionMode:
     no_fsdp: ClassVar[str | None] = "has not been checked under FSDP2; run it with --parallel ddp or --nproc 1"
     fsdp_param_dtype: ClassVar[torch.dtype | None] = None  # FSDP's param_dtype; None: as stored
     adam_eps: ClassVar[float] = 1e-8
+    cpu_default: ClassVar[bool] = True  # in `mpbench run`'s default CPU matrix (it must fit in 60 s)
 
     def __init__(self, device: DeviceInfo) -> None:
         self.device = device
@@ -129,6 +164,11 @@ class PrecisionMode:
         """Why this mode cannot run on `device`; None when it can."""
         return None
 
+    @classmethod
+    def emulation_reason(cls, device: DeviceInfo) -> str | None:
+        """Why this mode would run emulated on `device`; None when its kernels are native."""
+        return None
+
     def numerics(self) -> contextlib.AbstractContextManager:
         """Globals for the whole case (TF32 flags); restored on exit."""
         return tf32_matmuls(self.allow_tf32)
@@ -136,6 +176,10 @@ class PrecisionMode:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Convert the fp32 model (already on the device) to the mode's storage."""
         return model
+
+    def layer_fields(self) -> dict[str, list[str]]:
+        """After `prepare`: which layers the mode converted and which it kept, for the record."""
+        return {}
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)

@@ -38,6 +38,8 @@ FIELDS: tuple[str, ...] = (
     # model and precision
     "params", "flops_per_token", "flops_per_step", "tokens_per_step", "compute_dtype",
     "weight_dtypes", "grad_dtypes", "optimizer_state_dtypes", "init_digest", "data_digest",
+    # emulated kernels (fp8/MXFP8 without the hardware): numerics real, timings not a speed
+    "emulated", "emulated_reason", "converted_layers", "unconverted_layers",
     # speed (ms; timed steps only)
     "timed_steps", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv",
     "step_times_ms", "tokens_per_s",

@@ -40,6 +40,8 @@ CASE_KEYS = ("batch_size", "seq_len", "steps", "warmup", "seed", "compile")
 # A metric measured in more than one way is compared only between records that measured it the same way
 # (an NVML process figure is not RSS, nor a device-wide figure).
 SOURCE_OF = {"peak_mem_mb": "peak_mem_source"}
+# Figures that time the step: meaningless for a mode on emulated kernels, so never gated there.
+TIMING_METRICS = ("step_time_ms", "energy_j_per_step")
 
 
 def machine_key(record: dict[str, Any]) -> str:
@@ -71,6 +73,7 @@ def make_baseline(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             "spread": _spread(r),
             "metrics": {m: r.get(m) for m in RULES},
             "sources": {m: r.get(src) for m, src in SOURCE_OF.items()},
+            "emulated": bool(r.get("emulated")),
             "run_id": r.get("run_id"), "git_commit": r.get("git_commit"), "torch": r.get("torch"),
         }  # fmt: skip
     if len(machines) != 1:
@@ -105,8 +108,11 @@ def compare(record: dict[str, Any], entry: dict[str, Any]) -> list[Finding]:
             f"({ {k: record.get(k) for k in CASE_KEYS} } vs {entry['case']}); compare like with like"
         )
     noise = max(_spread(record), entry.get("spread", 0.0))
+    emulated = bool(record.get("emulated")) or bool(entry.get("emulated"))
     findings = []
     for metric, rule in RULES.items():
+        if emulated and metric in TIMING_METRICS:
+            continue  # emulated kernels: the step time says nothing, so it cannot regress
         old, new = entry["metrics"].get(metric), record.get(metric)
         if old is None or new is None:
             continue

@@ -57,7 +57,9 @@ def bar_chart(
                         fontsize=7, color="0.4")  # fmt: skip
     if hline is not None:
         ax.axhline(hline, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    crowded = len(labels) > 6  # a dozen modes' names overlap when level
+    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=30 if crowded else 0,
+                  ha="right" if crowded else "center")  # fmt: skip
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(textwrap.fill(title, 95), fontsize=8)
     ax.set_ylim(0, top * 1.18)  # room for the value labels

@@ -6,7 +6,8 @@ judges a run against a baseline), and improves when B is better by more than the
 allowance. The fidelity figures (vs float64) have no noise to measure: like the loss, each has
 a bounded difference (`FIDELITY_BOUNDS`). Throughput and utilization figures are shown as
 ratios only ("info"). A figure that broke a self-check rule in A or B (`suspect`) gets the
-verdict "suspect": never a clean regression or improvement, and it does not change the exit code.
+verdict "suspect": never a clean regression or improvement, and it does not change the exit code. A case on
+emulated kernels (either side) is judged on memory, loss and fidelity only: its timings are not speeds.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ FIDELITY_BOUNDS: dict[str, Bound] = {
 }
 MATCH_KEYS = ("model", "mode", "batch_size", "seq_len", "steps", "seed")
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
+SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emulated kernels, like step time
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,10 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
     rows += _fidelity_rows(ra, rb, note)
+    emulated = bool(ra.get("emulated") or rb.get("emulated"))
     for metric in INFO_METRICS:
+        if emulated and metric in SPEED_METRICS:
+            continue  # emulated kernels: speed ratios would mean nothing
         a, b = ra.get(metric), rb.get(metric)
         if a is None or b is None:
             continue

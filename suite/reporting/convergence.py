@@ -28,6 +28,14 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(0.03, why="fp32 master weights; bf16 has 8 mantissa bits"),
     "int8-weight": Tolerance(0.05, expected_to_lag=True, why="int8 weights with stochastic rounding"),
     "pure-fp16": Tolerance(0.10, expected_to_lag=True, why="no master copy: small updates round away"),
+    # issue 14; measured on tiny, 60 CPU steps (README, Convergence): pure-bf16 +0.084, pure-bf16-sr
+    # +0.003, int8-mixed -0.000, fp8-tensorwise +0.000, fp8-rowwise +0.002, mxfp8 +0.003
+    "pure-bf16": Tolerance(0.10, expected_to_lag=True, why="no master copy, round to nearest: small updates lost"),
+    "pure-bf16-sr": Tolerance(0.03, why="no master copy; stochastic rounding keeps small updates on average"),
+    "int8-mixed": Tolerance(0.03, why="fp32 master; int8 matmuls with per-row dynamic scales"),
+    "fp8-tensorwise": Tolerance(0.03, why="fp32 master; float8 matmuls, one scale per tensor"),
+    "fp8-rowwise": Tolerance(0.03, why="fp32 master; float8 matmuls, one scale per row"),
+    "mxfp8": Tolerance(0.03, why="fp32 master; MXFP8 matmuls, one scale per 32 elements"),
 }
 REFERENCE = "fp32"
 

@@ -125,16 +125,21 @@ def _row(r: dict[str, Any], prices: dict[str, float], target_loss: float | None)
     gpu = r.get("gpu_name")
     price, reason = price_for(gpu, prices, r.get("gpu_memory_mb")) if prices or not gpu else (None, "no prices given")
     why(reason)
-    tps = r.get("tokens_per_s")
+    emulated = bool(r.get("emulated"))  # emulated kernels: no speed or energy figure means anything
+    if emulated:
+        why(f"emulated kernels, no speed figures: {r.get('emulated_reason')}")
+    tps = None if emulated else r.get("tokens_per_s")
     per_dollar = tps * 3600 / price if tps is not None and price else None
-    if tps is None:
+    if tps is None and not emulated:
         why("tokens/s not measured")
-    tpj = r.get("tokens_per_joule")
-    if tpj is None:
+    tpj = None if emulated else r.get("tokens_per_joule")
+    if tpj is None and not emulated:
         why(f"energy not measured: {r.get('energy_reason') or 'no reason recorded'}")
     seconds = None
     if target_loss is None:
         why("no target loss given")
+    elif emulated:
+        pass  # the emulated note above says why there is no time to target
     elif r.get("step_time_ms") is None:
         why("step time not measured, so no time to target")
     else:

@@ -101,8 +101,9 @@ def _charts(
     group: list[dict[str, Any]], rows: list[list[table.Cell]], stem: str, out_dir: Path
 ) -> list[tuple[str, Path | None, str]]:
     """(name, path or None, caption or skip reason) for the loss curves and each bar chart of one group."""
-    labels = [r["mode"] for r in group]
-    absent = [r["status"] if r.get("status") != "ok" else table.NOT_MEASURED for r in group]
+    labels = [r["mode"] + (" (emulated)" if r.get("emulated") else "") for r in group]
+    absent = [r["status"] if r.get("status") != "ok" else "emulated" if r.get("emulated") else table.NOT_MEASURED
+              for r in group]  # fmt: skip
     col = {header: [row[i] for row in rows] for i, header in enumerate(table.HEADERS)}
 
     def values(header: str) -> list[float | None]:

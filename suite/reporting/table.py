@@ -66,10 +66,12 @@ def _spread(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
 
 
 def speedup(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
-    """fp32's median step time over this mode's, both from the same group."""
+    """fp32's median step time over this mode's, both from the same group; none for emulated kernels."""
     step = r.get("step_time_ms")
     if step is None:
         return Cell(None, NOT_MEASURED, why(r, "step_time_ms"))
+    if r.get("emulated"):
+        return Cell(None, NOT_MEASURED, f"emulated kernels, the step time is not a speed: {r.get('emulated_reason')}")
     if ref is None or not ref.get("step_time_ms"):
         return Cell(None, NOT_MEASURED, "no ok fp32 case in this group to compare with")
     return _cell(ref["step_time_ms"] / step, ".2f", str)
@@ -87,13 +89,20 @@ def _excess(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
     return _cell(r.get("excess_loss"), "+.4f", lambda: why(r, "excess_loss", fallback))
 
 
+def mode_cell(r: dict[str, Any]) -> Cell:
+    """The mode's name; "(emulated)" after it, with the reason, when it ran on emulated kernels."""
+    if r.get("emulated"):
+        return Cell(r.get("mode"), f"{r.get('mode')} (emulated)", r.get("emulated_reason") or "emulated kernels")
+    return Cell(r.get("mode"), str(r.get("mode")))
+
+
 def _status(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
     return Cell(r.get("status"), str(r.get("status")), None if r.get("status") == "ok" else why(r, "status"))
 
 
 # (CSV name, header with unit, cell maker); the CSV holds raw values in the record's units.
 COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
-    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
+    ("mode", "mode", lambda r, ref: mode_cell(r)),
     ("status", "status", _status),
     ("step_time_ms", "step time, median (ms)", _field("step_time_ms", ".2f")),
     ("step_time_p10_p90_ms", "step time p10-p90 (ms)", _spread),

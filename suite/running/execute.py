@@ -16,6 +16,7 @@ import torch
 from models import GPT
 from suite.hardware import DeviceInfo, resolve_device
 from suite.metrics.flops import utilization_fields
+from suite.modes import get_mode
 from suite.running.progress import Event, Sink, step_events
 from suite.training import fidelity
 from suite.training.case import Case
@@ -101,7 +102,16 @@ def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step:
             # MFU per GPU: each of the nproc processes does 1/nproc of the step's FLOPs
             **utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device),
         }
+        fields |= emulated_speed_fields(get_mode(case.mode).emulation_reason(device))
     return fields
+
+
+def emulated_speed_fields(why: str | None) -> dict[str, Any]:
+    """MFU and MAMF nulled, with the reason, when the mode ran on emulated kernels; else nothing."""
+    if why is None:
+        return {}
+    reason = f"emulated kernels ({why}): the step time is not a speed"
+    return {"mfu": None, "mfu_bf16": None, "mfu_reason": reason, "mamf": None, "mamf_reason": reason}
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from suite.hardware import DeviceInfo, environment, resolve_device
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
+from suite.modes.base import decide
 from suite.records import checks, store
 from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, train_distributed, train_here
@@ -251,9 +252,10 @@ def _run_one(
     values: dict[str, Any] = {"run_id": run_id, **case_fields(case, device), **environment(device)}
     t0 = time.perf_counter()
     mode = get_mode(case.mode)
-    reason = mode.unavailable_reason(device)
+    reason, emulated = decide(mode, device, case.emulate)
     if not reason and case.nproc > 1:
         reason = mode.fsdp_plan(case.grad_comm).unavailable if case.parallel == "fsdp" else mode.no_data_parallel
+    values |= {"emulated": None if reason else emulated is not None, "emulated_reason": None if reason else emulated}
     if reason:
         values |= {"status": "skipped", "reason": reason}
     elif case.nproc > 1 and launched_by_torchrun():  # the user's torchrun started this rank

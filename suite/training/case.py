@@ -37,6 +37,7 @@ class Case:
     grad_comm: str = "fp32"  # gradient all-reduce precision with nproc > 1: fp32 | bf16 | fp16
     fidelity: bool = False  # also compare step 1 with a float64 reference (mpbench run --fidelity)
     parallel: str = "ddp"  # how nproc > 1 processes share the model: ddp | fsdp
+    emulate: bool = False  # run fp8/MXFP8 modes with emulated kernels on a GPU below their capability
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():

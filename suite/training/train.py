@@ -204,7 +204,7 @@ def run_case(
         if loop.diverged_at is None:
             final = held_out_loss()
             loop.eval_curve.append([case.steps, final])
-        storage = storage_dtypes(model, optimizer)  # grads of the last step are still there
+        storage = storage_dtypes(model, optimizer) | mode.layer_fields()  # grads of the last step are still there
         loss_curve, skipped, scales = loop.curves()
     return CaseResult(
         timing=timing,

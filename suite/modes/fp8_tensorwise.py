@@ -1,0 +1,86 @@
+"""fp8 training with torchao's float8 Linear, one scale per tensor (as torchtitan uses it).
+
+Stored: fp32 master weights, fp32 grads and AdamW state (the record's dtypes say so). Each
+block Linear casts its input, weight and output gradient to float8 (e4m3 forward, e5m2 for
+gradients) inside the matmul, with dynamic scales, and returns a high-precision result; nothing
+float8 is kept between steps. Everything else runs under bf16 autocast on a GPU, in fp32 on a
+CPU. On a CPU or a GPU below 8.9 the float8 matmuls are emulated (torchao `emulate=True`:
+dequantized operands, high-precision matmul), so the numerics are fp8's and the speed is not.
+
+`convert_to_float8_training` also patches inductor's Triton min/max code generation for the
+whole process (a numerically identical workaround for a Triton fp8 store bug); `numerics()`
+puts it back when the case ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from suite.hardware import DeviceInfo
+from suite.modes.base import PrecisionMode, needs_emulation
+from suite.modes.torchao_calls import check_tokens, import_torchao, inductor_patch_restored, select_linears
+
+FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multiple of 16
+
+
+class FP8Tensorwise(PrecisionMode):
+    name = "fp8-tensorwise"
+    summary = "fp32 master, float8 block matmuls (torchao, tensorwise scales), bf16 autocast elsewhere on a GPU"
+    needs = "torchao; CUDA 8.9+ (emulated on a CPU, or below 8.9 with --emulate)"
+    recipe: ClassVar[str] = "tensorwise"
+    minimum: ClassVar[tuple[int, int]] = (8, 9)
+    cpu_default = False  # emulated: several times fp32's step time on a CPU
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.compute = "fp8"
+        self.emulated = type(self).emulation_reason(device) is not None
+        if device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16
+        self._layers: dict[str, list[str]] = {}
+
+    @classmethod
+    def unavailable_reason(cls, device: DeviceInfo) -> str | None:
+        _, missing = import_torchao("torchao.float8")
+        return f"{cls.name} {missing}" if missing else None
+
+    @classmethod
+    def emulation_reason(cls, device: DeviceInfo) -> str | None:
+        return needs_emulation(device, cls.minimum, f"float8 {cls.recipe} matmuls")
+
+    @contextlib.contextmanager
+    def numerics(self) -> Iterator[None]:
+        """TF32 off (the base's), and torchao's process-wide inductor patch undone at the end."""
+        with super().numerics(), inductor_patch_restored():
+            yield
+
+    def config(self) -> object:
+        """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated)."""
+        float8, _ = import_torchao("torchao.float8")
+        if self.recipe == "tensorwise":
+            base = float8.Float8LinearConfig()
+        else:
+            base = float8.Float8LinearConfig.from_recipe_name(self.recipe)
+        return dataclasses.replace(base, emulate=self.emulated)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        float8, missing = import_torchao("torchao.float8")
+        if missing:
+            raise RuntimeError(f"{self.name} {missing}")
+        converted, kept = select_linears(model, FLOAT8_MULTIPLE, "float8")
+        chosen = set(converted)
+        float8.convert_to_float8_training(
+            model, module_filter_fn=lambda module, fqn: fqn in chosen, config=self.config()
+        )
+        check_tokens(model, FLOAT8_MULTIPLE, self.name)
+        self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+        return model
+
+    def layer_fields(self) -> dict[str, list[str]]:
+        return self._layers

@@ -1,0 +1,68 @@
+"""int8 mixed-precision training: torchao's int8 Linear, int8 matmuls with dynamic row scales.
+
+Stored: fp32 master weights, grads and AdamW state. Each block Linear quantizes its operands
+row-wise to int8 (one scale per row, computed every step) for the forward and both backward
+matmuls (`torch._int_mm`, int32 accumulate), then rescales. Elsewhere: bf16 autocast on a GPU,
+fp32 on a CPU (where int8 matmuls are real, not emulated, and slow).
+
+Why `module_swap=True`: torchao 0.18's default config registers its `F.linear` override where
+it is never called, so training is bit-identical to fp32 (FACTS.md). The swap replaces each
+Linear by torchao's `Int8MixedPrecisionTrainingLinear`, whose forward calls the int8 function
+itself; a test counts the `aten._int_mm` calls to prove it ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from suite.hardware import DeviceInfo
+from suite.modes.base import PrecisionMode, needs_capability
+from suite.modes.torchao_calls import check_tokens, import_torchao, select_linears
+
+INT8_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8 (and M > 16)
+_INT8 = "torchao.prototype.quantized_training"
+_QUANTIZE = "torchao.quantization"
+
+
+class Int8Mixed(PrecisionMode):
+    name = "int8-mixed"
+    summary = "fp32 master, int8 block matmuls with dynamic row scales (torchao), bf16 autocast elsewhere on a GPU"
+    needs = "torchao; CUDA 8.0+ or a CPU (real int8 matmuls, slow)"
+    cpu_default = False
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.compute = "int8"
+        if device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16
+        self._layers: dict[str, list[str]] = {}
+
+    @classmethod
+    def unavailable_reason(cls, device: DeviceInfo) -> str | None:
+        for module in (_INT8, _QUANTIZE):
+            _, missing = import_torchao(module)
+            if missing:
+                return f"int8-mixed {missing}"
+        if device.type == "cuda":  # int8 tensor-core matmuls from Ampere on (and bf16 elsewhere)
+            return needs_capability(device, (8, 0), "int8-mixed")
+        return None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        qt, missing = import_torchao(_INT8)
+        quantization, missing_q = import_torchao(_QUANTIZE)
+        if missing or missing_q:
+            raise RuntimeError(f"int8-mixed {missing or missing_q}")
+        converted, kept = select_linears(model, INT8_MULTIPLE, "int8 matmul")
+        chosen = set(converted)
+        config = qt.Int8MixedPrecisionTrainingConfig(module_swap=True)
+        quantization.quantize_(model, config, filter_fn=lambda module, fqn: fqn in chosen)
+        swapped = [f for f, m in model.named_modules() if isinstance(m, qt.Int8MixedPrecisionTrainingLinear)]
+        if swapped != converted:  # torchao changed what module_swap does: say so, don't train fp32 silently
+            raise RuntimeError(f"int8-mixed: torchao swapped {swapped}, expected {converted}")
+        check_tokens(model, INT8_MULTIPLE, self.name)
+        self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+        return model
+
+    def layer_fields(self) -> dict[str, list[str]]:
+        return self._layers

@@ -1,0 +1,104 @@
+"""The torchao boundary of the 8-bit training modes: imports, layer selection, module swaps.
+
+Every torchao import goes through `import_torchao`, which turns a missing or broken torchao
+into a one-line reason (the mode is then `skipped`), and keeps torchao's expected warnings
+about its CUDA extensions quiet on a CPU build of torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+
+
+def import_torchao(module: str) -> tuple[ModuleType | None, str | None]:
+    """(the torchao module, None), or (None, why it cannot be imported)."""
+    log = logging.getLogger("torchao")
+    level = log.level
+    if torch.version.cuda is None:  # a CPU build: torchao's CUDA extensions cannot load, as expected
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module), None
+    except Exception as exc:  # ImportError, or an extension that fails at import time
+        return None, f"needs torchao ({module}: {type(exc).__name__}: {exc}); pip install torchao"
+    finally:
+        log.setLevel(level)
+
+
+def select_linears(model: nn.Module, multiple: int, what: str) -> tuple[list[str], list[str]]:
+    """(converted, kept): the transformer blocks' Linears whose in and out features are both
+    multiples of `multiple`, and every other Linear as "name (in x out): why it stays"."""
+    converted, kept = [], []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        shape = f"{fqn} ({module.in_features} x {module.out_features})"
+        if not fqn.startswith("blocks."):
+            # the LM head shares its weight with the token embedding (tied): converting it would
+            # route the embedding's matrix through the 8-bit matmul too; GPT-2's vocab (50257)
+            # is not a multiple of 16 either. torchtitan leaves its output layer out as well.
+            kept.append(f"{shape}: outside the transformer blocks (LM head, tied to the embedding)")
+        elif module.in_features % multiple or module.out_features % multiple:
+            kept.append(f"{shape}: {what} needs both dimensions to be multiples of {multiple}")
+        else:
+            converted.append(fqn)
+    return converted, kept
+
+
+def swap_linears(model: nn.Module, fqns: list[str], make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace each named Linear by `make(old)` in place."""
+    for fqn in fqns:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(getattr(parent, child)))
+
+
+def check_tokens(model: nn.Module, multiple: int, what: str) -> None:
+    """On CUDA, fail early and clearly when tokens per step (B*T) are not a multiple of `multiple`:
+    the 8-bit weight-gradient matmul runs over the token dimension (grad_out^T @ input)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        idx = args[0]  # (B, T) token ids
+        if idx.is_cuda and idx.numel() % multiple:
+            raise ValueError(
+                f"batch_size x seq_len = {idx.shape[0]} x {idx.shape[1]} = {idx.numel()} tokens: {what} on CUDA "
+                f"needs a multiple of {multiple}; change --batch-size or --seq-len"
+            )
+
+    model.register_forward_pre_hook(hook)
+
+
+@contextlib.contextmanager
+def inductor_patch_restored() -> Iterator[None]:
+    """Undo, on exit, what `convert_to_float8_training` changes for the whole process.
+
+    torchao 0.18 replaces inductor's `TritonOverrides.minimum/maximum` (Triton code generation
+    for min/max; a numerically identical workaround for a Triton fp8 store bug) and marks it
+    done in `torchao.float8._inductor_patch._PATCHED`. Both are put back, so a later case in
+    the same process compiles as it would have.
+    """
+    try:
+        from torch._inductor.codegen.triton import TritonOverrides
+    except Exception:  # no inductor Triton backend here: torchao patches nothing either
+        yield
+        return
+    saved = {name: TritonOverrides.__dict__.get(name) for name in ("minimum", "maximum")}
+    patch, _ = import_torchao("torchao.float8._inductor_patch")
+    flag = getattr(patch, "_PATCHED", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is not None:
+                setattr(TritonOverrides, name, value)
+        if patch is not None and flag is not None:
+            patch._PATCHED = flag
