@@ -298,8 +298,9 @@ def test_emulated_records_say_so_and_carry_no_speed(trained, mode):
 def test_summary_and_report_mark_emulated_and_give_no_speed_up(trained):
     from suite.cli.run import summary_table
     from suite.reporting import table
+    from suite.text import render
 
-    text = summary_table(list(trained.values()))
+    text = render(summary_table(list(trained.values())))
     row = next(line for line in text.splitlines() if line.startswith("fp8-tensorwise (emulated)"))
     assert "no cpu kernels" in row
     fp8, fp32 = trained["fp8-tensorwise"], trained["fp32"]
