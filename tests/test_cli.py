@@ -12,7 +12,8 @@ from suite.records.store import FIELDS
 def test_run_writes_one_record_per_mode(tmp_path, capsys):
     """The acceptance command of the foundation issue."""
     out = tmp_path / "r.jsonl"
-    code = main(["run", "--device", "cpu", "--model", "tiny", "--steps", "4", "--out", str(out)])
+    code = main(["run", "--device", "cpu", "--model", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+                 "--out", str(out)])  # fmt: skip
     assert code == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["mode"] for r in records] == ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -21,10 +20,21 @@ from tests.helpers import small_case
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-3}
 
 
+@pytest.fixture(scope="module")
+def two_rank_records(tmp_path_factory) -> tuple[int, list[dict]]:
+    """The foundation command with two processes, run once for the tests that read its records."""
+    out = tmp_path_factory.mktemp("ddp") / "r.jsonl"
+    code = main(["run", "--device", "cpu", "--nproc", "2", "--model", "tiny", "--modes", "fp32,bf16", "--steps", "4",
+                 "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--out", str(out)])  # fmt: skip
+    return code, store.read(out)
+
+
 @pytest.mark.parametrize("mode", TOLERANCE)
-def test_two_ranks_match_one_process_with_the_doubled_batch(mode):
-    two = run_cases([small_case(mode=mode, nproc=2, steps=4, warmup=1)], log=None)[0]
-    one = run_cases([small_case(mode=mode, batch_size=4, steps=4, warmup=1)], log=None, isolate=False)[0]
+def test_two_ranks_match_one_process_with_the_doubled_batch(two_rank_records, mode):
+    two = {r["mode"]: r for r in two_rank_records[1]}[mode]
+    one = run_cases([small_case(mode=mode, batch_size=4, steps=4, warmup=1, eval_batches=4)], log=None, isolate=False)[
+        0
+    ]
     assert two["status"] == "ok", two["reason"]
     assert two["world_size"] == 2 and two["tokens_per_step"] == one["tokens_per_step"] == 4 * 32
     assert two["data_digest"] == one["data_digest"] and two["init_digest"] == one["init_digest"]
@@ -58,11 +68,8 @@ def test_a_rank_that_dies_becomes_an_error_record_naming_it(monkeypatch):
     assert time.monotonic() - started < 90  # torchrun tears the other rank down: no hang
 
 
-def test_the_foundation_command_with_two_processes(tmp_path):
-    out = tmp_path / "r.jsonl"
-    code = main(["run", "--device", "cpu", "--nproc", "2", "--model", "tiny", "--modes", "fp32,bf16", "--steps", "4",
-                 "--batch-size", "2", "--seq-len", "32", "--out", str(out)])  # fmt: skip
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+def test_the_foundation_command_with_two_processes(two_rank_records):
+    code, records = two_rank_records
     assert code == 0 and [(r["mode"], r["world_size"], r["status"]) for r in records] == [
         ("fp32", 2, "ok"), ("bf16", 2, "ok")]  # fmt: skip
     assert "use --scaling 1,N" in records[0]["scaling_reason"]

@@ -35,7 +35,7 @@ MODES = ["fp32", "bf16", "int8-weight"]  # fast on a CPU; the fault goes into bf
 def test_a_fault_in_one_case_leaves_the_others_intact(tmp_path, monkeypatch, fault, status, reason):
     monkeypatch.setenv("MPBENCH_FAULT", f"{fault}:bf16")
     out = tmp_path / "r.jsonl"
-    timeout = 10 if fault == "hang" else 120  # the other faults need no limit: a loaded machine never trips it
+    timeout = 6 if fault == "hang" else 120  # the other faults need no limit: a loaded machine never trips it
     records = run_cases([small_case(mode=m) for m in MODES], out=out, log=None, case_timeout=timeout)
     on_disk = store.read(out)
     assert [(r["mode"], r["status"], r["final_loss"]) for r in on_disk] == [
@@ -100,23 +100,28 @@ def _wait_for_lines(path: Path, n: int, timeout: float) -> None:
     raise AssertionError(f"{path} never reached {n} line(s)")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_run_keeps_its_records_and_resume_completes_it(tmp_path, sig, code):
+def test_interrupted_runs_keep_their_records_and_resume_completes_them(tmp_path):
+    """SIGINT stops the run at its second case, SIGTERM the resumed run at its third; each keeps
+    what finished, and a last --resume completes the matrix (one run per signal, in sequence)."""
     out = tmp_path / "r.jsonl"
     cmd = [sys.executable, "-m", "suite.cli", "run", "--device", "cpu", "--model", "tiny", "--modes",
            "fp32,bf16,int8-weight", "--batch-size", "2", "--seq-len", "32", "--steps", "4",
            "--out", str(out)]  # fmt: skip
-    env = os.environ | {"MPBENCH_FAULT": "hang:bf16"}  # the second case hangs until interrupted
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(out, 1, timeout=120)
-    time.sleep(2)  # the bf16 worker is now hanging
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == code, stderr[-2000:]
-    assert "not finished: tiny/bf16" in stderr and f"--resume {out}" in stderr
-    kept = store.read(out)
-    assert [r["mode"] for r in kept] == ["fp32"] and kept[0]["status"] == "ok"
-    resumed = subprocess.run([*cmd[:-2], "--resume", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    resume = [*cmd[:-2], "--resume", str(out)]
+    for args, hangs, sig, code, kept in [
+        (cmd, "bf16", signal.SIGINT, 130, ["fp32"]),
+        (resume, "int8-weight", signal.SIGTERM, 143, ["fp32", "bf16"]),
+    ]:
+        env = os.environ | {"MPBENCH_FAULT": f"hang:{hangs}"}  # this case hangs until interrupted
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_lines(out, len(kept), timeout=120)
+        time.sleep(2)  # the next worker is now hanging
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == code, stderr[-2000:]
+        assert f"not finished: tiny/{hangs}" in stderr and f"--resume {out}" in stderr
+        assert [(r["mode"], r["status"]) for r in store.read(out)] == [(m, "ok") for m in kept]
+    resumed = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16", "int8-weight"]
 
