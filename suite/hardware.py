@@ -94,9 +94,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-# CPU flags that give bf16 matmuls in hardware: x86 AVX512-BF16 and AMX, Arm's BF16 extension. Without
-# one, torch runs bf16 (and fp16) on a CPU in software, ~30x slower than fp32 (issue 17's AVX2 EPYC).
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# CPU flags that give bf16 / fp16 matmuls in hardware: x86 AVX512-BF16, AMX-BF16, AVX512-FP16, AMX-FP16;
+# Arm's BF16 extension and half-precision SIMD. Without one, torch runs that dtype on a CPU in software,
+# ~13-30x slower than fp32 (fp16 on this project's EPYC; bf16 on issue 17's AVX2 EPYC).
+NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "asimdhp")}
+NATIVE_BF16_FLAGS = NATIVE_FLAGS["bf16"]
 
 
 @functools.cache
@@ -112,10 +114,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def native_flag(dtype: str, flags: frozenset[str] | None = None) -> str | None:
+    """The flag through which this CPU runs `dtype` ("bf16" or "fp16") natively, None when it has none."""
+    have = cpu_flags() if flags is None else flags
+    return next((f for f in NATIVE_FLAGS[dtype] if f in have), None)
+
+
 def native_bf16_flag(flags: frozenset[str] | None = None) -> str | None:
     """The flag through which this CPU runs bf16 natively, None when it has none."""
-    have = cpu_flags() if flags is None else flags
-    return next((f for f in NATIVE_BF16_FLAGS if f in have), None)
+    return native_flag("bf16", flags)
 
 
 @functools.cache
@@ -168,7 +175,8 @@ def environment(device: DeviceInfo) -> dict[str, object]:
         "python": platform.python_version(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "cpu_bf16_native": None if on_gpu else native_bf16_flag() is not None,
+        "cpu_bf16_native": None if on_gpu else native_flag("bf16") is not None,
+        "cpu_fp16_native": None if on_gpu else native_flag("fp16") is not None,
         "torch_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "platform": f"{sys.platform}-{platform.machine()}",

@@ -144,20 +144,28 @@ def test_report_and_compare_commands(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none-*.jsonl")]) == 2
 
 
-def test_cpu_default_sizes_follow_native_bf16(monkeypatch):
+def test_cpu_default_sizes_follow_native_bf16_and_fp16(monkeypatch):
     from suite.cli import run as run_cmd
-    from suite.hardware import native_bf16_flag
+    from suite.hardware import native_bf16_flag, native_flag
 
     assert native_bf16_flag(frozenset({"avx2", "avx512_bf16"})) == "avx512_bf16"
     assert native_bf16_flag(frozenset({"fp", "asimd", "bf16"})) == "bf16"  # Arm's Features line
     assert native_bf16_flag(frozenset({"avx2", "fma"})) is None
-    monkeypatch.setattr(run_cmd, "native_bf16_flag", lambda: None)
-    sizes, why = run_cmd.run_defaults("cpu")
-    assert "without native bf16" in why and "batch 4 x 64" in why
-    cases = run_cmd.cases_from_options({"device": "cpu"})
-    assert {(c.batch_size, c.seq_len, c.steps) for c in cases} == {(4, 64, 40)}  # the same sizes for every mode
-    monkeypatch.setattr(run_cmd, "native_bf16_flag", lambda: "amx_bf16")
-    assert {(c.batch_size, c.seq_len) for c in run_cmd.cases_from_options({"device": "cpu"})} == {(8, 128)}
+    assert native_flag("fp16", frozenset({"avx512_fp16", "avx512_bf16"})) == "avx512_fp16"
+
+    def cpu_with(*flags):
+        monkeypatch.setattr(run_cmd, "native_flag", lambda dtype: native_flag(dtype, frozenset(flags)))
+        sizes, why = run_cmd.run_defaults("cpu")
+        cases = run_cmd.cases_from_options({"device": "cpu"})
+        assert {(c.batch_size, c.seq_len, c.steps) for c in cases} == {(sizes["batch_size"], sizes["seq_len"], 40)}
+        return (sizes["batch_size"], sizes["seq_len"]), why
+
+    sizes, why = cpu_with("avx2")  # issue 17's EPYC: bf16 and fp16 both in software
+    assert sizes == (4, 64) and "no native bf16" in why and "no native fp16" in why and "batch 4 x 64" in why
+    sizes, why = cpu_with("avx2", "avx512_bf16")  # this project's EPYC: fp16 in software
+    assert sizes == (8, 64) and "bf16 native (avx512_bf16)" in why and "fp16 in software" in why
+    sizes, why = cpu_with("amx_bf16", "amx_fp16")  # both native
+    assert sizes == (8, 128) and "smaller" not in why
     assert run_cmd.run_defaults("cuda")[1] is None
 
 

@@ -18,7 +18,7 @@ from rich.text import Text
 from models import GPTConfig
 from suite.cli.config import load_config
 from suite.cli.progress import STYLE, LiveBars
-from suite.hardware import NATIVE_BF16_FLAGS, native_bf16_flag, resolve_device
+from suite.hardware import NATIVE_FLAGS, native_flag, resolve_device
 from suite.modes import MODES
 from suite.records import store
 from suite.records.checks import suspect_fields
@@ -30,13 +30,14 @@ from suite.text import fmt, log_to_stderr, render, rich_table
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
 
-# What `mpbench run` does with no arguments, by device: tiny finishes in about a minute on two
-# CPU cores, with smaller sizes on a CPU without native bf16, where bf16 runs in software like
-# fp16 (every mode gets the same sizes, so they stay comparable); on a GPU, GPT-2 small at its
-# full context.
+# What `mpbench run` does with no arguments, by device: tiny in about a minute on two CPU cores.
+# The default modes include bf16 and fp16 ones, which a CPU without native support runs in software
+# (13-30x slower than fp32), so the CPU's sizes shrink with each dtype it lacks; every mode gets the
+# same sizes, so they stay comparable. On a GPU, GPT-2 small at its full context.
 RUN_DEFAULTS = {
-    "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),
-    "cpu-no-bf16": dict(model="tiny", batch_size=4, seq_len=64, steps=40, warmup=5),
+    "cpu": dict(model="tiny", batch_size=8, seq_len=128, steps=40, warmup=5),  # bf16 and fp16 native
+    "cpu-one-in-software": dict(model="tiny", batch_size=8, seq_len=64, steps=40, warmup=5),
+    "cpu-both-in-software": dict(model="tiny", batch_size=4, seq_len=64, steps=40, warmup=5),
     "cuda": dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=100, warmup=10),
 }
 
@@ -45,16 +46,18 @@ def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
     """(default sizes for this device, the one-line reason on a CPU)."""
     if device_type == "cuda":
         return RUN_DEFAULTS["cuda"], None
-    flag = native_bf16_flag()
-    key = "cpu" if flag else "cpu-no-bf16"
-    d = RUN_DEFAULTS[key]
+    native = {dtype: native_flag(dtype) for dtype in NATIVE_FLAGS}
+    soft = [dtype for dtype, flag in native.items() if flag is None]
+    d = RUN_DEFAULTS[("cpu", "cpu-one-in-software", "cpu-both-in-software")[len(soft)]]
     sizes = f"batch {d['batch_size']} x {d['seq_len']} tokens, {d['steps']} steps"
-    if flag:
-        return d, f"CPU with native bf16 ({flag}): default sizes {sizes}"
-    return d, (
-        f"CPU without native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag): bf16 and fp16 run in software, "
-        f"~30x slower than fp32, so every mode gets the smaller default sizes {sizes}"
-    )
+    parts = [f"{dtype} native ({flag})" for dtype, flag in native.items() if flag]
+    parts += [f"no native {dtype} (none of {'/'.join(NATIVE_FLAGS[dtype])})" for dtype in soft]
+    reason = f"CPU with {'; '.join(parts)}: default {sizes}"
+    if soft:
+        reason += (
+            f"; {' and '.join(soft)} in software (13-30x slower than fp32), so every mode gets these smaller sizes"
+        )
+    return d, reason
 
 
 # flags whose value, when given, overrides the config file (dest name -> config key)

@@ -73,7 +73,7 @@ FIELDS: tuple[str, ...] = (
     "fidelity_steps", "fidelity_layers", "fidelity_reason",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
-    "python", "cpu", "cpu_count", "cpu_bf16_native", "torch_threads", "hostname", "platform",
+    "python", "cpu", "cpu_count", "cpu_bf16_native", "cpu_fp16_native", "torch_threads", "hostname", "platform",
 )
 # fmt: on
 
