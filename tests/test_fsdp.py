@@ -9,6 +9,7 @@ import torch
 
 from suite import run_cases
 from suite.cli.main import main
+from suite.cli.run import run_defaults
 from suite.hardware import resolve_device
 from suite.modes import MODES, PrecisionMode, get_mode
 from suite.records import store
@@ -177,10 +178,11 @@ def test_the_done_when_command_matches_one_process_with_the_doubled_batch(tmp_pa
     code = main(["run", "--device", "cpu", "--nproc", "2", "--parallel", "fsdp", "--model", "tiny",
                  "--modes", "fp32,bf16", "--steps", "6", "--out", str(out)])  # fmt: skip
     assert code == 0
+    sizes, _ = run_defaults("cpu")  # the command's sizes are this CPU's defaults: the global batch is twice them
     for two in store.read(out):
         mode = two["mode"]
-        one = run_cases([Case(model="tiny", device="cpu", mode=mode, batch_size=16, seq_len=128, steps=6,
-                              warmup=3)], log=None, isolate=False)[0]  # fmt: skip
+        one = run_cases([Case(model="tiny", device="cpu", mode=mode, batch_size=2 * sizes["batch_size"],
+                              seq_len=sizes["seq_len"], steps=6, warmup=3)], log=None, isolate=False)[0]  # fmt: skip
         assert two["status"] == "ok" and (two["world_size"], two["parallel"]) == (2, "fsdp"), two["reason"]
         assert two["data_digest"] == one["data_digest"] and two["init_digest"] == one["init_digest"]
         assert max(abs(a - b) for a, b in zip(two["loss_curve"], one["loss_curve"], strict=True)) < TOLERANCE[mode]
