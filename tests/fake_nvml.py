@@ -250,9 +250,11 @@ class FakeNvml:
         return self._next("nvmlDeviceGetTemperature", handle, "temperature_c")
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
-        if self._device("nvmlDeviceGetCurrentClocksEventReasons", handle).old_driver:
+        device = self._device("nvmlDeviceGetCurrentClocksEventReasons", handle)  # counted once per call
+        if device.old_driver:
             raise NVMLError_FunctionNotFound()  # pynvml has the name; the driver's library does not
-        return self._next("nvmlDeviceGetCurrentClocksEventReasons", handle, "event_reasons")
+        with self._lock:
+            return device.scripts["event_reasons"].next()
 
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
         return self._next("nvmlDeviceGetCurrentClocksThrottleReasons", handle, "event_reasons")
