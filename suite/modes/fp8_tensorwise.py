@@ -19,31 +19,29 @@ import dataclasses
 from collections.abc import Iterator
 from typing import ClassVar
 
-import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode, needs_emulation
-from suite.modes.torchao_calls import check_tokens, import_torchao, inductor_patch_restored, select_linears
+from suite.modes.base import needs_emulation
+from suite.modes.torchao_calls import (
+    SwappedLinearsMode,
+    check_tokens,
+    import_torchao,
+    inductor_patch_restored,
+    select_linears,
+)
 
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multiple of 16
 
 
-class FP8Tensorwise(PrecisionMode):
+class FP8Tensorwise(SwappedLinearsMode):
     name = "fp8-tensorwise"
+    compute_dtype = "fp8"
     summary = "fp32 master, float8 block matmuls (torchao, tensorwise scales), bf16 autocast elsewhere on a GPU"
     needs = "torchao; CUDA 8.9+ (emulated on a CPU, or below 8.9 with --emulate)"
     recipe: ClassVar[str] = "tensorwise"
     minimum: ClassVar[tuple[int, int]] = (8, 9)
     cpu_default = False  # emulated: several times fp32's step time on a CPU
-
-    def __init__(self, device: DeviceInfo) -> None:
-        super().__init__(device)
-        self.compute = "fp8"
-        self.emulated = type(self).emulation_reason(device) is not None
-        if device.type == "cuda":
-            self.autocast_dtype = torch.bfloat16
-        self._layers: dict[str, list[str]] = {}
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:
@@ -79,8 +77,5 @@ class FP8Tensorwise(PrecisionMode):
             model, module_filter_fn=lambda module, fqn: fqn in chosen, config=self.config()
         )
         check_tokens(model, FLOAT8_MULTIPLE, self.name)
-        self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+        self.keep_layers(converted, kept)
         return model
-
-    def layer_fields(self) -> dict[str, list[str]]:
-        return self._layers

@@ -13,30 +13,23 @@ itself; a test counts the `aten._int_mm` calls to prove it ran.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode, needs_capability
-from suite.modes.torchao_calls import check_tokens, import_torchao, select_linears
+from suite.modes.base import needs_capability
+from suite.modes.torchao_calls import SwappedLinearsMode, check_tokens, import_torchao, select_linears
 
 INT8_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8 (and M > 16)
 _INT8 = "torchao.prototype.quantized_training"
 _QUANTIZE = "torchao.quantization"
 
 
-class Int8Mixed(PrecisionMode):
+class Int8Mixed(SwappedLinearsMode):
     name = "int8-mixed"
+    compute_dtype = "int8"
     summary = "fp32 master, int8 block matmuls with dynamic row scales (torchao), bf16 autocast elsewhere on a GPU"
     needs = "torchao; CUDA 8.0+ or a CPU (real int8 matmuls, slow)"
     cpu_default = False
-
-    def __init__(self, device: DeviceInfo) -> None:
-        super().__init__(device)
-        self.compute = "int8"
-        if device.type == "cuda":
-            self.autocast_dtype = torch.bfloat16
-        self._layers: dict[str, list[str]] = {}
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:
@@ -61,8 +54,5 @@ class Int8Mixed(PrecisionMode):
         if swapped != converted:  # torchao changed what module_swap does: say so, don't train fp32 silently
             raise RuntimeError(f"int8-mixed: torchao swapped {swapped}, expected {converted}")
         check_tokens(model, INT8_MULTIPLE, self.name)
-        self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+        self.keep_layers(converted, kept)
         return model
-
-    def layer_fields(self) -> dict[str, list[str]]:
-        return self._layers

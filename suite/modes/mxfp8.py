@@ -15,12 +15,11 @@ to the weight's dtype (fp32) on the way in; the matmul itself is MXFP8 either wa
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode, needs_emulation
-from suite.modes.torchao_calls import check_tokens, import_torchao, select_linears, swap_linears
+from suite.modes.base import needs_emulation
+from suite.modes.torchao_calls import SwappedLinearsMode, check_tokens, import_torchao, select_linears, swap_linears
 
 MX_BLOCK = 32  # elements per scale, along the reduction dimension of every matmul
 _MXFP8 = "torchao.prototype.moe_training.mxfp8_linear"
@@ -32,19 +31,12 @@ def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
     return (x.to(module.weight.dtype), *args[1:])
 
 
-class MXFP8(PrecisionMode):
+class MXFP8(SwappedLinearsMode):
     name = "mxfp8"
+    compute_dtype = "mxfp8"
     summary = "fp32 master, MXFP8 block-scaled matmuls (torchao), bf16 autocast elsewhere on a GPU"
     needs = "torchao; CUDA 10.0+ (emulated on a CPU, or below 10.0 with --emulate)"
     cpu_default = False  # emulated: several times fp32's step time on a CPU
-
-    def __init__(self, device: DeviceInfo) -> None:
-        super().__init__(device)
-        self.compute = "mxfp8"
-        self.emulated = type(self).emulation_reason(device) is not None
-        if device.type == "cuda":
-            self.autocast_dtype = torch.bfloat16
-        self._layers: dict[str, list[str]] = {}
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:
@@ -75,8 +67,5 @@ class MXFP8(PrecisionMode):
 
         swap_linears(model, converted, rebuild)
         check_tokens(model, MX_BLOCK, self.name)
-        self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+        self.keep_layers(converted, kept)
         return model
-
-    def layer_fields(self) -> dict[str, list[str]]:
-        return self._layers

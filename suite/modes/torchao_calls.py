@@ -13,9 +13,13 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
+
+from suite.hardware import DeviceInfo
+from suite.modes.base import PrecisionMode
 
 
 def import_torchao(module: str) -> tuple[ModuleType | None, str | None]:
@@ -102,3 +106,26 @@ def inductor_patch_restored() -> Iterator[None]:
                 setattr(TritonOverrides, name, value)
         if patch is not None and flag is not None:
             patch._PATCHED = flag
+
+
+class SwappedLinearsMode(PrecisionMode):
+    """Base of the modes that swap the blocks' Linears for torchao's (fp8, MXFP8, int8 matmuls): fp32
+    master weights, bf16 autocast around the swapped layers on a GPU (fp32 on a CPU), and the record
+    of which layers were converted and which kept. Subclasses set `compute_dtype` and `prepare`."""
+
+    compute_dtype: ClassVar[str] = ""  # the peak FLOP/s column the mode is measured against
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.compute = self.compute_dtype
+        self.emulated = type(self).emulation_reason(device) is not None
+        if device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16
+        self._layers: dict[str, list[str]] = {}
+
+    def keep_layers(self, converted: list[str], kept: list[str]) -> None:
+        """Remember, for the record, which Linears `prepare` converted and which it left alone."""
+        self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+
+    def layer_fields(self) -> dict[str, list[str]]:
+        return self._layers
