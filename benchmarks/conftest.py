@@ -48,18 +48,17 @@ class BenchConfig:
 
 
 def _config(config: pytest.Config) -> BenchConfig:
-    import torch
+    from suite.hardware import resolve_device
 
-    device = config.getoption("--mpbench-device")
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    defaults = GPU if on_gpu else SMOKE
+    device = resolve_device(config.getoption("--mpbench-device"))  # read once; the cases carry the result
+    defaults = GPU if device.type == "cuda" else SMOKE
     sizes = {
         k: config.getoption(f"--mpbench-{k.replace('_', '-')}") or defaults[k]
         for k in ("batch_size", "seq_len", "steps", "warmup")
     }
     models = (config.getoption("--mpbench-model") or defaults["model"]).split(",")
     modes = [m.strip() for m in config.getoption("--mpbench-modes").split(",") if m.strip()]
-    return BenchConfig(device, models, modes, sizes, config.getoption("--mpbench-compile"),
+    return BenchConfig(str(device.torch_device), models, modes, sizes, config.getoption("--mpbench-compile"),
                        config.getoption("--mpbench-baselines"), config.getoption("--mpbench-emulate"),
                        config.getoption("--mpbench-out"))  # fmt: skip
 

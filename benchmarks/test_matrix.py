@@ -49,7 +49,7 @@ def test_convergence_against_fp32(cases, model, mode, runnable):
 
 def test_sixteen_bit_modes_use_less_memory_than_fp32(cases, model, bench_config):
     fp32 = _ok(cases.get(model, "fp32"))
-    if not fp32["device"].startswith("cuda"):
+    if fp32["gpu_name"] is None:
         pytest.skip("memory ordering is a GPU property; CPU RSS mostly measures torch itself")
     worse = []
     for mode in (m for m in SIXTEEN_BIT if m in bench_config.modes):

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -37,30 +35,35 @@ class DeviceInfo:
         return f"{self.name}, compute capability {self.capability[0]}.{self.capability[1]}"
 
 
+def concrete_device(name: str) -> str:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> the concrete device a `Case` carries: "cpu" or "cuda:N".
+
+    The one place a user's device name is interpreted: "auto" is the first GPU when torch sees
+    one, else the CPU; "cuda" is GPU 0. Whether that GPU exists is `resolve_device`'s check.
+    """
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return "cuda:0"
+    if name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError(f"device={name!r} is unknown; choose auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(name: str) -> DeviceInfo:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> DeviceInfo; ValueError naming the fix."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
+    concrete = concrete_device(name)
+    if concrete == "cpu":
         return DeviceInfo("cpu", cpu_name())
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={name!r}: no CUDA GPU is visible to torch {torch.__version__} "
-                f"(CUDA build: {torch.version.cuda or 'none'}); use --device cpu or auto"
-            )
-        index = int(name.split(":", 1)[1]) if ":" in name else 0
-        if not 0 <= index < torch.cuda.device_count():
-            raise ValueError(
-                f"device={name!r}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. cuda:N-1"
-            )
-        return DeviceInfo(
-            "cuda",
-            torch.cuda.get_device_name(index),
-            torch.cuda.get_device_capability(index),
-            index,
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name!r}: no CUDA GPU is visible to torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use --device cpu or auto"
         )
-    raise ValueError(f"device={name!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
+    index = int(concrete[5:])
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. cuda:N-1")
+    return DeviceInfo("cuda", torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), index)
 
 
 @contextlib.contextmanager

@@ -119,3 +119,14 @@ def test_a_rank_without_energy_nulls_the_jobs_energy_instead_of_passing_one_rank
     both = [_rank(r, 10.0, energy_j_per_step=5.0, avg_power_w=300.0, peak_mem_mb=900.0 + r) for r in (0, 1)]
     m = _combined_measurements(both, _slowest(both), small_case(nproc=2))
     assert m["energy_j_per_step"] == 10.0 and m["peak_mem_mb"] == 901.0
+
+
+def test_a_rank_that_diverges_alone_stops_every_rank_at_the_same_step(monkeypatch):
+    """Only rank 1 sees NaN losses (from its third step): the ranks agree at the check point and the
+    case ends `diverged`, instead of rank 0 training on into a collective rank 1 never joins."""
+    monkeypatch.setenv("MPBENCH_FAULT", "nan:fp32@1")
+    started = time.monotonic()
+    r = run_cases([small_case(mode="fp32", nproc=2, steps=8, warmup=1)], log=None, case_timeout=100)[0]
+    assert r["status"] == "diverged", r["reason"]
+    assert r["diverged_at_step"] == 2 and len(r["loss_curve"]) == 4  # stopped at the check point after step 4
+    assert time.monotonic() - started < 60  # no wait for a collective timeout

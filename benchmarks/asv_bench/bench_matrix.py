@@ -28,16 +28,15 @@ SPEED_KEYS = ("step_time_ms", "energy_j_per_step", "tokens_per_s", "mfu")
 
 def matrix_cases() -> list:
     """The cases asv trains, from the environment (torch imported only here)."""
-    import torch
-
+    from suite.hardware import resolve_device
     from suite.training.case import Case
 
-    device = os.environ.get("MPBENCH_ASV_DEVICE", "auto")
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    device = resolve_device(os.environ.get("MPBENCH_ASV_DEVICE", "auto"))  # read once; the cases carry the result
+    on_gpu = device.type == "cuda"
     model = os.environ.get("MPBENCH_ASV_MODEL", "gpt2-small" if on_gpu else "tiny")
     steps = int(os.environ.get("MPBENCH_ASV_STEPS", "60" if on_gpu else "8"))
     sizes = dict(batch_size=16, seq_len=1024, warmup=10) if on_gpu else dict(batch_size=4, seq_len=64, warmup=2)
-    return [Case(model=model, mode=m, device=device, steps=steps, **sizes) for m in MODES]
+    return [Case(model=model, mode=m, device=str(device.torch_device), steps=steps, **sizes) for m in MODES]
 
 
 def figure(records: dict[str, dict], mode: str, key: str, scale: float = 1.0) -> float:

@@ -18,7 +18,7 @@ from rich.text import Text
 from models import GPTConfig
 from suite.cli.config import load_config
 from suite.cli.progress import STYLE, LiveBars
-from suite.hardware import NATIVE_FLAGS, native_flag, resolve_device
+from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
 from suite.records import store
 from suite.records.checks import suspect_fields
@@ -145,10 +145,9 @@ def _parse_modes(text: str) -> list[str]:
 
 def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     """models x modes, unset sizes filled with the defaults of the device found."""
-    device_name = opts.get("device", "auto")
-    device_type = resolve_device(device_name).type
-    defaults, _ = run_defaults(device_type)
-    modes = _parse_modes(opts["modes"]) if opts.get("modes") else default_modes(device_type)
+    device = resolve_device(opts.get("device", "auto"))  # the one reading of --device; cases carry the result
+    defaults, _ = run_defaults(device.type)
+    modes = _parse_modes(opts["modes"]) if opts.get("modes") else default_modes(device.type)
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
@@ -157,7 +156,7 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 else strategies[:1])]  # 1 process: once
     for (nproc, parallel), model in itertools.product(ladder, opts.get("models") or [defaults["model"]]):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
-        fixed = dict(device=device_name, steps=steps, warmup=warmup, seed=opts.get("seed", 0),
+        fixed = dict(device=str(device.torch_device), steps=steps, warmup=warmup, seed=opts.get("seed", 0),
                      batch_size=opts.get("batch_size", defaults["batch_size"]),
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
@@ -238,10 +237,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_as_rank(opts)
     cases = cases_from_options(opts)
     out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
-    validate(cases)  # bad input ends here, before anything is written
-    _check_fidelity(cases)
+    devices = validate(cases)  # bad input ends here, before anything is written
+    _check_fidelity(cases, devices)
     store.check_writable(out)
-    _, why = run_defaults(resolve_device(opts.get("device", "auto")).type)
+    _, why = run_defaults(devices[cases[0].device].type)
     if why and not {"batch_size", "seq_len", "steps"} <= opts.keys() and not args.quiet:
         print(f"mpbench: {why} (flags override them)", file=sys.stderr)
     if not args.quiet:
@@ -272,13 +271,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if any(r["status"] in FAILED for r in done) else 0
 
 
-def _check_fidelity(cases: list[Case]) -> None:
+def _check_fidelity(cases: list[Case], devices: dict[str, DeviceInfo]) -> None:
     """--fidelity compares one process's step: refuse data parallelism and models that cannot fit twice."""
     for case in cases:
         if case.fidelity and case.nproc > 1:
             raise ValueError("fidelity: compares a one-process step; drop --nproc/--scaling or --fidelity")
     for case in {(c.model, c.device): c for c in cases if c.fidelity}.values():
-        check_fits(case, resolve_device(case.device))
+        check_fits(case, devices[case.device])
 
 
 def _run_as_rank(opts: dict[str, Any]) -> int:

@@ -57,8 +57,8 @@ FIELDS: tuple[str, ...] = (
     "sampler_stalled", "nvml_reason",
     # the measured window: seconds of timed steps (held-out evaluation excluded)
     "window_s",
-    # data parallel (world_size > 1): per-rank step times and memory, hosts, efficiency vs 1 process
-    "rank_step_time_ms", "rank_peak_mem_mb", "hosts", "scaling_efficiency", "scaling_reason",
+    # data parallel (world_size > 1): per-rank step times, memory and devices, hosts, efficiency vs 1 process
+    "rank_step_time_ms", "rank_peak_mem_mb", "rank_devices", "hosts", "scaling_efficiency", "scaling_reason",
     # sharded (parallel "fsdp"): FSDP2's policy dtypes, memory saved per rank vs DDP
     "param_dtype", "reduce_dtype", "mem_saving_vs_ddp", "mem_saving_basis", "mem_saving_reason",
     # largest batch that fits (--find-max-batch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import re
 import signal
@@ -29,11 +30,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from suite.hardware import DeviceInfo, resolve_device
 from suite.running.progress import Event, PlainLines, Sink, from_line, step_events, to_line
 from suite.text import log_to_stderr
 from suite.training.case import Case
 
 COLLECTIVE_TIMEOUT_S = 120  # a rank that stops answering ends the case within this
+COMPILE_COLLECTIVE_TIMEOUT_S = 1800  # with --compile: torch's gloo default; NCCL's own is 600 s
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -109,12 +112,19 @@ def _rank_failure(tmp: Path, output: str, code: int) -> str:
 # ------------------------------------------------------------------------------- rank side
 
 
-def _ddp_wrapper(grad_comm: str, device_ids: list[int] | None):
+def rank_device(case: Case, local_rank: int) -> DeviceInfo:
+    """This rank's device: on GPUs the case's GPU plus the local rank (a node's ranks on consecutive
+    GPUs from the case's; `validate` checks they exist), on a CPU the CPU."""
+    device = resolve_device(case.device)
+    return resolve_device(f"cuda:{device.index + local_rank}") if device.type == "cuda" else device
+
+
+def _ddp_wrapper(grad_comm: str, device: DeviceInfo):
     import torch.distributed.algorithms.ddp_comm_hooks.default_hooks as hooks
     from torch.nn.parallel import DistributedDataParallel
 
     def wrap(model, mode):
-        ddp = DistributedDataParallel(model, device_ids=device_ids)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if grad_comm == "bf16":
             ddp.register_comm_hook(None, hooks.bf16_compress_hook)
         elif grad_comm == "fp16":
@@ -124,30 +134,44 @@ def _ddp_wrapper(grad_comm: str, device_ids: list[int] | None):
     return wrap
 
 
-def _mean_over_ranks(values: list[float], world: int) -> list[float]:
+def _mean_over_ranks(values: list[float], world: int, device: DeviceInfo) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    # NCCL reduces only CUDA tensors (on this rank's device, set at init); gloo takes CPU ones
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    # this rank's device: NCCL reduces only CUDA tensors, gloo takes CPU ones
+    t = torch.tensor(values, dtype=torch.float64, device=device.torch_device)
     dist.all_reduce(t)  # SUM: gloo has no AVG
     return (t / world).tolist()
 
 
-def run_rank(
-    case: Case, flops_per_step: int, label: str, rank: int, world: int, local_rank: int, emit: Sink | None = None
-) -> dict | None:
-    """Train this rank's slice of the case; rank 0 returns the record values (and sends its
-    progress events to `emit`), others None."""
+def _first_divergence_over_ranks(device: DeviceInfo):
+    """The train loop's `agree`: the first NaN/inf step of any rank, so that every rank stops at the
+    same check point (one rank stopping alone would leave the others in a collective it never joins)."""
+    import torch
     import torch.distributed as dist
 
-    from suite.hardware import resolve_device
+    def agree(first_bad: int | None) -> int | None:
+        t = torch.tensor(
+            [math.inf if first_bad is None else first_bad], dtype=torch.float64, device=device.torch_device
+        )
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        step = t.item()
+        return None if math.isinf(step) else int(step)
+
+    return agree
+
+
+def run_rank(
+    case: Case, flops_per_step: int, label: str, rank: int, world: int, device: DeviceInfo, emit: Sink | None = None
+) -> dict | None:
+    """Train this rank's slice of the case on `device` (`rank_device`); rank 0 returns the record values
+    (and sends its progress events to `emit`), others None."""
+    import torch.distributed as dist
+
     from suite.running.execute import result_fields
     from suite.training.data import digest, make_corpus
     from suite.training.train import run_case
 
-    device = resolve_device(f"cuda:{local_rank}" if case.device.startswith("cuda") else "cpu")
     corpus = make_corpus(case.data, case.model_config.vocab_size)
     B, T = case.batch_size, case.seq_len
     train = corpus.batches(case.steps, B * world, T, case.seed, "train")  # the global batches
@@ -161,15 +185,17 @@ def run_rank(
 
         wrap, unshard = fsdp_wrapper(case.grad_comm, sharded), full_copy
     else:
-        wrap, unshard = _ddp_wrapper(case.grad_comm, [local_rank] if device.type == "cuda" else None), None
-    r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap, unshard=unshard)
+        wrap, unshard = _ddp_wrapper(case.grad_comm, device), None
+    r = run_case(case, device, corpus, train[:, shard], heldout[:, shard], progress, wrap=wrap, unshard=unshard,
+                 agree=_first_divergence_over_ranks(device))  # fmt: skip
     # every rank takes part in every collective below, in the same order
-    r.loss_curve = _mean_over_ranks(r.loss_curve, world)
+    r.loss_curve = _mean_over_ranks(r.loss_curve, world, device)
     if r.final_loss is not None:
-        r.final_loss = _mean_over_ranks([r.final_loss], world)[0]
-        means = _mean_over_ranks([loss for _, loss in r.eval_curve], world)
+        r.final_loss = _mean_over_ranks([r.final_loss], world, device)[0]
+        means = _mean_over_ranks([loss for _, loss in r.eval_curve], world, device)
         r.eval_curve = [[step, loss] for (step, _), loss in zip(r.eval_curve, means, strict=True)]
-    mine = {"rank": rank, "host": socket.gethostname(), "timing": r.timing, "measurements": r.measurements}
+    mine = {"rank": rank, "host": socket.gethostname(), "device": str(device.torch_device), "timing": r.timing,
+            "measurements": r.measurements}  # fmt: skip
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank != 0:
@@ -182,6 +208,7 @@ def run_rank(
         "loss_floor": corpus.loss_floor,
         "rank_step_time_ms": [e["timing"].median_ms if e["timing"] else None for e in everyone],
         "rank_peak_mem_mb": [e["measurements"].get("peak_mem_mb") for e in everyone],
+        "rank_devices": [e["device"] for e in everyone],
         **sharded,
         "hosts": sorted({e["host"] for e in everyone}),
         **result_fields(case, r, device, flops_per_step),
@@ -237,25 +264,38 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def _init_process_group(device_type: str) -> None:
+def local_world_size() -> int:
+    """Ranks of this job on this node (torchrun's LOCAL_WORLD_SIZE; the world size when unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def collective_timeout_s(case: Case) -> int:
+    """How long a collective waits for a silent rank before the case ends as an error: short, except
+    while ranks compile (each compiles on its own, and eight at once take minutes)."""
+    return COMPILE_COLLECTIVE_TIMEOUT_S if case.compile else COLLECTIVE_TIMEOUT_S
+
+
+def _init_process_group(device: DeviceInfo, timeout_s: int) -> None:
+    """NCCL on this rank's GPU (made current first, as NCCL wants), gloo on a CPU."""
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=dt.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
 
 
 def train_here(case: Case, flops_per_step: int, label: str, progress: Sink | None = None) -> dict[str, Any]:
     """One case on this rank of a user-launched torchrun job; every rank calls it in the same
     order. Rank 0 gets the record values; the other ranks get a stand-in they never write."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _init_process_group("cuda" if case.device.startswith("cuda") else "cpu")
+    device = rank_device(case, int(os.environ.get("LOCAL_RANK", 0)))
+    _init_process_group(device, collective_timeout_s(case))  # once: every case of the job shares the group
     emit = progress or PlainLines(log_to_stderr)
-    values = run_rank(case, flops_per_step, label, rank, world, int(os.environ.get("LOCAL_RANK", 0)), emit)
+    values = run_rank(case, flops_per_step, label, rank, world, device, emit)
     return values if values is not None else {"status": "skipped", "reason": f"rank {rank}: rank 0 writes the record"}
 
 
@@ -271,18 +311,18 @@ def main(argv: list[str]) -> int:
 
     spec, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     case = Case(**spec["case"])
     try:
-        _init_process_group("cuda" if case.device.startswith("cuda") else "cpu")
+        device = rank_device(case, int(os.environ.get("LOCAL_RANK", 0)))
+        _init_process_group(device, collective_timeout_s(case))
         kind = faults.fault_for(case, rank)
         if kind:
             faults.poison_losses(kind)
             faults.inject_before_training(kind)
-        values = run_rank(case, spec["flops_per_step"], spec["label"], rank, world, local_rank, _to_parent)
+        values = run_rank(case, spec["flops_per_step"], spec["label"], rank, world, device, _to_parent)
         if values is not None:
             tmp = out / "result.json.tmp"
-            tmp.write_text(json.dumps(values, default=_jsonable))
+            tmp.write_text(json.dumps(values))
             tmp.replace(out / "result.json")
         dist.destroy_process_group()
         return 0
@@ -295,12 +335,6 @@ def _to_parent(event: Event) -> None:
     """Rank 0's progress: one marked line on stderr, which torchrun passes to the parent's reader."""
     sys.stderr.write(to_line(event))
     sys.stderr.flush()
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from suite.modes import get_mode
 from suite.modes.base import decide
 from suite.records import checks, store
 from suite.reporting import convergence
-from suite.running.distributed import launched_by_torchrun, train_distributed, train_here
+from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
 from suite.running.max_batch import find_max_batch
 from suite.running.progress import Event, PlainLines, Sink, ignore
@@ -53,16 +53,16 @@ class RunInterrupted(Exception):
 def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
     """Everything that can be checked before any training: devices, data files, fit.
 
-    Returns the resolved device of each requested device name; raises ValueError.
+    Returns the resolved device of each case's device; raises ValueError.
     """
     if not cases:
         raise ValueError("no cases to run: give at least one mode")
     devices = {c.device: resolve_device(c.device) for c in cases}
     for c in cases:
-        gpus = torch_cuda_count() if devices[c.device].type == "cuda" else None
-        if gpus is not None and c.nproc > gpus:
-            raise ValueError(f"nproc={c.nproc}: only {gpus} GPU(s) here; use --nproc {gpus} or less")
-        if c.nproc > 1 and c.parallel == "ddp" and c.grad_comm == "bf16" and gpus is None:
+        device = devices[c.device]
+        if device.type == "cuda" and c.nproc > 1:
+            _check_rank_gpus(c, device)
+        if c.nproc > 1 and c.parallel == "ddp" and c.grad_comm == "bf16" and device.type != "cuda":
             raise ValueError(
                 "grad_comm='bf16': torch's bf16 all-reduce hook needs CUDA and NCCL; use fp32 or fp16 on a CPU "
                 "(or --parallel fsdp, whose bf16 reduce-scatter runs on gloo)"
@@ -71,6 +71,25 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
         if hasattr(corpus, "check_fits"):
             corpus.check_fits(c.seq_len)
     return devices
+
+
+def _check_rank_gpus(case: Case, device: DeviceInfo) -> None:
+    """The GPUs a node's ranks train on (the case's GPU and the next ones, one per local rank) exist here.
+
+    Under the user's torchrun the node runs LOCAL_WORLD_SIZE of the job's ranks (a 2 x 8 job: 8
+    here, 16 in all); otherwise mpbench starts all `nproc` ranks on this node."""
+    by_torchrun = launched_by_torchrun()
+    per_node = local_world_size() if by_torchrun else case.nproc
+    gpus = torch_cuda_count()
+    last = device.index + per_node - 1
+    if last >= gpus:
+        what, fix = (f"nproc={case.nproc}", "--nproc") if not by_torchrun else (
+            f"torchrun's {per_node} ranks on this node", "--nproc-per-node")  # fmt: skip
+        raise ValueError(
+            f"{what} on device={case.device!r}: the ranks would use cuda:{device.index}..cuda:{last}, but {gpus} "
+            f"GPU(s) are visible; use {fix} {gpus - device.index} or less, or an earlier --device "
+            "(CUDA_VISIBLE_DEVICES picks which GPUs are visible)"
+        )
 
 
 def reference_first(cases: Sequence[Case]) -> list[Case]:

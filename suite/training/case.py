@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from models import GPTConfig
-from suite.hardware import DEVICE_CHOICES
+from suite.hardware import concrete_device
 from suite.modes import MODES
 
 GRAD_COMM = ("fp32", "bf16", "fp16")
@@ -21,7 +21,10 @@ class Case:
 
     model: str = "tiny"
     mode: str = "fp32"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # given as auto | cpu | cuda | cuda:N; held as the concrete "cpu" or "cuda:N" (auto: GPU 0 when
+    # torch sees one), so nothing downstream reads a user's device name. With nproc > 1 the ranks
+    # of a node use consecutive GPUs from this one.
+    device: str = "auto"
     batch_size: int = 8
     seq_len: int = 128
     steps: int = 40  # optimizer steps in total, warm-up included
@@ -44,8 +47,7 @@ class Case:
             raise ValueError(f"model={self.model!r} is unknown; choose one of {', '.join(GPTConfig.presets())}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose from {', '.join(MODES)}")
-        if not (self.device in DEVICE_CHOICES or self.device.startswith("cuda:")):
-            raise ValueError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
+        object.__setattr__(self, "device", concrete_device(self.device))  # frozen: set once, here
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import GPT
-from suite.hardware import DeviceInfo
+from suite.hardware import DeviceInfo, on_device
 from suite.metrics.fidelity import F64, Comparison, Diff, fraction, json_number, lost, plain
 from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import ADAM_BETAS, decay_groups, tf32_matmuls
@@ -200,9 +200,9 @@ def measure(case: Case, device: DeviceInfo, batches: torch.Tensor) -> list[StepF
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # the fp32 model every mode starts from
-    ref = copy.deepcopy(model).to(dev, F64)  # before the mode converts it; keeps the weight tying
     out = []
-    with mode.numerics():
+    with on_device(dev), mode.numerics():  # CUDA calls that default to the current device land on the case's GPU
+        ref = copy.deepcopy(model).to(dev, F64)  # before the mode converts it; keeps the weight tying
         model = mode.prepare(model.to(dev))
         opt = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
         ref_opt = torch.optim.AdamW(decay_groups(ref, case.weight_decay), lr=case.learning_rate, betas=ADAM_BETAS,

@@ -24,6 +24,8 @@ from suite.training.data import Corpus, digest
 
 # progress(step_done, steps, last_loss): called a few times per case
 Progress = Callable[[int, int, float], None]
+# agree(first NaN/inf step seen here, or None) -> the step every process stops at (data parallel)
+Agree = Callable[[int | None], int | None]
 
 
 def train_step(
@@ -107,8 +109,10 @@ class _Loop:
         progress: Progress | None,
         eval_every: int = 0,
         evaluate: Callable[[], float] | None = None,
+        agree: Agree | None = None,
     ) -> None:
         self.fn, self.mode, self.optimizer, self.dev = fn, mode, optimizer, dev
+        self.agree = agree
         self.steps, self.progress = steps, progress
         self.report_every = max(1, steps // 4)
         self.eval_every, self.evaluate = eval_every, evaluate
@@ -150,9 +154,11 @@ class _Loop:
         recent = self.losses[self._checked : done].tolist()  # the check point's one sync
         if timer is not None:
             timer.flush()  # the device is idle up to here: the events are ready
-        bad = [i for i, v in enumerate(recent) if not math.isfinite(v)]
-        if bad:
-            self.diverged_at = self._checked + bad[0]
+        first_bad = next((self._checked + i for i, v in enumerate(recent) if not math.isfinite(v)), None)
+        if self.agree is not None:  # data parallel: every rank stops at the same check point
+            first_bad = self.agree(first_bad)
+        if first_bad is not None:
+            self.diverged_at = first_bad
             return
         self._checked = done
         if self.progress:
@@ -175,6 +181,7 @@ def run_case(
     trackers: bool = True,
     wrap: Callable[[nn.Module, PrecisionMode], nn.Module] | None = None,
     unshard: Callable[[nn.Module], nn.Module] | None = None,
+    agree: Agree | None = None,
 ) -> CaseResult:
     """Build the model from the case's seed, let the mode prepare it, train, evaluate.
 
@@ -198,7 +205,7 @@ def run_case(
         def held_out_loss() -> float:
             return evaluate(mode.eval_model(unshard(model) if unshard else model), heldout_batches, dev)
 
-        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss)
+        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss, agree)
         timing, measurements = _train_measured(case, device, loop, train_batches, trackers)
         final = None
         if loop.diverged_at is None:
