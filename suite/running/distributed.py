@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from suite.hardware import DeviceInfo, resolve_device
+from suite.running.lifeline import CASE_TOKEN, PARENT_PID, exit_with, stop_marked
 from suite.running.progress import Event, PlainLines, Sink, from_line, step_events, to_line
 from suite.text import log_to_stderr
 from suite.training.case import Case
@@ -68,8 +70,11 @@ def train_distributed(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={case.nproc}",
                "--max-restarts=0", "--monitor-interval=0.5",
                "-m", "suite.running.rank", str(spec), tmp]  # fmt: skip
-        # torchrun sets 1 thread per rank when unset, and prints a banner saying so: set it ourselves
-        env = {"OMP_NUM_THREADS": "1"} | dict(os.environ)
+        # torchrun sets 1 thread per rank when unset, and prints a banner saying so: set it ourselves. The
+        # token marks every process of this case (torchrun and its ranks, whatever their session), and
+        # the ranks exit when this process dies
+        token = secrets.token_hex(8)
+        env = {"OMP_NUM_THREADS": "1"} | dict(os.environ) | {CASE_TOKEN: token, PARENT_PID: str(os.getpid())}
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
         )
@@ -81,18 +86,32 @@ def train_distributed(
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return {"status": "timeout", "reason": f"case exceeded --case-timeout {timeout_s:g} s; all ranks stopped"}
+            stopped = _stop_case(proc, token)
+            return {"status": "timeout", "reason": f"case exceeded --case-timeout {timeout_s:g} s; {stopped}"}
         except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)  # an interrupt stops every rank
-            proc.wait()
+            _stop_case(proc, token)  # an interrupt stops every rank
             raise
+        stopped = _stop_case(proc, token)  # a rank torchrun lost track of must not train on
         reader.join(timeout=5)
         result = Path(tmp) / "result.json"
         if proc.returncode == 0 and result.is_file():
             return json.loads(result.read_text())
-        return {"status": "error", "reason": _rank_failure(Path(tmp), "".join(output), proc.returncode)}
+        reason = _rank_failure(Path(tmp), "".join(output), proc.returncode)
+        return {"status": "error", "reason": reason if stopped == ALL_STOPPED else f"{reason}; {stopped}"}
+
+
+ALL_STOPPED = "all ranks stopped"
+
+
+def _stop_case(proc: subprocess.Popen, token: str) -> str:
+    """Kill torchrun's group and every process marked with the case's token; say whether any survived."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # torchrun and its group already gone
+        pass
+    proc.wait()
+    survivors = stop_marked(CASE_TOKEN, token)
+    return f"processes {survivors} of the case could not be stopped" if survivors else ALL_STOPPED
 
 
 def _rank_failure(tmp: Path, output: str, code: int) -> str:
@@ -309,6 +328,8 @@ def main(argv: list[str]) -> int:
     from suite.running import faults
     from suite.running.execute import failure_reason
 
+    if PARENT_PID in os.environ:  # started by `mpbench run`: never outlive it
+        exit_with(int(os.environ[PARENT_PID]))
     spec, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     case = Case(**spec["case"])

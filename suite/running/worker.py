@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import time
 from typing import Any
 
+from suite.running.lifeline import CASE_TOKEN, PARENT_PID, exit_with, stop_marked
 from suite.running.progress import Event, PlainLines, Sink
 from suite.text import log_to_stderr
 from suite.training.case import Case
@@ -56,6 +58,7 @@ def _apply_environment(env: dict[str, str]) -> None:
 
 def _child(case: Case, flops_per_step: int, label: str, conn: Any, env: dict[str, str]) -> None:
     _apply_environment(env)
+    exit_with(int(env[PARENT_PID]))  # a parent killed with -9 takes its case with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from suite.quiet import quiet_dependencies
 
@@ -88,7 +91,8 @@ def train_isolated(
     progress = progress or PlainLines(log_to_stderr)
     ctx = worker_context()
     receive, send = ctx.Pipe(duplex=False)
-    args = (case, flops_per_step, label, send, dict(os.environ))
+    token = secrets.token_hex(8)  # marks the worker and anything it starts (compile workers, say)
+    args = (case, flops_per_step, label, send, dict(os.environ) | {CASE_TOKEN: token, PARENT_PID: str(os.getpid())})
     proc = ctx.Process(target=_child, args=args, name=f"mpbench-{case.mode}")
     proc.start()
     send.close()  # the child holds the only write end: EOF when it dies
@@ -109,18 +113,20 @@ def train_isolated(
                 proc.join()
                 return {"status": "error", "reason": _how_it_died(proc.exitcode)}
             if deadline and time.monotonic() > deadline:
-                _stop(proc)
+                _stop(proc, token)
                 return {"status": "timeout", "reason": f"case exceeded --case-timeout {timeout_s:g} s; worker stopped"}
     except BaseException:
-        _stop(proc)  # an interrupt: the case in flight is stopped, not left running
+        _stop(proc, token)  # an interrupt: the case in flight is stopped, not left running
         raise
     finally:
         receive.close()
 
 
-def _stop(proc: mp.process.BaseProcess) -> None:
+def _stop(proc: mp.process.BaseProcess, token: str) -> None:
+    """Stop the worker (politely, then not) and whatever it started."""
     proc.terminate()
     proc.join(timeout=10)
     if proc.is_alive():
         proc.kill()
         proc.join()
+    stop_marked(CASE_TOKEN, token)
