@@ -164,6 +164,28 @@ def test_in_a_container_the_only_listed_process_is_ours():
     assert got["nvml_process_memory"].status == CANNOT
 
 
+def test_the_fake_allocator_keeps_freed_blocks_cached_until_empty_cache():
+    fake_cuda, _ = machine()
+    listed = lambda: fake_cuda.device.scripts["processes"].values[0][0][1] / MIB  # noqa: E731 - NVML's MiB for us
+    assert listed() == 600  # the CUDA context
+    fake_cuda.matmul_loop("bf16", 8192, 3)
+    assert listed() == 600 + 640  # a, b, c in bf16 and an fp32 randn: freed, still reserved
+    fake_cuda.matmul_loop("bf16", 256, 1)
+    assert listed() == 600 + 640  # a smaller loop reuses the cached blocks
+    fake_cuda.empty_cache()
+    assert listed() == 600
+
+
+def test_nvml_process_memory_is_read_before_and_after_with_no_cached_block():
+    """Defect 5 of issue 20: earlier probes leave hundreds of MiB cached; `allocate` empties the cache,
+    so a "before" read with the cache still counted made NVML's growth look short by that much."""
+    fake_cuda, fake_nvml = machine()
+    fake_cuda.matmul_loop("fp32", 8192, 3)  # as the tensor-core probe leaves it: 768 MiB cached
+    got = checks_of(fake_cuda, fake_nvml)["nvml_process_memory"]
+    assert got.status == PASS, got
+    assert got.figures["before_mb"] == 600 and got.figures["after_mb"] == 600 + 1024
+
+
 def test_an_allocation_served_from_the_cache_cannot_be_checked():
     got = run(dict(reserved_growth=0.0, nvml_growth=0.0))
     assert got["nvml_process_memory"].status == CANNOT and "reserved only 0 MiB" in got["nvml_process_memory"].detail
