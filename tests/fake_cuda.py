@@ -1,5 +1,10 @@
 """A fake of `suite.metrics.probes.TorchCuda`: scripted matmul rates and clocks, and the NVML
-readings a real GPU would move while it works (energy counter, process memory, GPM)."""
+readings a real GPU would move while it works (energy counter, process memory, GPM).
+
+Memory as the CUDA caching allocator keeps it: a tensor freed by torch stays reserved in a
+cached block, so NVML's figure for the process is context + live tensors + cached blocks;
+`empty_cache()` hands the cached blocks back to the driver and only then does NVML's figure fall.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ class FakeCuda:
     others: list[tuple[int, int]] = field(default_factory=list)  # other processes on the GPU: (pid, bytes)
     profiler: dict[str, ProfilerTensorCoreResult] = field(default_factory=dict)
     max_sleep_s: float = 0.15  # a loop sleeps its wall time up to this: GPM needs > 100 ms between samples
-    used_bytes: int = 600 * MIB  # our CUDA context
+    context_bytes: int = 600 * MIB  # our CUDA context (and cuBLAS workspace): no allocator block
+    held_bytes: int = 0  # live tensors: what `allocate` holds
+    cached_bytes: int = 0  # reserved by the caching allocator, free for torch, still used for NVML
     energy_mj: int = 10_000_000
     loops: list[LoopTiming] = field(default_factory=list)
 
@@ -44,8 +51,13 @@ class FakeCuda:
     def _publish(self) -> None:
         """What NVML reads now: our process and the others, and the energy counter."""
         if self.device is not None:
-            self.device.scripts["processes"] = Script([[(self.pid, self.used_bytes), *self.others]])
+            self.device.scripts["processes"] = Script([[(self.pid, self.nvml_bytes), *self.others]])
             self.device.scripts["energy_mj"] = Script([self.energy_mj])
+
+    @property
+    def nvml_bytes(self) -> int:
+        """What NVML lists for this process: the context, live tensors and the allocator's cached blocks."""
+        return self.context_bytes + round(self.held_bytes * self.nvml_growth) + self.cached_bytes
 
     def unavailable(self) -> str | None:
         return None if self.present else "no CUDA GPU (fake: torch.cuda.is_available() is False)"
@@ -70,6 +82,11 @@ class FakeCuda:
             during()
         time.sleep(min(gpu_ms / 1e3, self.max_sleep_s))
         self.energy_mj += round(self.watts * gpu_ms)  # W x ms = mJ
+        # the loop's tensors (a, b, c; for a 16-bit loop also the fp32 randn each is cast from) are freed when
+        # it returns: their blocks stay cached, and the next loop reuses them rather than reserving more
+        size = 4 if dtype == "fp32" else 2
+        working = 3 * n * n * size + (4 * n * n if size != 4 else 0)
+        self.cached_bytes = max(self.cached_bytes, working)
         self._publish()
         timing = LoopTiming(dtype, n, iters, gpu_ms * self.event_scale, gpu_ms + self.wall_extra_ms)
         self.loops.append(timing)
@@ -79,13 +96,18 @@ class FakeCuda:
         self.matmul_loop(dtype, n, iters)
         return self.profiler.get(dtype, ProfilerTensorCoreResult(None, [], "fake: no profiler figures scripted"))
 
+    def empty_cache(self) -> None:
+        """As torch.cuda.empty_cache(): the cached blocks go back to the driver."""
+        self.cached_bytes = 0
+        self._publish()
+
     def allocate(self, mib: int) -> float:
-        self._held = round(mib * MIB * self.nvml_growth)
-        self.used_bytes += self._held
+        """As TorchCuda.allocate: empty the cache, then map `mib` MiB of new memory."""
+        self.empty_cache()
+        self.held_bytes += mib * MIB
         self._publish()
         return mib * self.reserved_growth
 
     def release(self) -> None:
-        self.used_bytes -= getattr(self, "_held", 0)
-        self._held = 0
-        self._publish()
+        self.held_bytes = 0
+        self.empty_cache()

@@ -2,7 +2,7 @@
 something to a GPU, which is where the fake stops it and says which device, and which was current.
 
 What it fakes is what the suite calls before any CUDA work: `is_available`, `device_count`, the
-name and capability, `set_device`, `current_device` and the `torch.cuda.device` context; then
+name, capability and properties (total memory), `set_device`, `current_device` and the `torch.cuda.device` context; then
 `nn.Module.to` onto a CUDA device raises `GpuReached` after recording the move. So a test can
 follow the device a user names through an entry point (CLI, config, API, torchrun rank, fidelity)
 down to the first transfer, with nothing but a CPU.
@@ -11,6 +11,7 @@ down to the first transfer, with nothing but a CPU.
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ class FakeGpus:
     """`count` identical GPUs of `name` and `capability`; `moves` lists (target, current GPU) per transfer."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int = 2, name: str = "NVIDIA H100 80GB HBM3",
-                 capability: tuple[int, int] = (9, 0)) -> None:  # fmt: skip
+                 capability: tuple[int, int] = (9, 0), memory_gib: int = 80) -> None:  # fmt: skip
         self.count, self.name, self.capability = count, name, capability
         self.current = 0
         self.set_devices: list[int] = []
@@ -35,6 +36,9 @@ class FakeGpus:
         monkeypatch.setattr(cuda, "device_count", lambda: self.count)
         monkeypatch.setattr(cuda, "get_device_name", lambda index=None: self.name)
         monkeypatch.setattr(cuda, "get_device_capability", lambda index=None: self.capability)
+        props = types.SimpleNamespace(name=name, total_memory=memory_gib * 2**30, major=capability[0],
+                                      minor=capability[1])  # fmt: skip
+        monkeypatch.setattr(cuda, "get_device_properties", lambda index=None: props)
         monkeypatch.setattr(cuda, "current_device", lambda: self.current)
         monkeypatch.setattr(cuda, "set_device", self._set_device)
         monkeypatch.setattr(cuda, "device", self._device)

@@ -170,11 +170,12 @@ def test_the_parent_hands_torchrun_the_concrete_device(gpus, monkeypatch):
         def __init__(self, cmd, **kwargs):
             spec = Path(cmd[cmd.index("suite.running.rank") + 1])
             seen.update(json.loads(spec.read_text())["case"])
-            self.pid, self.returncode, self.stderr = 0, 1, iter(())
+            self.pid, self.returncode, self.stderr = -1, 1, iter(())
 
         def wait(self, timeout=None):
             return 1
 
     monkeypatch.setattr(subprocess, "Popen", Torchrun)
+    monkeypatch.setattr(distributed.os, "killpg", lambda pid, sig: None)  # the fake torchrun has no group
     values = distributed.train_distributed(Case(mode="fp32", nproc=2), 1, "t", None, lambda event: None)
     assert values["status"] == "error" and seen["device"] == "cuda:0"

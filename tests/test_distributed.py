@@ -118,7 +118,9 @@ def test_a_rank_without_energy_nulls_the_jobs_energy_instead_of_passing_one_rank
     assert m["peak_mem_mb"] is None and "rank(s) [1]" in m["peak_mem_reason"]  # not rank 0's 900 MiB
     both = [_rank(r, 10.0, energy_j_per_step=5.0, avg_power_w=300.0, peak_mem_mb=900.0 + r) for r in (0, 1)]
     m = _combined_measurements(both, _slowest(both), small_case(nproc=2))
-    assert m["energy_j_per_step"] == 10.0 and m["peak_mem_mb"] == 901.0
+    assert m["energy_j_per_step"] == 10.0 and m["peak_mem_mb"] == 901.0 and m["avg_power_w"] == 600.0
+    both[1]["measurements"]["avg_power_w"] = None  # energy but no power figure: the job's power is unknown, not 300 W
+    assert _combined_measurements(both, _slowest(both), small_case(nproc=2))["avg_power_w"] is None
 
 
 def test_a_rank_that_diverges_alone_stops_every_rank_at_the_same_step(monkeypatch):

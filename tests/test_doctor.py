@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from suite.cli import doctor
-from suite.cli.doctor import CANNOT, FAIL, PASS, Durations, diagnose
+from suite.cli.doctor import CANNOT, FAIL, PASS, Durations, TorchaoBuild, diagnose, torchao_build
 from suite.cli.main import main
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult
 from tests.fake_cuda import H100_UUID, FakeCuda
@@ -15,6 +15,8 @@ from tests.fake_nvml import MIB, FakeDevice, FakeNvml
 
 FAST = Durations(event_s=0.01, energy_s=1.0, gpm_s=0.12, share_s=0.01, memory_mib=1024)
 GPU_CHECKS = ["gpu_visible", "nvml_same_gpu", *(name for name, _, _ in doctor.GPU_CHECKS)]
+TORCHAO_FILES = ("_C_cutlass_90a.abi3.so", "_C_mxfp8.cpython-310-x86_64-linux-gnu.so")  # torchao 0.18.0's wheel
+TORCHAO_OK = TorchaoBuild("0.18.0+cu130", "13.0", TORCHAO_FILES)
 
 
 def machine(cuda=None, nvml=None, **device):
@@ -24,9 +26,10 @@ def machine(cuda=None, nvml=None, **device):
     return FakeCuda(device=dev, **(cuda or {})), nvml
 
 
-def checks_of(fake_cuda, fake_nvml, device="cuda"):
+def checks_of(fake_cuda, fake_nvml, device="cuda", torchao=TORCHAO_OK):
     """The doctor's checks by name on fake hardware (no training run: there is no real GPU)."""
-    return {c.name: c for c in diagnose(device, fake_cuda, fake_nvml, durations=FAST, run_record=False)}
+    got = diagnose(device, fake_cuda, fake_nvml, durations=FAST, run_record=False, torchao=lambda: torchao)
+    return {c.name: c for c in got}
 
 
 def run(cuda=None, device="cuda", **nvml_device):
@@ -50,6 +53,8 @@ def test_on_this_cpu_every_gpu_check_cannot_be_checked_and_nothing_fails():
     assert "no CUDA GPU" in got["energy_power"].detail
     assert got["cpu_threads"].status == PASS and got["cpu_bf16"].status == PASS
     assert all(c.status != FAIL for c in got.values())
+    # the real torchao here: a CPU build of torch, on which its CUDA extensions cannot load and are not used
+    assert got["torchao_c_extension"].status == CANNOT and "CPU build" in got["torchao_c_extension"].detail
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
@@ -162,6 +167,93 @@ def test_in_a_container_the_only_listed_process_is_ours():
     got = checks_of(fake_cuda, fake_nvml)
     assert got["no_other_process"].status == FAIL and "at least 1 other" in got["no_other_process"].detail
     assert got["nvml_process_memory"].status == CANNOT
+
+
+def test_the_fake_allocator_keeps_freed_blocks_cached_until_empty_cache():
+    fake_cuda, _ = machine()
+    listed = lambda: fake_cuda.device.scripts["processes"].values[0][0][1] / MIB  # noqa: E731 - NVML's MiB for us
+    assert listed() == 600  # the CUDA context
+    fake_cuda.matmul_loop("bf16", 8192, 3)
+    assert listed() == 600 + 640  # a, b, c in bf16 and an fp32 randn: freed, still reserved
+    fake_cuda.matmul_loop("bf16", 256, 1)
+    assert listed() == 600 + 640  # a smaller loop reuses the cached blocks
+    fake_cuda.empty_cache()
+    assert listed() == 600
+
+
+def test_nvml_process_memory_is_read_before_and_after_with_no_cached_block():
+    """Defect 5 of issue 20: earlier probes leave hundreds of MiB cached; `allocate` empties the cache,
+    so a "before" read with the cache still counted made NVML's growth look short by that much."""
+    fake_cuda, fake_nvml = machine()
+    fake_cuda.matmul_loop("fp32", 8192, 3)  # as the tensor-core probe leaves it: 768 MiB cached
+    got = checks_of(fake_cuda, fake_nvml)["nvml_process_memory"]
+    assert got.status == PASS, got
+    assert got.figures["before_mb"] == 600 and got.figures["after_mb"] == 600 + 1024
+
+
+def _fake_torchao(tmp_path, files=("_C_cutlass_90a.abi3.so", "_C_mxfp8.so"), skip=None):
+    """A torchao package as its __init__ leaves it: the module's globals and its _C*.so files on disk."""
+    from types import SimpleNamespace
+
+    root = tmp_path / "torchao"
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    for name in (*files, "libother.so"):  # libother.so: not one torchao's glob takes
+        (root / name).write_bytes(b"")
+    return SimpleNamespace(__file__=str(root / "__init__.py"), __version__="0.18.0", skip_loading_so_files=bool(skip),
+                           _skip_reason=skip)  # fmt: skip
+
+
+def test_torchao_build_tells_which_c_extensions_torch_loaded(tmp_path):
+    import os
+
+    module = _fake_torchao(tmp_path)
+    tried = []
+
+    def load(path):  # torch.ops.load_library failing as dlopen does for a build against another CUDA
+        tried.append(os.path.basename(path))
+        raise OSError(f"{path}: libcudart.so.12: cannot open shared object file")
+
+    ok = {os.path.realpath(tmp_path / "torchao" / "_C_cutlass_90a.abi3.so")}
+    b = torchao_build(module, loaded=ok, load=load)
+    assert b.version == "0.18.0" and b.files == ("_C_cutlass_90a.abi3.so", "_C_mxfp8.so")
+    assert tried == ["_C_mxfp8.so"] and list(b.failed) == ["_C_mxfp8.so"]
+    assert "libcudart.so.12" in b.failed["_C_mxfp8.so"]
+    skipped = torchao_build(_fake_torchao(tmp_path / "s", skip="incompatible torch version"), set(), load)
+    assert skipped.skipped == "incompatible torch version" and skipped.failed == {} and tried == ["_C_mxfp8.so"]
+
+
+def test_the_fake_torchao_has_the_real_ones_names():
+    import torchao
+
+    assert isinstance(torchao.skip_loading_so_files, bool) and hasattr(torchao, "_skip_reason")
+    real = torchao_build()  # this CPU build of torch cannot load torchao's CUDA extensions: each is named, with why
+    assert real.version == torchao.__version__ and real.files and set(real.failed) <= set(real.files)
+
+
+# (build, a GPU is usable, status, text the detail must hold)
+TORCHAO_CASES = [
+    (TORCHAO_OK, True, PASS, "2 of 2 C extension(s) loaded"),
+    (TorchaoBuild("0.18.0", "13.0", ("_C_a.so", "_C_b.so"), {"_C_b.so": "OSError: undefined symbol: _ZN3c10"}), True,
+     FAIL, "1 of 2 C extension(s) loaded; _C_b.so: OSError: undefined symbol"),
+    (TorchaoBuild("0.18.0", "12.8", ("_C_a.so",), skipped="incompatible torch version"), True, FAIL,
+     "loaded no C extension: incompatible torch version"),
+    (TorchaoBuild("0.18.0+cpu", "13.0"), True, FAIL, "ships no C extension"),
+    (TorchaoBuild(None, "13.0", error="ModuleNotFoundError: No module named 'torchao'"), True, CANNOT, "not import"),
+    (TorchaoBuild("0.18.0", None, ("_C_a.so",), {"_C_a.so": "OSError"}), True, CANNOT, "CPU build"),
+    (TORCHAO_OK, False, CANNOT, "no CUDA GPU"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "gpu", "status", "text"), TORCHAO_CASES)
+def test_torchao_c_extension_check(build, gpu, status, text):
+    fake_cuda, fake_nvml = machine(dict(present=gpu))
+    got = checks_of(fake_cuda, fake_nvml, torchao=build)["torchao_c_extension"]
+    assert got.status == status and text in got.detail, got
+    if status == FAIL:  # the fix: torchao's wheel for torch's own CUDA, from the PyTorch index
+        cu = build.cuda.replace(".", "")
+        assert (f"pip install --force-reinstall --no-deps torchao=={build.version.split('+')[0]} --index-url "
+                f"https://download.pytorch.org/whl/cu{cu}") in got.detail  # fmt: skip
 
 
 def test_an_allocation_served_from_the_cache_cannot_be_checked():

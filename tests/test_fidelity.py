@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
-from models import GPT
+from models import GPT, GPTConfig
 from suite.cli.main import main
 from suite.hardware import resolve_device
 from suite.modes import MODES
@@ -188,9 +189,84 @@ def test_fit_on_a_gpu_uses_its_memory(monkeypatch):
     gpu = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
     fidelity.check_fits(small_case(model="gpt2-small"), gpu)  # 124M x 60 B = 7 GiB: fits
-    with pytest.raises(ValueError, match=r"model='gpt2-xl'.*the memory of NVIDIA H100 80GB HBM3 is 80.0 GiB"):
+    with pytest.raises(ValueError, match=r"model='gpt2-xl'.*85% of the memory of NVIDIA H100 80GB HBM3 is 68.0 GiB"):
         fidelity.check_fits(small_case(model="gpt2-xl"), gpu)  # 1.56B x 60 B = 87 GiB
     assert fidelity.available_bytes(CPU)[0] > 0
+
+
+def test_the_gpu_default_fidelity_counts_activations_and_runs_the_reference_in_slices(monkeypatch):
+    """Defect 12 of issue 20: `run --fidelity` at the GPU default (gpt2-small, 16 x 1024) passed a
+    parameters-only check and then needed ~64 GiB for the float64 step's math-SDPA activations."""
+    from types import SimpleNamespace
+
+    from suite.hardware import DeviceInfo
+
+    gpu = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 0)
+    case = small_case(model="gpt2-small", batch_size=16, seq_len=1024)
+    whole = fidelity.reference_bytes(case.model_config, 16, 1024)
+    attention = 8 * 16 * 12 * 1024 * 1024 * (12 + 2)  # float64 (B, nh, T, T): one per block, two more in backward
+    assert 60 * 2**30 < whole and attention < whole / 2
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    plan = fidelity.check_fits(case, gpu)
+    assert (plan.passes, plan.rows) == (2, 8) and plan.need_bytes <= fidelity.FIT_SHARE * 80 * 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=141 * 2**30))
+    assert fidelity.check_fits(case, gpu).passes == 1  # an H200 holds the whole batch
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=24 * 2**30))
+    with pytest.raises(ValueError, match=r"seq_len=1024.*one row at a time"):
+        fidelity.check_fits(small_case(model="gpt2-xl", seq_len=1024), DeviceInfo("cuda", "NVIDIA L4", (8, 9), 0))
+
+
+# The float64 reference step's peak RSS above the weights and AdamW state, in a fresh process whose
+# glibc hands every freed block of 64 KiB or more back to the kernel (so RSS follows live tensors).
+PEAK_SCRIPT = """
+import sys, torch
+from models import GPT, GPTConfig
+from suite.modes.base import ADAM_BETAS, decay_groups
+from suite.training import fidelity
+torch.manual_seed(0)
+cfg, rows, seq, passes = GPTConfig.preset("tiny", n_head=int(sys.argv[1])), *map(int, sys.argv[2:5])
+ref = GPT(cfg).double()
+opt = torch.optim.AdamW(decay_groups(ref, 0.1), lr=1e-4, betas=ADAM_BETAS)
+batch = torch.randint(0, cfg.vocab_size, (rows, seq + 1))
+fidelity._reference_step(ref, opt, batch)  # AdamW's state exists from here on
+opt.zero_grad(set_to_none=True)
+status = lambda key: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+fidelity._reference_step(ref, opt, batch, passes)
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("heads", [4, 16])  # tiny's 4 heads; 16: the attention matrices dominate
+def test_the_activation_estimate_covers_the_measured_peak(heads):
+    import subprocess
+    import sys
+
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
+
+    def peak(passes: int) -> int:
+        args = [sys.executable, "-c", PEAK_SCRIPT, str(heads), "8", "128", str(passes)]
+        return int(subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    cfg = GPTConfig.preset("tiny", n_head=heads)
+    whole, estimate = peak(1), fidelity.reference_bytes(cfg, 8, 128)
+    grads = 8 * GPT(cfg).num_params()  # rebuilt by the step, in its peak or not
+    assert whole <= estimate + grads and estimate < 1.5 * whole, (whole / 2**20, estimate / 2**20)
+    assert peak(2) < 0.65 * whole  # two slices of 4 rows: about half the activations live at once
+
+
+def test_the_reference_in_slices_of_rows_compares_the_same_step(monkeypatch):
+    one = measure("bf16", batch=6, seq=32)
+    per_row = fidelity.reference_bytes(small_case().model_config, 1, 32)
+    state = GPT(small_case().model_config).num_params() * fidelity.BYTES_PER_PARAM
+    room = int((state + 2 * per_row) / fidelity.FIT_SHARE) + 1  # two rows per pass: three passes
+    monkeypatch.setattr(fidelity, "available_bytes", lambda device: (room, "available RAM"))
+    three = measure("bf16", batch=6, seq=32)
+    assert (one["fidelity_ref_passes"], three["fidelity_ref_passes"]) == (1, 3)
+    for key in ("grad_rel_err_vs_fp64", "update_rel_err_vs_fp64", "fidelity_loss_diff"):
+        assert three[key] == pytest.approx(one[key], rel=1e-9, abs=1e-15), key
 
 
 def test_bad_input_exits_2(capsys):

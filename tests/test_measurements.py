@@ -103,7 +103,8 @@ def test_gpu_without_gpm_plans_the_profiler_and_says_why(fake_gpu):
 def test_energy_counter_that_did_not_tick_is_null_with_reason(fake_gpu):
     fake_gpu(energy_mj=[5_000])
     f = _run_window(H100, seconds=0.01).fields(timed_steps=3, tokens_per_step=100)
-    assert "energy_j_per_step" not in f and "did not advance" in f["energy_reason"]
+    assert "energy_j_per_step" not in f and f["avg_power_w"] is None  # not 0.0 W (issue 20, defect 7)
+    assert f["energy_reason"].startswith("energy_j, avg_power_w: energy counter did not advance over")
 
 
 def test_no_nvml_keeps_allocator_figures_and_explains_the_rest(monkeypatch):

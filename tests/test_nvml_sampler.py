@@ -62,6 +62,17 @@ def test_energy_is_end_minus_start_and_power_is_energy_over_time():
     assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 2  # read at enter and exit, never per sample
 
 
+def test_a_counter_that_did_not_advance_gives_no_energy_and_no_power_never_0_w():
+    """Defect 7 of issue 20: a window shorter than one counter update read 0 J and so 0.0 W."""
+    fake, _ = make_fake(energy_mj=[5_000_000])  # the same reading at both edges
+    w = run_window(fake, sleep_s=0.01)
+    assert w.energy_j is None and w.avg_power_w is None
+    assert "did not advance over" in w.reasons["avg_power_w"] and "20-100 ms" in w.reasons["energy_j"]
+    fake, _ = make_fake(energy_mj=[5_000_000, 4_000_000])  # a driver reload resets the counter
+    w = run_window(fake)
+    assert w.avg_power_w is None and "went backwards" in w.reasons["avg_power_w"]
+
+
 def test_a_lone_process_with_another_pid_is_ours_inside_a_container():
     # a PID namespace: NVML lists the host's PID, never os.getpid(); one compute process is ours
     fake, _ = make_fake(processes=[[(1, 500 * MIB)]], mem_used=[3000 * MIB, 4000 * MIB])

@@ -11,12 +11,14 @@ The GPU checks are in suite/cli/gpu_checks.py.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
 import platform
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +76,70 @@ def _cpu_bf16() -> Check:
     return Check("cpu_bf16", PASS, f"bf16 autocast matmul within {err:.1e} of fp32; {how}", figures)
 
 
+@dataclass(frozen=True)
+class TorchaoBuild:
+    """torchao as this process loaded it: its version, the C extension files it ships, which failed to load."""
+
+    version: str | None  # None: torchao does not import (`error` says why)
+    cuda: str | None  # torch's CUDA build (torch.version.cuda); None for a CPU build of torch
+    files: tuple[str, ...] = ()  # the _C*.so files next to torchao/__init__.py, which it loads on import
+    failed: dict[str, str] = field(default_factory=dict)  # file -> why it does not load
+    skipped: str | None = None  # torchao's own reason for loading none (its torch-version gate, an env override)
+    error: str | None = None
+
+
+def torchao_build(module: Any = None, loaded: Collection[str] | None = None,
+                  load: Callable[[str], None] | None = None) -> TorchaoBuild:  # fmt: skip
+    """The doctor's torchao boundary. torchao 0.18's __init__ globs `_C*.so` beside itself and passes each to
+    `torch.ops.load_library`, which adds the real path to `torch.ops.loaded_libraries` on success; a failure
+    is only logged. A file not in that set is loaded again here, for its error (a failed dlopen leaves
+    nothing behind). `module`, `loaded` and `load` replace torchao, that set and that function in tests."""
+    cuda = torch.version.cuda
+    if module is None:
+        try:
+            module = importlib.import_module("torchao")
+        except Exception as exc:  # not installed, or an ABI mismatch that breaks its import
+            return TorchaoBuild(None, cuda, error=f"{type(exc).__name__}: {exc}")
+    loaded = torch.ops.loaded_libraries if loaded is None else loaded
+    load = torch.ops.load_library if load is None else load
+    files = sorted(Path(module.__file__).parent.glob("_C*.so"))
+    skipped = getattr(module, "_skip_reason", None) if getattr(module, "skip_loading_so_files", False) else None
+    failed = {}
+    for f in [] if skipped else files:
+        if os.path.realpath(f) not in loaded:
+            try:
+                load(str(f))
+            except Exception as exc:
+                failed[f.name] = f"{type(exc).__name__}: {exc}"
+    return TorchaoBuild(str(module.__version__), cuda, tuple(f.name for f in files), failed, skipped)
+
+
+def _torchao_check(b: TorchaoBuild, gpu_why: str | None) -> Check:
+    """Whether torchao's C extensions (its CUDA kernels: MXFP8 casts, CUTLASS GEMMs) loaded, and the fix."""
+    name, figures = "torchao_c_extension", asdict(b)
+    if b.version is None:
+        return Check(name, CANNOT, f"torchao does not import ({b.error}): the torchao modes are skipped", figures)
+    state = f"torchao {b.version}: {len(b.files) - len(b.failed)} of {len(b.files)} C extension(s) loaded"
+    if b.cuda is None:
+        return Check(name, CANNOT, f"{state}; torch {torch.__version__} is a CPU build and these are CUDA kernels, "
+                     "unused here", figures)  # fmt: skip
+    if gpu_why:
+        return Check(name, CANNOT, f"{state}; {gpu_why}", figures)
+    cu = "cu" + b.cuda.replace(".", "")  # torch.version.cuda "13.0" -> the PyTorch index's "cu130"
+    fix = (f"fix: pip install --force-reinstall --no-deps torchao=={b.version.split('+')[0]} --index-url "
+           f"https://download.pytorch.org/whl/{cu} (the build for torch's CUDA {b.cuda})")  # fmt: skip
+    if b.skipped:
+        return Check(name, FAIL, f"torchao {b.version} loaded no C extension: {b.skipped}; {fix}", figures)
+    if not b.files:
+        return Check(name, FAIL, f"torchao {b.version} ships no C extension (a CPU build?) beside torch+{cu}; {fix}",
+                     figures)  # fmt: skip
+    if b.failed:
+        first, why = next(iter(b.failed.items()))
+        return Check(name, FAIL, f"{state}; {first}: {why}; its CUDA kernels are missing and torchao falls back "
+                     f"or fails; {fix}", figures)  # fmt: skip
+    return Check(name, PASS, f"{state} ({', '.join(b.files)}) with torch CUDA {b.cuda}", figures)
+
+
 def _record_self_check(device: str) -> Check:
     """A short tiny fp32 run through the real pipeline: its record must break no self-check rule."""
     from suite.running.runner import run_cases  # training imports stay out of the other checks
@@ -92,11 +158,11 @@ def _record_self_check(device: str) -> Check:
                  f"that breaks no self-check rule ({r['step_time_ms']:.2f} ms/step)", figures)  # fmt: skip
 
 
-def diagnose(device: str = "auto", cuda: Any = None, nvml_module: Any = None,
-             durations: Durations | None = None, run_record: bool = True) -> list[Check]:  # fmt: skip
-    """Every check for `device` ("auto", "cpu", "cuda", "cuda:N"); `cuda`/`nvml_module` replace the real
-    ones; `run_record` adds a short tiny training run whose record must pass the self-check."""
-    checks = _diagnose(device, cuda, nvml_module, durations or Durations())
+def diagnose(device: str = "auto", cuda: Any = None, nvml_module: Any = None, durations: Durations | None = None,
+             run_record: bool = True, torchao: Callable[[], TorchaoBuild] = torchao_build) -> list[Check]:  # fmt: skip
+    """Every check for `device` ("auto", "cpu", "cuda", "cuda:N"); `cuda`/`nvml_module`/`torchao` replace the
+    real ones; `run_record` adds a short tiny training run whose record must pass the self-check."""
+    checks = _diagnose(device, cuda, nvml_module, durations or Durations(), torchao)
     if run_record:
         gpu = next(c for c in checks if c.name == "gpu_visible").status == PASS
         target = device if device != "auto" else ("cuda" if gpu else "cpu")
@@ -107,7 +173,8 @@ def diagnose(device: str = "auto", cuda: Any = None, nvml_module: Any = None,
     return checks
 
 
-def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations) -> list[Check]:
+def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations,
+              torchao: Callable[[], TorchaoBuild]) -> list[Check]:  # fmt: skip
     """The checks without the training run."""
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r} is unknown; choose auto, cpu, cuda or cuda:N")
@@ -121,8 +188,9 @@ def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations) ->
         out.append(_cpu_bf16())
         out += [Check(name, CANNOT, why) for name in gpu_names]
         nvml, _ = nvml_lib.load_nvml(nvml_module)
-        return [*out, _versions(nvml)]
+        return [*out, _guard("torchao_c_extension", lambda: _torchao_check(torchao(), why)), _versions(nvml)]
     out.append(_gpu_visible(m))
+    out.append(_guard("torchao_c_extension", lambda: _torchao_check(torchao(), absent)))
     if absent:
         return [*out, *(Check(n, CANNOT, absent) for n in gpu_names[1:]), _versions(None)]
     out.append(_guard("nvml_same_gpu", lambda: _nvml_same_gpu(m, nvml_module)))

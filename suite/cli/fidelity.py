@@ -100,12 +100,13 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     """Compare every mode's first --steps steps with float64; exit 1 if a mode failed."""
     device = resolve_device(args.device)
     cases = _cases(args, device)
-    fidelity.check_fits(cases[0], device)  # one line naming `model` and exit 2 when both cannot fit
+    plan = fidelity.check_fits(cases[0], device)  # one line naming the field and exit 2 when nothing fits
     out = store.check_writable(args.out) if args.out else None
     c = cases[0]
     batches = make_corpus(None, c.model_config.vocab_size).batches(c.steps, c.batch_size, c.seq_len, c.seed, "train")
     print(f"mpbench fidelity: {c.model}, batch {c.batch_size} x {c.seq_len}, {c.steps} step(s), seed {c.seed}, "
-          f"on {device.describe()}", file=sys.stderr)  # fmt: skip
+          f"on {device.describe()}; float64 reference in {plan.passes} pass(es) of up to {plan.rows} row(s), "
+          f"about {plan.need_bytes / 2**30:.1f} of {plan.have_bytes / 2**30:.1f} GiB", file=sys.stderr)  # fmt: skip
     run_id, env, records = store.new_run_id(), environment(device), []
     for case in cases:
         t0 = time.perf_counter()

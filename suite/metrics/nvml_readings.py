@@ -125,13 +125,18 @@ def summarize(
     closed = [s for s in r.segments if s[2] is not None]
     energy = avg_power = None
     duration = sum(s[2] - s[0] for s in closed)
+    unusable = None  # why a readable counter gave no figure
     if closed and len(closed) == len(r.segments) and all(s[1] is not None and s[3] is not None for s in closed):
         deltas = [s[3] - s[1] for s in closed]
-        if min(deltas) >= 0:  # the counter updates every 20-100 ms, so short windows read coarse or zero
+        if min(deltas) < 0:
+            unusable = "energy counter went backwards (driver reloaded?)"
+        elif sum(deltas) == 0:  # it updates every 20-100 ms: over a shorter window it may not tick at all
+            unusable = f"energy counter did not advance over {duration:.3f} s (NVML updates it every 20-100 ms)"
+        else:
             energy = sum(deltas) / 1000
             avg_power = energy / duration if duration > 0 else None
     if energy is None:
-        reasons["energy_j"] = stall if stalled else errors.get("energy_j", "energy counter unread or went backwards")
+        reasons["energy_j"] = stall if stalled else unusable or errors.get("energy_j", "energy counter unread")
     if avg_power is None:
         reasons["avg_power_w"] = reasons.get("energy_j", "zero-length window")
     bits = r.event_bits or 0

@@ -102,10 +102,14 @@ class TorchCuda:
             self.matmul_loop(dtype, n, iters)
         return prof.result()
 
+    def empty_cache(self) -> None:
+        """Hand the allocator's cached (reserved, unused) blocks back to the driver, once the device is idle."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # every device's allocator (c10 NativeCachingAllocator::emptyCache)
+
     def allocate(self, mib: int) -> float:
         """Hold `mib` MiB on the device until `release()`; the growth of the allocator's reserved MiB."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # no cached block may serve the request: the driver must map new memory
+        self.empty_cache()  # no cached block may serve the request: the driver must map new memory
         before = torch.cuda.memory_reserved(self.device)
         self._held = torch.ones(mib * MIB, dtype=torch.uint8, device=self.device)  # written: the pages are real
         torch.cuda.synchronize(self.device)
@@ -114,7 +118,7 @@ class TorchCuda:
     def release(self) -> None:
         """Drop what `allocate` holds and give the cached blocks back to the driver."""
         self._held = None
-        torch.cuda.empty_cache()
+        self.empty_cache()
 
 
 def iters_for(cuda: Any, dtype: str, seconds: float, n: int = MATMUL_N) -> int:
@@ -221,6 +225,9 @@ class MemoryProbe:
 def memory_probe(cuda: Any, nvml: Any, handle: Any, pid: int, mib: int = 1024) -> MemoryProbe:
     """Allocate `mib` MiB and read NVML's process memory before and after."""
     cuda.matmul_loop("bf16", 256, 1)  # a CUDA context before the first reading: it is not the allocation
+    # NVML counts the allocator's cached blocks (earlier probes leave hundreds of MiB) and `allocate` empties
+    # the cache: read "before" once they are gone, or the released cache cancels part of the growth
+    cuda.empty_cache()
     before, _, _ = own_process_mib(nvml, handle, pid)
     growth = cuda.allocate(mib)
     try:

@@ -137,13 +137,9 @@ class MeasuredWindow:
                 w.reasons, "sm_clock_mhz", "temperature_c_max", "throttled", "power_limit_w", "sampler"
             ),
         }
-        if w.energy_j and timed_steps:  # a zero reading means the counter did not tick: no figure
+        if w.energy_j and timed_steps:  # a counter that did not tick gives None, with its reason, never 0
             out["energy_j_per_step"] = w.energy_j / timed_steps
             out["tokens_per_joule"] = tokens_per_step * timed_steps / w.energy_j
-        elif w.energy_j == 0:
-            out["energy_reason"] = (
-                f"energy counter did not advance over {self.duration_s:.3f} s (updates every 20-100 ms)"
-            )
         g = self._gpm.result()
         out["tensor_core_util_reason"] = g.reason  # set too when only the HMMA or IMMA figure failed
         if g.tensor_core_util is not None:
@@ -183,5 +179,10 @@ def profiler_fields(result: ProfilerTensorCoreResult, gpm_reason: str | None = N
 
 
 def _why(reasons: dict[str, str], *keys: str) -> str | None:
-    """The sampler's reasons for these fields, joined; None when all were measured."""
-    return "; ".join(f"{k}: {reasons[k]}" for k in keys if k in reasons) or None
+    """The sampler's reasons for these fields, joined (fields with the same reason once); None when all were
+    measured."""
+    by_reason: dict[str, list[str]] = {}
+    for k in keys:
+        if k in reasons:
+            by_reason.setdefault(reasons[k], []).append(k)
+    return "; ".join(f"{', '.join(ks)}: {why}" for why, ks in by_reason.items()) or None

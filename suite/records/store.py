@@ -70,7 +70,7 @@ FIELDS: tuple[str, ...] = (
     "grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
     "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
     "scaled_grad_underflow_frac", "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_loss_scale",
-    "fidelity_steps", "fidelity_layers", "fidelity_reason",
+    "fidelity_steps", "fidelity_layers", "fidelity_reason", "fidelity_ref_passes",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
     "python", "cpu", "cpu_count", "cpu_bf16_native", "cpu_fp16_native", "torch_threads", "hostname", "platform",

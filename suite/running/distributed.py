@@ -259,7 +259,8 @@ def _combined_measurements(everyone: list[dict], slowest: dict, case: Case) -> d
     missing = [e["rank"] for e in everyone if e["measurements"].get("energy_j_per_step") is None]
     if not missing:
         m["energy_j_per_step"] = sum(r["energy_j_per_step"] for r in ranks)
-        m["avg_power_w"] = sum(r.get("avg_power_w") or 0 for r in ranks)
+        powers = [r.get("avg_power_w") for r in ranks]  # None where a rank's window was too short to tell
+        m["avg_power_w"] = None if None in powers else sum(powers)
         m["tokens_per_joule"] = case.tokens_per_step / m["energy_j_per_step"]
     elif len(missing) < len(ranks):  # (when no rank has energy, the slowest's reason says why)
         m |= dict.fromkeys(("energy_j_per_step", "avg_power_w", "tokens_per_joule"))

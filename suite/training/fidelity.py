@@ -8,15 +8,18 @@ loss scaling has no applied gradient and no update: it is recorded as skipped.
 
 The reference is a float64 deep copy of the same GPT, taken before the mode converts it
 (so no autocast, no fp8 or int8 module, nothing of the mode), loaded before each step with
-the mode's own weights (16-bit ones upcast, int8 ones dequantized), run with TF32 off and
-the loss in float64, and stepped by a float64 torch AdamW with the case's hyper-parameters
-(lr, betas, weight decay, the mode's eps) and, from step 2 on, the mode's AdamW state.
+the mode's own weights (16-bit ones upcast, int8 ones dequantized), run with TF32 off, the
+math SDPA and the loss in float64, and stepped by a float64 torch AdamW with the case's
+hyper-parameters (lr, betas, weight decay, the mode's eps) and, from step 2 on, the mode's
+AdamW state. Where one float64 pass over the whole batch would not fit, the reference runs
+it in slices of rows and sums their gradients: every row is still compared.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +27,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models import GPT
+from models import GPT, GPTConfig
 from suite.hardware import DeviceInfo, on_device
 from suite.metrics.fidelity import F64, Comparison, Diff, fraction, json_number, lost, plain
 from suite.modes import PrecisionMode, get_mode
@@ -35,10 +39,28 @@ from suite.training.train import train_step
 
 # Bytes per parameter while both models live: the mode's (fp32 weight, grad, two AdamW
 # moments: 16), the float64 copy's (the same in float64: 32), and what is captured per step
-# (weights before, gradients applied and as backward left them: up to 12). Activations are
-# not counted: a batch too large for them ends as an `oom` row, not a refusal.
+# (weights before, gradients applied and as backward left them: up to 12).
 BYTES_PER_PARAM = 60
+# The float64 reference's activations, in float64 elements per token (measured on the CPU, see
+# `reference_bytes`): per block, what autograd keeps besides attention (input, LayerNorm outputs,
+# q/k/v and their scaled copies, attention output, MLP hidden before and after GELU: 11-15 x C
+# measured); the math SDPA's softmax output (nh, T) per block, plus two more of one block while its
+# backward runs; at the head, the logits, their log-softmax and both gradients (4 x V), and ln_f (2 x C).
+PER_BLOCK_C, ATTENTION_EXTRA, HEAD_V = 16, 2, 4
+# The share of the memory the plan may fill: the CUDA context, cuBLAS workspaces and the caching
+# allocator's rounding and fragmentation take the rest (on a CPU: other processes may grow).
+FIT_SHARE = 0.85
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """How the float64 reference runs the batch: `passes` slices of about `rows` rows, gradients summed."""
+
+    passes: int
+    rows: int
+    need_bytes: int  # both models' state and one pass's activations (the estimate)
+    have_bytes: int
 
 
 @dataclass
@@ -56,6 +78,7 @@ class StepFidelity:
     backward: tuple[float, float]  # the same of the grads as backward left them (scaled)
     rows: list[dict[str, Any]] = field(default_factory=list)
     note: str | None = None  # why grad or update is None
+    ref_passes: int = 1  # slices of the batch the float64 step ran in (every row compared)
 
 
 def available_bytes(device: DeviceInfo) -> tuple[int, str]:
@@ -74,18 +97,40 @@ def available_bytes(device: DeviceInfo) -> tuple[int, str]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
 
 
-def check_fits(case: Case, device: DeviceInfo) -> None:
-    """ValueError naming `model` when the mode's model and its float64 copy cannot both fit."""
+def reference_bytes(cfg: GPTConfig, rows: int, seq_len: int) -> int:
+    """Peak bytes of the float64 reference's activations for `rows` rows of `seq_len` tokens.
+
+    The math SDPA is the one float64 attention CUDA has, and the reference runs it on every device,
+    so its (rows, nh, T, T) attention matrices are counted. Against the step's peak RSS above the
+    weights and AdamW state on a CPU (README, Fidelity): tiny 8 x 128 measured 58 MiB, estimated 66
+    (+4 of gradients); gpt2-small 2 x 512 measured 3,311 MiB, estimated 3,406 (+949 of gradients).
+    """
+    T, C, L, nh = seq_len, cfg.n_embd, cfg.n_layer, cfg.n_head
+    per_token = L * (PER_BLOCK_C * C + nh * T) + ATTENTION_EXTRA * nh * T + HEAD_V * cfg.padded_vocab_size + 2 * C
+    return 8 * rows * T * per_token  # float64
+
+
+def check_fits(case: Case, device: DeviceInfo) -> ReferencePlan:
+    """How the float64 reference will run the case's batch; ValueError naming the field to change when
+    even one row per pass cannot fit beside the mode's model and its float64 copy."""
     with torch.device("meta"):
         params = GPT(case.model_config).num_params()
-    need = params * BYTES_PER_PARAM
+    state = params * BYTES_PER_PARAM
     have, what = available_bytes(device)
-    if need > have:
+    room = int(have * FIT_SHARE) - state
+    per_row = reference_bytes(case.model_config, 1, case.seq_len)
+    if room < per_row:
+        need = state + per_row
         raise ValueError(
-            f"model={case.model!r}: the fidelity check holds the mode's model and a float64 copy, about "
-            f"{need / 2**30:.1f} GiB ({params:,} parameters x {BYTES_PER_PARAM} B), but {what} is "
-            f"{have / 2**30:.1f} GiB; use a smaller --model or another --device"
+            f"model={case.model!r}, seq_len={case.seq_len}: the fidelity check holds the mode's model and a "
+            f"float64 copy ({params:,} parameters x {BYTES_PER_PARAM} B) and runs the float64 step at least one "
+            f"row at a time ({per_row / 2**30:.2f} GiB of activations per row), about {need / 2**30:.1f} GiB, "
+            f"but {FIT_SHARE:.0%} of {what} is {have * FIT_SHARE / 2**30:.1f} GiB; use a smaller --model or "
+            "--seq-len, or another --device"
         )
+    passes = math.ceil(case.batch_size / (room // per_row))
+    rows = math.ceil(case.batch_size / passes)
+    return ReferencePlan(passes, rows, state + reference_bytes(case.model_config, rows, case.seq_len), have)
 
 
 def _load_adam_state(opt: torch.optim.Optimizer, params: dict, ref_opt: torch.optim.Optimizer, ref: dict) -> str | None:
@@ -104,16 +149,23 @@ def _load_adam_state(opt: torch.optim.Optimizer, params: dict, ref_opt: torch.op
     return None
 
 
-def _reference_step(ref: nn.Module, ref_opt: torch.optim.Optimizer, batch: torch.Tensor) -> tuple[float, dict]:
-    """The float64 step: not `train_step`, whose fp32 loss would round the reference."""
+def _reference_step(ref: nn.Module, ref_opt: torch.optim.Optimizer, batch: torch.Tensor,
+                    passes: int = 1) -> tuple[float, dict]:  # fmt: skip
+    """The float64 step: not `train_step`, whose fp32 loss would round the reference. The batch's
+    mean loss is the sum of each slice's token losses over all tokens, so the gradients the
+    slices' backward passes accumulate are the whole batch's."""
     x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
+    tokens, loss_sum = y.numel(), 0.0
     ref_opt.zero_grad(set_to_none=True)
-    with tf32_matmuls(False), torch.autocast(batch.device.type, enabled=False):
-        logits = ref(x)  # (B, T, V) float64
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
+    with tf32_matmuls(False), torch.autocast(batch.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        for xs, ys in zip(x.tensor_split(passes), y.tensor_split(passes), strict=True):
+            logits = ref(xs)  # (rows, T, V) float64
+            loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum") / tokens
+            loss.backward()
+            loss_sum += loss.item()
+            del logits, loss  # before the next slice's forward
         ref_opt.step()  # AdamW reads the grads, never writes them
-    return loss.item(), {n: p.grad for n, p in ref.named_parameters()}
+    return loss_sum, {n: p.grad for n, p in ref.named_parameters()}
 
 
 class _Watch(contextlib.AbstractContextManager):
@@ -144,7 +196,7 @@ class _Watch(contextlib.AbstractContextManager):
 
 
 def _compare_step(k: int, mode: PrecisionMode, model: nn.Module, opt: torch.optim.Optimizer, ref: nn.Module,
-                  ref_opt: torch.optim.Optimizer, batch: torch.Tensor) -> StepFidelity:  # fmt: skip
+                  ref_opt: torch.optim.Optimizer, batch: torch.Tensor, passes: int) -> StepFidelity:  # fmt: skip
     params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
     before = {n: plain(p).clone() for n, p in params.items()}
     with torch.no_grad():
@@ -159,7 +211,7 @@ def _compare_step(k: int, mode: PrecisionMode, model: nn.Module, opt: torch.opti
         raise RuntimeError(f"{type(opt).__name__}'s step pre-hook never ran: the applied gradients are unknown")
     left = {n: plain(p.grad) for n, p in params.items() if p.grad is not None}
     backward = watch.backward if scale is not None else (watch.applied or left)
-    ref_loss, ref_grads = _reference_step(ref, ref_opt, batch)
+    ref_loss, ref_grads = _reference_step(ref, ref_opt, batch, passes)
     grads, updates = Comparison(), Comparison()
     rows, lost_applied, lost_backward = [], [], []
     with torch.no_grad():
@@ -192,11 +244,13 @@ def _compare_step(k: int, mode: PrecisionMode, model: nn.Module, opt: torch.opti
         step=k, stepped=stepped, loss=float(loss), ref_loss=ref_loss, loss_scale=scale,
         grad=grads.total() if stepped else None, update=updates.total() if stepped and updates.count else None,
         applied=fraction(lost_applied) if stepped else None, backward=fraction(lost_backward), rows=rows, note=note,
+        ref_passes=passes,
     )  # fmt: skip
 
 
 def measure(case: Case, device: DeviceInfo, batches: torch.Tensor) -> list[StepFidelity]:
     """Compare the mode's first len(batches) steps (K, B, T+1) from the case's seed with float64 ones."""
+    plan = check_fits(case, device)  # in slices of rows where the whole batch's float64 step would not fit
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # the fp32 model every mode starts from
@@ -211,7 +265,7 @@ def measure(case: Case, device: DeviceInfo, batches: torch.Tensor) -> list[StepF
         if names != ref_names:
             raise RuntimeError(f"{case.mode} renamed the parameters ({set(names) ^ set(ref_names)}): cannot pair them")
         for k, batch in enumerate(batches, start=1):
-            out.append(_compare_step(k, mode, model, opt, ref, ref_opt, batch.to(dev)))
+            out.append(_compare_step(k, mode, model, opt, ref, ref_opt, batch.to(dev), plan.passes))
     return out
 
 
@@ -245,4 +299,5 @@ def record_fields(steps: list[StepFidelity]) -> dict[str, Any]:
         ],  # fmt: skip
         "fidelity_layers": [row for s in steps for row in s.rows],
         "fidelity_reason": last.note,
+        "fidelity_ref_passes": last.ref_passes,
     }
