@@ -164,7 +164,10 @@ def test_cli_ladder_runs_one_process_once_and_ddp_before_fsdp(tmp_path):
     config = tmp_path / "m.toml"
     config.write_text('device = "cpu"\nmodes = ["fp32"]\nscaling = "1,2"\nparallel = "fsdp,ddp"\n')
     cases = cases_from_options(load_config(config))
-    assert [(c.nproc, c.parallel) for c in cases] == [(1, "ddp"), (2, "ddp"), (2, "fsdp")]
+    assert [(c.nproc, c.data_parallel) for c in cases] == [(1, None), (2, "ddp"), (2, "fsdp")]
+    one_rank = cases_from_options({"device": "cpu", "modes": "bf16", "nproc": 1, "parallel": "ddp,fsdp"})
+    assert [(c.nproc, c.data_parallel) for c in one_rank] == [(1, "ddp"), (1, "fsdp")]  # one-rank torchrun jobs
+    assert cases_from_options({"device": "cpu", "modes": "bf16", "nproc": 1})[0].data_parallel is None
     with pytest.raises(ValueError, match="parallel='ddp,zero3': 'zero3' is unknown"):
         cases_from_options({"device": "cpu", "parallel": "ddp,zero3"})
 
@@ -221,3 +224,15 @@ def test_a_rank_that_dies_under_fsdp_becomes_an_error_record_naming_it(monkeypat
     r = run_cases([small_case(mode="fp32", nproc=2, parallel="fsdp", steps=4)], log=None, case_timeout=120)[0]
     assert r["status"] == "error" and "rank 1 failed first (exit code 86)" in r["reason"], r["reason"]
     assert r["parallel"] == "fsdp" and time.monotonic() - started < 90
+
+
+def test_one_rank_ddp_and_fsdp_run_the_data_parallel_path_through_torchrun(tmp_path):
+    """`--nproc 1 --parallel ddp,fsdp`: one-rank torchrun jobs (what a first GPU checks), not plain runs."""
+    out = tmp_path / "r.jsonl"
+    code = main(["run", "--device", "cpu", "--model", "tiny", "--modes", "bf16", "--nproc", "1", "--parallel",
+                 "ddp,fsdp", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "32",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    ddp, fsdp = store.read(out)
+    assert [(r["parallel"], r["world_size"], r["status"]) for r in (ddp, fsdp)] == [("ddp", 1, "ok"), ("fsdp", 1, "ok")]
+    assert ddp["rank_devices"] == ["cpu"] and fsdp["param_dtype"] == "bfloat16" and fsdp["grad_comm"] == "fp32"

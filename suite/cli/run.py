@@ -105,7 +105,11 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         default=None,
         help="also compare each case's first step with a float64 reference (after training, untimed)",
     )
-    add("--parallel", help="with --nproc > 1: ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp)")
+    add(
+        "--parallel",
+        help="ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp with --nproc > 1); with --nproc 1, "
+        "a one-rank torchrun job (the data-parallel path on one device)",
+    )
     add(
         "--emulate",
         action="store_true",
@@ -153,7 +157,10 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
     cases = []
     strategies = _parallel(opts)
-    ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 else strategies[:1])]  # 1 process: once
+    # one process trains plainly (the 1 of --scaling too), unless --nproc 1 names --parallel: then it is
+    # a one-rank torchrun job, the data-parallel code path on one device
+    one_rank = opts.get("nproc") == 1 and "parallel" in opts
+    ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 or one_rank else [None])]
     for (nproc, parallel), model in itertools.product(ladder, opts.get("models") or [defaults["model"]]):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
         fixed = dict(device=str(device.torch_device), steps=steps, warmup=warmup, seed=opts.get("seed", 0),
@@ -167,7 +174,7 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     return cases
 
 
-def _parallel(opts: dict[str, Any]) -> list[str]:
+def _parallel(opts: dict[str, Any]) -> list[str | None]:
     """--parallel ddp, fsdp or ddp,fsdp (DDP first: each FSDP record's memory is compared with it)."""
     items = [t.strip() for t in str(opts.get("parallel", "ddp")).split(",") if t.strip()]
     bad = [t for t in items if t not in PARALLEL]
@@ -274,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _check_fidelity(cases: list[Case], devices: dict[str, DeviceInfo]) -> None:
     """--fidelity compares one process's step: refuse data parallelism and models that cannot fit twice."""
     for case in cases:
-        if case.fidelity and case.nproc > 1:
+        if case.fidelity and case.data_parallel:
             raise ValueError("fidelity: compares a one-process step; drop --nproc/--scaling or --fidelity")
     for case in {(c.model, c.device): c for c in cases if c.fidelity}.values():
         check_fits(case, devices[case.device])

@@ -199,7 +199,7 @@ def run_rank(
 
     progress = step_events(label, emit, " (rank 0 slice)") if rank == 0 and emit else None
     sharded: dict[str, Any] = {}  # FSDP: the policy's param_dtype and reduce_dtype
-    if case.parallel == "fsdp":
+    if case.data_parallel == "fsdp":
         from suite.running.sharding import fsdp_wrapper, full_copy
 
         wrap, unshard = fsdp_wrapper(case.grad_comm, sharded), full_copy

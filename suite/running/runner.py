@@ -62,7 +62,7 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
         device = devices[c.device]
         if device.type == "cuda" and c.nproc > 1:
             _check_rank_gpus(c, device)
-        if c.nproc > 1 and c.parallel == "ddp" and c.grad_comm == "bf16" and device.type != "cuda":
+        if c.data_parallel == "ddp" and c.grad_comm == "bf16" and device.type != "cuda":
             raise ValueError(
                 "grad_comm='bf16': torch's bf16 all-reduce hook needs CUDA and NCCL; use fp32 or fp16 on a CPU "
                 "(or --parallel fsdp, whose bf16 reduce-scatter runs on gloo)"
@@ -108,7 +108,7 @@ def _group(case_or_record: Case | dict[str, Any], keys: tuple[str, ...] = GROUP)
     """Cases compared with each other: fp32 vs the other modes; nproc 1 vs N for scaling."""
     if isinstance(case_or_record, dict):  # records name nproc world_size
         return tuple(case_or_record.get("world_size" if k == "nproc" else k) for k in keys)
-    return tuple(getattr(case_or_record, k) for k in keys)
+    return tuple(getattr(case_or_record, "data_parallel" if k == "parallel" else k) for k in keys)
 
 
 SCALING_GROUP = ("mode", *(k for k in GROUP if k not in ("nproc", "grad_comm", "parallel")))
@@ -237,7 +237,7 @@ def run_cases(
             if case.mode == convergence.REFERENCE:
                 references[group] = record
             record |= convergence.delta_fields(record, references.get(group))
-            if case.nproc == 1:
+            if case.data_parallel is None:
                 singles[_scaling_group(record)] = record
             record |= scaling_fields(record, singles.get(_scaling_group(record)))
             if record.get("parallel") == "ddp":
@@ -272,14 +272,14 @@ def _run_one(
     t0 = time.perf_counter()
     mode = get_mode(case.mode)
     reason, emulated = decide(mode, device, case.emulate)
-    if not reason and case.nproc > 1:
-        reason = mode.fsdp_plan(case.grad_comm).unavailable if case.parallel == "fsdp" else mode.no_data_parallel
+    if not reason and case.data_parallel:
+        reason = mode.fsdp_plan(case.grad_comm).unavailable if case.data_parallel == "fsdp" else mode.no_data_parallel
     values |= {"emulated": None if reason else emulated is not None, "emulated_reason": None if reason else emulated}
     if reason:
         values |= {"status": "skipped", "reason": reason}
-    elif case.nproc > 1 and launched_by_torchrun():  # the user's torchrun started this rank
+    elif case.data_parallel and launched_by_torchrun():  # the user's torchrun started this rank
         values |= train_here(case, values["flops_per_step"], label, sink)
-    elif case.nproc > 1:  # always in worker processes: torchrun starts the ranks
+    elif case.data_parallel:  # always in worker processes: torchrun starts the ranks
         values |= train_distributed(case, values["flops_per_step"], label, case_timeout, sink)
     elif isolate:
         values |= train_isolated(case, values["flops_per_step"], label, case_timeout, sink)

@@ -9,7 +9,7 @@ from suite.hardware import concrete_device
 from suite.modes import MODES
 
 GRAD_COMM = ("fp32", "bf16", "fp16")
-PARALLEL = ("ddp", "fsdp")  # with nproc > 1: DistributedDataParallel, or FSDP2 sharding
+PARALLEL = ("ddp", "fsdp")  # DistributedDataParallel, or FSDP2 sharding
 # Peak learning rates by model size, from the GPT-3 paper's table (tiny: chosen to learn
 # visibly within a few dozen steps).
 DEFAULT_LR = {"tiny": 3e-3, "gpt2-small": 6e-4, "gpt2-medium": 3e-4, "gpt2-large": 2.5e-4, "gpt2-xl": 2e-4}
@@ -37,9 +37,11 @@ class Case:
     eval_batches: int = 4  # held-out batches for final_loss
     eval_every: int = 0  # also evaluate every N steps (0: only at the end)
     nproc: int = 1  # data-parallel processes; batch_size is per process
-    grad_comm: str = "fp32"  # gradient all-reduce precision with nproc > 1: fp32 | bf16 | fp16
+    grad_comm: str = "fp32"  # gradient all-reduce precision under data parallelism: fp32 | bf16 | fp16
     fidelity: bool = False  # also compare step 1 with a float64 reference (mpbench run --fidelity)
-    parallel: str = "ddp"  # how nproc > 1 processes share the model: ddp | fsdp
+    # how the processes share the model: ddp | fsdp; None: ddp with nproc > 1, none with 1. Named with
+    # nproc 1, a one-rank torchrun job: the data-parallel code path on one device (a first GPU's check)
+    parallel: str | None = None
     emulate: bool = False  # run fp8/MXFP8 modes with emulated kernels on a GPU below their capability
 
     def __post_init__(self) -> None:
@@ -54,7 +56,7 @@ class Case:
                 raise ValueError(f"{f.name}={value!r}: must be an integer")
         if self.grad_comm not in GRAD_COMM:
             raise ValueError(f"grad_comm={self.grad_comm!r} is unknown; choose one of {', '.join(GRAD_COMM)}")
-        if self.parallel not in PARALLEL:
+        if self.parallel is not None and self.parallel not in PARALLEL:
             raise ValueError(f"parallel={self.parallel!r} is unknown; choose one of {', '.join(PARALLEL)}")
         for name in ("batch_size", "seq_len", "steps", "eval_batches", "nproc"):
             if getattr(self, name) < 1:
@@ -88,6 +90,11 @@ class Case:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.model]
+
+    @property
+    def data_parallel(self) -> str | None:
+        """ "ddp" or "fsdp" when the case trains through torchrun ranks (any nproc), None for one plain process."""
+        return self.parallel or ("ddp" if self.nproc > 1 else None)
 
     @property
     def tokens_per_step(self) -> int:
