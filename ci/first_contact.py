@@ -203,8 +203,9 @@ def summary(folder: Path, budget_s: str = "?") -> str:
     head = [
         f"mpbench first contact on {where} ({env.get('device', '?')}), torch {env.get('torch', '?')}, "
         f"CUDA {env.get('cuda')}, driver {env.get('driver')}, commit {str(env.get('git_commit'))[:10]}",
-        f"steps took {used:.0f} s of a {budget_s} s budget; mpbench ran as: {ran_as}",
-        f"folder {folder}: output in run.log, commands in steps.tsv",
+        f"steps took {used:.0f} s of a {budget_s} s budget; mpbench ran as: {ran_as}; output in run.log, "
+        "commands in steps.tsv",
+        f"folder: {folder}",
         "",
         f"{'step':<11} {'exit':>4} {'seconds':>7}  {'outcome':<40} what ran",
     ]
