@@ -10,8 +10,8 @@
 #   doctor     mpbench doctor
 #   eager      mpbench run, every mode, gpt2-small 8 x 512, 8 steps (3 warm-up)      -> records.jsonl
 #   fidelity   mpbench fidelity, every mode, tiny 4 x 64                              -> fidelity.jsonl
-#   ddp-1rank  bf16 on a one-rank torchrun job under DDP    (ci/one_rank_case.py)  -> records.jsonl
-#   fsdp-1rank bf16 on a one-rank torchrun job under FSDP2  (ci/one_rank_case.py)  -> records.jsonl
+#   ddp-1rank  bf16 on a one-rank torchrun job under DDP    (--nproc 1 --parallel ddp)  -> records.jsonl
+#   fsdp-1rank bf16 on a one-rank torchrun job under FSDP2  (--nproc 1 --parallel fsdp) -> records.jsonl
 #   compiled   mpbench run --compile, every mode (tf32, bf16 and the torchao modes first), same sizes
 # On a CPU every step runs at tiny sizes (2 x 32, 4 steps) and the compiled pass runs bf16 only;
 # the summary says so. Each step runs under `timeout` (at most 10 minutes, and never past the
@@ -30,7 +30,6 @@
 #   FIRST_CONTACT_STEP_S    a cap on every step (default none: each step's own, at most 585 s)
 #   MPBENCH                 the command to test (default: mpbench, else python -m suite.cli)
 #   PYTHON                  the Python for the summary and the one-rank cases (default: python3)
-#   FIRST_CONTACT_ONE_RANK  the one-rank case program (default: ci/one_rank_case.py)
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -40,7 +39,6 @@ FOLDER=${1:-${OUT:-}}
 cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # this checkout, in every process
 PY=${PYTHON:-python3}
-ONE_RANK=${FIRST_CONTACT_ONE_RANK:-$HERE/one_rank_case.py}
 BUDGET_S=${FIRST_CONTACT_BUDGET_S:-480}
 STEP_S=${FIRST_CONTACT_STEP_S:-585}
 GRACE_S=15     # after a step's limit: SIGTERM, then SIGKILL this much later
@@ -170,7 +168,7 @@ step fidelity 120 "mpbench fidelity, every mode, tiny 4x64" fidelity.jsonl "$MOD
     "${MPB[@]}" fidelity --model tiny --batch-size 4 --seq-len 64 --out "$DIR/fidelity.jsonl"
 for parallel in ddp fsdp; do
     step "$parallel-1rank" 150 "one-rank torchrun ${parallel^^}, bf16, $SIZE_TEXT" records.jsonl bf16 "" -- \
-        "$PY" "$ONE_RANK" --parallel "$parallel" --mode bf16 "${SIZES[@]}" --case-timeout 120 \
+        "${MPB[@]}" run --modes bf16 --nproc 1 --parallel "$parallel" "${SIZES[@]}" --case-timeout 120 \
         --out "$DIR/records.jsonl"
 done
 step compiled 585 "mpbench run --compile, $SIZE_TEXT" records.jsonl "${COMPILED#all}" "" -- \

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "gpu-first-contact.sh"
@@ -42,10 +41,13 @@ elif cmd == "doctor":
     sys.exit(1)
 elif cmd in ("run", "fidelity"):
     modes = opt("--modes", "fp32,bf16,mxfp8").split(",")
-    step = "compiled" if "--compile" in args else "eager" if cmd == "run" else "fidelity"
+    parallel = opt("--parallel")
+    step = "eager" if cmd == "run" else "fidelity"
+    step = "compiled" if "--compile" in args else f"{parallel}-1rank" if parallel else step
     for i, mode in enumerate(modes):
         error = mode == os.environ.get("FAKE_ERROR") and cmd == "fidelity"
-        record = {"mode": mode, "status": "error" if error else "ok", "reason": "RuntimeError: boom" if error else None}
+        record = {"mode": mode, "status": "error" if error else "ok", "reason": "RuntimeError: boom" if error else None,
+                  "parallel": parallel}
         with open(opt("--out"), "a") as f:
             f.write(json.dumps(record) + "\\n")
         if hang == step:
@@ -54,13 +56,6 @@ elif cmd in ("run", "fidelity"):
     print("done")
     sys.exit(1 if os.environ.get("FAKE_ERROR") in modes and cmd == "fidelity" else 0)
 """
-FAKE_ONE_RANK = """\
-import json, sys
-args = sys.argv[1:]
-parallel, out = args[args.index("--parallel") + 1], args[args.index("--out") + 1]
-with open(out, "a") as f:
-    f.write(json.dumps({"mode": "bf16", "status": "ok", "reason": None, "parallel": parallel}) + "\\n")
-"""
 
 
 def _fakes(tmp_path: Path) -> dict[str, str]:
@@ -68,9 +63,7 @@ def _fakes(tmp_path: Path) -> dict[str, str]:
     fake = tmp_path / "mpbench"
     fake.write_text(f"#!{sys.executable}\n{FAKE_MPBENCH}")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    one_rank = tmp_path / "one_rank.py"
-    one_rank.write_text(FAKE_ONE_RANK)
-    return os.environ | {"MPBENCH": str(fake), "PYTHON": sys.executable, "FIRST_CONTACT_ONE_RANK": str(one_rank)}
+    return os.environ | {"MPBENCH": str(fake), "PYTHON": sys.executable}
 
 
 def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, str]:
@@ -155,16 +148,3 @@ def test_the_mode_list_is_read_from_the_real_modes_table(tmp_path, capsys):
     assert main(["modes", "--device", "cpu"]) == 0
     (tmp_path / "modes.txt").write_text(capsys.readouterr().out)
     assert _first_contact().read_modes(tmp_path) == list(MODES)
-
-
-@pytest.mark.slow
-def test_one_rank_case_runs_fsdp_on_one_rank_and_says_so(tmp_path):
-    out = tmp_path / "r.jsonl"
-    args = ["--parallel", "fsdp", "--device", "cpu", "--steps", "2", "--warmup", "1", "--case-timeout", "120"]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "ci" / "one_rank_case.py"), *args, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert (record["status"], record["parallel"], record["world_size"], record["device"]) == ("ok", "fsdp", 1, "cpu")
-    assert record["param_dtype"] == "bfloat16" and record["suspect"] == []
