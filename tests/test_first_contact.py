@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "gpu-first-contact.sh"
 STEPS = ("env", "modes", "doctor", "eager", "fidelity", "ddp-1rank", "fsdp-1rank", "compiled")
