@@ -1,7 +1,7 @@
 """ci/gpu-first-contact.sh: its summary names every step, reports a failed or killed step and runs
-the rest, keeps what finished when stopped, and respects its budget. A fake `mpbench` and a fake
-one-rank program stand in for the real ones (seconds, not minutes); the real one-rank program
-runs once, on a CPU, at tiny sizes."""
+the rest, keeps what finished when stopped, and respects its budget. A fake `mpbench` stands in for
+the real one (seconds, not minutes); the one-rank DDP and FSDP runs it asks for are tested for real
+in tests/test_fsdp.py."""
 
 from __future__ import annotations
 
