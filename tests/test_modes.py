@@ -116,9 +116,34 @@ def test_each_mode_restores_globals(mode, caller_enabled_tf32):
 
 def test_fp32_turns_tf32_off_inside_even_when_caller_enabled_it(caller_enabled_tf32):
     with get_mode("fp32")(CPU).numerics():
-        assert not tf32_enabled()
-        assert set(fp32_precision_state().values()) <= {"ieee", False}
+        state = fp32_precision_state()
+        assert not tf32_enabled() and torch.get_float32_matmul_precision() == "highest"
+        assert state["cudnn.allow_tf32"] is False and state["mkldnn.matmul"] == "ieee"  # oneDNN (CPU): full fp32
     assert tf32_enabled()
+
+
+def _flags_agree() -> bool:
+    """Both generations of TF32 flags read without raising and say the same (Inductor reads the legacy one)."""
+    state = fp32_precision_state()
+    assert not [name for name, value in state.items() if str(value).startswith("unreadable")], state
+    tf32 = state["cuda.matmul"] == "tf32"
+    assert (torch.get_float32_matmul_precision() != "highest") is tf32 is torch.backends.cuda.matmul.allow_tf32
+    assert state["cudnn.allow_tf32"] is (state["cudnn.conv"] == "tf32") is (state["cudnn.rnn"] == "tf32")
+    return tf32
+
+
+@pytest.mark.parametrize("caller_tf32", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_sets_legacy_and_new_tf32_flags_in_agreement(mode, caller_tf32):
+    """pytorch/pytorch#166387: with only the new flag set, torch.get_float32_matmul_precision() raises, and
+    Inductor calls it while compiling a CUDA matmul (tf32 --compile). Checked inside each mode's numerics()
+    and after it, from a caller with TF32 off and on (set through the legacy API, as a user's script may)."""
+    with tf32_matmuls(caller_tf32):
+        before = fp32_precision_state()
+        cls = get_mode(mode)
+        with cls(CPU if cls.unavailable_reason(CPU) is None else H100).numerics():
+            assert _flags_agree() is cls.allow_tf32
+        assert _flags_agree() is caller_tf32 and fp32_precision_state() == before
 
 
 def test_tf32_context_restores_after_an_exception():
