@@ -49,6 +49,12 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, gradient or state; a plain tensor as it is.
+    Code that makes its own tensors (noise, flags) must work on these: DTensor + plain tensor raises."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def needs_capability(device: DeviceInfo, minimum: tuple[int, int], what: str) -> str | None:
     """Reason a CUDA-only feature can't run on `device`, or None if it can."""
     if device.type != "cuda":
