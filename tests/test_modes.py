@@ -21,7 +21,8 @@ EXPECTED_STORAGE = {
     "amp-fp16": (["float32"], ["float32"], ["float32"], "fp16"),
     "bf16": (["float32"], ["float32"], ["float32"], "bf16"),
     "pure-fp16": (["float16"], ["float16"], ["float16"], "fp16"),
-    "int8-weight": (["float32", "int8"], ["float32"], ["float32"], "fp32"),
+    # bf16 block Linears (int8 data, bf16 scales and biases), fp32 embeddings and norms
+    "int8-weight": (["bfloat16", "float32", "int8"], ["bfloat16", "float32"], ["bfloat16", "float32"], "bf16"),
 }
 
 
@@ -177,9 +178,8 @@ def test_unavailable_reasons_on_fake_devices(mode, device, expected):
         assert expected in reason
 
 
-def test_int8_weight_computes_in_bf16_on_cuda_and_fp32_on_cpu():
-    assert get_mode("int8-weight")(H100).compute == "bf16"
-    assert get_mode("int8-weight")(CPU).compute == "fp32"
+def test_int8_weight_computes_in_bf16_on_cuda_and_on_cpu():
+    assert get_mode("int8-weight")(H100).compute == get_mode("int8-weight")(CPU).compute == "bf16"
 
 
 def _fp16_param(value: float) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
@@ -216,8 +216,8 @@ def test_tf32_mode_turns_tf32_on_and_restores():
 
 
 def test_int8_weight_bf16_path_runs_every_matmul_in_bf16():
-    """The CUDA path (bf16) checked on a CPU: forward and backward matmuls all in bf16, and it
-    trains. With fp32 scales torchao's backward would mix fp32 and bf16 and fail."""
+    """The CUDA path (bf16), which the CPU now takes too: forward and backward matmuls all in bf16, and
+    it trains. With fp32 scales torchao's backward would mix fp32 and bf16 and fail."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -225,7 +225,7 @@ def test_int8_weight_bf16_path_runs_every_matmul_in_bf16():
     import models
     from suite.training.train import storage_dtypes, train_step
 
-    mode = get_mode("int8-weight")(CPU, compute="bf16")
+    mode = get_mode("int8-weight")(CPU)
     model = mode.prepare(models.GPT(small_case().model_config))
     opt = mode.make_optimizer(model, lr=3e-3, weight_decay=0.1)
     matmuls: Counter = Counter()
