@@ -132,6 +132,35 @@ def test_sharding_on_one_rank_trains_like_the_plain_model(one_rank_group, mode):
         assert fsdp.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
 
 
+def test_fsdp_root_returns_no_view_and_a_padded_vocab_view_trains_right(one_rank_group):
+    """FSDP2 warns when a wrapped module returns a view: an in-place op on it would drop the pre-backward
+    hook (the all-gather before backward). Unpadded, GPT returns no view; padded, it must slice, and the train
+    step writes nothing in place (logits.float(), flatten, cross_entropy): training matches the plain model."""
+    import copy
+    import warnings
+
+    from models import GPT, GPTConfig
+    from suite.running.sharding import fsdp_wrapper
+    from suite.training.train import train_step
+
+    batch = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
+    for multiple in (1, 64):
+        cfg = GPTConfig.preset("tiny", vocab_size=500, vocab_multiple=multiple)
+        losses = []
+        for sharded in (False, True):
+            mode = get_mode("fp32")(CPU)
+            model = GPT(cfg, seed=0)
+            if sharded:
+                model = fsdp_wrapper("fp32", {})(copy.deepcopy(model), mode)
+            optimizer = mode.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                losses.append([train_step(model, mode, optimizer, batch)[0].item() for _ in range(3)])
+            viewed = any("returned a view tensor" in str(w.message) for w in caught)
+            assert viewed is (sharded and multiple > 1), (multiple, sharded)
+        assert losses[1] == pytest.approx(losses[0], abs=1e-6)  # gathered for backward: the same gradients
+
+
 def test_memory_saving_pairs_fsdp_with_ddp_then_one_process():
     fsdp = {"parallel": "fsdp", "status": "ok", "peak_mem_mb": 300.0, "peak_mem_allocated_mb": None}
     ddp = {"status": "ok", "peak_mem_mb": 400.0, "peak_mem_allocated_mb": None}
