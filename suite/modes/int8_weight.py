@@ -6,10 +6,11 @@ stochastic rounding. Kept in fp32: token and position embeddings and the LM head
 one tied matrix, and quantizing it would untie it), LayerNorm gains, all biases.
 Compute: bf16 autocast, with the quantized Linears themselves in bf16 (bf16 scales and biases; so
 their grads and AdamW state are bf16, as torchao's recipe has it), on a CPU as on a GPU: the CPU
-runs the GPU's dtype flow. (Measured on the 2-core AVX512-BF16 CPU, `mpbench run`'s default tiny
-8 x 64 case: fp32 compute 205 ms/step median before, bf16 see the commit; a CPU without native bf16
-gets the smaller defaults `run_defaults` gives the bf16 mode too.) The held-out loss is taken in
-strict fp32 from the dequantized int8 weights (`eval_model`).
+runs the GPU's dtype flow. bf16 does not cost the CPU default run time: tiny at 8 x 64 on the 2-core
+AVX512-BF16 CPU, train steps interleaved with the old fp32 path in one process (load average 6 from
+other jobs): bf16 median 706 ms (p10 187), fp32 783 ms (p10 287). A CPU without native bf16 gets the
+smaller defaults `run_defaults` already gives the `bf16` mode. The held-out loss is taken in strict
+fp32 from the dequantized int8 weights (`eval_model`).
 
 Weight decay: torch's AdamW decays with `param.mul_`, which torchao's int8 weight tensor
 does not implement. So the int8 weights sit in a group with weight_decay=0 and this mode
