@@ -167,13 +167,14 @@ def test_cpu_takes_the_gpu_dtype_flow(name):
 def test_gpu_kernel_contracts_hold_at_every_converted_layer(name, monkeypatch):
     mode = _cpu_mode(name)
     spies = KernelSpies(monkeypatch)
-    model = mode.prepare(GPT(CFG, seed=0))
     gpu_autocast = get_mode(name)(B200).autocast_dtype  # the autocast this mode runs under on a GPU
-    with mode.numerics(), torch.autocast("cpu", dtype=gpu_autocast or torch.bfloat16, enabled=bool(gpu_autocast)):
-        logits = model(BATCH[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), BATCH[:, 1:].flatten())
-    spies.phase = "backward"
-    loss.backward()
+    with mode.numerics():  # prepare inside too: fp8's process-wide inductor patch is undone on exit
+        model = mode.prepare(GPT(CFG, seed=0))
+        with torch.autocast("cpu", dtype=gpu_autocast or torch.bfloat16, enabled=bool(gpu_autocast)):
+            logits = model(BATCH[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), BATCH[:, 1:].flatten())
+        spies.phase = "backward"
+        loss.backward()
     assert spies.broken == [], spies.broken[:5]
     converted = len(mode.layer_fields().get("converted_layers", []))
     reached = {boundary for boundary, _ in spies.calls}
