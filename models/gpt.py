@@ -155,7 +155,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        return logits[..., : self.config.vocab_size]  # drop padded rows, if any
+        if self.config.padded_vocab_size == self.config.vocab_size:
+            # not a view: a wrapper that hooks the output for backward (FSDP2) would lose its hook to an
+            # in-place op on a view; a padded vocabulary has to slice (a copy would cost B x T x V)
+            return logits
+        return logits[..., : self.config.vocab_size]  # drop padded rows
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding counted once (GPT-2's convention)."""

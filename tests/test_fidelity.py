@@ -15,6 +15,7 @@ from suite.hardware import resolve_device
 from suite.modes import MODES
 from suite.modes.bf16 import BF16
 from suite.modes.fp32 import FP32
+from suite.modes.int8_weight import Int8Weight
 from suite.modes.pure_fp16 import DynamicLossScaler, PureFP16
 from suite.records import store
 from suite.reporting.compare import compare_runs
@@ -74,9 +75,26 @@ class PureFP16Overflowing(PureFP16):
         self.scaler = DynamicLossScaler(init_scale=2.0**40)
 
 
+class Int8WeightFP32(Int8Weight):
+    """int8-weight without its bf16 compute (autocast off, quantized Linears in fp32): its one rounding is
+    the int8 weights' own, which the float64 reference must share."""
+
+    name = "test-int8-weight-fp32"
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.autocast_dtype, self.compute = None, "fp32"
+
+    def prepare(self, model):
+        model = super().prepare(model)
+        for fqn in self._quantized:
+            model.get_submodule(fqn).float()  # fp32 scales and biases; the input hook then casts to fp32
+        return model
+
+
 @pytest.fixture
 def test_modes(monkeypatch):
-    for mode in (BF16GradsRoundedAgain, PureFP16Unscaled, PureFP16Overflowing):
+    for mode in (BF16GradsRoundedAgain, PureFP16Unscaled, PureFP16Overflowing, Int8WeightFP32):
         monkeypatch.setitem(MODES, mode.name, mode)
 
 
@@ -127,10 +145,10 @@ def test_a_step_skipped_by_loss_scaling_is_recorded_as_such(test_modes):
     json.dumps(f, allow_nan=False)  # NaN/inf in the per-tensor rows are written as strings
 
 
-def test_int8_weights_are_dequantized_for_the_reference():
-    # On CPU int8-weight computes in fp32 on its dequantized weights: if the reference saw the
-    # fp32 weights before quantization instead, the gradient error would be the int8 rounding's.
-    f = measure("int8-weight")
+def test_int8_weights_are_dequantized_for_the_reference(test_modes):
+    # int8-weight computing in fp32 on its dequantized weights: if the reference saw the fp32
+    # weights before quantization instead, the gradient error would be the int8 rounding's.
+    f = measure(Int8WeightFP32.name)
     assert f["grad_rel_err_vs_fp64"] < 1e-5
     assert 1e-3 < f["update_rel_err_vs_fp64"] < 0.5  # stochastic rounding of the update to int8
 

@@ -93,7 +93,7 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16", "amp-fp16", "pure-fp16", "pure-bf16"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "amp-fp16", "pure-fp16", "pure-bf16", "pure-bf16-sr"])
 def test_sharding_on_one_rank_trains_like_the_plain_model(one_rank_group, mode):
     from torch.distributed.tensor import DTensor
 
@@ -114,20 +114,51 @@ def test_sharding_on_one_rank_trains_like_the_plain_model(one_rank_group, mode):
     fsdp = run_case(case, CPU, corpus, train, heldout, trackers=False, wrap=wrap, unshard=full_copy)
     plain = run_case(case, CPU, corpus, train, heldout, trackers=False)
     assert set(seen["params"]) == {DTensor}  # every parameter became a shard
-    stored = {"pure-fp16": "float16", "pure-bf16": "bfloat16"}.get(mode, "float32")
+    stored = {"pure-fp16": "float16", "pure-bf16": "bfloat16", "pure-bf16-sr": "bfloat16"}.get(mode, "float32")
     assert fsdp.storage["weight_dtypes"] == [stored] and fsdp.storage["optimizer_state_dtypes"] == [stored]
     assert found == {"fp32": {"param_dtype": "float32", "reduce_dtype": "float32"},
                      "bf16": {"param_dtype": "bfloat16", "reduce_dtype": "float32"},
                      "amp-fp16": {"param_dtype": "float16", "reduce_dtype": "float32"},
                      "pure-fp16": {"param_dtype": "float16", "reduce_dtype": "float16"},
-                     "pure-bf16": {"param_dtype": "bfloat16", "reduce_dtype": "bfloat16"}}[mode]  # fmt: skip
+                     "pure-bf16": {"param_dtype": "bfloat16", "reduce_dtype": "bfloat16"},
+                     "pure-bf16-sr": {"param_dtype": "bfloat16", "reduce_dtype": "bfloat16"}}[mode]  # fmt: skip
     if mode in ("bf16", "amp-fp16"):  # module-level casts are not autocast: close, not equal
         # measured over 3 steps: bf16 2.2e-4, amp-fp16 1.2e-4 (ShardedGradScaler, no overflow)
         assert max(abs(a - b) for a, b in zip(fsdp.loss_curve, plain.loss_curve, strict=True)) < 2e-3
         assert fsdp.loss_curve != plain.loss_curve and fsdp.final_loss == pytest.approx(plain.final_loss, abs=2e-3)
-    else:  # one rank: the same arithmetic as the plain model, held-out loss from the gathered copy
+    else:  # one rank: the same arithmetic (pure-bf16-sr: the same noise) as the plain model, held-out loss from
+        # the gathered copy
         assert fsdp.loss_curve == pytest.approx(plain.loss_curve, abs=1e-6)
         assert fsdp.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
+
+
+def test_fsdp_root_returns_no_view_and_a_padded_vocab_view_trains_right(one_rank_group):
+    """FSDP2 warns when a wrapped module returns a view: an in-place op on it would drop the pre-backward
+    hook (the all-gather before backward). Unpadded, GPT returns no view; padded, it must slice, and the train
+    step writes nothing in place (logits.float(), flatten, cross_entropy): training matches the plain model."""
+    import copy
+    import warnings
+
+    from models import GPT, GPTConfig
+    from suite.running.sharding import fsdp_wrapper
+    from suite.training.train import train_step
+
+    batch = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
+    for multiple in (1, 64):
+        cfg = GPTConfig.preset("tiny", vocab_size=500, vocab_multiple=multiple)
+        losses = []
+        for sharded in (False, True):
+            mode = get_mode("fp32")(CPU)
+            model = GPT(cfg, seed=0)
+            if sharded:
+                model = fsdp_wrapper("fp32", {})(copy.deepcopy(model), mode)
+            optimizer = mode.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                losses.append([train_step(model, mode, optimizer, batch)[0].item() for _ in range(3)])
+            viewed = any("returned a view tensor" in str(w.message) for w in caught)
+            assert viewed is (sharded and multiple > 1), (multiple, sharded)
+        assert losses[1] == pytest.approx(losses[0], abs=1e-6)  # gathered for backward: the same gradients
 
 
 def test_memory_saving_pairs_fsdp_with_ddp_then_one_process():

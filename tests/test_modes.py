@@ -21,7 +21,8 @@ EXPECTED_STORAGE = {
     "amp-fp16": (["float32"], ["float32"], ["float32"], "fp16"),
     "bf16": (["float32"], ["float32"], ["float32"], "bf16"),
     "pure-fp16": (["float16"], ["float16"], ["float16"], "fp16"),
-    "int8-weight": (["float32", "int8"], ["float32"], ["float32"], "fp32"),
+    # bf16 block Linears (int8 data, bf16 scales and biases), fp32 embeddings and norms
+    "int8-weight": (["bfloat16", "float32", "int8"], ["bfloat16", "float32"], ["bfloat16", "float32"], "bf16"),
 }
 
 
@@ -116,9 +117,34 @@ def test_each_mode_restores_globals(mode, caller_enabled_tf32):
 
 def test_fp32_turns_tf32_off_inside_even_when_caller_enabled_it(caller_enabled_tf32):
     with get_mode("fp32")(CPU).numerics():
-        assert not tf32_enabled()
-        assert set(fp32_precision_state().values()) <= {"ieee", False}
+        state = fp32_precision_state()
+        assert not tf32_enabled() and torch.get_float32_matmul_precision() == "highest"
+        assert state["cudnn.allow_tf32"] is False and state["mkldnn.matmul"] == "ieee"  # oneDNN (CPU): full fp32
     assert tf32_enabled()
+
+
+def _flags_agree() -> bool:
+    """Both generations of TF32 flags read without raising and say the same (Inductor reads the legacy one)."""
+    state = fp32_precision_state()
+    assert not [name for name, value in state.items() if str(value).startswith("unreadable")], state
+    tf32 = state["cuda.matmul"] == "tf32"
+    assert (torch.get_float32_matmul_precision() != "highest") is tf32 is torch.backends.cuda.matmul.allow_tf32
+    assert state["cudnn.allow_tf32"] is (state["cudnn.conv"] == "tf32") is (state["cudnn.rnn"] == "tf32")
+    return tf32
+
+
+@pytest.mark.parametrize("caller_tf32", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_sets_legacy_and_new_tf32_flags_in_agreement(mode, caller_tf32):
+    """pytorch/pytorch#166387: with only the new flag set, torch.get_float32_matmul_precision() raises, and
+    Inductor calls it while compiling a CUDA matmul (tf32 --compile). Checked inside each mode's numerics()
+    and after it, from a caller with TF32 off and on (set through the legacy API, as a user's script may)."""
+    with tf32_matmuls(caller_tf32):
+        before = fp32_precision_state()
+        cls = get_mode(mode)
+        with cls(CPU if cls.unavailable_reason(CPU) is None else H100).numerics():
+            assert _flags_agree() is cls.allow_tf32
+        assert _flags_agree() is caller_tf32 and fp32_precision_state() == before
 
 
 def test_tf32_context_restores_after_an_exception():
@@ -152,9 +178,8 @@ def test_unavailable_reasons_on_fake_devices(mode, device, expected):
         assert expected in reason
 
 
-def test_int8_weight_computes_in_bf16_on_cuda_and_fp32_on_cpu():
-    assert get_mode("int8-weight")(H100).compute == "bf16"
-    assert get_mode("int8-weight")(CPU).compute == "fp32"
+def test_int8_weight_computes_in_bf16_on_cuda_and_on_cpu():
+    assert get_mode("int8-weight")(H100).compute == get_mode("int8-weight")(CPU).compute == "bf16"
 
 
 def _fp16_param(value: float) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
@@ -191,8 +216,8 @@ def test_tf32_mode_turns_tf32_on_and_restores():
 
 
 def test_int8_weight_bf16_path_runs_every_matmul_in_bf16():
-    """The CUDA path (bf16) checked on a CPU: forward and backward matmuls all in bf16, and it
-    trains. With fp32 scales torchao's backward would mix fp32 and bf16 and fail."""
+    """The CUDA path (bf16), which the CPU now takes too: forward and backward matmuls all in bf16, and
+    it trains. With fp32 scales torchao's backward would mix fp32 and bf16 and fail."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -200,7 +225,7 @@ def test_int8_weight_bf16_path_runs_every_matmul_in_bf16():
     import models
     from suite.training.train import storage_dtypes, train_step
 
-    mode = get_mode("int8-weight")(CPU, compute="bf16")
+    mode = get_mode("int8-weight")(CPU)
     model = mode.prepare(models.GPT(small_case().model_config))
     opt = mode.make_optimizer(model, lr=3e-3, weight_decay=0.1)
     matmuls: Counter = Counter()

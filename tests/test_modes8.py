@@ -15,7 +15,7 @@ from suite.metrics.flops import utilization_fields
 from suite.modes import MODES, get_mode
 from suite.modes.base import decide
 from suite.modes.pure_bf16_sr import StochasticRoundingAdamW, stochastic_round_bf16
-from suite.modes.torchao_calls import check_tokens, select_linears
+from suite.modes.torchao_calls import check_tokens, master_weight, select_linears
 
 CPU = DeviceInfo("cpu", "test cpu")
 A100 = DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", (8, 0))
@@ -73,6 +73,31 @@ def test_peak_dtype_each_mode_is_measured_against(mode, device):
     assert compute == dtype
     fields = utilization_fields(10**15, 1000.0, compute, device)  # 1 PFLOP in 1 s
     assert fields["peak_flops"] == tflops * 1e12 and fields["mfu"] == pytest.approx(1e15 / (tflops * 1e12))
+
+
+def test_blended_mfu_counts_the_bf16_part_of_an_8_bit_step():
+    """Issue 20, defect 15: gpt2-small's LM head and attention (~40% of its counted FLOPs at 1024 tokens) run
+    in bf16 in the 8-bit modes; the blended peak weighs each part's FLOPs by its own dtype's peak."""
+    from suite.metrics.flops import mode_dtype_share
+
+    cfg = GPTConfig.preset("gpt2-small")
+    with torch.device("meta"):
+        converted, _ = select_linears(GPT(cfg), 16, "float8")  # the 48 block Linears
+    share = mode_dtype_share(cfg, 1024, converted)
+    c, n = cfg.n_embd, cfg.n_layer  # per token: 6 x 12 C^2 per layer converted; + 6 C V head, 12 L C T attention
+    assert share == pytest.approx(6 * 12 * c * c * n / (6 * (12 * c * c * n + c * cfg.vocab_size) + 12 * n * c * 1024))
+    assert 0.55 < share < 0.65 and mode_dtype_share(cfg, 1024, None) == 1.0 and mode_dtype_share(cfg, 1024, []) == 0
+    f = utilization_fields(10**15, 1000.0, "fp8", H100, share)  # 1 PFLOP/s achieved
+    blended = 1 / (share / 1979e12 + (1 - share) / 989.5e12)
+    assert f["mode_dtype_flops_share"] == share and f["peak_flops_blended"] == pytest.approx(blended)
+    assert f["mfu_blended"] == pytest.approx(1e15 / blended)
+    assert f["mfu_blended"] > f["mfu"] == pytest.approx(1e15 / 1979e12)
+    plain = utilization_fields(10**15, 1000.0, "bf16", H100)  # no converted layers: blended is the plain MFU
+    assert plain["mfu_blended"] == plain["mfu"] and plain["peak_flops_blended"] == plain["peak_flops"]
+    no_peak = utilization_fields(10**15, 1000.0, "mxfp8", H100, share)  # Hopper has no MX tensor cores
+    assert no_peak["mfu_blended"] is None and "mxfp8" in no_peak["mfu_reason"]
+    cpu = utilization_fields(10**15, 1000.0, "fp8", CPU, share)
+    assert cpu["mode_dtype_flops_share"] == share and cpu.get("mfu_blended") is None and "CPUs" in cpu["mfu_reason"]
 
 
 def test_mxfp8_on_hopper_has_no_peak_but_says_why():
@@ -139,18 +164,22 @@ class _Block(nn.Module):
 
 
 def test_mxfp8_keeps_and_trains_the_bias():
+    from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
+
     torch.manual_seed(0)
     model = _Block(64, 32)
     old_bias = model.blocks[0].bias.detach().clone()
     old_weight = model.blocks[0].weight.detach().clone()
     model = get_mode("mxfp8")(CPU).prepare(model)
     layer = model.blocks[0]
-    assert type(layer).__name__ == "MXFP8Linear"
-    assert torch.equal(layer.bias, old_bias) and torch.equal(layer.weight, old_weight)
-    out = model(torch.zeros(32, 64))  # zero input: the output is the bias alone
-    assert torch.allclose(out, old_bias.expand(32, -1))
+    assert isinstance(layer, MXFP8Linear)
+    assert torch.equal(layer.bias, old_bias) and torch.equal(master_weight(layer), old_weight)
+    assert layer.weight.dtype == torch.bfloat16  # what the MX kernels are handed; the master stays fp32
+    out = model(torch.zeros(32, 64))  # zero input: the output is the bias alone (in bf16, as on a GPU)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, old_bias.to(torch.bfloat16).expand(32, -1))
     out.sum().backward()
     assert torch.equal(layer.bias.grad, torch.full((32,), 32.0))
+    assert master_weight(layer).grad.dtype == torch.float32  # the cast is differentiable: the master learns
 
 
 def test_mxfp8_scales_each_32_block_where_rowwise_fp8_cannot():
@@ -167,7 +196,7 @@ def test_mxfp8_scales_each_32_block_where_rowwise_fp8_cannot():
         with prepared.numerics():  # as the train loop does: globals restored after
             out[mode] = prepared.prepare(model)(x)[:, 64]
     assert torch.all(out["fp8-rowwise"] == 0)
-    assert torch.allclose(out["mxfp8"], torch.full((32,), 0.1), rtol=0.07)  # e4m3: 3 mantissa bits
+    assert torch.allclose(out["mxfp8"].float(), torch.full((32,), 0.1), rtol=0.07)  # e4m3: 3 mantissa bits
 
 
 class _CountIntMM(TorchDispatchMode):
@@ -290,8 +319,10 @@ def test_emulated_records_say_so_and_carry_no_speed(trained, mode):
         assert r["emulated_reason"] is None
     if mode in ("int8-mixed", *EMULABLE):
         assert len(r["converted_layers"]) == 8 and r["unconverted_layers"][0].startswith("lm_head (128 x 512)")
+        # tiny at 32 tokens, per token: 8 Linears 6 x 2 x 12 x 128^2 = 2.36M of 6 x (2.36M/6 + 128 x 512) + 0.1M
+        assert r["mode_dtype_flops_share"] == pytest.approx(2359296 / r["flops_per_token"])
     else:
-        assert r["converted_layers"] is None
+        assert r["converted_layers"] is None and r["mode_dtype_flops_share"] == 1.0
 
 
 @pytest.mark.slow
@@ -382,3 +413,50 @@ def test_missing_torchao_skips_each_torchao_mode_with_the_reason(monkeypatch):
     with pytest.raises(RuntimeError, match="fp8-tensorwise needs torchao"):
         get_mode("fp8-tensorwise")(CPU).prepare(_Block(16, 16))
     assert decide(get_mode("pure-bf16-sr"), H100, emulate=False) == (None, None)  # torch only
+
+
+def test_mamf_hint_of_every_mode_names_a_command_that_runs(tmp_path, monkeypatch, capsys):
+    """Issue 20, defect 11: the fp8/int8 modes' mamf reason said `mpbench calibrate --dtypes fp8`, which
+    calibrate refused. Each mode's hint now either names a dtype calibrate times, or says no ceiling exists."""
+    import json
+
+    from suite.cli.main import main
+    from suite.hardware import resolve_device
+    from suite.metrics import calibration
+
+    here = resolve_device("cpu")  # the device `mpbench calibrate --device cpu` names its file after
+    monkeypatch.setenv("MPBENCH_CALIBRATION_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "CPU_SIZES", (64, 128))  # seconds, not minutes
+    assert main(["calibrate", "--device", "cpu", "--dtypes", "fp32"]) == 0
+    for name, cls in MODES.items():
+        compute = cls(here).compute
+        ceiling, reason = calibration.ceiling(here, compute)
+        if compute == "fp32":
+            assert ceiling > 0
+        elif "--dtypes" in reason:
+            assert f"`mpbench calibrate --dtypes {compute}`" in reason, reason
+            out = tmp_path / f"{compute}.json"
+            assert main(["calibrate", "--device", "cpu", "--dtypes", compute, "--out", str(out)]) == 0, name
+            entry = json.loads(out.read_text())["results"][compute]
+            assert entry["flops"] > 0 or entry["reason"]  # timed, or the device lacks the kernel and says so
+        else:
+            assert "no mxfp8 ceiling" in reason and name == "mxfp8", (name, reason)
+            assert main(["calibrate", "--device", "cpu", "--dtypes", compute]) == 2
+            assert "no mxfp8 ceiling" in capsys.readouterr().err
+
+
+def test_calibrate_times_the_8_bit_kernels_the_modes_use(monkeypatch):
+    """fp8 through torch._scaled_mm and int8 through torch._int_mm, the kernels their modes reach."""
+    from suite.metrics import calibration
+
+    seen = []
+    for name in ("_scaled_mm", "_int_mm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    result = calibration.measure(CPU, ["fp8", "int8"], sizes=(64,), repeats=1)
+    assert {"_scaled_mm", "_int_mm"} <= set(seen)
+    assert all(result["results"][d]["flops"] > 0 for d in ("fp8", "int8"))  # torch 2.13's CPU runs both
+    broken = DeviceInfo("cpu", "a CPU whose _scaled_mm refuses")
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not supported")))
+    skipped = calibration.measure(broken, ["fp8"], sizes=(64,), repeats=1)["results"]["fp8"]
+    assert skipped["flops"] is None and "RuntimeError: not supported" in skipped["reason"]

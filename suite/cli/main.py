@@ -152,8 +152,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else None
     for d in dtypes or []:
-        if d not in calibration.DTYPES:
-            raise ValueError(f"dtypes: {d!r} is unknown; choose from {', '.join(calibration.DTYPES)}")
+        calibration.check_dtype(d)
     path = Path(args.out) if args.out else calibration.calibration_path(device)
     store.check_writable(path.with_suffix(".tmp"))
     print(f"mpbench: calibrating matmul FLOP/s on {device.describe()}", file=sys.stderr)
@@ -161,10 +160,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     calibration.save(result, path)
     rows = []
     for dtype, entry in result["results"].items():
+        if entry["flops"] is None:
+            rows.append([dtype, "-", "-", "-", "-"])
+            continue
         peak, _ = peaks.peak_flops(device.name, dtype) if device.type == "cuda" else (None, None)
         share = f"{entry['flops'] / peak:.0%}" if peak else "-"
         rows.append([dtype, f"{entry['flops'] / 1e12:.2f}", entry["n"], f"{peak / 1e12:.1f}" if peak else "-", share])
     print(table(rows, ["dtype", "best TFLOP/s", "n", "datasheet TFLOP/s", "of datasheet"]))
+    for dtype, entry in result["results"].items():
+        if entry["flops"] is None:
+            print(f"{dtype}: not timed: {entry['reason']}")
     print(f"\ncalibration: {path}")
     return 0
 
@@ -215,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.set_defaults(func=cmd_modes)
     cal = sub.add_parser("calibrate", help="measure this machine's best matmul FLOP/s per dtype (for mamf)")
     cal.add_argument("--device", default="auto")
-    cal.add_argument("--dtypes", help="comma-separated from fp32, tf32, fp16, bf16 (default: what the device has)")
+    cal.add_argument(
+        "--dtypes", help="comma-separated from fp32, tf32, fp16, bf16, fp8, int8 (default: what the device has)"
+    )
     cal.add_argument("--out", help="JSON file (default: results/calibration/DEVICE-HOST.json)")
     cal.set_defaults(func=cmd_calibrate)
     env = sub.add_parser("env", help="print the environment, the peak FLOP/s row and NVML status")

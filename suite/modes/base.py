@@ -16,7 +16,7 @@ for `emulate`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,6 +47,12 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, gradient or state; a plain tensor as it is.
+    Code that makes its own tensors (noise, flags) must work on these: DTensor + plain tensor raises."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def needs_capability(device: DeviceInfo, minimum: tuple[int, int], what: str) -> str | None:
@@ -88,53 +94,75 @@ def decide(mode: type[PrecisionMode], device: DeviceInfo, emulate: bool) -> tupl
     return None, f"{why}: runs emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
 
 
-# torch >= 2.9 has per-backend `fp32_precision` settings and raises when the legacy flags
-# (allow_tf32, set_float32_matmul_precision) are read after the new ones were set; so use
-# the new settings where they exist and the legacy flags only on older torch.
+# TF32 has two generations of flags in torch >= 2.9: the legacy ones (`torch.backends.cuda.matmul.allow_tf32`,
+# `torch.backends.cudnn.allow_tf32`, `torch.set_float32_matmul_precision`) and per-backend `fp32_precision`
+# settings. Setting only a new one leaves the legacy matmul precision behind, and reading that one then raises
+# ("mix of the legacy and new APIs", pytorch/pytorch#166387), which Inductor does when it picks a CUDA matmul
+# (select_algorithm, codecache). The legacy setters write both generations (torch 2.11 and 2.13: the same
+# Python in torch/backends, the same checks in ATen's Context), so TF32 is set through them; only oneDNN's CPU
+# matmul flag, which no legacy setter owns alone, is set through the new API, to a value the legacy reader accepts.
 _NEW_PRECISION_API = hasattr(torch.backends, "fp32_precision")
+_NEW_FLAGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul")  # what the setters below touch
 
 
-def _precision_settings() -> dict[str, tuple[object, str]]:
-    """name -> (settings object, attribute): what decides how fp32 matmuls and convs run."""
-    b = torch.backends
-    if _NEW_PRECISION_API:
-        return {
-            "cuda.matmul": (b.cuda.matmul, "fp32_precision"),
-            "cudnn.conv": (b.cudnn.conv, "fp32_precision"),
-            "mkldnn.matmul": (b.mkldnn.matmul, "fp32_precision"),
-        }
-    return {"cuda.matmul": (b.cuda.matmul, "allow_tf32"), "cudnn.conv": (b.cudnn, "allow_tf32")}
+def _new_flag(name: str) -> object:
+    """The settings object of one new-API flag, e.g. torch.backends.cudnn.conv for "cudnn.conv"."""
+    backend, op = name.split(".")
+    return getattr(getattr(torch.backends, backend), op)
+
+
+def _readable(read: Callable[[], object]) -> object:
+    """A legacy flag's value, or "unreadable: ..." where torch refuses to read it (mixed APIs)."""
+    try:
+        return read()
+    except RuntimeError as exc:
+        return f"unreadable: {str(exc)[:60]}"
 
 
 def fp32_precision_state() -> dict[str, object]:
-    """The current fp32 precision settings, by name."""
-    return {name: getattr(obj, attr) for name, (obj, attr) in _precision_settings().items()}
+    """Every setting that decides how fp32 matmuls and convs run, both generations, by name."""
+    state = {
+        "float32_matmul_precision": _readable(torch.get_float32_matmul_precision),
+        "cuda.matmul.allow_tf32": _readable(lambda: torch.backends.cuda.matmul.allow_tf32),
+        "cudnn.allow_tf32": _readable(lambda: torch.backends.cudnn.allow_tf32),
+    }
+    if _NEW_PRECISION_API:
+        state |= {name: _new_flag(name).fp32_precision for name in _NEW_FLAGS}
+    return state
 
 
 def tf32_enabled() -> bool:
     """Whether CUDA fp32 matmuls may run in TF32 right now."""
-    value = fp32_precision_state()["cuda.matmul"]
-    return value == "tf32" if _NEW_PRECISION_API else bool(value)
+    if _NEW_PRECISION_API:
+        return _new_flag("cuda.matmul").fp32_precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """Set TF32 on or off for CUDA matmuls and cuDNN convs (CPU matmuls: strict fp32), then
-    restore the caller's settings."""
-    settings = list(_precision_settings().values())
-    saved = [getattr(obj, attr) for obj, attr in settings]
-    if _NEW_PRECISION_API:
-        cuda_value = "tf32" if enabled else "ieee"
-        targets = [cuda_value, cuda_value, "ieee"]  # oneDNN (CPU) matmuls: always full fp32
-    else:
-        targets = [enabled, enabled]
+    """Set TF32 on or off for CUDA matmuls and cuDNN convs (CPU matmuls: strict fp32), both generations of
+    flags agreeing, then restore the caller's settings exactly."""
+    saved = fp32_precision_state()
     try:
-        for (obj, attr), value in zip(settings, targets, strict=True):
-            setattr(obj, attr, value)
+        torch.backends.cuda.matmul.allow_tf32 = enabled  # legacy matmul precision and cuda.matmul together
+        torch.backends.cudnn.allow_tf32 = enabled  # legacy cuDNN flag and cudnn.conv, cudnn.rnn together
+        if _NEW_PRECISION_API:
+            _new_flag("mkldnn.matmul").fp32_precision = "ieee"  # oneDNN (CPU) matmuls: full fp32, always
         yield
     finally:
-        for (obj, attr), value in zip(settings, saved, strict=True):
-            setattr(obj, attr, value)
+        _restore(saved)
+
+
+def _restore(saved: dict[str, object]) -> None:
+    """Put back what `fp32_precision_state` read: the legacy flags first (their setters write the new ones
+    too), then the new flags exactly. A legacy value the caller had made unreadable is left consistent."""
+    legacy = saved["float32_matmul_precision"]
+    if not str(legacy).startswith("unreadable"):
+        torch.set_float32_matmul_precision(legacy)
+    if isinstance(saved["cudnn.allow_tf32"], bool):
+        torch.backends.cudnn.allow_tf32 = saved["cudnn.allow_tf32"]
+    for name in _NEW_FLAGS if _NEW_PRECISION_API else ():
+        _new_flag(name).fp32_precision = saved[name]
 
 
 class PrecisionMode:

@@ -12,6 +12,6 @@ from suite.modes.fp8_tensorwise import FP8Tensorwise
 
 class FP8Rowwise(FP8Tensorwise):
     name = "fp8-rowwise"
-    summary = "fp32 master, float8 block matmuls (torchao, rowwise scales), bf16 autocast elsewhere on a GPU"
+    summary = "fp32 master, float8 block matmuls (torchao, rowwise scales), bf16 autocast elsewhere"
     needs = "torchao; CUDA 8.9+, 9.0 for the fast path (emulated on a CPU, or below 8.9 with --emulate)"
     recipe = "rowwise"

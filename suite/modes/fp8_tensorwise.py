@@ -3,9 +3,11 @@
 Stored: fp32 master weights, fp32 grads and AdamW state (the record's dtypes say so). Each
 block Linear casts its input, weight and output gradient to float8 (e4m3 forward, e5m2 for
 gradients) inside the matmul, with dynamic scales, and returns a high-precision result; nothing
-float8 is kept between steps. Everything else runs under bf16 autocast on a GPU, in fp32 on a
-CPU. On a CPU or a GPU below 8.9 the float8 matmuls are emulated (torchao `emulate=True`:
-dequantized operands, high-precision matmul), so the numerics are fp8's and the speed is not.
+float8 is kept between steps. Everything runs under bf16 autocast, on a CPU as on a GPU: torchao's
+Float8Linear casts its input to the autocast dtype only under CUDA autocast, so a pre-hook does the
+same on every device (a no-op on a GPU), and the layers' outputs are bf16 on both. On a CPU or a GPU
+below 8.9 the float8 matmuls are emulated (torchao `emulate=True`: dequantized operands,
+high-precision matmul), so the numerics are fp8's and the speed is not.
 
 `convert_to_float8_training` also patches inductor's Triton min/max code generation for the
 whole process (a numerically identical workaround for a Triton fp8 store bug); `numerics()`
@@ -29,6 +31,7 @@ from suite.modes.torchao_calls import (
     import_torchao,
     inductor_patch_restored,
     select_linears,
+    to_autocast_dtype,
 )
 
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multiple of 16
@@ -37,7 +40,7 @@ FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multi
 class FP8Tensorwise(SwappedLinearsMode):
     name = "fp8-tensorwise"
     compute_dtype = "fp8"
-    summary = "fp32 master, float8 block matmuls (torchao, tensorwise scales), bf16 autocast elsewhere on a GPU"
+    summary = "fp32 master, float8 block matmuls (torchao, tensorwise scales), bf16 autocast elsewhere"
     needs = "torchao; CUDA 8.9+ (emulated on a CPU, or below 8.9 with --emulate)"
     recipe: ClassVar[str] = "tensorwise"
     minimum: ClassVar[tuple[int, int]] = (8, 9)
@@ -76,6 +79,8 @@ class FP8Tensorwise(SwappedLinearsMode):
         float8.convert_to_float8_training(
             model, module_filter_fn=lambda module, fqn: fqn in chosen, config=self.config()
         )
+        for fqn in converted:
+            model.get_submodule(fqn).register_forward_pre_hook(to_autocast_dtype)
         check_tokens(model, FLOAT8_MULTIPLE, self.name)
         self.keep_layers(converted, kept)
         return model

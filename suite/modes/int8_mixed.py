@@ -2,8 +2,18 @@
 
 Stored: fp32 master weights, grads and AdamW state. Each block Linear quantizes its operands
 row-wise to int8 (one scale per row, computed every step) for the forward and both backward
-matmuls (`torch._int_mm`, int32 accumulate), then rescales. Elsewhere: bf16 autocast on a GPU,
-fp32 on a CPU (where int8 matmuls are real, not emulated, and slow).
+matmuls (`torch._int_mm`, int32 accumulate), then rescales. Elsewhere: bf16 autocast, on a CPU as
+on a GPU (on a CPU the int8 matmuls are real, not emulated, and slow).
+
+Why the swapped layers take fp32 inputs: each int8 matmul is rescaled by one row scale and one column
+scale, each in the dtype of its operand, and on CUDA torchao's Triton kernel `scaled_int8_mm` asserts
+`row_scale.dtype is col_scale.dtype` (torchao 0.18, prototype/quantized_training/int8_mm.py; the CPU
+fallback, `torch._int_mm`, does not check). Under autocast, SDPA hands attn.c_proj a bf16 input: the
+function casts the weight to bf16, adds the fp32 bias (output fp32), and the backward then pairs fp32
+output-gradient scales with bf16 weight scales and asserts. A pre-hook casts every input to the
+weight's dtype (fp32), as LayerNorm and GELU already hand the other three layers: forward, output,
+gradients and all scales are fp32, the int8 matmul is the same, and the contract holds
+(tests/test_kernel_contracts.py checks it at every layer, forward and backward).
 
 Why `module_swap=True`: torchao 0.18's default config registers its `F.linear` override where
 it is never called, so training is bit-identical to fp32 (FACTS.md). The swap replaces each
@@ -17,7 +27,13 @@ import torch.nn as nn
 
 from suite.hardware import DeviceInfo
 from suite.modes.base import needs_capability
-from suite.modes.torchao_calls import SwappedLinearsMode, check_tokens, import_torchao, select_linears
+from suite.modes.torchao_calls import (
+    SwappedLinearsMode,
+    check_tokens,
+    import_torchao,
+    select_linears,
+    to_weight_dtype,
+)
 
 INT8_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8 (and M > 16)
 _INT8 = "torchao.prototype.quantized_training"
@@ -27,7 +43,7 @@ _QUANTIZE = "torchao.quantization"
 class Int8Mixed(SwappedLinearsMode):
     name = "int8-mixed"
     compute_dtype = "int8"
-    summary = "fp32 master, int8 block matmuls with dynamic row scales (torchao), bf16 autocast elsewhere on a GPU"
+    summary = "fp32 master, int8 block matmuls with dynamic row scales (torchao), bf16 autocast elsewhere"
     needs = "torchao; CUDA 8.0+ or a CPU (real int8 matmuls, slow)"
     cpu_default = False
 
@@ -53,6 +69,8 @@ class Int8Mixed(SwappedLinearsMode):
         swapped = [f for f, m in model.named_modules() if isinstance(m, qt.Int8MixedPrecisionTrainingLinear)]
         if swapped != converted:  # torchao changed what module_swap does: say so, don't train fp32 silently
             raise RuntimeError(f"int8-mixed: torchao swapped {swapped}, expected {converted}")
+        for fqn in converted:
+            model.get_submodule(fqn).register_forward_pre_hook(to_weight_dtype)  # fp32: the scales' dtypes agree
         check_tokens(model, INT8_MULTIPLE, self.name)
         self.keep_layers(converted, kept)
         return model

@@ -8,33 +8,56 @@ torchao's `KernelPreference.EMULATED`).
 
 Why `MXFP8Linear` and not `quantize_(model, MXFP8TrainingOpConfig(...))`: in torchao 0.18
 the latter drops the Linear bias (pytorch/ao#4846). Here each Linear is rebuilt with its bias
-and its old weights loaded (tests check the bias survives and trains). The layer adds its
-bias in the dtype of its output and needs input and weight in one dtype, so inputs are cast
-to the weight's dtype (fp32) on the way in; the matmul itself is MXFP8 either way.
+and its old weights loaded (tests check the bias survives and trains).
+
+Why bf16 operands: on a Blackwell GPU (KernelPreference.AUTO) torchao casts the input, the weight and
+the output gradient to MXFP8 with a Triton kernel that takes bf16 only (`triton_to_mxfp8_dim0`: "only
+bfloat16 inputs are supported"; its CUDA dim1 kernel wants them contiguous, 2-D, both dimensions
+multiples of 32; torchao 0.18, prototype/mx_formats/kernels.py and csrc mxfp8_extension.cpp); the
+emulated path takes fp32 too. torchao expects FSDP's bf16 param dtype to supply a bf16 weight; here the
+fp32 master weight is presented to the layer as bf16 through a parametrization (a differentiable cast,
+as autocast does for a plain Linear: the gradient reaches the fp32 master) and the input is cast to
+it, so the forward, the output (bf16, bias added in bf16) and the output gradient are bf16 on every
+device, and a CPU test checks the GPU kernels' contract at every layer, forward and backward.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from suite.hardware import DeviceInfo
 from suite.modes.base import needs_emulation
-from suite.modes.torchao_calls import SwappedLinearsMode, check_tokens, import_torchao, select_linears, swap_linears
+from suite.modes.torchao_calls import (
+    SwappedLinearsMode,
+    check_tokens,
+    import_torchao,
+    select_linears,
+    swap_linears,
+    to_weight_dtype,
+)
 
 MX_BLOCK = 32  # elements per scale, along the reduction dimension of every matmul
 _MXFP8 = "torchao.prototype.moe_training.mxfp8_linear"
 _KERNELS = "torchao.quantization.quantize_.common.kernel_preference"
 
 
-def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
-    x = args[0]
-    return (x.to(module.weight.dtype), *args[1:])
+class AsDtype(nn.Module):
+    """Parametrization: the weight as `dtype`, a differentiable cast (the optimizer steps the original)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.dtype)
 
 
 class MXFP8(SwappedLinearsMode):
     name = "mxfp8"
     compute_dtype = "mxfp8"
-    summary = "fp32 master, MXFP8 block-scaled matmuls (torchao), bf16 autocast elsewhere on a GPU"
+    summary = "fp32 master, MXFP8 block-scaled matmuls (torchao, bf16 operands), bf16 autocast elsewhere"
     needs = "torchao; CUDA 10.0+ (emulated on a CPU, or below 10.0 with --emulate)"
     cpu_default = False  # emulated: several times fp32's step time on a CPU
 
@@ -62,7 +85,9 @@ class MXFP8(SwappedLinearsMode):
             new = mx.MXFP8Linear(old.in_features, old.out_features, bias=old.bias is not None,
                                  kernel_preference=pref, device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
             new.load_state_dict(old.state_dict())  # weight and bias, exactly
-            new.register_forward_pre_hook(_to_weight_dtype)
+            # the MX cast kernels' input dtype: the weight seen as bf16, the input cast to it
+            parametrize.register_parametrization(new, "weight", AsDtype(torch.bfloat16), unsafe=True)
+            new.register_forward_pre_hook(to_weight_dtype)
             return new
 
         swap_linears(model, converted, rebuild)

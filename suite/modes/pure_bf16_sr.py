@@ -7,6 +7,11 @@ decay, bias-corrected moments), done in fp32 from the bf16 weight and moments; t
 is then rounded to bf16 stochastically: up with probability equal to its distance from the
 lower bf16 neighbour, so E[round(x)] = x (tests check this). The moments are stored in bf16,
 rounded to nearest (as torchao stores them).
+
+Under FSDP2 (`--parallel fsdp`) the parameters, gradients and moments are DTensor shards: the step
+works on each rank's local shard (`local_shard`), since DTensor refuses to mix with the plain noise
+tensor, and each rank draws its noise from its own stream (seed + rank), so that shards don't share
+one noise pattern. The update is elementwise, so a shard's arithmetic is the whole tensor's.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from suite.modes.base import ADAM_BETAS, decay_groups
+from suite.modes.base import ADAM_BETAS, decay_groups, local_shard
 from suite.modes.pure_bf16 import PureBF16
 
 _HIGH_HALF = -65536  # int32 0xFFFF0000: sign, exponent and the 7 mantissa bits bf16 keeps
@@ -44,8 +49,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:  # one seeded stream per device: runs repeat exactly
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        if device not in self._generators:  # one seeded stream per device (and rank): runs repeat exactly
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + rank)
         return self._generators[device]
 
     @torch.no_grad()
@@ -63,15 +71,17 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"]
-                grad = p.grad.float()
-                m = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                new = p.float().mul_(1 - lr * wd)  # decoupled weight decay, as torch's AdamW
+                # this rank's shards under FSDP2 (views: writing them writes the DTensors); else the tensors
+                w, exp_avg, exp_avg_sq = local_shard(p), local_shard(state["exp_avg"]), local_shard(state["exp_avg_sq"])
+                grad = local_shard(p.grad).float()
+                m = exp_avg.float().lerp_(grad, 1 - beta1)
+                v = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                exp_avg.copy_(m)
+                exp_avg_sq.copy_(v)
+                new = w.float().mul_(1 - lr * wd)  # decoupled weight decay, as torch's AdamW
                 denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
                 new.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-                p.copy_(stochastic_round_bf16(new, self._generator(p.device)))
+                w.copy_(stochastic_round_bf16(new, self._generator(w.device)))
         return None
 
 

@@ -8,12 +8,7 @@ import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import FsdpPlan, PrecisionMode
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 (DTensor) gradient; a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from suite.modes.base import FsdpPlan, PrecisionMode, local_shard
 
 
 class DynamicLossScaler:
@@ -35,7 +30,7 @@ class DynamicLossScaler:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         # a DTensor's .all() is only this rank's verdict (a pending partial): check the local
         # shard and, when sharded, take the minimum over ranks, so all skip or all step
-        finite = torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all()
+        finite = torch.stack([torch.isfinite(local_shard(g)).all() for g in grads]).all()
         if self.across_ranks:
             import torch.distributed as dist
 

@@ -8,6 +8,7 @@ about its CUDA extensions quiet on a CPU build of torch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import warnings
@@ -17,6 +18,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from suite.hardware import DeviceInfo
 from suite.modes.base import PrecisionMode
@@ -108,10 +110,50 @@ def inductor_patch_restored() -> Iterator[None]:
             patch._PATCHED = flag
 
 
+def to_autocast_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the input in its device's autocast dtype where autocast is on. torchao's Float8Linear
+    does this itself for CUDA autocast only; the hook gives a CPU run the GPU's dtype flow (on a GPU it is a no-op)."""
+    x = args[0]
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return (x, *args[1:])
+
+
+def to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the input in the dtype of the layer's weight (as a parametrization presents it)."""
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def master_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight the optimizer steps: under a dtype parametrization its original; torchao's int8 weight
+    (int8 data x per-row scale) dequantized."""
+    weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+    return weight.dequantize() if getattr(weight, "int_data", None) is not None else weight
+
+
+@torch.no_grad()
+def fp32_copy(model: nn.Module, fqns: list[str]) -> nn.Module:
+    """A copy of `model` for the strict-fp32 held-out loss: each named layer replaced by a plain fp32
+    nn.Linear with its master weight and bias, so no torchao class, kernel, cast hook or parametrization is
+    left; every other module copied as it is (the tied embedding stays tied)."""
+
+    def plain(layer: nn.Module) -> nn.Linear:
+        weight = master_weight(layer)
+        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+        new.weight.copy_(weight)  # copy_ converts to the new layer's fp32
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+        return new
+
+    memo = {id(model.get_submodule(fqn)): plain(model.get_submodule(fqn)) for fqn in fqns}
+    return copy.deepcopy(model, memo)  # the memo puts the plain layers where the swapped ones were
+
+
 class SwappedLinearsMode(PrecisionMode):
-    """Base of the modes that swap the blocks' Linears for torchao's (fp8, MXFP8, int8 matmuls): fp32
-    master weights, bf16 autocast around the swapped layers on a GPU (fp32 on a CPU), and the record
-    of which layers were converted and which kept. Subclasses set `compute_dtype` and `prepare`."""
+    """Base of the modes that swap the blocks' Linears for torchao's (fp8, MXFP8, int8 matmuls): fp32 master
+    weights, bf16 autocast on every device (CPU autocast has bf16, so a CPU run takes the GPU's dtype flow and
+    checks its kernels' contracts; tests/test_kernel_contracts.py), and the record of which layers were
+    converted and which kept. Subclasses set `compute_dtype` and `prepare`, which calls `keep_layers`."""
 
     compute_dtype: ClassVar[str] = ""  # the peak FLOP/s column the mode is measured against
 
@@ -119,8 +161,7 @@ class SwappedLinearsMode(PrecisionMode):
         super().__init__(device)
         self.compute = self.compute_dtype
         self.emulated = type(self).emulation_reason(device) is not None
-        if device.type == "cuda":
-            self.autocast_dtype = torch.bfloat16
+        self.autocast_dtype = torch.bfloat16
         self._layers: dict[str, list[str]] = {}
 
     def keep_layers(self, converted: list[str], kept: list[str]) -> None:
@@ -129,3 +170,8 @@ class SwappedLinearsMode(PrecisionMode):
 
     def layer_fields(self) -> dict[str, list[str]]:
         return self._layers
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The fp32 master weights in plain Linears: the held-out loss measures what training produced, in
+        strict fp32 as for every mode, not the 8-bit forward (the loss curve has that)."""
+        return fp32_copy(model, self._layers.get("converted_layers", []))

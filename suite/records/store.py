@@ -45,6 +45,9 @@ FIELDS: tuple[str, ...] = (
     "step_times_ms", "tokens_per_s",
     # FLOP/s and utilization (fractions)
     "achieved_flops", "peak_flops", "peak_flops_dtype", "mfu", "mfu_bf16", "mfu_reason",
+    # the share of the counted FLOPs that ran in the mode's dtype (8-bit modes: the converted Linears), and
+    # MFU against the peak of that mix of dtypes (the rest at the bf16 peak)
+    "mode_dtype_flops_share", "peak_flops_blended", "mfu_blended",
     "mamf", "mamf_flops", "mamf_reason",
     "tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma", "tensor_core_util_source",
     "tensor_core_util_reason", "tensor_core_top_kernels",
@@ -87,7 +90,7 @@ FIDELITY_FIGURES = (
 
 # A metric that may be null, and the field that then says why (same reason for a group).
 REASON_FIELDS: dict[str, str] = {
-    **dict.fromkeys(("peak_flops", "mfu", "mfu_bf16"), "mfu_reason"),
+    **dict.fromkeys(("peak_flops", "mfu", "mfu_bf16", "peak_flops_blended", "mfu_blended"), "mfu_reason"),
     **dict.fromkeys(("mamf", "mamf_flops"), "mamf_reason"),
     **dict.fromkeys(
         ("tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma", "tensor_core_util_source"),

@@ -15,7 +15,7 @@ import torch
 
 from models import GPT
 from suite.hardware import DeviceInfo, resolve_device
-from suite.metrics.flops import utilization_fields
+from suite.metrics.flops import mode_dtype_share, utilization_fields
 from suite.modes import get_mode
 from suite.running.progress import Event, Sink, step_events
 from suite.training import fidelity
@@ -99,9 +99,10 @@ def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step:
             "step_time_cv": r.timing.cv,
             "step_times_ms": r.timing.times_ms,
             "tokens_per_s": case.tokens_per_step / (r.timing.median_ms / 1e3),
-            # MFU per GPU: each of the nproc processes does 1/nproc of the step's FLOPs
-            **utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device),
         }
+        # MFU per GPU: each of the nproc processes does 1/nproc of the step's FLOPs
+        share = mode_dtype_share(case.model_config, case.seq_len, r.storage.get("converted_layers"))
+        fields |= utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device, share)
         fields |= emulated_speed_fields(get_mode(case.mode).emulation_reason(device))
     return fields
 
@@ -111,7 +112,8 @@ def emulated_speed_fields(why: str | None) -> dict[str, Any]:
     if why is None:
         return {}
     reason = f"emulated kernels ({why}): the step time is not a speed"
-    return {"mfu": None, "mfu_bf16": None, "mfu_reason": reason, "mamf": None, "mamf_reason": reason}
+    return {"mfu": None, "mfu_bf16": None, "mfu_blended": None, "mfu_reason": reason, "mamf": None,
+            "mamf_reason": reason}  # fmt: skip
 
 
 def failure_reason(exc: BaseException) -> str:
