@@ -14,27 +14,19 @@ budget is exceeded (each problem on its own line). `run` exits with pytest's sta
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `ci.dark_lines` is found
 
-from ci.dark_lines import (  # noqa: E402
-    Budget,
-    FileLines,
-    Sorted,
-    as_dict,
-    check_budget,
-    details,
-    load_list,
-    read_corpus,
-    sort_lines,
-)
+from ci.dark_lines import Budget, FileLines, Sorted, check_budget, load_list, ranges, read_corpus, sort_lines  # noqa: E402
 
 MEASURED = ("suite", "models")
 LIST = ROOT / "ci" / "gpu_only.toml"
@@ -81,6 +73,56 @@ def repository_files() -> list[Path]:
     return [p for p in ROOT.rglob("*") if p.is_file() and ".venv" not in p.parts and ".git" not in p.parts]
 
 
+def enclosing(tree: ast.Module, line: int) -> str:
+    """Qualified name of the innermost function or class holding `line` ("<module>" if none)."""
+
+    def walk(node: ast.AST, prefix: str) -> str:
+        for child in getattr(node, "body", []):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                if child.lineno <= line <= (child.end_lineno or child.lineno):
+                    return walk(child, f"{prefix}{child.name}.")
+        return prefix[:-1] if prefix else "<module>"
+
+    return walk(tree, "")
+
+
+def grouped(out: Sorted, name: str) -> list[tuple[str, str, list[int]]]:
+    """(file, enclosing function, lines) for one category, in file order."""
+    rows: dict[tuple[str, str], list[int]] = {}
+    for rel, lines in sorted(getattr(out, name).items()):
+        for line in sorted(lines):
+            rows.setdefault((rel, enclosing(out.trees[rel], line)), []).append(line)
+    return [(rel, fn, lines) for (rel, fn), lines in rows.items()]
+
+
+def details(out: Sorted) -> str:
+    """The full listing, by category, file and function (GPU-only: by block, with what it was read
+    against): what the summary line counts."""
+    parts = []
+    for name, title in (("untested", "CPU-reachable, no test runs them"), ("dead", "dead")):
+        parts.append(f"## {title}: {out.count(name)} statements\n")
+        for rel, fn, lines in grouped(out, name):
+            why = f" ({out.dead[rel][lines[0]]})" if name == "dead" else ""
+            parts.append(f"- {rel} {fn}: {len(lines)} at {ranges(lines)}{why}")
+        parts.append("")
+    reachable = out.count("reachable")
+    parts.append(f"## GPU-only: {out.count('gpu')} statements ({reachable} the existing fakes could reach)\n")
+    for listing, lines in out.blocks:
+        if listing.kind == "gpu":
+            reach = f"; a CPU test could: {listing.reach}" if listing.reach else ""
+            parts.append(f"- {listing.label()}: {len(lines)} at {ranges(lines) or '-'}; {listing.why}{reach}")
+    return "\n".join(parts) + "\n"
+
+
+def as_dict(out: Sorted) -> dict[str, Any]:
+    """The counts, for a machine to read."""
+    return {
+        "statements": out.statements,
+        "never_run": out.never_run,
+        **{name: out.count(name) for name in ("gpu", "reachable", "untested", "dead")},
+    }
+
+
 def summary(out: Sorted, budget: Budget) -> str:
     """The one line CI prints."""
     return (
@@ -118,7 +160,7 @@ def sorted_lines(out: Sorted, name: str) -> dict[str, list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # pytest's flags pass
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--data", type=Path, default=DATA, help="coverage data folder (default .dark-code)")
     parser.add_argument("--list", type=Path, default=LIST, help="the GPU-only list (default ci/gpu_only.toml)")

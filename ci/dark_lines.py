@@ -4,10 +4,11 @@ Pure functions of each file's source and its executed lines, so that the sorting
 its tests need no coverage run. ci/dark_code.py measures; ci/gpu_only.toml is the list:
 
 - a `[[gpu]]` block is code only a GPU runs (a CUDA device, NVML, NCCL, torchao's CUDA kernels),
-  named by file and scope (qualified name of a function or class, "" for the module: the bodies
-  of its functions or methods), or narrower by `match`, a text on the first line of the statements
+  named by file and scope (qualified name of a function, or of a class: its methods' bodies; ""
+  for the whole module), or narrower by `match`, a text on the first line of the statements
   meant (an `if`, `for` or `while` then means its body only: the test runs on a CPU too), and
-  `through`, the first line of the last statement of a run starting at `match`. Each says what it
+  `through`, the first line of the last statement of a run starting at `match` (or `to_end`, to
+  the end of the scope). Each says what it
   `needs` and the `upstream` source it was read against. A listed block that a CPU test executes,
   even one statement of it, is stale; one that names nothing is unresolved: both fail CI.
 - dead code is found, not guessed: a function whose name appears nowhere else in the repository
@@ -195,19 +196,6 @@ def read_corpus(root: Path, files: Iterable[Path]) -> tuple[Counter[str], str]:
     return Counter(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", corpus)), corpus
 
 
-def enclosing(tree: ast.Module, line: int) -> str:
-    """Qualified name of the innermost function or class holding `line` ("<module>" if none)."""
-
-    def walk(node: ast.AST, prefix: str) -> str:
-        for child in getattr(node, "body", []):
-            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                if child.lineno <= line <= (child.end_lineno or child.lineno):
-                    return walk(child, f"{prefix}{child.name}.")
-        return prefix[:-1] if prefix else "<module>"
-
-    return walk(tree, "")
-
-
 # ----------------------------------------------------------------------------- sorting
 
 
@@ -264,7 +252,7 @@ def sort_lines(files: list[FileLines], listings: list[Listing], names: Counter[s
             out.problems.append(f"unresolved [[{listing.kind}]] {listing.label()}: it holds no statement")
         elif ran:
             out.problems.append(
-                f"stale [[{listing.kind}]] {listing.label()}: CPU tests run line(s) {_ranges(ran)}; narrow or drop it"
+                f"stale [[{listing.kind}]] {listing.label()}: CPU tests run line(s) {ranges(ran)}; narrow or drop it"
             )
         claimed[listing.kind].setdefault(f.rel, set()).update(stmts & f.missing)
         if listing.reach:
@@ -297,7 +285,7 @@ def check_budget(out: Sorted, budget: Budget) -> list[str]:
     ]
 
 
-def _ranges(lines: Iterable[int]) -> str:
+def ranges(lines: Iterable[int]) -> str:
     """[3, 4, 5, 9] -> "3-5, 9"."""
     spans: list[list[int]] = []
     for n in sorted(lines):
@@ -306,40 +294,3 @@ def _ranges(lines: Iterable[int]) -> str:
         else:
             spans.append([n, n])
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
-
-
-def grouped(out: Sorted, name: str) -> list[tuple[str, str, list[int]]]:
-    """(file, enclosing function, lines) for one category, in file order."""
-    rows: dict[tuple[str, str], list[int]] = {}
-    for rel, lines in sorted(getattr(out, name).items()):
-        for line in sorted(lines):
-            rows.setdefault((rel, enclosing(out.trees[rel], line)), []).append(line)
-    return [(rel, fn, lines) for (rel, fn), lines in rows.items()]
-
-
-def details(out: Sorted) -> str:
-    """The full listing, by category, file and function (GPU-only: by block, with what it was read
-    against): what the summary line counts."""
-    parts = []
-    for name, title in (("untested", "CPU-reachable, no test runs them"), ("dead", "dead")):
-        parts.append(f"## {title}: {out.count(name)} statements\n")
-        for rel, fn, lines in grouped(out, name):
-            why = f" ({out.dead[rel][lines[0]]})" if name == "dead" else ""
-            parts.append(f"- {rel} {fn}: {len(lines)} at {_ranges(lines)}{why}")
-        parts.append("")
-    reachable = out.count("reachable")
-    parts.append(f"## GPU-only: {out.count('gpu')} statements ({reachable} the existing fakes could reach)\n")
-    for listing, lines in out.blocks:
-        if listing.kind == "gpu":
-            reach = f"; a CPU test could: {listing.reach}" if listing.reach else ""
-            parts.append(f"- {listing.label()}: {len(lines)} at {_ranges(lines) or '-'}; {listing.why}{reach}")
-    return "\n".join(parts) + "\n"
-
-
-def as_dict(out: Sorted) -> dict[str, Any]:
-    """The counts, for a machine to read."""
-    return {
-        "statements": out.statements,
-        "never_run": out.never_run,
-        **{name: out.count(name) for name in ("gpu", "reachable", "untested", "dead")},
-    }

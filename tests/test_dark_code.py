@@ -163,6 +163,20 @@ def test_a_block_is_the_lines_it_names(scope, span, lines):
     assert block_lines(listing, ast.parse(BLOCKS), BLOCKS.splitlines()) == lines
 
 
+def test_the_summary_line_and_listing_count_each_category():
+    from ci.dark_code import details, summary
+
+    out = sort(measured('if device.type == "cuda"', "return device"), [GPU])
+    assert summary(out, Budget(untested=1, dead=2)) == (
+        f"dark code: {len(statements(SOURCE))} statements in suite/ and models/, 4 never run on CPU: 1 GPU-only "
+        "(listed in ci/gpu_only.toml; 0 of them the existing fakes could reach), 1 CPU-reachable untested "
+        "(budget 1), 2 dead (budget 2)"
+    )
+    listing = details(out)
+    assert f"- pkg/mod.py untested: 1 at {line('return 2')}" in listing
+    assert "torch/cuda/__init__.py" in listing and "unused_helper: its name appears nowhere else" in listing
+
+
 def test_budget_over_is_a_problem_and_under_is_not():
     out = sort(measured('if device.type == "cuda"', "return device"), [GPU])
     assert check_budget(out, Budget(untested=1, dead=2)) == []
