@@ -241,7 +241,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad input: one line, exit 2, nothing run
         print(f"mpbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -100,11 +100,6 @@ class StepTimer:
             self._times_ms.extend(s.elapsed_time(e) for s, e in self._pending)
             self._pending.clear()
 
-    @property
-    def total_ms(self) -> float:
-        """Sum of the step times measured so far (after `flush`)."""
-        return sum(self._times_ms)
-
     def stats(self) -> TimingStats:
         self.flush()
         return TimingStats.from_times(self._times_ms)
