@@ -358,6 +358,3 @@ def _to_parent(event: Event) -> None:
     sys.stderr.write(to_line(event))
     sys.stderr.flush()
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
