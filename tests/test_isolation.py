@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from suite import run_cases
 from suite.cli.main import main
 from suite.records import store
+from suite.running.lifeline import is_running, marked
 from tests.helpers import small_case
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +114,8 @@ def test_interrupted_runs_keep_their_records_and_resume_completes_them(tmp_path)
         (cmd, "bf16", signal.SIGINT, 130, ["fp32"]),
         (resume, "int8-weight", signal.SIGTERM, 143, ["fp32", "bf16"]),
     ]:
-        env = os.environ | {"MPBENCH_FAULT": f"hang:{hangs}"}  # this case hangs until interrupted
+        mark = secrets.token_hex(6)  # every process of this run inherits it: none may be left after the signal
+        env = os.environ | {"MPBENCH_FAULT": f"hang:{hangs}", "MPBENCH_TEST_RUN": mark}  # this case hangs
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for_lines(out, len(kept), timeout=120)
         time.sleep(2)  # the next worker is now hanging
@@ -121,6 +124,10 @@ def test_interrupted_runs_keep_their_records_and_resume_completes_them(tmp_path)
         assert proc.returncode == code, stderr[-2000:]
         assert f"not finished: tiny/{hangs}" in stderr and f"--resume {out}" in stderr
         assert [(r["mode"], r["status"]) for r in store.read(out)] == [(m, "ok") for m in kept]
+        deadline = time.monotonic() + 15
+        while (left := [p for p in marked("MPBENCH_TEST_RUN", mark) if is_running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"processes of the interrupted run still running: {left}"
     resumed = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16", "int8-weight"]

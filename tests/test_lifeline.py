@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from suite.records import store
-from suite.running.lifeline import CASE_TOKEN, _alive, marked, stop_marked
+from suite.running.lifeline import CASE_TOKEN, is_running, marked, stop_marked
 from suite.running.runner import run_cases
 from tests.helpers import small_case
 
@@ -40,7 +40,7 @@ def mark(monkeypatch) -> str:
 
 def _left(value: str) -> list[int]:
     """Processes of the marked run that still run."""
-    return [p for p in marked(MARK, value) if _alive(p)]
+    return [p for p in marked(MARK, value) if is_running(p)]
 
 
 def _wait_for(condition, timeout_s: float) -> bool:
@@ -94,8 +94,11 @@ def test_a_timed_out_data_parallel_case_leaves_no_rank_running(mark, monkeypatch
     assert _left(mark) == []  # torchrun and both ranks, though each rank ran in its own session
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["worker", "ranks"])
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+@pytest.mark.parametrize(
+    "how, nproc",
+    [(signal.SIGKILL, 1), (signal.SIGKILL, 2), (signal.SIGTERM, 2)],  # (SIGTERM of a worker: test_isolation)
+    ids=["kill-9-worker", "kill-9-ranks", "sigterm-ranks"],
+)
 def test_a_stopped_run_leaves_nothing_running(mark, tmp_path, nproc, how):
     out = tmp_path / "r.jsonl"
     env = os.environ | {"MPBENCH_FAULT": "hang:fp32"}

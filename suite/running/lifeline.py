@@ -35,7 +35,7 @@ def marked(name: str, value: str, proc: Path = Path("/proc")) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """True while `pid` runs (a zombie, dead but not yet reaped, counts as ended)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -56,7 +56,7 @@ def stop_marked(name: str, value: str, wait_s: float = 10.0) -> list[int]:
     Looks again after each round: a process may start (torchrun spawning a rank) while others die."""
     deadline = time.monotonic() + wait_s
     while True:
-        pids = [p for p in marked(name, value) if _alive(p)]
+        pids = [p for p in marked(name, value) if is_running(p)]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -78,7 +78,7 @@ def exit_with(pid: int, code: int = 1) -> None:
         except ProcessLookupError:
             os._exit(code)  # already gone
         except (AttributeError, OSError):
-            while _alive(pid):
+            while is_running(pid):
                 time.sleep(0.5)
         else:
             select.select([fd], [], [])  # readable when the process ends
