@@ -449,12 +449,23 @@ def test_calibrate_times_the_8_bit_kernels_the_modes_use(monkeypatch):
     """fp8 through torch._scaled_mm and int8 through torch._int_mm, the kernels their modes reach."""
     from suite.metrics import calibration
 
-    seen = []
+    seen, layouts = [], set()
+
+    def spy(real, name):
+        def call(a, b, *args, **kwargs):
+            seen.append(name)
+            layouts.add((name, a.stride(1) == 1, b.stride(0) == 1))  # (row-major mat1, column-major mat2)
+            return real(a, b, *args, **kwargs)
+
+        return call
+
     for name in ("_scaled_mm", "_int_mm"):
-        real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(torch, name, spy(getattr(torch, name), name))
     result = calibration.measure(CPU, ["fp8", "int8"], sizes=(64,), repeats=1)
     assert {"_scaled_mm", "_int_mm"} <= set(seen)
+    # the layout the CUDA kernels take: _scaled_mm demands it; _int_mm on CUDA 13 has no kernel for a
+    # row-major mat2 (torch's test__int_mm skips that case there), and the CPU accepts anything
+    assert layouts == {("_scaled_mm", True, True), ("_int_mm", True, True)}
     assert all(result["results"][d]["flops"] > 0 for d in ("fp8", "int8"))  # torch 2.13's CPU runs both
     broken = DeviceInfo("cpu", "a CPU whose _scaled_mm refuses")
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not supported")))
