@@ -278,6 +278,29 @@ def test_sr_adamw_step_is_adamw_then_a_neighbour():
     assert mine.dtype == torch.bfloat16 and my_opt.state[mine]["exp_avg"].dtype == torch.bfloat16
 
 
+def test_sr_adamw_keeps_ddp_replicas_identical_and_gives_each_fsdp_shard_its_own_noise(monkeypatch):
+    """Under DDP every rank steps a whole replica with the same averaged gradient: the ranks must round
+    alike, or the replicas drift apart (seeding every stream with seed + rank did that). An FSDP2 shard is
+    this rank's part alone and draws from seed + rank, so that shards don't repeat one noise pattern."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    w, g = torch.randn(4096), torch.randn(4096)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    replicas = []
+    for rank in (0, 1):  # each rank of a DDP job, with the same weights and the same averaged gradient
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        p = nn.Parameter(w.to(torch.bfloat16))
+        opt = StochasticRoundingAdamW([p], lr=1e-3, seed=7)
+        for _ in range(3):
+            p.grad = g.to(torch.bfloat16)
+            opt.step()
+        replicas.append(p.detach().clone())
+    assert torch.equal(replicas[0], replicas[1])
+    cpu = torch.device("cpu")  # (rank 1 now) a shard's stream: seed + rank; a whole tensor's: the seed
+    assert [opt._generator(cpu, sharded=s).initial_seed() for s in (True, False)] == [8, 7]
+
+
 @pytest.fixture(scope="module")
 def trained():
     """fp32 and every new mode on tiny, 6 steps on the CPU, in this process (emulated where needed)."""
