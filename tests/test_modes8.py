@@ -37,7 +37,8 @@ DECISIONS = {
 
 
 @pytest.mark.parametrize(("mode", "device"), DECISIONS)
-def test_skip_or_emulate_decisions(mode, device):
+def test_skip_or_emulate_decisions(mode, device, monkeypatch):
+    monkeypatch.setattr("suite.modes.mxfp8.has_cuda_kernel", lambda op: True)  # torchao's CUDA extension loaded
     cls = get_mode(mode)
     skip, emulated = decide(cls, device, emulate=False)
     expected = DECISIONS[(mode, device)]
@@ -49,6 +50,37 @@ def test_skip_or_emulate_decisions(mode, device):
         assert skip is None and "emulated" in emulated and device.name in emulated
     if expected == "native":
         assert decide(cls, device, emulate=True) == (None, None)  # --emulate never slows a capable GPU
+
+
+def test_mxfp8_on_blackwell_without_torchaos_cuda_cast_is_skipped_or_emulated_not_crashed(monkeypatch):
+    """torchao 0.18's MXFP8 backward calls torch.ops.torchao.mxfp8_quantize on 10.0+ GPUs, implemented only in
+    its _C_mxfp8 extension: without it the op exists and the first backward fails on the CUDA backend."""
+    from suite.modes import mxfp8
+
+    asked = []
+    monkeypatch.setattr(mxfp8, "has_cuda_kernel", lambda op: asked.append(op) or False, raising=False)
+    skip, emulated = decide(get_mode("mxfp8"), B200, emulate=False)
+    assert asked == ["torchao::mxfp8_quantize"] and emulated is None
+    assert "_C_mxfp8" in skip and "mpbench doctor" in skip and "--emulate" in skip
+    skip, emulated = decide(get_mode("mxfp8"), B200, emulate=True)
+    assert skip is None and "_C_mxfp8" in emulated and get_mode("mxfp8")(B200).emulated
+
+
+def test_has_cuda_kernel_reads_the_dispatcher():
+    """The boundary on this CPU build: an op defined with no CUDA kernel (torchao's, when its extension did
+    not load), one that has a CUDA kernel, and one not defined at all."""
+    from suite.modes.torchao_calls import has_cuda_kernel
+
+    lib = torch.library.Library("mpbench_test_cast", "DEF")
+    try:
+        lib.define("cast(Tensor x) -> Tensor")
+        assert not has_cuda_kernel("mpbench_test_cast::cast")
+        lib.impl("cast", lambda x: x, "CUDA")
+        assert has_cuda_kernel("mpbench_test_cast::cast")
+    finally:
+        lib._destroy()
+    assert not has_cuda_kernel("mpbench_test_cast::never_defined")
+    assert not has_cuda_kernel("aten::mm")  # a CPU build of torch: no CUDA kernels at all
 
 
 def test_older_gpus_skip_int8_and_pure_bf16_with_the_capability():
