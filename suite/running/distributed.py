@@ -357,4 +357,3 @@ def _to_parent(event: Event) -> None:
     """Rank 0's progress: one marked line on stderr, which torchrun passes to the parent's reader."""
     sys.stderr.write(to_line(event))
     sys.stderr.flush()
-
