@@ -80,6 +80,17 @@ def on_device(device: torch.device) -> Iterator[None]:
         yield
 
 
+def empty_cache(device: torch.device) -> None:
+    """Hand the caching allocator's unused blocks back to the driver (a no-op on CPU), with `device` current:
+    `torch.cuda.empty_cache()` frees every device's blocks, and called while another GPU is current (GPU 0 by
+    default) it makes a CUDA context there, ~250-500 MiB on a GPU the case never uses (pytorch/pytorch#25752,
+    #144025, open; torch 2.11 and 2.13 call the same c10 emptyCache). Nothing where CUDA is not initialized:
+    entering `torch.cuda.device` would make a context just to find an empty cache."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work so a host clock reading means something."""
     if device.type == "cuda":

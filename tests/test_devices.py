@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from suite.hardware import concrete_device, resolve_device
+from suite.hardware import concrete_device, empty_cache, resolve_device
 from suite.running import distributed
 from suite.running.execute import train_in_process
 from suite.running.runner import validate
@@ -93,6 +93,27 @@ def test_the_fidelity_step_gets_the_cases_gpu_as_the_current_device(gpus):
     with pytest.raises(GpuReached):
         fidelity.measure(case, resolve_device(case.device), batches)
     assert gpus.moves == [("cuda:1", 1)]  # GPU 1 current: no context or allocation lands on GPU 0
+
+
+def test_the_allocator_cache_is_emptied_with_the_cases_gpu_current(gpus, monkeypatch):
+    """torch.cuda.empty_cache() called with GPU 0 current makes a CUDA context there (pytorch/pytorch#144025):
+    the doctor's memory probe, a case's clean-up and `mpbench fidelity`'s each empty it with cuda:1 current."""
+    import torch
+
+    from suite.cli.fidelity import _one
+    from suite.metrics.probes import TorchCuda
+
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: current.append(gpus.current))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    empty_cache(torch.device("cuda", 1))  # CUDA not initialized in this process: nothing to empty, no context
+    assert current == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # each has used the GPU by then
+    TorchCuda(1).empty_cache()  # `mpbench doctor --device cuda:1`, before NVML's "before" reading
+    train_in_process(Case(mode="fp32", device="cuda:1", steps=3, warmup=1), 1, "t", lambda event: None)
+    case = Case(mode="fp32", device="cuda:1", batch_size=2, seq_len=16, steps=1, warmup=0)
+    assert _one(case, resolve_device(case.device), torch.zeros(1, 2, 17, dtype=torch.long))["status"] == "error"
+    assert current == [1, 1, 1] and gpus.current == 0
 
 
 def _rank_main(tmp_path: Path, case: Case, monkeypatch) -> dict:

@@ -37,7 +37,8 @@ DECISIONS = {
 
 
 @pytest.mark.parametrize(("mode", "device"), DECISIONS)
-def test_skip_or_emulate_decisions(mode, device):
+def test_skip_or_emulate_decisions(mode, device, monkeypatch):
+    monkeypatch.setattr("suite.modes.mxfp8.has_cuda_kernel", lambda op: True)  # torchao's CUDA extension loaded
     cls = get_mode(mode)
     skip, emulated = decide(cls, device, emulate=False)
     expected = DECISIONS[(mode, device)]
@@ -49,6 +50,37 @@ def test_skip_or_emulate_decisions(mode, device):
         assert skip is None and "emulated" in emulated and device.name in emulated
     if expected == "native":
         assert decide(cls, device, emulate=True) == (None, None)  # --emulate never slows a capable GPU
+
+
+def test_mxfp8_on_blackwell_without_torchaos_cuda_cast_is_skipped_or_emulated_not_crashed(monkeypatch):
+    """torchao 0.18's MXFP8 backward calls torch.ops.torchao.mxfp8_quantize on 10.0+ GPUs, implemented only in
+    its _C_mxfp8 extension: without it the op exists and the first backward fails on the CUDA backend."""
+    from suite.modes import mxfp8
+
+    asked = []
+    monkeypatch.setattr(mxfp8, "has_cuda_kernel", lambda op: asked.append(op) or False, raising=False)
+    skip, emulated = decide(get_mode("mxfp8"), B200, emulate=False)
+    assert asked == ["torchao::mxfp8_quantize"] and emulated is None
+    assert "_C_mxfp8" in skip and "mpbench doctor" in skip and "--emulate" in skip
+    skip, emulated = decide(get_mode("mxfp8"), B200, emulate=True)
+    assert skip is None and "_C_mxfp8" in emulated and get_mode("mxfp8")(B200).emulated
+
+
+def test_has_cuda_kernel_reads_the_dispatcher():
+    """The boundary on this CPU build: an op defined with no CUDA kernel (torchao's, when its extension did
+    not load), one that has a CUDA kernel, and one not defined at all."""
+    from suite.modes.torchao_calls import has_cuda_kernel
+
+    lib = torch.library.Library("mpbench_test_cast", "DEF")
+    try:
+        lib.define("cast(Tensor x) -> Tensor")
+        assert not has_cuda_kernel("mpbench_test_cast::cast")
+        lib.impl("cast", lambda x: x, "CUDA")
+        assert has_cuda_kernel("mpbench_test_cast::cast")
+    finally:
+        lib._destroy()
+    assert not has_cuda_kernel("mpbench_test_cast::never_defined")
+    assert not has_cuda_kernel("aten::mm")  # a CPU build of torch: no CUDA kernels at all
 
 
 def test_older_gpus_skip_int8_and_pure_bf16_with_the_capability():
@@ -278,6 +310,29 @@ def test_sr_adamw_step_is_adamw_then_a_neighbour():
     assert mine.dtype == torch.bfloat16 and my_opt.state[mine]["exp_avg"].dtype == torch.bfloat16
 
 
+def test_sr_adamw_keeps_ddp_replicas_identical_and_gives_each_fsdp_shard_its_own_noise(monkeypatch):
+    """Under DDP every rank steps a whole replica with the same averaged gradient: the ranks must round
+    alike, or the replicas drift apart (seeding every stream with seed + rank did that). An FSDP2 shard is
+    this rank's part alone and draws from seed + rank, so that shards don't repeat one noise pattern."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    w, g = torch.randn(4096), torch.randn(4096)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    replicas = []
+    for rank in (0, 1):  # each rank of a DDP job, with the same weights and the same averaged gradient
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        p = nn.Parameter(w.to(torch.bfloat16))
+        opt = StochasticRoundingAdamW([p], lr=1e-3, seed=7)
+        for _ in range(3):
+            p.grad = g.to(torch.bfloat16)
+            opt.step()
+        replicas.append(p.detach().clone())
+    assert torch.equal(replicas[0], replicas[1])
+    cpu = torch.device("cpu")  # (rank 1 now) a shard's stream: seed + rank; a whole tensor's: the seed
+    assert [opt._generator(cpu, sharded=s).initial_seed() for s in (True, False)] == [8, 7]
+
+
 @pytest.fixture(scope="module")
 def trained():
     """fp32 and every new mode on tiny, 6 steps on the CPU, in this process (emulated where needed)."""
@@ -449,12 +504,23 @@ def test_calibrate_times_the_8_bit_kernels_the_modes_use(monkeypatch):
     """fp8 through torch._scaled_mm and int8 through torch._int_mm, the kernels their modes reach."""
     from suite.metrics import calibration
 
-    seen = []
+    seen, layouts = [], set()
+
+    def spy(real, name):
+        def call(a, b, *args, **kwargs):
+            seen.append(name)
+            layouts.add((name, a.stride(1) == 1, b.stride(0) == 1))  # (row-major mat1, column-major mat2)
+            return real(a, b, *args, **kwargs)
+
+        return call
+
     for name in ("_scaled_mm", "_int_mm"):
-        real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(torch, name, spy(getattr(torch, name), name))
     result = calibration.measure(CPU, ["fp8", "int8"], sizes=(64,), repeats=1)
     assert {"_scaled_mm", "_int_mm"} <= set(seen)
+    # the layout the CUDA kernels take: _scaled_mm demands it; _int_mm on CUDA 13 has no kernel for a
+    # row-major mat2 (torch's test__int_mm skips that case there), and the CPU accepts anything
+    assert layouts == {("_scaled_mm", True, True), ("_int_mm", True, True)}
     assert all(result["results"][d]["flops"] > 0 for d in ("fp8", "int8"))  # torch 2.13's CPU runs both
     broken = DeviceInfo("cpu", "a CPU whose _scaled_mm refuses")
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not supported")))

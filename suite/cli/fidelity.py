@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from suite.hardware import DeviceInfo, environment, resolve_device
+from suite.hardware import DeviceInfo, empty_cache, environment, resolve_device
 from suite.modes import MODES, get_mode
 from suite.records import store
 from suite.running.execute import case_fields, failure_reason
@@ -66,8 +66,7 @@ def _one(case: Case, device: DeviceInfo, batches: torch.Tensor) -> dict[str, Any
         return {"status": "error", "reason": failure_reason(exc), "fidelity_reason": "the comparison failed"}
     finally:
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device.torch_device)  # with the case's GPU current (a context on GPU 0 otherwise)
 
 
 def _worst(r: dict[str, Any]) -> str:

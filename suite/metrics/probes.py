@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from suite.hardware import empty_cache
 from suite.metrics.nvml import GpmResult, GpmTensorUtil
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult, ProfilerTensorCores
 from suite.metrics.timing import CudaEvents
@@ -105,7 +106,7 @@ class TorchCuda:
     def empty_cache(self) -> None:
         """Hand the allocator's cached (reserved, unused) blocks back to the driver, once the device is idle."""
         torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # every device's allocator (c10 NativeCachingAllocator::emptyCache)
+        empty_cache(self.device)  # with this device current: no context is made on GPU 0
 
     def allocate(self, mib: int) -> float:
         """Hold `mib` MiB on the device until `release()`; the growth of the allocator's reserved MiB."""

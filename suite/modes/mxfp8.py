@@ -19,6 +19,12 @@ fp32 master weight is presented to the layer as bf16 through a parametrization (
 as autocast does for a plain Linear: the gradient reaches the fp32 master) and the input is cast to
 it, so the forward, the output (bf16, bias added in bf16) and the output gradient are bf16 on every
 device, and a CPU test checks the GPU kernels' contract at every layer, forward and backward.
+
+Why a Blackwell GPU can still be "emulated": the backward's dim1 casts call `torch.ops.torchao.mxfp8_quantize`
+(`MXFP8Dim1CastKernelChoice.CUDA`, fixed in `_to_mxfp8_then_scaled_mm`), which torchao defines in Python on
+10.0+ GPUs and implements in its `_C_mxfp8` C extension. A torchao build whose extension does not load here
+(PyPI's wheel beside torch+cu130, say) would crash at the first backward; the mode is then skipped, or runs
+emulated with --emulate, and says why (`mpbench doctor`'s torchao_c_extension check gives the fix).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from suite.modes.base import needs_emulation
 from suite.modes.torchao_calls import (
     SwappedLinearsMode,
     check_tokens,
+    has_cuda_kernel,
     import_torchao,
     select_linears,
     swap_linears,
@@ -41,6 +48,8 @@ from suite.modes.torchao_calls import (
 MX_BLOCK = 32  # elements per scale, along the reduction dimension of every matmul
 _MXFP8 = "torchao.prototype.moe_training.mxfp8_linear"
 _KERNELS = "torchao.quantization.quantize_.common.kernel_preference"
+_MX_CASTS = "torchao.prototype.mx_formats.kernels"  # defines torchao::mxfp8_quantize on 10.0+ GPUs
+_CUDA_CAST = "torchao::mxfp8_quantize"
 
 
 class AsDtype(nn.Module):
@@ -71,7 +80,15 @@ class MXFP8(SwappedLinearsMode):
 
     @classmethod
     def emulation_reason(cls, device: DeviceInfo) -> str | None:
-        return needs_emulation(device, (10, 0), "MXFP8 matmuls")
+        why = needs_emulation(device, (10, 0), "MXFP8 matmuls")
+        if why is None:  # a Blackwell GPU: torchao's native path needs its CUDA cast kernel
+            import_torchao(_MX_CASTS)
+            if not has_cuda_kernel(_CUDA_CAST):
+                why = (
+                    f"MXFP8 matmuls: torchao's CUDA cast {_CUDA_CAST} (its _C_mxfp8 extension) is not loaded, "
+                    "so the native kernels would fail at the first backward; `mpbench doctor` gives the fix"
+                )
+        return why
 
     def prepare(self, model: nn.Module) -> nn.Module:
         mx, missing = import_torchao(_MXFP8)

@@ -11,7 +11,9 @@ rounded to nearest (as torchao stores them).
 Under FSDP2 (`--parallel fsdp`) the parameters, gradients and moments are DTensor shards: the step
 works on each rank's local shard (`local_shard`), since DTensor refuses to mix with the plain noise
 tensor, and each rank draws its noise from its own stream (seed + rank), so that shards don't share
-one noise pattern. The update is elementwise, so a shard's arithmetic is the whole tensor's.
+one noise pattern. The update is elementwise, so a shard's arithmetic is the whole tensor's. Under DDP
+(`--parallel ddp`) every rank holds the whole parameter and the same averaged gradient: all ranks draw
+the same noise (seed alone), or their replicas would round apart and stop being one model.
 """
 
 from __future__ import annotations
@@ -46,15 +48,18 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                  weight_decay: float = 0.0, seed: int = 0) -> None:  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[torch.device, bool], torch.Generator] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:  # one seeded stream per device (and rank): runs repeat exactly
+    def _generator(self, device: torch.device, sharded: bool) -> torch.Generator:
+        """One seeded stream per device, so runs repeat exactly: for a shard (FSDP2) seed + rank, each rank
+        rounding its own part; for a whole tensor (one process, or a DDP replica) the seed on every rank."""
+        key = (device, sharded)
+        if key not in self._generators:
             import torch.distributed as dist
 
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + rank)
-        return self._generators[device]
+            rank = dist.get_rank() if sharded and dist.is_available() and dist.is_initialized() else 0
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed + rank)
+        return self._generators[key]
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
@@ -81,7 +86,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 new = w.float().mul_(1 - lr * wd)  # decoupled weight decay, as torch's AdamW
                 denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
                 new.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-                w.copy_(stochastic_round_bf16(new, self._generator(w.device)))
+                w.copy_(stochastic_round_bf16(new, self._generator(w.device, sharded=w is not p)))
         return None
 
 

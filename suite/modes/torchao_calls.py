@@ -40,6 +40,17 @@ def import_torchao(module: str) -> tuple[ModuleType | None, str | None]:
         log.setLevel(level)
 
 
+def has_cuda_kernel(op: str) -> bool:
+    """Whether operator `op` ("namespace::name") has a CUDA kernel registered in this process. torchao defines
+    some of its ops in Python and implements them in a C extension: when that extension failed to load (a
+    build for another CUDA), the op exists and the first call fails ("Could not run ... with arguments from
+    the 'CUDA' backend")."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    except RuntimeError:  # the op is not defined at all
+        return False
+
+
 def select_linears(model: nn.Module, multiple: int, what: str) -> tuple[list[str], list[str]]:
     """(converted, kept): the transformer blocks' Linears whose in and out features are both
     multiples of `multiple`, and every other Linear as "name (in x out): why it stays"."""

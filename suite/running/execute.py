@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from models import GPT
-from suite.hardware import DeviceInfo, resolve_device
+from suite.hardware import DeviceInfo, empty_cache, resolve_device
 from suite.metrics.flops import mode_dtype_share, utilization_fields
 from suite.modes import get_mode
 from suite.running.progress import Event, Sink, step_events
@@ -182,6 +182,5 @@ def train_in_process(
         values |= {"status": "error", "reason": failure_reason(exc)}
     finally:
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device.torch_device)  # with the case's GPU current (a context on GPU 0 otherwise)
     return values
