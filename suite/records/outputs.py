@@ -33,7 +33,9 @@ def check_records_out(path: str | Path, log: Callable[[str], None] = log_to_stde
     try:
         for _ in store.parse(io.BytesIO(raw[:cut]), path):
             pass
-    except ValueError as exc:
+    except store.BadRecord:
+        raise
+    except ValueError as exc:  # not records at all
         raise ValueError(f"{exc}; {fix}") from None
     tail, number = raw[cut:], raw.count(b"\n") + 1
     if not tail:
@@ -48,6 +50,8 @@ def check_records_out(path: str | Path, log: Callable[[str], None] = log_to_stde
             return path
     try:
         next(store.parse([tail], path, start=number))
+    except store.BadRecord:
+        raise
     except ValueError as exc:
         raise ValueError(f"{exc}; {fix}") from None
     with open(path, "ab") as f:  # a whole record, only its newline missing: keep it

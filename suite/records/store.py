@@ -166,6 +166,10 @@ class NotWritten(Exception):
     """A record that could not be appended, and why; the file is left as it was before."""
 
 
+class BadRecord(ValueError):
+    """A line that is an mpbench record, with a field missing or of the wrong type."""
+
+
 EXIT_NOT_WRITTEN = 74  # a command that stopped on a record it could not write (sysexits' EX_IOERR)
 
 
@@ -247,7 +251,7 @@ def parse(lines: Iterable[bytes], path: str | Path, start: int = 1) -> Iterator[
         record = {k: v if k in _TEXT_FIELDS else _decoded(v) for k, v in record.items()}
         why = validate.problem(record, STATUSES)
         if why:
-            raise ValueError(f"{path}:{number}: {why}; fix or remove that line")
+            raise BadRecord(f"{path}:{number}: {why}; fix or remove that line")
         yield record
 
 
