@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,12 +197,15 @@ def append(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def _check_tail(fd: int, path: str | Path) -> None:
-    size = os.fstat(fd).st_size
-    if size and os.pread(fd, 1, size - 1) != b"\n":
-        raise NotWritten(
-            f"{path}: it ends inside a line (a write that never finished); `mpbench run --resume {path}` "
-            "repairs it before appending"
-        )
+    for wait in (0.0, 0.01, 0.05, 0.2):  # a concurrent writer's line may be half-copied into the file for a moment
+        time.sleep(wait)
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) == b"\n":
+            return
+    raise NotWritten(
+        f"{path}: it ends inside a line (a write that never finished); `mpbench run --resume {path}` "
+        "repairs it before appending"
+    )
 
 
 def _write_line(fd: int, path: str | Path, line: bytes, sync: bool) -> None:
