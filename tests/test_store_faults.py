@@ -98,6 +98,15 @@ def test_records_go_only_into_an_empty_or_records_file(tmp_path, capsys, command
     assert out.read_text() == text
 
 
+def test_a_run_never_appends_to_its_own_data_file(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    before = data.read_bytes()
+    cmd = ["run", "--device", "cpu", "--model", "tiny", "--steps", "2", "--modes", "fp32", "--data", str(data)]
+    assert main([*cmd, "--out", str(data)]) == 2
+    assert "corpus.txt:1: not a JSON record" in capsys.readouterr().err and data.read_bytes() == before
+
+
 def test_a_full_disk_mid_run_keeps_every_record_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     """The issue's done-when: the second record's write is short; the first survives, readable, the
     run stops there with the resume command, and --resume finishes the matrix."""
