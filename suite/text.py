@@ -57,6 +57,17 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def shown(text: object) -> str:
+    """`text` (a path, a file name) fit for any UTF-8 output: bytes of a name that are not UTF-8,
+    which Python keeps as lone surrogates, read as backslash escapes instead of failing the write."""
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's own bytes back
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (a JSON \ud800 escape)
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def log_to_stderr(line: str) -> None:
     """Progress and status lines go to stderr, flushed, so stdout keeps the tables."""
     print(line, file=sys.stderr, flush=True)

@@ -80,7 +80,7 @@ def test_resume_runs_only_what_has_no_record(tmp_path):
 def _appender(path: str, tag: int, n: int) -> None:
     curve = [float(i) for i in range(2000)]  # ~20 kB lines: bigger than a pipe buffer, far from atomic by luck
     for i in range(n):
-        store.append(path, store.make_record(status="ok", mode=f"w{tag}", seed=i, loss_curve=curve))
+        store.append(path, store.make_record(status="ok", model="tiny", mode=f"w{tag}", seed=i, loss_curve=curve))
 
 
 def test_two_concurrent_writers_never_interleave_within_a_line(tmp_path):

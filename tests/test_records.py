@@ -59,10 +59,10 @@ def test_pandas_reads_records_directly(run_file):
 
 def test_append_never_touches_earlier_lines(tmp_path):
     out = tmp_path / "r.jsonl"
-    first = store.make_record(status="ok", mode="fp32")
+    first = store.make_record(status="ok", model="tiny", mode="fp32")
     store.append(out, first)
     before = out.read_bytes()
-    store.append(out, store.make_record(status="error", mode="bf16", reason="x"))
+    store.append(out, store.make_record(status="error", model="tiny", mode="bf16", reason="x"))
     assert out.read_bytes().startswith(before)
     assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16"]
 
@@ -70,8 +70,8 @@ def test_append_never_touches_earlier_lines(tmp_path):
 def test_non_finite_values_are_written_as_strings_and_read_back_as_floats(tmp_path):
     out = tmp_path / "r.jsonl"
     curve = [2.0, float("nan"), float("inf"), -float("inf")]
-    store.append(out, store.make_record(status="diverged", loss_curve=curve, initial_loss=float("nan"),
-                                        hostname="nan", data="inf"))  # fmt: skip
+    store.append(out, store.make_record(status="diverged", model="tiny", mode="bf16", loss_curve=curve,
+                                        initial_loss=float("nan"), hostname="nan", data="inf"))  # fmt: skip
     on_disk = json.loads(out.read_text())  # strict JSON: the strings JSON forces them into
     assert on_disk["loss_curve"] == [2.0, "nan", "inf", "-inf"] and on_disk["initial_loss"] == "nan"
     for record in (store.read(out)[0], store.read_all(out)[0], store.load(out).iloc[0].to_dict()):
@@ -90,7 +90,7 @@ def test_make_record_refuses_unknown_fields_and_statuses():
 
 def test_reader_names_file_and_line_of_a_broken_record(tmp_path):
     out = tmp_path / "r.jsonl"
-    store.append(out, store.make_record(status="ok"))
+    store.append(out, store.make_record(status="ok", model="tiny", mode="fp32"))
     with open(out, "a") as f:
         f.write('{"truncated": \n')
     with pytest.raises(ValueError, match=r"r\.jsonl:2: not a JSON record"):

@@ -17,7 +17,7 @@ import torch
 
 from suite.hardware import DeviceInfo, empty_cache, environment, resolve_device
 from suite.modes import MODES, get_mode
-from suite.records import store
+from suite.records import outputs, store
 from suite.running.execute import case_fields, failure_reason
 from suite.text import fmt, table
 from suite.training import fidelity
@@ -100,7 +100,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cases = _cases(args, device)
     plan = fidelity.check_fits(cases[0], device)  # one line naming the field and exit 2 when nothing fits
-    out = store.check_writable(args.out) if args.out else None
+    out = outputs.check_records_out(args.out) if args.out else None
     c = cases[0]
     batches = make_corpus(None, c.model_config.vocab_size).batches(c.steps, c.batch_size, c.seq_len, c.seed, "train")
     print(f"mpbench fidelity: {c.model}, batch {c.batch_size} x {c.seq_len}, {c.steps} step(s), seed {c.seed}, "
@@ -113,8 +113,13 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         values |= {"run_id": run_id, **case_fields(case, device), **env, "data_digest": digest(batches),
                    "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
         record = store.make_record(**values)
-        if out is not None:
-            store.append(out, record)
+        try:
+            if out is not None:
+                store.append(out, record)
+        except store.NotWritten as exc:
+            print(f"mpbench fidelity: stopped: the record of {case.mode} could not be written: {exc}; "
+                  f"{len(records)} record(s) kept in {out}", file=sys.stderr)  # fmt: skip
+            return store.EXIT_NOT_WRITTEN
         records.append(record)
         print(f"  {case.mode}: {record['status']} in {record['elapsed_s']:.1f} s", file=sys.stderr)
     print(summary(records))

@@ -2,8 +2,8 @@
 env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
-timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM (finished
-records are kept; --resume finishes the run).
+timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM, 74 a record could
+not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
 `compare`: 0 nothing regressed beyond its noise, 1 something did, 2 bad input.
 `doctor`: 0 no check failed (pass or cannot check), 1 a check failed, 2 bad input.
@@ -31,12 +31,12 @@ from suite.metrics.window import nvml_device
 from suite.modes import MODES
 from suite.modes.base import decide
 from suite.quiet import quiet_dependencies
-from suite.records import store
+from suite.records import outputs, store
 from suite.reporting import baseline, convergence, procurement
 from suite.reporting.compare import compare_runs, format_comparison
 from suite.reporting.compare import exit_code as compare_exit_code
-from suite.reporting.report import build_report
-from suite.text import fmt, table
+from suite.reporting.report import REPORT_FILES, build_report
+from suite.text import fmt, shown, table
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -65,11 +65,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.target_loss is not None and not args.target_loss > 0:
         raise ValueError(f"target_loss={args.target_loss}: must be a positive loss in nats/token")
     df = store.load(args.records)
-    written = build_report(df, Path(args.out), prices=prices, target_loss=args.target_loss)
-    print(f"report of {len(df)} record(s): {written.get('index.html', Path(args.out) / 'index.html')}")
+    out = outputs.check_folder(args.out, set(df["source"]), writes=lambda n: n in REPORT_FILES or n.endswith(".png"))
+    written = build_report(df, out, prices=prices, target_loss=args.target_loss)
+    print(f"report of {len(df)} record(s): {shown(written.get('index.html', out / 'index.html'))}")
     for name, path in sorted(written.items()):
         if name != "index.html":
-            print(f"  {path}")
+            print(f"  {shown(path)}")
     return 0
 
 
@@ -85,11 +86,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Store the ok records of one machine as its committed baseline."""
-    made = baseline.make_baseline(store.read_all(args.records))
+    records = store.read_all(args.records)
+    if not records:
+        raise ValueError(f"records: {', '.join(args.records)} hold(s) no records; give the records file of a run")
+    made = baseline.make_baseline(records)
     path = Path(args.out) if args.out else baseline.BASELINE_DIR / f"{made['machine']}.json"
+    outputs.check_replaced(path, "baseline", ("machine", "entries"), inputs={r["source"] for r in records})
     store.check_writable(path)
     baseline.save(made, path)
-    print(f"baseline for {made['machine']}: {len(made['entries'])} entries ({', '.join(made['entries'])}) in {path}")
+    entries = ", ".join(made["entries"])
+    print(f"baseline for {made['machine']}: {len(made['entries'])} entries ({entries}) in {shown(path)}")
     return 0
 
 
@@ -154,6 +160,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for d in dtypes or []:
         calibration.check_dtype(d)
     path = Path(args.out) if args.out else calibration.calibration_path(device)
+    outputs.check_replaced(path, "calibration", ("device", "results"))
     store.check_writable(path.with_suffix(".tmp"))
     print(f"mpbench: calibrating matmul FLOP/s on {device.describe()}", file=sys.stderr)
     result = calibration.measure(device, dtypes, log=lambda line: print(line, file=sys.stderr))
@@ -170,7 +177,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for dtype, entry in result["results"].items():
         if entry["flops"] is None:
             print(f"{dtype}: not timed: {entry['reason']}")
-    print(f"\ncalibration: {path}")
+    print(f"\ncalibration: {shown(path)}")
     return 0
 
 

@@ -20,13 +20,13 @@ from suite.cli.config import load_config
 from suite.cli.progress import STYLE, LiveBars
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
-from suite.records import store
+from suite.records import outputs, store
 from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
-from suite.running.runner import RunInterrupted, run_cases, validate
-from suite.text import fmt, log_to_stderr, render, rich_table
+from suite.running.runner import RecordNotWritten, RunInterrupted, run_cases, validate
+from suite.text import fmt, log_to_stderr, render, rich_table, shown
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
 
@@ -246,7 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
     devices = validate(cases)  # bad input ends here, before anything is written
     _check_fidelity(cases, devices)
-    store.check_writable(out)
+    outputs.check_records_out(out)  # refuses a file of another kind; repairs a torn last line
     _, why = run_defaults(devices[cases[0].device].type)
     if why and not {"batch_size", "seq_len", "steps"} <= opts.keys() and not args.quiet:
         print(f"mpbench: {why} (flags override them)", file=sys.stderr)
@@ -268,8 +268,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + stop.signum  # 130 for SIGINT, 143 for SIGTERM
+    except RecordNotWritten as stop:
+        print(
+            f"mpbench: stopped: the record of {stop.lost} could not be written: {stop.why}; {len(stop.done)} "
+            f"finished record(s) of this run kept in {out}; not run: {', '.join(stop.not_run) or 'none'}; "
+            f"to finish: make room or fix {out}, then rerun the same command with --resume {out}",
+            file=sys.stderr,
+        )
+        return store.EXIT_NOT_WRITTEN
     print_summary(done)
-    print(f"\nrecords: {out} ({len(done)} written)")
+    print(f"\nrecords: {shown(out)} ({len(done)} written)")
     if args.plot and done:
         print(f"loss curves: {plot_loss_curves(done, out.with_suffix('.png'))}")
     loss_floor = next((r["loss_floor"] for r in done if r["loss_floor"] is not None), None)

@@ -6,14 +6,20 @@ One record per case, one JSON object per line, flat top-level keys, so that
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import math
 import os
 import secrets
-from collections.abc import Sequence
+import stat
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from suite.records import validate
 
 if TYPE_CHECKING:  # pandas is imported only by `load`: importing this module stays cheap
     import pandas
@@ -157,40 +163,100 @@ def _decoded(value: Any) -> Any:
     return value
 
 
+class NotWritten(Exception):
+    """A record that could not be appended, and why; the file is left as it was before."""
+
+
+class BadRecord(ValueError):
+    """A line that is an mpbench record, with a field missing or of the wrong type."""
+
+
+EXIT_NOT_WRITTEN = 74  # a command that stopped on a record it could not write (sysexits' EX_IOERR)
+
+
 def append(path: str | Path, record: dict[str, Any]) -> None:
     """Append one record as one line, flushed and fsynced: earlier lines are never touched.
 
     A single write() on an O_APPEND descriptor lands whole at the end of the file, so
-    concurrent writers do not interleave within a line.
+    concurrent writers do not interleave within a line. The line is written whole or not at
+    all: a short write (a full disk) or a failed fsync is cut back off and raises NotWritten,
+    as does a file that ends inside a line, which this line would be glued onto.
     """
-    line = json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    line = (json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False) + "\n").encode()
     try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: its last byte
+    except OSError as exc:
+        raise NotWritten(f"{path}: cannot open it to append ({exc.strerror})") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)  # /dev/null, a pipe: nothing to check or sync
+        if regular:
+            _check_tail(fd, path)
+        _write_line(fd, path, line, sync=regular)
     finally:
         os.close(fd)
 
 
+def _check_tail(fd: int, path: str | Path) -> None:
+    for wait in (0.0, 0.01, 0.05, 0.2):  # a concurrent writer's line may be half-copied into the file for a moment
+        time.sleep(wait)
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) == b"\n":
+            return
+    raise NotWritten(
+        f"{path}: it ends inside a line (a write that never finished); `mpbench run --resume {path}` "
+        "repairs it before appending"
+    )
+
+
+def _write_line(fd: int, path: str | Path, line: bytes, sync: bool) -> None:
+    """One write() of the whole line, then fsync; on any failure the file is cut back to where it was."""
+    written = 0
+    try:
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written (disk full?)")
+        if sync:
+            os.fsync(fd)
+    except OSError as exc:
+        if written and sync:  # with O_APPEND the offset now ends our bytes: cut them back off
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)
+        raise NotWritten(f"{path}: {exc.strerror or exc}") from None
+
+
 def read(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSON Lines file; ValueError naming file and line for a broken one.
+    """All records of a JSON Lines file; ValueError naming file, line and field for a broken one.
 
     Non-finite numbers, written as the strings 'nan', 'inf', '-inf', come back as floats here,
     once, so no consumer decodes them again.
     """
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
-            if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-                raise ValueError(f"{path}:{number}: not an mpbench record (schema {SCHEMA!r} expected)")
-            records.append({k: v if k in _TEXT_FIELDS else _decoded(v) for k, v in record.items()})
-    return records
+    with open(path, "rb") as f:
+        return list(parse(f, path))
+
+
+def parse(lines: Iterable[bytes], path: str | Path, start: int = 1) -> Iterator[dict[str, Any]]:
+    """The records of these lines of `path` (the first is line `start`), each checked (`validate.problem`);
+    ValueError naming file, line and field at the first bad one."""
+    for number, raw in enumerate(lines, start=start):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path}:{number}: not text (byte {raw[exc.start]:#04x} is not UTF-8); not an mpbench records file"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+        if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+            raise ValueError(f"{path}:{number}: not an mpbench record (schema {SCHEMA!r} expected)")
+        record = {k: v if k in _TEXT_FIELDS else _decoded(v) for k, v in record.items()}
+        why = validate.problem(record, STATUSES)
+        if why:
+            raise BadRecord(f"{path}:{number}: {why}; fix or remove that line")
+        yield record
 
 
 def read_all(paths_or_globs: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:

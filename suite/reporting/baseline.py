@@ -76,10 +76,10 @@ def make_baseline(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             "emulated": bool(r.get("emulated")),
             "run_id": r.get("run_id"), "git_commit": r.get("git_commit"), "torch": r.get("torch"),
         }  # fmt: skip
+    if not machines:
+        raise ValueError("records: no record is ok; a baseline is made of ok records (rerun the failed cases)")
     if len(machines) != 1:
-        raise ValueError(
-            f"records: a baseline is for one machine; these ok records come from {sorted(machines) or 'none'}"
-        )
+        raise ValueError(f"records: a baseline is for one machine; these ok records come from {sorted(machines)}")
     return {"machine": machines.pop(), "entries": entries}
 
 

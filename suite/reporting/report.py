@@ -12,6 +12,7 @@ import base64
 import csv
 import datetime as dt
 import html
+import io
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,11 +21,12 @@ from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
 from suite.reporting.plots import plot_loss_curves
 from suite.reporting.procurement import procurement_table, records_of
-from suite.text import slug
+from suite.text import shown, slug
 
 if TYPE_CHECKING:
     import pandas
 
+REPORT_FILES = ("index.html", "summary.md", "summary.csv")  # and a PNG per chart
 GROUP_KEYS = ("model", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data", "run_id")
 ENVIRONMENT = (
     ("GPU", "gpu_name"), ("GPU memory (MiB)", "gpu_memory_mb"), ("GPU count", "gpu_count"), ("driver", "driver"),
@@ -270,13 +272,15 @@ class _Document:
             '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mpbench report</title>'
             f"<style>{CSS}</style></head><body>{''.join(self.page)}</body></html>\n"
         )
-        paths = {name: self.out_dir / name for name in ("index.html", "summary.md", "summary.csv")}
-        paths["index.html"].write_text(doc, encoding="utf-8")
-        paths["summary.md"].write_text("\n".join(self.md) + "\n", encoding="utf-8")
-        with open(paths["summary.csv"], "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.csv_rows[0]))
-            writer.writeheader()
-            writer.writerows(self.csv_rows)
+        table_csv = io.StringIO(newline="")
+        writer = csv.DictWriter(table_csv, fieldnames=list(self.csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(self.csv_rows)
+        texts = dict(zip(REPORT_FILES, (doc, "\n".join(self.md) + "\n", table_csv.getvalue()), strict=True))
+        contents = {name: shown(text).encode("utf-8") for name, text in texts.items()}  # all before any is written
+        paths = {name: self.out_dir / name for name in REPORT_FILES}
+        for name, data in contents.items():
+            paths[name].write_bytes(data)
         return self.written | paths
 
 

@@ -19,7 +19,7 @@ from suite.hardware import DeviceInfo, environment, resolve_device
 from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.modes.base import decide
-from suite.records import checks, store
+from suite.records import checks, outputs, store
 from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -48,6 +48,15 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, done: list[dict[str, Any]], not_run: list[str]) -> None:
         super().__init__(f"{signal.Signals(signum).name}: {len(done)} case(s) finished, {len(not_run)} not")
         self.signum, self.done, self.not_run = signum, done, not_run
+
+
+class RecordNotWritten(Exception):
+    """A record could not be written (disk full, the file made read-only): the run stopped there,
+    with every earlier record on disk."""
+
+    def __init__(self, why: str, done: list[dict[str, Any]], lost: str, not_run: list[str]) -> None:
+        super().__init__(f"{why}: {len(done)} record(s) written, not the one of {lost}; {len(not_run)} case(s) not run")
+        self.why, self.done, self.lost, self.not_run = why, done, lost, not_run
 
 
 def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
@@ -194,7 +203,8 @@ def run_cases(
     that already have a record in `out`. max_batch: search each runnable case's largest batch
     first, with these `find_max_batch` arguments (e.g. {"memory_limit_mb": 2048}). progress:
     where the run's events go (the command line's live bars); by default each becomes a plain
-    line to `log` (None: nothing is shown). Raises RunInterrupted on SIGINT/SIGTERM.
+    line to `log` (None: nothing is shown). Raises RunInterrupted on SIGINT/SIGTERM, RecordNotWritten
+    when a record cannot be written.
     """
     sink = progress or (PlainLines(log) if log else ignore)
 
@@ -204,7 +214,7 @@ def run_cases(
     devices = validate(cases)
     existing: list[dict[str, Any]] = []
     if out is not None:
-        out = store.check_writable(out)
+        out = outputs.check_records_out(out, note)
         existing = store.read(out) if resume else []
     run_id = run_id or store.new_run_id()
     for device in {d for d in devices.values() if d.type == "cuda"}:
@@ -244,8 +254,12 @@ def run_cases(
                 ddps[_ddp_twin(record)] = record
             record |= memory_saving_fields(record, ddps.get(_ddp_twin(record)), singles.get(_scaling_group(record)))
             record["suspect"] = checks.check(record)  # the last step before writing: every figure is in
-            if out is not None:
-                store.append(out, record)
+            try:
+                if out is not None:
+                    store.append(out, record)
+            except store.NotWritten as exc:  # stop as an interrupt does: what is on disk stays valid
+                lost = f"{_describe(case)} ({_summary(record)})"
+                raise RecordNotWritten(str(exc), records, lost, [_describe(c) for c in todo[i:]]) from None
             records.append(record)
             sink(Event("done", label, text=_summary(record), status=record["status"]))
             if fail_fast and record["status"] in store.FAILED:
