@@ -8,7 +8,6 @@ earlier record in the file: the latest wins).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -66,6 +65,8 @@ def locked(path: str | Path, exclusive: bool) -> Iterator[None]:
     plain runs may share a file (shared), since each line is appended whole. The lock is on this
     process's own descriptor (not inherited by workers) and ends with the process, however it ends.
     """
+    import fcntl  # POSIX, as the runner is; imported here so that the readers import anywhere
+
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
