@@ -21,7 +21,7 @@ from suite.cli.progress import STYLE, LiveBars
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
 from suite.records import store
-from suite.records.cases import case_key, locked
+from suite.records.cases import case_key, locked, outcomes
 from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
@@ -294,8 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ran = {case_key(r) for r in done}
     kept = [r for r in shown if r["status"] in FAILED and case_key(r) not in ran]
     if kept:  # the exit code says the run is not clean: say why, and how to finish it
-        names = ", ".join(f"{r['model']}/{r['mode']} {r['status']}" for r in kept)
-        print(f"mpbench: {len(kept)} case(s) failed before this resume and were not run again ({names}); "
+        print(f"mpbench: {len(kept)} case(s) failed before this resume and were not run again ({outcomes(kept)}); "
               f"rerun them with --resume {out} --retry-failed", file=sys.stderr)  # fmt: skip
     return 1 if any(r["status"] in FAILED for r in shown) else 0
 

@@ -57,6 +57,11 @@ def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def outcomes(records: Iterable[dict[str, Any]]) -> str:
+    """Each record's model/mode and status, comma-separated: which cases a message is about."""
+    return ", ".join(f"{r.get('model')}/{r.get('mode')} {r.get('status')}" for r in records)
+
+
 @contextlib.contextmanager
 def locked(path: str | Path, exclusive: bool) -> Iterator[None]:
     """Hold an advisory lock on a records file while a run writes to it; ValueError if another holds it.

@@ -20,7 +20,7 @@ from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.modes.base import decide
 from suite.records import checks, store
-from suite.records.cases import case_key
+from suite.records.cases import case_key, outcomes
 from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -194,9 +194,9 @@ def run_cases(
     id); retry_failed: with resume, run again the cases whose latest record is not ok (the earlier
     record stays in the file; readers take the latest); `mpbench run` locks `out` meanwhile.
     max_batch: search each runnable case's largest batch first, with these `find_max_batch`
-    arguments (e.g. {"memory_limit_mb": 2048}). progress:
-    where the run's events go (the command line's live bars); by default each becomes a plain
-    line to `log` (None: nothing is shown). Raises RunInterrupted on SIGINT/SIGTERM.
+    arguments (e.g. {"memory_limit_mb": 2048}). progress: where the run's events go (the command
+    line's live bars); by default each becomes a plain line to `log` (None: nothing is shown).
+    Raises RunInterrupted on SIGINT/SIGTERM.
     """
     sink = progress or (PlainLines(log) if log else ignore)
 
@@ -220,9 +220,11 @@ def run_cases(
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     ddps = {_ddp_twin(r): r for r in existing if r.get("parallel") == "ddp"}
     todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
-    if resume:
-        note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run"
-             + _failed_note(cases, devices, recorded, retry_failed))  # fmt: skip
+    if resume:  # a failed case is not run again unless asked: say so, or say it is
+        failed = [r for r in recorded_cases(cases, devices, existing) if r["status"] in store.FAILED]
+        again = "run again" if retry_failed else "not run again (--retry-failed reruns them)"
+        why = f"; {len(failed)} failed before ({outcomes(failed)}): {again}" if failed else ""
+        note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run{why}")
     batches = Batches()  # shared across cases when they train in this process
     records: list[dict[str, Any]] = []
     sink(Event("matrix", total=len(todo)))
@@ -270,19 +272,6 @@ def recorded_cases(
     latest = {case_key(r): r for r in records}
     keys = dict.fromkeys(_key(c, devices) for c in reference_first(cases))
     return [latest[k] for k in keys if k in latest]
-
-
-def _failed_note(
-    cases: Sequence[Case], devices: dict[str, DeviceInfo], recorded: dict[tuple, dict[str, Any]], retry: bool
-) -> str:
-    """What a resume does with the cases of the matrix whose latest record failed."""
-    failed = [r for r in recorded_cases(cases, devices, list(recorded.values())) if r["status"] in store.FAILED]
-    if not failed:
-        return ""
-    names = ", ".join(f"{r['model']}/{r['mode']} {r['status']}" for r in failed)
-    if retry:
-        return f"; {len(failed)} failed before and run again ({names})"
-    return f"; {len(failed)} of them failed ({names}) and are not run again: add --retry-failed to rerun them"
 
 
 def _describe(case: Case) -> str:
