@@ -2,6 +2,8 @@
 
 import pytest
 
+from suite.cli.main import main
+from suite.records import store
 from suite.records.store import make_record
 from suite.reporting.compare import compare_runs, exit_code, format_comparison
 
@@ -79,3 +81,47 @@ def test_unmatched_and_failed_cases_are_listed():
 def test_missing_metrics_are_not_compared():
     rows = compare_runs([_record(energy_j_per_step=None, mfu=None)], [_record()])
     assert not {"energy_j_per_step", "mfu"} & {r.metric for r in rows}
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("lr", 3e-5), ("weight_decay", 0.0), ("data", "other.txt"), ("world_size", 2), ("parallel", "fsdp"),
+     ("grad_comm", "bf16"), ("warmup", 5), ("compile", True)],
+)  # fmt: skip
+def test_cases_that_differ_in_any_setting_are_not_compared(setting, value):
+    a = [_record(lr=3e-4, final_loss=3.0)]
+    rows = compare_runs(a, [_record(lr=3e-4, final_loss=3.5) | {setting: value}])  # worse loss: another case
+    assert {r.verdict for r in rows} == {"unmatched"} and exit_code(rows) == 1
+    only_a = next(r for r in rows if "only in A" in r.message)
+    assert f"B has it with other settings (A vs B: {setting} " in only_a.message and f"vs {value}" in only_a.message
+
+
+def test_a_data_file_is_matched_by_its_content():
+    a = _record(data="/home/a/d.txt", data_sha256="ab12")
+    assert exit_code(compare_runs([a], [a | {"data": "/ci/d.txt"}])) == 0  # the same bytes elsewhere
+    rows = compare_runs([a], [a | {"data_sha256": "cd34"}])
+    assert "data /home/a/d.txt with other content (sha256 ab12 vs cd34)" in rows[0].message
+
+
+@pytest.mark.parametrize(
+    "a, b, why",
+    [
+        ([], _run(), "A has no records"),
+        (_run(), [], "B has no records"),
+        (_run(), _run(seed=1), "no case of A matches a case of B in every setting"),
+        (_run(), [r | {"model": "tiny"} for r in _run()], "A holds model(s) gpt2-small and B tiny: none in common"),
+        ([_record(status="skipped", reason="needs sm80")], [_record(status="skipped", reason="needs sm80")],
+         "every case in both A and B is skipped or failed on both sides"),
+    ],
+)  # fmt: skip
+def test_nothing_compared_fails_and_says_why(tmp_path, capsys, a, b, why):
+    paths = []
+    for name, records in (("a", a), ("b", b)):
+        path = tmp_path / f"{name}.jsonl"
+        path.touch()
+        for r in records:
+            store.append(path, r)
+        paths.append(str(path))
+    assert main(["compare", *paths]) == 1
+    out = capsys.readouterr().out
+    assert f"nothing was compared: {why}" in out and "0 regression(s)" not in out

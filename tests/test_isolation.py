@@ -133,6 +133,7 @@ def test_interrupted_runs_keep_their_records_and_resume_completes_them(tmp_path)
     resumed = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["mode"] for r in store.read(out)] == ["fp32", "bf16", "int8-weight"]
+    assert len({r["run_id"] for r in store.read(out)}) == 1  # three processes, one run
 
 
 def test_config_file_defines_the_matrix_and_flags_override_it(tmp_path):

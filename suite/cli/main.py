@@ -5,7 +5,7 @@ Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverge
 timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM, 74 a record could
 not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
-`compare`: 0 nothing regressed beyond its noise, 1 something did, 2 bad input.
+`compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input.
 `doctor`: 0 no check failed (pass or cannot check), 1 a check failed, 2 bad input.
 """
 
@@ -32,8 +32,9 @@ from suite.modes import MODES
 from suite.modes.base import decide
 from suite.quiet import quiet_dependencies
 from suite.records import outputs, store
+from suite.records.cases import latest
 from suite.reporting import baseline, convergence, procurement
-from suite.reporting.compare import compare_runs, format_comparison
+from suite.reporting.compare import compare_runs, format_comparison, nothing_compared
 from suite.reporting.compare import exit_code as compare_exit_code
 from suite.reporting.report import REPORT_FILES, build_report
 from suite.text import fmt, shown, table
@@ -42,7 +43,7 @@ from suite.text import fmt, shown, table
 def cmd_check(args: argparse.Namespace) -> int:
     """Convergence gate: exit 1 when a mode's loss ends above fp32's by more than its tolerance."""
     tolerances = convergence.parse_tolerances(args.tolerance)
-    records = store.read_all(args.records)
+    records = latest(store.read_all(args.records))  # a case run again in its run (--retry-failed): the retry
     verdicts = convergence.check(records, tolerances)
     rows = [
         [v.mode, v.model, v.outcome, fmt(v.delta, "+.4f"), fmt(v.tolerance and v.tolerance.max_delta, ".4f"),
@@ -76,12 +77,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise."""
-    rows = compare_runs(store.read_all(args.a), store.read_all(args.b))
+    a, b = store.read_all(args.a), store.read_all(args.b)
+    rows = compare_runs(a, b)
     print(format_comparison(rows))
-    code = compare_exit_code(rows)
+    why = nothing_compared(rows, a, b)
+    if why:  # a gate that compared nothing must not pass
+        print(f"\nnothing was compared: {why}")
+        return 1
     regressed = [r.message for r in rows if r.verdict == "regressed"]
     print(f"\n{len(regressed)} regression(s)" + (":\n" + "\n".join(regressed) if regressed else ""))
-    return code
+    return compare_exit_code(rows)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:

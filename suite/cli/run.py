@@ -21,11 +21,12 @@ from suite.cli.progress import STYLE, LiveBars
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
 from suite.records import outputs, store
+from suite.records.cases import case_key, locked, outcomes
 from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
-from suite.running.runner import RecordNotWritten, RunInterrupted, run_cases, validate
+from suite.running.runner import RecordNotWritten, RunInterrupted, recorded_cases, run_cases, validate
 from suite.text import fmt, log_to_stderr, render, rich_table, shown
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
@@ -94,6 +95,12 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--out", help="JSON Lines file to append records to (default: results/runs/RUN_ID.jsonl)")
     add("--config", help="TOML file with the whole matrix (see README); flags override it")
     add("--resume", metavar="FILE", help="append to FILE, running only the cases it has no record of")
+    add(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: also rerun the cases whose latest record is not ok (earlier records stay; the latest "
+        "counts)",
+    )
     add("--case-timeout", type=float, help="seconds one case may take before it is stopped (default: none)")
     add("--fail-fast", action="store_true", default=None, help="stop at the first failed case")
     add("--nproc", type=int_type, help="data-parallel processes per case (torchrun; batch size is per process)")
@@ -239,11 +246,14 @@ def _mark(bad: dict[str, list], text: str, *keys: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.memory_limit_mb is not None and (not args.find_max_batch or not args.memory_limit_mb > 0):
         raise ValueError(f"memory_limit_mb={args.memory_limit_mb}: needs --find-max-batch and a positive MiB figure")
+    if args.retry_failed and not args.resume:
+        raise ValueError("retry_failed: reruns the failed cases of a records file; give it with --resume FILE")
     opts = options(args)
     if launched_by_torchrun():
         return _run_as_rank(opts)
     cases = cases_from_options(opts)
-    out = Path(opts.get("out") or Path("results") / "runs" / f"{store.new_run_id()}.jsonl")
+    run_id = store.new_run_id()  # the file's name and the records' run_id agree (a resume keeps the file's)
+    out = Path(opts.get("out") or Path("results") / "runs" / f"{run_id}.jsonl")
     devices = validate(cases)  # bad input ends here, before anything is written
     _check_fidelity(cases, devices)
     outputs.check_records_out(out)  # refuses a file of another kind; repairs a torn last line
@@ -256,10 +266,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     live = LiveBars() if not args.quiet and LiveBars.available() else None
     try:
         search = {"memory_limit_mb": args.memory_limit_mb} if args.find_max_batch else None
-        with live or contextlib.nullcontext():
-            done = run_cases(cases, out=out, case_timeout=opts.get("case_timeout"),
+        # a resume reads the file to decide what to run: it needs the file to itself
+        with locked(out, exclusive=bool(args.resume)), live or contextlib.nullcontext():
+            done = run_cases(cases, out=out, run_id=run_id, case_timeout=opts.get("case_timeout"),
                              fail_fast=bool(opts.get("fail_fast")), resume=bool(args.resume), max_batch=search,
-                             log=None if args.quiet else log_to_stderr, progress=live)  # fmt: skip
+                             log=None if args.quiet else log_to_stderr, progress=live,
+                             retry_failed=args.retry_failed)  # fmt: skip
     except RunInterrupted as stop:
         print(
             f"mpbench: interrupted by {signal.Signals(stop.signum).name}; {len(stop.done)} finished record(s) "
@@ -276,14 +288,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return store.EXIT_NOT_WRITTEN
-    print_summary(done)
+    # a resumed run's table is the whole run's: the speed-ups need the fp32 case recorded before
+    whole = recorded_cases(cases, devices, store.read(out)) if args.resume else done
+    if args.resume and not done:
+        print("nothing to run: every case already has a record")
+    print_summary(whole)
     print(f"\nrecords: {shown(out)} ({len(done)} written)")
-    if args.plot and done:
-        print(f"loss curves: {plot_loss_curves(done, out.with_suffix('.png'))}")
-    loss_floor = next((r["loss_floor"] for r in done if r["loss_floor"] is not None), None)
+    if args.plot and whole:
+        print(f"loss curves: {plot_loss_curves(whole, out.with_suffix('.png'))}")
+    loss_floor = next((r["loss_floor"] for r in whole if r["loss_floor"] is not None), None)
     if loss_floor is not None:
         print(f"loss floor of the synthetic corpus (optimal loss): {loss_floor:.4f} nats/token")
-    return 1 if any(r["status"] in FAILED for r in done) else 0
+    ran = {case_key(r) for r in done}
+    kept = [r for r in whole if r["status"] in FAILED and case_key(r) not in ran]
+    if kept:  # the exit code says the run is not clean: say why, and how to finish it
+        print(f"mpbench: {len(kept)} case(s) failed before this resume and were not run again ({outcomes(kept)}); "
+              f"rerun them with --resume {out} --retry-failed", file=sys.stderr)  # fmt: skip
+    return 1 if any(r["status"] in FAILED for r in whole) else 0
 
 
 def _check_fidelity(cases: list[Case], devices: dict[str, DeviceInfo]) -> None:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.cases import case_key, differences
 from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting import baseline
@@ -42,7 +43,6 @@ FIDELITY_BOUNDS: dict[str, Bound] = {
     "grad_overflow_frac": Bound(rel=0.0, abs=0.0),  # any new inf/NaN in applied gradients
     "fidelity_loss_diff": Bound(rel=0.5, abs=1e-6, distance="magnitude"),
 }
-MATCH_KEYS = ("model", "mode", "batch_size", "seq_len", "steps", "seed")
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
 SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emulated kernels, like step time
 
@@ -62,23 +62,31 @@ class Comparison:
     message: str
 
 
-def _key(r: dict[str, Any]) -> tuple:
-    return tuple(r.get(k) for k in MATCH_KEYS)
-
-
-def _label(key: tuple) -> str:
-    model, mode, batch, seq, steps, seed = key
-    return f"{model}/{mode} (batch {batch} x {seq}, {steps} steps, seed {seed})"
+def _label(r: dict[str, Any]) -> str:
+    sizes = f"batch {r.get('batch_size')} x {r.get('seq_len')}, {r.get('steps')} steps, seed {r.get('seed')}"
+    return f"{r.get('model')}/{r.get('mode')} ({sizes})"
 
 
 def _index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Case -> record; an ok record wins over a failed one, a later one over an earlier one."""
+    """Case (the resume key: every setting) -> record; an ok record wins over a failed one, a later
+    one over an earlier one."""
     out: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        k = _key(r)
+        k = case_key(r)
         if k not in out or r.get("status") == "ok" or out[k].get("status") != "ok":
             out[k] = r
     return out
+
+
+def _unmatched(r: dict[str, Any], side: str, others: list[dict[str, Any]]) -> Comparison:
+    """A case only one side has, with the settings that set the other side's nearest case apart."""
+    other = "B" if side == "A" else "A"
+    near = [o for o in others if (o.get("model"), o.get("mode")) == (r.get("model"), r.get("mode"))]
+    a_b = (lambda o: differences(r, o)) if side == "A" else (lambda o: differences(o, r))
+    why = min((a_b(o) for o in near), key=len, default=None)
+    nearest = f"; {other} has it with other settings (A vs B: {', '.join(why)})" if why else ""
+    message = f"{_label(r)}: only in {side}, no matching case in {other}{nearest}: unmatched"
+    return Comparison(r.get("model"), r.get("mode"), "-", None, None, None, None, "unmatched", message)
 
 
 def _num(value: float | None) -> str:
@@ -96,11 +104,6 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     """Verdict rows through `baseline.compare` (A as the baseline), then the ratio-only rows."""
     model, mode = ra["model"], ra["mode"]
     entry = baseline.make_baseline([ra])["entries"][f"{model}/{mode}"]
-    case_b = {k: rb.get(k) for k in baseline.CASE_KEYS}
-    differs = [f"{k} {entry['case'][k]} vs {case_b[k]}" for k in baseline.CASE_KEYS if entry["case"][k] != case_b[k]]
-    # warmup and compile are not part of the match: compare anyway, and say so in every message
-    entry = entry | {"case": case_b}
-    note = f" [A and B differ: {', '.join(differs)}]" if differs else ""
     bad_a, bad_b = suspect_fields(ra), suspect_fields(rb)
     rows = []
     for f in baseline.compare(rb, entry):
@@ -111,10 +114,10 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
         verdict, doubt = _doubt(verdict, f.metric, bad_a, bad_b)
         message = (
             f"{model}/{mode} {f.metric}: {_num(f.old)} -> {_num(f.new)} ({_x(ratio)}), "
-            f"allowed up to {_num(f.allowed)}{better}: {verdict}{doubt}{note}"
+            f"allowed up to {_num(f.allowed)}{better}: {verdict}{doubt}"
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
-    rows += _fidelity_rows(ra, rb, note)
+    rows += _fidelity_rows(ra, rb)
     emulated = bool(ra.get("emulated") or rb.get("emulated"))
     for metric in INFO_METRICS:
         if emulated and metric in SPEED_METRICS:
@@ -124,7 +127,7 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
             continue
         ratio = _ratio(a, b)
         verdict, doubt = _doubt("info", metric, bad_a, bad_b)
-        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): {verdict}{doubt}{note}"
+        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): {verdict}{doubt}"
         rows.append(Comparison(model, mode, metric, a, b, ratio, None, verdict, message))
     return rows
 
@@ -160,7 +163,7 @@ def _verdict(da: float, db: float, margin: float) -> str:
     return "regressed" if db > da + margin else "improved" if db < da - margin else "same"
 
 
-def _fidelity_rows(ra: dict[str, Any], rb: dict[str, Any], note: str) -> list[Comparison]:
+def _fidelity_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     """Fidelity figures present in both: regressed beyond the bound, improved beyond it, or the same."""
     model, mode = ra["model"], ra["mode"]
     rows = []
@@ -176,7 +179,7 @@ def _fidelity_rows(ra: dict[str, Any], rb: dict[str, Any], note: str) -> list[Co
             allowed, limit = 1.0 - allowed, f"down to {1.0 - (da + margin):.10g}"
         else:
             limit = f"{'|diff| ' if bound.distance == 'magnitude' else ''}up to {_num(allowed)}"
-        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)}, allowed {limit}: {verdict}{note}"
+        message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)}, allowed {limit}: {verdict}"
         rows.append(Comparison(model, mode, metric, a, b, _ratio(a, b), allowed, verdict, message))
     return rows
 
@@ -185,7 +188,7 @@ def _x(ratio: float | None) -> str:
     return f"x{ratio:.2f}" if ratio is not None else "x -"
 
 
-def _status_row(key: tuple, ra: dict[str, Any], rb: dict[str, Any]) -> Comparison:
+def _status_row(ra: dict[str, Any], rb: dict[str, Any]) -> Comparison:
     """A case that is not ok on one side: a run that now fails is a regression, one that now runs an improvement."""
     sa, sb = ra.get("status"), rb.get("status")
     if sa == "ok" and sb in FAILED:
@@ -197,25 +200,40 @@ def _status_row(key: tuple, ra: dict[str, Any], rb: dict[str, Any]) -> Compariso
     why = "; ".join(
         f"{side} {r.get('status')}: {r.get('reason')}" for side, r in (("A", ra), ("B", rb)) if r.get("status") != "ok"
     )
-    message = f"{_label(key)} status: A {sa}, B {sb} ({why}): {verdict}"
-    return Comparison(key[0], key[1], "status", None, None, None, None, verdict, message)
+    message = f"{_label(ra)} status: A {sa}, B {sb} ({why}): {verdict}"
+    return Comparison(ra["model"], ra["mode"], "status", None, None, None, None, verdict, message)
 
 
 def compare_runs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[Comparison]:
-    """Every case of A and B matched by model, mode, sizes, steps and seed, metric by metric."""
+    """Every case of A and B matched on all its settings (the resume key: sizes, steps, seed, data,
+    lr, processes...), metric by metric; a case that differs in any setting is unmatched, and says how."""
     ia, ib = _index(a), _index(b)
     rows: list[Comparison] = []
     for key in list(ia) + [k for k in ib if k not in ia]:
         ra, rb = ia.get(key), ib.get(key)
-        if ra is None or rb is None:
-            side, other = ("A", "B") if rb is None else ("B", "A")
-            message = f"{_label(key)}: only in {side}, no matching case in {other}: unmatched"
-            rows.append(Comparison(key[0], key[1], "-", None, None, None, None, "unmatched", message))
+        if rb is None:
+            rows.append(_unmatched(ra, "A", list(ib.values())))
+        elif ra is None:
+            rows.append(_unmatched(rb, "B", list(ia.values())))
         elif ra.get("status") == "ok" and rb.get("status") == "ok":
             rows += _metric_rows(ra, rb)
         else:
-            rows.append(_status_row(key, ra, rb))
+            rows.append(_status_row(ra, rb))
     return rows
+
+
+def nothing_compared(rows: list[Comparison], a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str | None:
+    """Why no figure of B was judged against A, or None when some was: a gate must not pass on nothing."""
+    if any(r.verdict != "unmatched" for r in rows):
+        return None
+    if not a or not b:
+        return f"{'A' if not a else 'B'} has no records"
+    models_a, models_b = ({str(r.get("model")) for r in side} for side in (a, b))
+    if not models_a & models_b:
+        return f"A holds model(s) {', '.join(sorted(models_a))} and B {', '.join(sorted(models_b))}: none in common"
+    if not any(r.metric == "status" for r in rows):
+        return "no case of A matches a case of B in every setting; the unmatched lines say which settings differ"
+    return "every case in both A and B is skipped or failed on both sides"
 
 
 def format_comparison(rows: list[Comparison]) -> str:
@@ -237,5 +255,5 @@ def format_comparison(rows: list[Comparison]) -> str:
 
 
 def exit_code(rows: list[Comparison]) -> int:
-    """1 if any metric or case regressed, else 0."""
-    return int(any(r.verdict == "regressed" for r in rows))
+    """1 if any metric or case regressed, or nothing was compared; else 0."""
+    return int(any(r.verdict == "regressed" for r in rows) or all(r.verdict == "unmatched" for r in rows))

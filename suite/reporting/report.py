@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from suite.records.cases import latest
 from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
 from suite.reporting.plots import plot_loss_curves
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     import pandas
 
 REPORT_FILES = ("index.html", "summary.md", "summary.csv")  # and a PNG per chart
-GROUP_KEYS = ("model", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data", "run_id")
+GROUP_KEYS = ("model", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data", "data_sha256", "run_id")
 ENVIRONMENT = (
     ("GPU", "gpu_name"), ("GPU memory (MiB)", "gpu_memory_mb"), ("GPU count", "gpu_count"), ("driver", "driver"),
     ("CUDA", "cuda"), ("torch", "torch"), ("Python", "python"), ("CPU", "cpu"), ("CPU cores", "cpu_count"),
@@ -288,9 +289,10 @@ def build_report(
     df: pandas.DataFrame, out_dir: Path, prices: dict[str, float] | None = None, target_loss: float | None = None
 ) -> dict[str, Path]:
     """Write index.html, summary.md, summary.csv and the chart PNGs into `out_dir`; returns them by file name."""
-    records = records_of(df)
-    if not records:
+    everything = records_of(df)
+    if not everything:
         raise ValueError("records: nothing to report; load at least one record")
+    records = latest(everything)  # a case retried in its run (--retry-failed) shows its retry
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = _Document(out_dir)
@@ -301,6 +303,8 @@ def build_report(
         "Speed-up and loss deltas are against the fp32 case of the same group. "
         'A figure that could not be measured reads "not measured", with its reason as a tooltip and a footnote.'
     )
+    if len(records) < len(everything):
+        intro += f" {len(everything) - len(records)} earlier record(s) of cases run again in the same run are left out."
     doc.page.append(f"<h1>mpbench report</h1><p>{html.escape(intro)}</p>")
     doc.md += ["# mpbench report", "", intro]
     for m, (machine, groups) in enumerate(_groups(records).items(), start=1):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from suite.modes import get_mode
 from suite.running.progress import Event, Sink, step_events
 from suite.training import fidelity
 from suite.training.case import Case
-from suite.training.data import digest, make_corpus
+from suite.training.data import digest, file_sha256, make_corpus
 from suite.training.train import CaseResult, run_case
 
 Log = Callable[[str], None]
@@ -61,7 +62,9 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "warmup": case.warmup,
         "seed": case.seed,
         "compile": case.compile,
-        "data": case.data,
+        # the file's absolute path and its content: one case under any spelling of the path
+        "data": str(Path(case.data).resolve()) if case.data else None,
+        "data_sha256": file_sha256(case.data) if case.data else None,
         "lr": case.learning_rate,
         "eval_batches": case.eval_batches,
         "eval_every": case.eval_every,

@@ -20,6 +20,7 @@ from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.modes.base import decide
 from suite.records import checks, outputs, store
+from suite.records.cases import case_key, outcomes
 from suite.reporting import convergence
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -31,9 +32,6 @@ from suite.training.case import Case
 from suite.training.data import make_corpus
 
 Log = Callable[[str], None]
-# what makes two records the same case, for --resume
-CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
-            "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm", "parallel")  # fmt: skip
 
 
 def torch_cuda_count() -> int:
@@ -194,17 +192,20 @@ def run_cases(
     resume: bool = False,
     max_batch: dict[str, Any] | None = None,
     progress: Sink | None = None,
+    retry_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Run each case (each group's fp32 first); return the new records, appending each to `out`.
 
     isolate: each case in its own spawned process (the default, and what `mpbench run` does);
     False trains in this process (faster for tests; no time limit). case_timeout: seconds per
     case (isolated only). fail_fast: stop after the first failed case. resume: skip cases
-    that already have a record in `out`. max_batch: search each runnable case's largest batch
-    first, with these `find_max_batch` arguments (e.g. {"memory_limit_mb": 2048}). progress:
-    where the run's events go (the command line's live bars); by default each becomes a plain
-    line to `log` (None: nothing is shown). Raises RunInterrupted on SIGINT/SIGTERM, RecordNotWritten
-    when a record cannot be written.
+    that already have a record in `out`, and go on as the run that wrote its last record (its run
+    id); retry_failed: with resume, run again the cases whose latest record is not ok (the earlier
+    record stays in the file; readers take the latest); `mpbench run` locks `out` meanwhile.
+    max_batch: search each runnable case's largest batch first, with these `find_max_batch`
+    arguments (e.g. {"memory_limit_mb": 2048}). progress: where the run's events go (the command
+    line's live bars); by default each becomes a plain line to `log` (None: nothing is shown).
+    Raises RunInterrupted on SIGINT/SIGTERM, RecordNotWritten when a record cannot be written.
     """
     sink = progress or (PlainLines(log) if log else ignore)
 
@@ -216,18 +217,23 @@ def run_cases(
     if out is not None:
         out = outputs.check_records_out(out, note)
         existing = store.read(out) if resume else []
-    run_id = run_id or store.new_run_id()
+    # a resumed run goes on as the run it resumes: one run id in the file, one group in the report
+    run_id = (existing[-1].get("run_id") if existing else None) or run_id or store.new_run_id()
     for device in {d for d in devices.values() if d.type == "cuda"}:
         _, _, why = nvml_device(device.index)
         if why:
             note(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
-    have = {tuple(r.get(k) for k in CASE_KEY) for r in existing}
+    recorded = {case_key(r): r for r in existing}  # the latest record of each case
+    have = {k for k, r in recorded.items() if not (retry_failed and r["status"] != "ok")}
     references = {_group(r): r for r in existing if r["mode"] == convergence.REFERENCE}
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     ddps = {_ddp_twin(r): r for r in existing if r.get("parallel") == "ddp"}
     todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
-    if resume:
-        note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run")
+    if resume:  # a failed case is not run again unless asked: say so, or say it is
+        failed = [r for r in recorded_cases(cases, devices, existing) if r["status"] in store.FAILED]
+        again = "run again" if retry_failed else "not run again (--retry-failed reruns them)"
+        why = f"; {len(failed)} failed before ({outcomes(failed)}): {again}" if failed else ""
+        note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run{why}")
     batches = Batches()  # shared across cases when they train in this process
     records: list[dict[str, Any]] = []
     sink(Event("matrix", total=len(todo)))
@@ -269,8 +275,16 @@ def run_cases(
 
 
 def _key(case: Case, devices: dict[str, DeviceInfo]) -> tuple:
-    fields = case_fields(case, devices[case.device])
-    return tuple(fields.get(k) for k in CASE_KEY)
+    return case_key(case_fields(case, devices[case.device]))
+
+
+def recorded_cases(
+    cases: Sequence[Case], devices: dict[str, DeviceInfo], records: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The latest record of each case of the matrix, in running order: a resumed run's whole table."""
+    latest = {case_key(r): r for r in records}
+    keys = dict.fromkeys(_key(c, devices) for c in reference_first(cases))
+    return [latest[k] for k in keys if k in latest]
 
 
 def _describe(case: Case) -> str:

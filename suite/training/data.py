@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,25 @@ def make_corpus(data: str | None, vocab_size: int) -> Corpus:
 @functools.lru_cache(maxsize=4)
 def _markov(vocab_size: int) -> MarkovCorpus:
     return MarkovCorpus(vocab_size)
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """sha256 of a data file's bytes (as `sha256sum` prints it), None if it cannot be read.
+
+    What identifies a data file in a record: any spelling of its path gives the same digest, an
+    edited file another. Computed once per file version (size and modification time).
+    """
+    try:
+        st = os.stat(path)
+        return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:  # deleted or unreadable since validation: the record says so through its status
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def digest(t: torch.Tensor) -> str:

@@ -1,0 +1,87 @@
+"""What makes two records the same case, the latest record of each, and the lock on a records file.
+
+One key serves `--resume` (which cases a file already has), `mpbench compare` (which cases of A
+and B are alike) and the readers that keep one record per case of a run (a retried case leaves its
+earlier record in the file: the latest wins).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Every setting that changes what a case measures. A data file is keyed by its content
+# (`data_sha256`), so `d.txt`, `./d.txt` and its absolute path are one case, and an edited
+# file is another; records written before the digest existed fall back to the path as given.
+CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
+            "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm", "parallel")  # fmt: skip
+
+
+def _value(values: dict[str, Any], field: str) -> Any:
+    if field == "data":
+        return values.get("data_sha256") or values.get("data")
+    return values.get(field)
+
+
+def case_key(values: dict[str, Any]) -> tuple:
+    """The case of a record (or of a case's record fields), as a hashable tuple in CASE_KEY order."""
+    return tuple(_value(values, k) for k in CASE_KEY)
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The settings of CASE_KEY where two records differ, as "field A-value vs B-value"."""
+    out = []
+    for k in CASE_KEY:
+        if _value(a, k) == _value(b, k):
+            continue
+        if k == "data" and a.get("data") == b.get("data"):  # one path, other bytes: the file was edited
+            digests = f"sha256 {a.get('data_sha256')} vs {b.get('data_sha256')}"
+            out.append(f"data {a.get('data')} with other content ({digests})")
+        else:
+            out.append(f"{k} {a.get(k)} vs {b.get(k)}")
+    return out
+
+
+def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (run, case): the last written, in the order the cases first appeared.
+
+    A case retried with `--resume --retry-failed` keeps its earlier record in the file (nothing
+    recorded is ever rewritten); readers that show a run take the retry's.
+    """
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        out[(r.get("run_id"), case_key(r))] = r
+    return list(out.values())
+
+
+def outcomes(records: Iterable[dict[str, Any]]) -> str:
+    """Each record's model/mode and status, comma-separated: which cases a message is about."""
+    return ", ".join(f"{r.get('model')}/{r.get('mode')} {r.get('status')}" for r in records)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, exclusive: bool) -> Iterator[None]:
+    """Hold an advisory lock on a records file while a run writes to it; ValueError if another holds it.
+
+    A resumed run reads the file to decide what to run, so it needs the file to itself (exclusive);
+    plain runs may share a file (shared), since each line is appended whole. The lock is on this
+    process's own descriptor (not inherited by workers) and ends with the process, however it ends.
+    """
+    import fcntl  # POSIX, as the runner is; imported here so that the readers import anywhere
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            what = "resume" if exclusive else "out"
+            raise ValueError(
+                f"{what}={str(path)!r}: another mpbench run is writing to this file; wait for it to end"
+                + (", then resume" if exclusive else ", or choose another --out")
+            ) from None
+        yield
+    finally:
+        os.close(fd)
