@@ -37,7 +37,8 @@ LISTS = frozenset((
 BOOLS = frozenset(("git_dirty", "compile", "emulated", "throttled", "sampler_stalled", "cpu_bf16_native",
                    "cpu_fp16_native"))
 TEXT = frozenset((
-    "run_id", "timestamp", "git_commit", "model", "mode", "device", "data", "grad_comm", "parallel", "status",
+    "run_id", "timestamp", "git_commit", "model", "mode", "device", "data", "data_sha256", "grad_comm", "parallel",
+    "status",
     "reason", "compute_dtype", "init_digest", "data_digest", "emulated_reason", "peak_flops_dtype", "mfu_reason",
     "mamf_reason", "tensor_core_util_source", "tensor_core_util_reason", "peak_mem_source", "peak_mem_reason",
     "energy_reason", "nvml_reason", "scaling_reason", "param_dtype", "reduce_dtype", "mem_saving_basis",
