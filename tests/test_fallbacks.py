@@ -107,6 +107,17 @@ def test_an_integer_option_that_is_not_an_integer_is_refused(capsys):
     assert exited.value.code == 2 and "'two' is not an integer" in capsys.readouterr().err
 
 
+def test_a_mode_out_of_memory_in_the_fidelity_comparison_is_recorded_oom(monkeypatch):
+    from suite.cli import fidelity as fidelity_cli
+
+    def out_of_memory(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fidelity_cli.fidelity, "measure", out_of_memory)
+    got = fidelity_cli._one(SimpleNamespace(mode="fp32"), CPU, torch.zeros(1))
+    assert got["status"] == "oom" and got["fidelity_reason"] == "out of memory" and "2.00 GiB" in got["reason"]
+
+
 def test_fidelity_refuses_an_empty_mode_list(capsys):
     assert main(["fidelity", "--device", "cpu", "--modes", " , "]) == 2
     assert "modes: empty" in capsys.readouterr().err
@@ -158,8 +169,17 @@ def test_outside_git_the_commit_is_unknown(monkeypatch, fails):
 # ----------------------------------------------------------------------------- metrics
 
 
-def test_a_cpu_calibrates_fp32_and_bf16_only():
-    assert calibration.default_dtypes(CPU) == ["fp32", "bf16"]
+@pytest.mark.parametrize(
+    "device, dtypes",
+    [
+        (CPU, ["fp32", "bf16"]),
+        (DeviceInfo("cuda", "H100", (9, 0)), ["fp32", "tf32", "fp16", "bf16", "fp8", "int8"]),
+        (DeviceInfo("cuda", "A100", (8, 0)), ["fp32", "tf32", "fp16", "bf16", "int8"]),
+        (DeviceInfo("cuda", "V100", (7, 0)), ["fp32", "fp16"]),
+    ],
+)
+def test_calibration_times_the_dtypes_the_device_has(device, dtypes):
+    assert calibration.default_dtypes(device) == dtypes
 
 
 @pytest.mark.parametrize(
