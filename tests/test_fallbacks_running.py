@@ -14,6 +14,7 @@ import pandas
 import pytest
 import torch
 
+from models import GPTConfig
 from suite.hardware import resolve_device
 from suite.modes.fp32 import FP32
 from suite.modes.int8_weight import Int8Weight
@@ -192,9 +193,11 @@ def test_an_optimizer_state_that_is_not_adamws_is_named():
 
 
 def _measure(steps=1):
-    case = small_case(mode="fp32", steps=steps, warmup=0, batch_size=1, seq_len=8)
-    batches = data.make_corpus(None, case.model_config.vocab_size).batches(steps, 1, 8, case.seed)
-    return fidelity.measure(case, CPU, batches)
+    """fidelity.measure of fp32 on a model far smaller than tiny: these tests are about what it refuses."""
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    tiny = small_case(mode="fp32", batch_size=1, seq_len=8)
+    case = SimpleNamespace(**vars(tiny) | {"model_config": config, "learning_rate": tiny.learning_rate})
+    return fidelity.measure(case, CPU, data.make_corpus(None, 64).batches(steps, 1, 8, case.seed))
 
 
 def test_fidelity_refuses_a_mode_that_renames_the_parameters(monkeypatch):
