@@ -21,7 +21,7 @@ from suite.hardware import DeviceInfo
 from suite.metrics import calibration, memory, nvml
 from suite.metrics.fidelity import _cos, _rel, plain
 from suite.metrics.timing import TimingStats
-from suite.modes import base
+from suite.modes import base, int8_mixed, mxfp8
 from suite.modes.int8_mixed import Int8Mixed
 from suite.modes.int8_weight import _torchao_missing
 from suite.modes.mxfp8 import MXFP8
@@ -264,9 +264,13 @@ def test_tf32_enabled_reads_the_legacy_flag_where_torch_lacks_the_new_api(monkey
     assert base.tf32_enabled() is True
 
 
-@pytest.mark.parametrize("mode", [Int8Mixed, MXFP8])
-def test_a_torchao_mode_without_torchao_refuses_to_prepare(monkeypatch, mode):
-    monkeypatch.setitem(sys.modules, "torchao", None)
+@pytest.mark.parametrize(
+    "mode, modules",
+    [(Int8Mixed, [int8_mixed._INT8, int8_mixed._QUANTIZE]), (MXFP8, [mxfp8._MXFP8, mxfp8._KERNELS])],
+)
+def test_a_torchao_mode_without_torchao_refuses_to_prepare(monkeypatch, mode, modules):
+    for name in modules:  # the very modules it imports: an earlier test may have imported them already
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(RuntimeError, match=f"{mode.name} needs torchao"):
         mode(CPU).prepare(torch.nn.Linear(32, 32))
 
