@@ -105,6 +105,11 @@ def details(out: Sorted) -> str:
             why = f" ({out.dead[rel][lines[0]]})" if name == "dead" else ""
             parts.append(f"- {rel} {fn}: {len(lines)} at {ranges(lines)}{why}")
         parts.append("")
+    parts.append(f"## untested, with a reason (listed in [[untested]]): {out.count('explained')} statements\n")
+    for listing, lines in out.blocks:
+        if listing.kind == "untested":
+            parts.append(f"- {listing.label()}: {len(lines)} at {ranges(lines) or '-'}; {listing.why}")
+    parts.append("")
     reachable = out.count("reachable")
     parts.append(f"## GPU-only: {out.count('gpu')} statements ({reachable} the existing fakes could reach)\n")
     for listing, lines in out.blocks:
@@ -119,7 +124,7 @@ def as_dict(out: Sorted) -> dict[str, Any]:
     return {
         "statements": out.statements,
         "never_run": out.never_run,
-        **{name: out.count(name) for name in ("gpu", "reachable", "untested", "dead")},
+        **{name: out.count(name) for name in ("gpu", "reachable", "untested", "explained", "dead")},
     }
 
 
@@ -130,6 +135,7 @@ def summary(out: Sorted, budget: Budget) -> str:
         f"{out.never_run} never run on CPU: {out.count('gpu')} GPU-only (listed in ci/gpu_only.toml; "
         f"{out.count('reachable')} of them the existing fakes could reach), "
         f"{out.count('untested')} CPU-reachable untested (budget {budget.untested}), "
+        f"{out.count('explained')} untested with a reason (listed), "
         f"{out.count('dead')} dead (budget {budget.dead})"
     )
 
@@ -143,7 +149,7 @@ def report(data: Path, list_path: Path, show_details: bool) -> int:
     problems = out.problems + [f"{p} in {list_path.name}" for p in check_budget(out, budget)]
     listing = details(out)
     (data / "dark-code.md").write_text(f"# {summary(out, budget)}\n\n{listing}")
-    lines = {name: sorted_lines(out, name) for name in ("gpu", "untested", "dead")}
+    lines = {name: sorted_lines(out, name) for name in ("gpu", "untested", "explained", "dead")}
     (data / "dark-code.json").write_text(json.dumps(as_dict(out) | {"lines": lines, "problems": problems}, indent=1))
     print(summary(out, budget))
     if show_details:

@@ -1,4 +1,5 @@
-"""Sort the statements no CPU test executes into GPU-only (listed), dead, and CPU-reachable untested.
+"""Sort the statements no CPU test executes into GPU-only (listed), dead, untested with a reason (listed), and
+CPU-reachable untested.
 
 Pure functions of each file's source and its executed lines, so that the sorting is mechanical and
 its tests need no coverage run. ci/dark_code.py measures; ci/gpu_only.toml is the list:
@@ -15,6 +16,9 @@ its tests need no coverage run. ci/dark_code.py measures; ci/gpu_only.toml is th
   (code, tests, docs), an `if __name__ == "__main__":` block of a module nothing runs with
   `-m`, or a `[[dead]]` block of the list, each with its `reason` (a reference that is never
   called, e.g. a `json.dumps(default=...)` that never sees its type).
+- an `[[untested]]` block (file, scope, match/through/to_end as for [[gpu]]) is code a CPU runs
+  but no test can measure, with its `reason` (a `__main__` block that rewrites a committed file,
+  say): counted apart from the unexplained rest, and stale, as a [[gpu]] block, once a test runs it.
 - the rest: lines a CPU could reach that no test does.
 """
 
@@ -41,11 +45,11 @@ CORPUS_SUFFIXES = {".py", ".md", ".toml", ".sh", ".yml", ".yaml", ".cfg", ".txt"
 class Listing:
     """One block of the list file."""
 
-    kind: str  # "gpu" or "dead"
+    kind: str  # "gpu", "dead" or "untested"
     file: str  # relative to the repository, e.g. "suite/metrics/timing.py"
     scope: str  # "CudaTimer.start"; "" for the module
     match: str | None  # text on the first line of the statements meant; None: the scope's whole body
-    why: str  # gpu: "needs; upstream source read"; dead: the reason
+    why: str  # gpu: "needs; upstream source read"; dead, untested: the reason
     through: str | None = None  # with `match`: a run of statements, to the one whose first line holds this
     to_end: bool = False  # with `match`: a run of statements, to the end of the scope
     reach: str | None = None  # gpu: how a CPU test could run it with the existing fakes, if one could
@@ -69,7 +73,7 @@ def load_list(path: Path) -> tuple[list[Listing], Budget]:
     """Read the list file; ValueError naming the entry and field when one is malformed."""
     data = tomllib.loads(path.read_text())
     listings: list[Listing] = []
-    for kind, required in (("gpu", ("needs", "upstream")), ("dead", ("reason",))):
+    for kind, required in (("gpu", ("needs", "upstream")), ("dead", ("reason",)), ("untested", ("reason",))):
         for i, entry in enumerate(data.get(kind, [])):
             where = f"{path.name}: [[{kind}]] #{i + 1} ({entry.get('file', '?')}:{entry.get('scope', '?')})"
             for key in ("file", "scope", *required):
@@ -211,12 +215,13 @@ class FileLines:
 
 @dataclass
 class Sorted:
-    """Every never-run statement in exactly one of gpu / dead / untested, and what is wrong with the list."""
+    """Each never-run statement in one of gpu / dead / explained / untested, and what is wrong with the list."""
 
     statements: int = 0
     gpu: dict[str, set[int]] = field(default_factory=dict)
     dead: dict[str, dict[int, str]] = field(default_factory=dict)
-    untested: dict[str, set[int]] = field(default_factory=dict)
+    explained: dict[str, set[int]] = field(default_factory=dict)  # listed [[untested]]: no test can run them, why
+    untested: dict[str, set[int]] = field(default_factory=dict)  # the unexplained rest, which the budget counts
     reachable: dict[str, set[int]] = field(default_factory=dict)  # GPU-only lines the existing fakes could reach
     problems: list[str] = field(default_factory=list)
     blocks: list[tuple[Listing, set[int]]] = field(default_factory=list)  # each listing, its never-run lines
@@ -227,14 +232,14 @@ class Sorted:
 
     @property
     def never_run(self) -> int:
-        return self.count("gpu") + self.count("dead") + self.count("untested")
+        return self.count("gpu") + self.count("dead") + self.count("explained") + self.count("untested")
 
 
 def sort_lines(files: list[FileLines], listings: list[Listing], names: Counter[str], corpus: str) -> Sorted:
     """Sort each never-run statement; a listing that names nothing, or that a CPU test runs, is a problem."""
     out = Sorted()
     by_file = {f.rel: f for f in files}
-    claimed: dict[str, dict[str, set[int]]] = {"gpu": {}, "dead": {}, "reach": {}}  # -> file -> never-run lines
+    claimed: dict[str, dict[str, set[int]]] = {"gpu": {}, "dead": {}, "untested": {}, "reach": {}}  # file -> lines
     for f in files:
         out.trees[f.rel] = ast.parse(f.source)
     for listing in listings:
@@ -270,6 +275,8 @@ def sort_lines(files: list[FileLines], listings: list[Listing], names: Counter[s
                     out.reachable.setdefault(f.rel, set()).add(line)
             elif line in found or line in listed_dead:
                 out.dead.setdefault(f.rel, {})[line] = found.get(line, "listed in [[dead]]")
+            elif line in claimed["untested"].get(f.rel, set()):
+                out.explained.setdefault(f.rel, set()).add(line)
             else:
                 out.untested.setdefault(f.rel, set()).add(line)
     return out

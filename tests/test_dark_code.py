@@ -170,11 +170,31 @@ def test_the_summary_line_and_listing_count_each_category():
     assert summary(out, Budget(untested=1, dead=2)) == (
         f"dark code: {len(statements(SOURCE))} statements in suite/ and models/, 4 never run on CPU: 1 GPU-only "
         "(listed in ci/gpu_only.toml; 0 of them the existing fakes could reach), 1 CPU-reachable untested "
-        "(budget 1), 2 dead (budget 2)"
+        "(budget 1), 0 untested with a reason (listed), 2 dead (budget 2)"
     )
     listing = details(out)
     assert f"- pkg/mod.py untested: 1 at {line('return 2')}" in listing
     assert "torch/cuda/__init__.py" in listing and "unused_helper: its name appears nowhere else" in listing
+
+
+WHY = Listing("untested", "pkg/mod.py", "untested", None, "rewrites a committed file; a test would overwrite it")
+
+
+def test_an_untested_block_with_a_reason_is_counted_apart_from_the_budget():
+    from ci.dark_code import as_dict, details, summary
+
+    out = sort(measured('if device.type == "cuda"', "return device"), [GPU, WHY])
+    assert out.problems == [] and out.untested == {} and out.explained == {"pkg/mod.py": {line("return 2")}}
+    assert out.never_run == 4 and check_budget(out, Budget(untested=0, dead=2)) == []
+    assert "0 CPU-reachable untested (budget 0), 1 untested with a reason (listed)" in summary(out, Budget(0, 2))
+    assert f"- pkg/mod.py:untested: 1 at {line('return 2')}; rewrites a committed file" in details(out)
+    assert as_dict(out)["explained"] == 1
+
+
+def test_an_untested_block_a_cpu_test_now_runs_is_stale():
+    out = sort(measured('if device.type == "cuda"', "return device", "return 2"), [GPU, WHY])
+    assert out.problems == [f"stale [[untested]] pkg/mod.py:untested: CPU tests run line(s) {line('return 2')}; "
+                            "narrow or drop it"]  # fmt: skip
 
 
 def test_budget_over_is_a_problem_and_under_is_not():
@@ -191,6 +211,9 @@ def test_list_file_errors_name_the_entry_and_field(tmp_path):
         load_list(path)
     path.write_text(f'[budget]\nuntested = 0\ndead = 0\n{entry.replace("cuda", "tpu")}upstream = "x"\n')
     with pytest.raises(ValueError, match="needs='tpu'; use one of cuda"):
+        load_list(path)
+    path.write_text('[budget]\nuntested = 0\ndead = 0\n[[untested]]\nfile = "a.py"\nscope = "f"\n')
+    with pytest.raises(ValueError, match=r"\[\[untested\]\] #1 \(a.py:f\): field 'reason' missing"):
         load_list(path)
     path.write_text(f'[budget]\nuntested = 0\n{entry}upstream = "torch 2.11 torch/cuda/__init__.py"\n')
     with pytest.raises(ValueError, match=r"\[budget\] dead missing"):
