@@ -130,5 +130,5 @@ def test_a_rank_that_diverges_alone_stops_every_rank_at_the_same_step(monkeypatc
     started = time.monotonic()
     r = run_cases([small_case(mode="fp32", nproc=2, steps=8, warmup=1)], log=None, case_timeout=100)[0]
     assert r["status"] == "diverged", r["reason"]
-    assert r["diverged_at_step"] == 2 and len(r["loss_curve"]) == 4  # stopped at the check point after step 4
+    assert r["diverged_at_step"] == 3 and len(r["loss_curve"]) == 4  # stopped at the check point after step 4
     assert time.monotonic() - started < 60  # no wait for a collective timeout

@@ -29,7 +29,7 @@ MODES = ["fp32", "bf16", "int8-weight"]  # fast on a CPU; the fault goes into bf
     [
         ("raise", "error", "RuntimeError: injected fault: raise"),
         ("oom", "oom", "out of memory at batch 2 x 32"),
-        ("nan", "diverged", "loss became NaN/inf at step 2"),
+        ("nan", "diverged", "loss became NaN/inf at step 3"),
         ("hang", "timeout", "exceeded --case-timeout"),
         ("crash", "error", "worker process exited with code 86"),
     ],
@@ -51,13 +51,16 @@ def test_a_fault_in_one_case_leaves_the_others_intact(tmp_path, monkeypatch, fau
     for mode in ("fp32", "int8-weight"):
         assert by_mode[mode]["status"] == "ok" and by_mode[mode]["final_loss"] > 0
     if fault == "nan":
-        assert by_mode["bf16"]["diverged_at_step"] == 2 and len(by_mode["bf16"]["loss_curve"]) >= 3
+        assert by_mode["bf16"]["diverged_at_step"] == 3 and len(by_mode["bf16"]["loss_curve"]) >= 3
 
 
-def test_malformed_fault_variable_is_an_error_record(tmp_path, monkeypatch):
-    monkeypatch.setenv("MPBENCH_FAULT", "explode:bf16")
-    r = run_cases([small_case(mode="bf16")], log=None)[0]
-    assert r["status"] == "error" and "MPBENCH_FAULT='explode:bf16'" in r["reason"]
+@pytest.mark.parametrize("spec", ["explode:bf16", "raise", "raise:bf61", "raise:tiny/", "nan:bf16@one"])
+def test_malformed_fault_variable_is_refused_before_running(tmp_path, monkeypatch, spec):
+    monkeypatch.setenv("MPBENCH_FAULT", spec)
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError, match=f"MPBENCH_FAULT={spec!r}: expected KIND:MODE or KIND:MODEL/MODE"):
+        run_cases([small_case(mode="bf16")], out=out, log=None)
+    assert not out.exists()  # refused before anything was written
 
 
 def test_fail_fast_stops_after_the_first_failure(tmp_path, monkeypatch):

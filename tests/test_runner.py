@@ -46,7 +46,7 @@ def test_failing_cases_become_records_and_the_run_goes_on(tmp_path, faulty_modes
     assert status["test-raise"]["status"] == "error"
     assert "RuntimeError: injected failure" in status["test-raise"]["reason"]
     assert status["test-nan"]["status"] == "diverged"
-    assert status["test-nan"]["diverged_at_step"] == 0 and "step 0" in status["test-nan"]["reason"]
+    assert status["test-nan"]["diverged_at_step"] == 1 and "step 1" in status["test-nan"]["reason"]
     assert status["test-oom"]["status"] == "oom" and "20.00 GiB" in status["test-oom"]["reason"]
     assert len(out.read_text().splitlines()) == 5
 

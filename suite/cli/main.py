@@ -2,8 +2,8 @@
 env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
-timeout); 2 bad input (nothing was run); 130 / 143 interrupted by SIGINT / SIGTERM, 74 a record could
-not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
+timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP,
+74 a record could not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
 `compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input.
 `doctor`: 0 no check failed (pass or cannot check), 1 a check failed, 2 bad input.
@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -194,8 +195,16 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with mpbench's bad-input line: one line, exit 2, no usage block above it (its subcommands'
+    parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpbench", description="Mixed-precision training benchmark.")
+    parser = _Parser(prog="mpbench", description="Mixed-precision training benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train the precision matrix and write records")

@@ -26,7 +26,9 @@ from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
+from suite.running.max_batch import check_searchable
 from suite.running.runner import RecordNotWritten, RunInterrupted, recorded_cases, run_cases, validate
+from suite.running.worker import check_timeout, ignore_interrupts
 from suite.text import fmt, log_to_stderr, render, rich_table, shown
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
@@ -133,7 +135,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then explicit flags on top; --resume names the output file."""
     opts = load_config(args.config) if args.config else {}
     opts |= {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
-    if args.model:
+    if args.model is not None:  # "" too: refused below, not read as "no flag"
         opts["models"] = [m.strip() for m in args.model.split(",") if m.strip()]
     if args.resume:
         if opts.get("out") and Path(opts["out"]) != Path(args.resume):
@@ -149,16 +151,26 @@ def _parse_modes(text: str) -> list[str]:
     for m in modes:
         if m not in MODES:
             raise ValueError(f"modes: {m!r} is unknown; choose from {', '.join(MODES)} (comma-separated)")
-    if not modes:
-        raise ValueError("modes: empty; give a comma-separated list such as fp32,bf16")
-    return modes
+    return _each_once("modes", modes, "fp32,bf16")
+
+
+def _each_once(field: str, names: list[str], example: str) -> list[str]:
+    """`names` when there is at least one and none repeats (a repeat would run one case twice, under one
+    case key); ValueError otherwise. An empty list is refused, not read as "the defaults"."""
+    if not names:
+        raise ValueError(f"{field}: empty; give a comma-separated list such as {example}")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{field}: {twice!r} is given twice; give each once")
+    return names
 
 
 def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     """models x modes, unset sizes filled with the defaults of the device found."""
     device = resolve_device(opts.get("device", "auto"))  # the one reading of --device; cases carry the result
     defaults, _ = run_defaults(device.type)
-    modes = _parse_modes(opts["modes"]) if opts.get("modes") else default_modes(device.type)
+    modes = _parse_modes(opts["modes"]) if "modes" in opts else default_modes(device.type)
+    models = _each_once("models", opts["models"], "tiny,gpt2-small") if "models" in opts else [defaults["model"]]
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
     warmup = opts.get("warmup", min(defaults["warmup"], steps // 2) if isinstance(steps, int) else 0)
@@ -168,7 +180,7 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     # a one-rank torchrun job, the data-parallel code path on one device
     one_rank = opts.get("nproc") == 1 and "parallel" in opts
     ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 or one_rank else [None])]
-    for (nproc, parallel), model in itertools.product(ladder, opts.get("models") or [defaults["model"]]):
+    for (nproc, parallel), model in itertools.product(ladder, models):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
         fixed = dict(device=str(device.torch_device), steps=steps, warmup=warmup, seed=opts.get("seed", 0),
                      batch_size=opts.get("batch_size", defaults["batch_size"]),
@@ -256,6 +268,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(opts.get("out") or Path("results") / "runs" / f"{run_id}.jsonl")
     devices = validate(cases)  # bad input ends here, before anything is written
     _check_fidelity(cases, devices)
+    check_timeout(opts.get("case_timeout"))
+    if args.find_max_batch:
+        check_searchable(cases)
     outputs.check_records_out(out)  # refuses a file of another kind; repairs a torn last line
     _, why = run_defaults(devices[cases[0].device].type)
     if why and not {"batch_size", "seq_len", "steps"} <= opts.keys() and not args.quiet:
@@ -273,13 +288,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                              log=None if args.quiet else log_to_stderr, progress=live,
                              retry_failed=args.retry_failed)  # fmt: skip
     except RunInterrupted as stop:
-        print(
-            f"mpbench: interrupted by {signal.Signals(stop.signum).name}; {len(stop.done)} finished record(s) "
-            f"of this run kept in {out}; not finished: {', '.join(stop.not_run)}; "
-            f"to finish: rerun the same command with --resume {out}",
-            file=sys.stderr,
-        )
-        return 128 + stop.signum  # 130 for SIGINT, 143 for SIGTERM
+        ignore_interrupts()  # a second Ctrl-C must not cut this message or the exit short
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; a log still gets the line
+            print(
+                f"mpbench: interrupted by {signal.Signals(stop.signum).name}; {len(stop.done)} finished record(s) "
+                f"of this run kept in {out}; not finished: {', '.join(stop.not_run)}; "
+                f"to finish: rerun the same command with --resume {out}",
+                file=sys.stderr,
+            )
+        return 128 + stop.signum  # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     except RecordNotWritten as stop:
         print(
             f"mpbench: stopped: the record of {stop.lost} could not be written: {stop.why}; {len(stop.done)} "

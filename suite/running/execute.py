@@ -125,6 +125,19 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc} [{tail[-600:]}]"
 
 
+# What torch's CPU allocator raises when the host has no memory left (a plain RuntimeError, not
+# torch.OutOfMemoryError): "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes"
+# (posix_memalign failing), or "not enough memory" where malloc returns nothing.
+HOST_OOM = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the device or the host ran out of memory (status `oom`, not `error`)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in HOST_OOM)
+
+
 def _oom_values(case: Case, device: DeviceInfo, exc: BaseException) -> dict[str, Any]:
     """An `oom` record: the batch and the device memory at the time of the failure."""
     values: dict[str, Any] = {"status": "oom"}
@@ -167,9 +180,10 @@ def train_in_process(
     values. Never raises for a failed case."""
     device = resolve_device(case.device)
     emit(Event("start", label, 0, case.steps, text=device.describe()))
-    corpus, train, heldout, data_digest = (batches or Batches()).get(case)
-    values: dict[str, Any] = {"data_digest": data_digest, "loss_floor": corpus.loss_floor}
-    try:
+    values: dict[str, Any] = {}
+    try:  # from the batches on: a data file gone since validation, or no memory for them, is this case's record
+        corpus, train, heldout, data_digest = (batches or Batches()).get(case)
+        values |= {"data_digest": data_digest, "loss_floor": corpus.loss_floor}
         if before:
             before()
         r = run_case(case, device, corpus, train, heldout, step_events(label, emit))
@@ -179,10 +193,10 @@ def train_in_process(
             values["status"] = "ok"
         else:
             values |= {"status": "diverged", "reason": f"loss became NaN/inf at step {r.diverged_at}"}
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        values |= _oom_values(case, device, exc)
     except Exception as exc:  # one broken case must not end the run
-        values |= {"status": "error", "reason": failure_reason(exc)}
+        values |= (
+            _oom_values(case, device, exc) if out_of_memory(exc) else {"status": "error", "reason": failure_reason(exc)}
+        )
     finally:
         gc.collect()
         empty_cache(device.torch_device)  # with the case's GPU current (a context on GPU 0 otherwise)

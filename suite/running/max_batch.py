@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from suite.hardware import resolve_device
@@ -40,21 +40,25 @@ def find_max_batch(
 
     The limit is compared with `peak_mem_mb` only (this process: NVML on a GPU, RSS on a CPU),
     never with a device-wide figure; a try whose process peak is unknown ends the search, with
-    `max_batch_reason` saying why, rather than judging it on another figure.
+    `max_batch_reason` saying why, rather than judging it on another figure; so does a try that timed
+    out (too slow to tell is not too big). Its entry in `max_batch_tries` has fits None: unknown.
     Each try is `attempt` (default: a short isolated run whose progress events go to `progress`).
     """
     tries: list[list[Any]] = []
-    unknown: list[str] = []
+    unknown: list[str] = []  # why a try could not say whether its batch fits: the search stops there
     attempt = attempt or functools.partial(_try, progress=progress)
 
     def fits(batch: int) -> bool:
         values = attempt(case, batch, timeout_s)
-        peak = values.get("peak_mem_mb")
-        ran = values.get("status") == "ok"
-        if ran and memory_limit_mb is not None and peak is None:
-            unknown.append(f"batch {batch}: peak_mem_mb unknown ({values.get('peak_mem_reason') or 'no reason'})")
-        ok = ran and not unknown and (memory_limit_mb is None or peak <= memory_limit_mb)
-        tries.append([batch, values.get("status"), peak, ok])
+        status, peak = values.get("status"), values.get("peak_mem_mb")
+        if status == "timeout":  # too slow to tell, which says nothing of its size
+            unknown.append(f"batch {batch} timed out ({values.get('reason')}): whether it fits is unknown; "
+                           "raise --case-timeout")  # fmt: skip
+        elif status == "ok" and memory_limit_mb is not None and peak is None:
+            unknown.append(f"--memory-limit-mb cannot be checked: batch {batch}: peak_mem_mb unknown "
+                           f"({values.get('peak_mem_reason') or 'no reason'})")  # fmt: skip
+        ok = status == "ok" and not unknown and (memory_limit_mb is None or peak <= memory_limit_mb)
+        tries.append([batch, status, peak, None if unknown else ok])
         return ok
 
     last_ok, first_bad, batch = None, None, 1
@@ -65,11 +69,22 @@ def find_max_batch(
         last_ok, batch = batch, batch * 2
     if last_ok is not None and first_bad is not None:
         lo, hi = last_ok, first_bad
-        while hi - lo > 1:  # bisection between the last fit and the first failure
+        while hi - lo > 1 and not unknown:  # bisection between the last fit and the first failure
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         last_ok = lo
-    if unknown:  # the limit cannot be judged: no figure rather than one judged on something else
+    if unknown:  # no figure rather than one judged on something else
         return {"max_batch": None, "max_batch_limit_mb": memory_limit_mb, "max_batch_tries": tries,
-                "max_batch_reason": f"--memory-limit-mb cannot be checked: {unknown[0]}"}  # fmt: skip
+                "max_batch_reason": unknown[0]}  # fmt: skip
     return {"max_batch": last_ok, "max_batch_limit_mb": memory_limit_mb, "max_batch_tries": tries}
+
+
+def check_searchable(cases: Sequence[Case]) -> None:
+    """ValueError for a data-parallel case: each try runs in one process, so its `max_batch` would
+    describe another setup than the case's N processes."""
+    for case in cases:
+        if case.data_parallel:
+            raise ValueError(
+                f"find_max_batch with nproc={case.nproc} ({case.data_parallel}): the search tries each batch in one "
+                "process; drop --find-max-batch, or --nproc/--scaling/--parallel"
+            )

@@ -22,11 +22,12 @@ from suite.modes.base import decide
 from suite.records import checks, outputs, store
 from suite.records.cases import case_key, outcomes
 from suite.reporting import convergence
+from suite.running import faults
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
-from suite.running.max_batch import find_max_batch
+from suite.running.max_batch import check_searchable, find_max_batch
 from suite.running.progress import Event, PlainLines, Sink, ignore
-from suite.running.worker import Interrupted, train_isolated
+from suite.running.worker import INTERRUPTS, Interrupted, check_timeout, ignore_interrupts, train_isolated
 from suite.text import log_to_stderr
 from suite.training.case import Case
 from suite.training.data import make_corpus
@@ -41,7 +42,7 @@ def torch_cuda_count() -> int:
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the run: what was finished and what was not."""
+    """SIGINT, SIGTERM or SIGHUP stopped the run: what was finished and what was not."""
 
     def __init__(self, signum: int, done: list[dict[str, Any]], not_run: list[str]) -> None:
         super().__init__(f"{signal.Signals(signum).name}: {len(done)} case(s) finished, {len(not_run)} not")
@@ -64,6 +65,7 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
     """
     if not cases:
         raise ValueError("no cases to run: give at least one mode")
+    faults.parse_spec()  # a malformed MPBENCH_FAULT is bad input, not an error record in every case
     devices = {c.device: resolve_device(c.device) for c in cases}
     for c in cases:
         device = devices[c.device]
@@ -74,6 +76,7 @@ def validate(cases: Sequence[Case]) -> dict[str, DeviceInfo]:
                 "grad_comm='bf16': torch's bf16 all-reduce hook needs CUDA and NCCL; use fp32 or fp16 on a CPU "
                 "(or --parallel fsdp, whose bf16 reduce-scatter runs on gloo)"
             )
+        c.check_batches_fit()
         corpus = make_corpus(c.data, c.model_config.vocab_size)
         if hasattr(corpus, "check_fits"):
             corpus.check_fits(c.seq_len)
@@ -164,21 +167,24 @@ def memory_saving_fields(
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into an exception in the parent, like SIGINT's KeyboardInterrupt."""
+def _interrupts() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP (the terminal closed) stop the run alike: the first raises Interrupted in
+    the parent; the ones after it are ignored while the case in flight is stopped."""
 
     def handler(signum: int, frame: object) -> None:
+        ignore_interrupts()
         raise Interrupted(signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in INTERRUPTS}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, was in previous.items():
+            signal.signal(signum, signal.SIG_DFL if was is None else was)
 
 
 def run_cases(
@@ -205,7 +211,7 @@ def run_cases(
     max_batch: search each runnable case's largest batch first, with these `find_max_batch`
     arguments (e.g. {"memory_limit_mb": 2048}). progress: where the run's events go (the command
     line's live bars); by default each becomes a plain line to `log` (None: nothing is shown).
-    Raises RunInterrupted on SIGINT/SIGTERM, RecordNotWritten when a record cannot be written.
+    Raises RunInterrupted on SIGINT, SIGTERM or SIGHUP, RecordNotWritten when a record cannot be written.
     """
     sink = progress or (PlainLines(log) if log else ignore)
 
@@ -213,6 +219,9 @@ def run_cases(
         sink(Event("note", text=line))
 
     devices = validate(cases)
+    check_timeout(case_timeout)
+    if max_batch is not None:
+        check_searchable(cases)
     existing: list[dict[str, Any]] = []
     if out is not None:
         out = outputs.check_records_out(out, note)
@@ -237,7 +246,7 @@ def run_cases(
     batches = Batches()  # shared across cases when they train in this process
     records: list[dict[str, Any]] = []
     sink(Event("matrix", total=len(todo)))
-    with _sigterm_interrupts():
+    with _interrupts():
         for i, case in enumerate(todo, start=1):
             label = f"[{i}/{len(todo)}] {case.mode:<11} {case.model} b{case.batch_size}x{case.seq_len}"
             sink(Event("case", label, 0, case.steps))

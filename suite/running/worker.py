@@ -5,13 +5,14 @@ that has imported torch and the harness but never touched CUDA, run a kernel or 
 child starts with no CUDA context, no allocator history and no state from earlier cases, so
 peaks and failures never leak between cases, and it does not pay torch's import (~2 s of CPU)
 again. The parent's environment is applied in the child (the server's dates from its start).
-The child ignores SIGINT (the parent decides what an interrupt stops) and sends its progress
+The child ignores SIGINT and SIGHUP (the parent decides what an interrupt stops) and sends its progress
 events, then its values, over a pipe; the parent hands the events to its sink as they come. A
 child that dies without sending its values becomes an `error` record saying how it died.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import secrets
@@ -24,13 +25,24 @@ from suite.running.progress import Event, PlainLines, Sink
 from suite.text import log_to_stderr
 from suite.training.case import Case
 
+# what stops a run: Ctrl-C, kill's default and the terminal closing (Windows has no SIGHUP)
+INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-class Interrupted(Exception):
-    """The parent was asked to stop (SIGINT/SIGTERM) while a case ran."""
+
+class Interrupted(BaseException):
+    """The parent was asked to stop (SIGINT, SIGTERM or SIGHUP) while a case ran. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` around a case makes it that case's record."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def ignore_interrupts() -> None:
+    """Ignore further interrupts in this process (main thread only): once a run is stopping, another
+    Ctrl-C must not cut short the stop of its case, its message or its exit."""
+    for signum in INTERRUPTS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # What the fork server imports once, so that every case's process starts with it loaded. Nothing
@@ -59,7 +71,9 @@ def _apply_environment(env: dict[str, str]) -> None:
 def _child(case: Case, flops_per_step: int, label: str, conn: Any, env: dict[str, str]) -> None:
     _apply_environment(env)
     exit_with(int(env[PARENT_PID]))  # a parent killed with -9 takes its case with it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in INTERRUPTS:  # Ctrl-C and a closed terminal reach the whole group: the parent decides
+        if signum != signal.SIGTERM:  # SIGTERM is how the parent stops it
+            signal.signal(signum, signal.SIG_IGN)
     from suite.quiet import quiet_dependencies
 
     quiet_dependencies()  # before anything imports torchao
@@ -80,6 +94,16 @@ def _how_it_died(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         return f"worker process killed by {signal.Signals(-exitcode).name}"
     return f"worker process exited with code {exitcode} before reporting a result"
+
+
+def check_timeout(seconds: float | None) -> None:
+    """ValueError unless `seconds` (--case-timeout) is None, no limit, or a positive finite number:
+    0 and nan would silently mean no limit, a negative one a `timeout` for a case that never ran."""
+    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if seconds is not None and not (number and seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(
+            f"case_timeout={seconds!r}: must be a positive number of seconds, such as 1800; leave it out for no limit"
+        )
 
 
 def train_isolated(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, fields
 
 from models import GPTConfig
@@ -13,6 +15,10 @@ PARALLEL = ("ddp", "fsdp")  # DistributedDataParallel, or FSDP2 sharding
 # Peak learning rates by model size, from the GPT-3 paper's table (tiny: chosen to learn
 # visibly within a few dozen steps).
 DEFAULT_LR = {"tiny": 3e-3, "gpt2-small": 6e-4, "gpt2-medium": 3e-4, "gpt2-large": 2.5e-4, "gpt2-xl": 2e-4}
+# Seeds a torch generator takes once the data's split streams are derived from them (seed x 1,000,003 + split
+# must stay within 64 bits): numpy's range, which any user's seed fits in.
+SEED_MAX = 2**32 - 1
+TOKEN_BYTES = 8  # batches are int64 token ids
 
 
 @dataclass(frozen=True)
@@ -78,10 +84,13 @@ class Case:
                 f"seq_len={self.seq_len} exceeds the block size {block} of model {self.model!r}; "
                 f"use --seq-len {block} or less"
             )
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr={self.lr}: must be positive")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay}: must be zero or positive")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed={self.seed}: must be in 0..{SEED_MAX} (2^32 - 1)")
+        # inf and nan would train and end `diverged`: a failed case for what is bad input
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr}: must be a positive finite number, such as 3e-4")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay={self.weight_decay}: must be zero or a positive finite number, such as 0.1")
 
     @property
     def model_config(self) -> GPTConfig:
@@ -95,6 +104,28 @@ class Case:
     def data_parallel(self) -> str | None:
         """ "ddp" or "fsdp" when the case trains through torchrun ranks (any nproc), None for one plain process."""
         return self.parallel or ("ddp" if self.nproc > 1 else None)
+
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of the token batches one process builds before training: every step's and the
+        held-out ones, (steps + eval_batches) x rows x (seq_len + 1) int64; a data-parallel
+        process builds the global batches (every rank's rows)."""
+        rows = self.batch_size * self.nproc
+        return (self.steps + self.eval_batches) * rows * (self.seq_len + 1) * TOKEN_BYTES
+
+    def check_batches_fit(self) -> None:
+        """ValueError when the batches alone exceed this machine's physical memory: steps or a batch size
+        that no run here could hold (1e12 steps, say). What merely runs short of memory is an `oom` record."""
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # a platform that does not say: nothing to check against
+            return
+        if self.batch_bytes > ram:
+            raise ValueError(
+                f"steps={self.steps}, batch_size={self.batch_size}: the token batches built before training take "
+                f"{self.batch_bytes / 2**30:,.1f} GiB, more than this machine's {ram / 2**30:,.1f} GiB of RAM; "
+                "use fewer --steps or a smaller --batch-size"
+            )
 
     @property
     def tokens_per_step(self) -> int:

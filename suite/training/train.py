@@ -83,7 +83,7 @@ class CaseResult:
     skipped_steps: int
     loss_scale_curve: list[float] | None  # after each step; None without loss scaling
     eval_curve: list[list[float]]  # [step, held-out loss] every eval_every steps and at the end
-    diverged_at: int | None  # first step whose loss was NaN/inf
+    diverged_at: int | None  # first step (counted from 1) whose loss was NaN/inf
     compute: str
     init_digest: str
     storage: dict[str, list[str]] = field(default_factory=dict)
@@ -154,7 +154,8 @@ class _Loop:
         recent = self.losses[self._checked : done].tolist()  # the check point's one sync
         if timer is not None:
             timer.flush()  # the device is idle up to here: the events are ready
-        first_bad = next((self._checked + i for i, v in enumerate(recent) if not math.isfinite(v)), None)
+        # steps count from 1, as the progress lines do: the first NaN/inf loss of step k is "at step k"
+        first_bad = next((self._checked + i + 1 for i, v in enumerate(recent) if not math.isfinite(v)), None)
         if self.agree is not None:  # data parallel: every rank stops at the same check point
             first_bad = self.agree(first_bad)
         if first_bad is not None:
