@@ -8,6 +8,13 @@ from suite.modes.base import fp32_precision_state
 from suite.training.case import Case
 
 
+def error_line(capsys) -> str:
+    """The one line a refused command printed to stderr (asserting it printed exactly one)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def small_case(**overrides) -> Case:
     """A case that trains in well under a second on CPU, fp16 modes included."""
     values = dict(model="tiny", device="cpu", batch_size=2, seq_len=32, steps=3, warmup=1, eval_batches=1)

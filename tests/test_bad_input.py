@@ -15,8 +15,7 @@ from suite.modes.base import PrecisionMode
 from suite.running.execute import train_in_process
 from suite.running.max_batch import find_max_batch
 from suite.running.progress import ignore
-from tests.helpers import small_case
-from tests.test_cli import _error_line
+from tests.helpers import error_line, small_case
 
 HUGE = 10**12
 
@@ -38,6 +37,9 @@ HUGE = 10**12
         (["--case-timeout", "0"], "case_timeout=0.0: must be a positive number"),
         (["--case-timeout", "nan"], "case_timeout=nan: must be a positive number"),
         (["--find-max-batch", "--nproc", "2"], "find_max_batch with nproc=2 (ddp): the search tries each batch in one"),
+        (["--nproc", "2", "--scaling", "1,2"], "nproc and scaling: give one"),
+        (["--scaling", "1,x"], "scaling='1,x': expected process counts"),
+        (["--memory-limit-mb", "100"], "memory_limit_mb=100.0: needs --find-max-batch"),
         (["--steps", "1e12"], "argument --steps: '1e12' is not an integer; see mpbench run --help"),
         (["--lr", "fast"], "argument --lr: invalid float value: 'fast'; see mpbench run --help"),
     ],
@@ -46,7 +48,7 @@ def test_bad_flags_are_one_line_and_exit_2(args, match, capsys, tmp_path):
     out = tmp_path / "r.jsonl"
     argv = ["run", "--device", "cpu", "--modes", "fp32", "--batch-size", "2", "--seq-len", "32", "--steps", "3"]
     assert _exit_code([*argv, *args, "--out", str(out)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert match in line and line.startswith("mpbench run: error: "), line
     assert not out.exists()
 
@@ -58,29 +60,9 @@ def _exit_code(argv: list[str]) -> int:
         return done.code
 
 
-@pytest.mark.parametrize(
-    "text, match",
-    [
-        ("modes = []", "modes: empty"),
-        ('modes = ""', "modes: empty"),
-        ('modes = ["bf16", "bf16"]', "modes: 'bf16' is given twice"),
-        ("models = []", "models: empty"),
-        ("steps = 99999999999999999999", "steps=99999999999999999999, batch_size=8: the token batches"),
-        ("lr = inf", "lr=inf: must be a positive finite number"),
-        ("weight_decay = inf", "weight_decay=inf: must be zero or a positive finite number"),
-        ("case_timeout = -5", "case_timeout=-5: must be a positive number of seconds"),
-    ],
-)
-def test_bad_config_values_are_refused_as_flags_are(tmp_path, capsys, text, match):
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text(text + '\ndevice = "cpu"\n')
-    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "r.jsonl")]) == 2
-    assert match in _error_line(capsys)
-
-
 def test_usage_errors_of_every_command_are_one_line(capsys):
     assert _exit_code(["compare", "a.jsonl"]) == 2
-    assert _error_line(capsys) == (
+    assert error_line(capsys) == (
         "mpbench compare: error: the following arguments are required: b; see mpbench compare --help"
     )
 

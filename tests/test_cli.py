@@ -7,6 +7,7 @@ import torch
 
 from suite.cli.main import main
 from suite.records.store import FIELDS
+from tests.helpers import error_line
 
 
 def test_run_writes_one_record_per_mode(tmp_path, capsys):
@@ -29,12 +30,6 @@ def test_run_writes_one_record_per_mode(tmp_path, capsys):
     assert "int8-weight" in stdout and str(out) in stdout and "x fp32" in stdout
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -53,7 +48,7 @@ def test_bad_input_is_one_line_and_exit_2(args, match, capsys, tmp_path):
         args = [*args, "--out", str(tmp_path / "r.jsonl")]
     code = main(["run", "--device", "cpu", *args])
     assert code == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert match in line and line.startswith("mpbench run: error: ")
     assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
 
@@ -62,13 +57,13 @@ def test_short_data_file_is_refused(tmp_path, capsys):
     data = tmp_path / "short.txt"
     data.write_text("too short")
     assert main(["run", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "r.jsonl")]) == 2
-    assert "fewer than seq_len + 1" in _error_line(capsys)
+    assert "fewer than seq_len + 1" in error_line(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is present")
 def test_cuda_without_gpu_is_refused(capsys, tmp_path):
     assert main(["run", "--device", "cuda", "--out", str(tmp_path / "r.jsonl")]) == 2
-    assert "no CUDA GPU is visible" in _error_line(capsys)
+    assert "no CUDA GPU is visible" in error_line(capsys)
 
 
 def test_models_lists_exact_counts(capsys):
@@ -113,7 +108,7 @@ def test_calibrate_writes_a_file_that_env_and_runs_use(tmp_path, monkeypatch, ca
 
 def test_calibrate_refuses_an_unknown_dtype(capsys):
     assert main(["calibrate", "--device", "cpu", "--dtypes", "fp64"]) == 2
-    assert "dtypes: 'fp64' is unknown" in _error_line(capsys)
+    assert "dtypes: 'fp64' is unknown" in error_line(capsys)
 
 
 def test_report_and_compare_commands(tmp_path, capsys):
@@ -140,7 +135,7 @@ def test_report_and_compare_commands(tmp_path, capsys):
     assert main(["report", str(a), "--out", str(report), "--target-loss", "3.0"]) == 0
     assert (report / "index.html").is_file() and (report / "summary.csv").is_file()
     assert main(["report", str(a), "--price", "H100=free"]) == 2
-    assert "price=" in _error_line(capsys)
+    assert "price=" in error_line(capsys)
     assert main(["report", str(tmp_path / "none-*.jsonl")]) == 2
 
 
@@ -171,4 +166,4 @@ def test_cpu_default_sizes_follow_native_bf16_and_fp16(monkeypatch):
 
 def test_compile_with_too_little_warmup_exits_2(capsys):
     assert main(["run", "--device", "cpu", "--model", "tiny", "--compile", "--steps", "4", "--warmup", "1"]) == 2
-    assert "warmup=1: --compile needs --warmup 2" in _error_line(capsys)
+    assert "warmup=1: --compile needs --warmup 2" in error_line(capsys)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from suite.cli.config import load_config
-from suite.cli.main import main
 from suite.hardware import resolve_device
 from suite.records import store
 from suite.records.store import make_record
@@ -17,12 +16,6 @@ from suite.reporting.compare import compare_runs
 from suite.running import execute
 from suite.running.runner import _interrupts, validate
 from suite.training.case import Case
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.mark.parametrize(
@@ -59,21 +52,6 @@ def test_config_model_singular_is_one_model(tmp_path):
 def test_case_refuses_a_bad_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         Case(model="tiny", mode="fp32", device="cpu", **{field: value})
-
-
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["--nproc", "2", "--scaling", "1,2"], "nproc and scaling: give one"),
-        (["--scaling", "1,x"], "scaling='1,x': expected process counts"),
-        (["--memory-limit-mb", "100"], "memory_limit_mb=100.0: needs --find-max-batch"),
-    ],
-)
-def test_run_refuses_bad_process_options(args, match, capsys, tmp_path):
-    out = tmp_path / "r.jsonl"
-    assert main(["run", "--device", "cpu", "--model", "tiny", "--modes", "fp32", "--out", str(out), *args]) == 2
-    assert match in _one_error_line(capsys)
-    assert not out.exists()
 
 
 def test_no_cases_is_refused():

@@ -160,6 +160,15 @@ def test_config_file_defines_the_matrix_and_flags_override_it(tmp_path):
         ('model = "tiny"\nmodels = ["tiny"]', "model or models, not both"),
         ('modes = ["fp32", "fp7"]', "modes: 'fp7' is unknown"),
         ("steps = 0", "steps=0: must be at least 1"),
+        # the values a flag refuses, refused alike in a config file
+        ("modes = []", "modes: empty"),
+        ('modes = ""', "modes: empty"),
+        ('modes = ["bf16", "bf16"]', "modes: 'bf16' is given twice"),
+        ("models = []", "models: empty"),
+        ("steps = 99999999999999999999", "steps=99999999999999999999, batch_size=8: the token batches"),
+        ("lr = inf", "lr=inf: must be a positive finite number"),
+        ("weight_decay = inf", "weight_decay=inf: must be zero or a positive finite number"),
+        ("case_timeout = -5", "case_timeout=-5: must be a positive number of seconds"),
     ],
 )
 def test_invalid_config_is_one_line_and_exit_2(tmp_path, capsys, text, match):

@@ -12,6 +12,7 @@ import pytest
 
 from suite.cli.main import main
 from suite.records import store
+from tests.helpers import error_line
 
 
 def _good(path, mode="fp32"):
@@ -20,12 +21,6 @@ def _good(path, mode="fp32"):
         step_time_ms=10.0, step_time_p10_ms=9.9, step_time_p90_ms=10.1, final_loss=3.0, loss_curve=[4.0, 3.0]
     )
     store.append(path, store.make_record(status="ok", **case, **figures))
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 BROKEN = {
@@ -60,7 +55,7 @@ def test_a_broken_record_is_one_line_naming_file_line_and_field(tmp_path, capsys
             f.write(json.dumps(record) + "\n")
     before = path.read_bytes()
     assert main(COMMANDS[command](str(path), tmp_path)) == 2
-    assert match in _error_line(capsys)
+    assert match in error_line(capsys)
     assert path.read_bytes() == before
 
 
@@ -68,7 +63,7 @@ def test_baseline_of_an_empty_file_says_it_has_no_records(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     assert main(["baseline", str(empty), "--out", str(tmp_path / "b.json")]) == 2
-    assert "empty.jsonl hold(s) no records" in _error_line(capsys)
+    assert "empty.jsonl hold(s) no records" in error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +81,7 @@ def test_an_output_is_never_one_of_the_inputs(tmp_path, capsys, command):
     _good(rec)
     before = rec.read_bytes()
     assert main(command(str(rec), tmp_path)) == 2
-    assert "summary.csv" in _error_line(capsys)
+    assert "summary.csv" in error_line(capsys)
     assert rec.read_bytes() == before
 
 
@@ -95,7 +90,7 @@ def test_baseline_refuses_to_replace_a_file_of_another_kind(tmp_path, capsys):
     _good(rec)
     notes.write_text("my notes\n")
     assert main(["baseline", str(rec), "--out", str(notes)]) == 2
-    assert "is not a baseline file" in _error_line(capsys) and notes.read_text() == "my notes\n"
+    assert "is not a baseline file" in error_line(capsys) and notes.read_text() == "my notes\n"
     assert main(["baseline", str(rec), "--out", str(tmp_path / "b.json")]) == 0
     assert main(["baseline", str(rec), "--out", str(tmp_path / "b.json")]) == 0  # a baseline is replaced
 
@@ -105,7 +100,7 @@ def test_report_into_a_folder_it_cannot_write_is_one_line(tmp_path, capsys):
     rec = tmp_path / "r.jsonl"
     _good(rec)
     assert main(["report", str(rec), "--out", "/proc/mpbench-report"]) == 2  # read-only even for root
-    assert "out='/proc/mpbench-report': cannot write there" in _error_line(capsys)
+    assert "out='/proc/mpbench-report': cannot write there" in error_line(capsys)
 
 
 def test_report_of_a_file_whose_name_is_not_utf8(tmp_path, capsys):
