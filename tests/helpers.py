@@ -8,6 +8,16 @@ from suite.modes.base import fp32_precision_state
 from suite.training.case import Case
 
 
+class NoProcPath:
+    """Stands in for pathlib.Path on a machine without /proc (macOS): every read fails."""
+
+    def __init__(self, *_):
+        pass
+
+    def read_text(self):
+        raise OSError("no /proc")
+
+
 def error_line(capsys) -> str:
     """The one line a refused command printed to stderr (asserting it printed exactly one)."""
     err = capsys.readouterr().err.strip().splitlines()

@@ -28,6 +28,7 @@ from suite.modes.mxfp8 import MXFP8
 from suite.modes.pure_bf16_sr import StochasticRoundingAdamW
 from suite.modes.torchao_calls import inductor_patch_restored
 from tests.fake_cuda import FakeCuda
+from tests.helpers import NoProcPath
 
 CPU = DeviceInfo("cpu", "test cpu")
 TORCHAO = TorchaoBuild("0.18.0", None)
@@ -133,16 +134,8 @@ def test_a_gpu_index_past_the_visible_ones_is_refused(monkeypatch):
         hardware.resolve_device("cuda:3")
 
 
-class _NoProc:
-    def __init__(self, *_):
-        pass
-
-    def read_text(self):
-        raise OSError("no /proc")
-
-
 def test_without_proc_the_cpu_is_named_by_platform_and_has_no_flags(monkeypatch):
-    monkeypatch.setattr(hardware, "Path", _NoProc)
+    monkeypatch.setattr(hardware, "Path", NoProcPath)
     hardware.cpu_name.cache_clear(), hardware.cpu_flags.cache_clear()
     try:
         assert hardware.cpu_name() == (hardware.platform.processor() or hardware.platform.machine())

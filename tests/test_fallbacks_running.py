@@ -24,7 +24,7 @@ from suite.reporting.report import build_report
 from suite.running import distributed, golden, lifeline, worker
 from suite.running.sharding import fsdp_wrapper
 from suite.training import data, fidelity
-from tests.helpers import small_case
+from tests.helpers import NoProcPath, small_case
 
 CPU = resolve_device("cpu")
 
@@ -38,17 +38,9 @@ def _ended_pid() -> int:
     return child.pid
 
 
-class _NoProc:
-    def __init__(self, *_):
-        pass
-
-    def read_text(self):
-        raise OSError("no /proc (macOS)")
-
-
 def test_without_proc_a_process_runs_while_a_signal_0_reaches_it(monkeypatch):
     assert not lifeline.is_running(_ended_pid())  # no /proc entry: os.kill finds no process either
-    monkeypatch.setattr(lifeline, "Path", _NoProc)
+    monkeypatch.setattr(lifeline, "Path", NoProcPath)
     assert lifeline.is_running(os.getpid())
 
     def not_ours(pid, sig):
