@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from rich.console import Console
 
 from models import GPT, GPTConfig
 from suite.cli import doctor
 from suite.cli.fidelity import add_arguments as add_fidelity_arguments
 from suite.cli.fidelity import cmd_fidelity
 from suite.cli.run import add_arguments as add_run_arguments
-from suite.cli.run import cmd_run
+from suite.cli.run import cmd_run, default_modes
 from suite.hardware import environment, resolve_device
 from suite.metrics import calibration, peaks
 from suite.metrics.window import nvml_device
@@ -38,7 +39,7 @@ from suite.reporting import baseline, convergence, procurement
 from suite.reporting.compare import compare_runs, format_comparison, nothing_compared
 from suite.reporting.compare import exit_code as compare_exit_code
 from suite.reporting.report import REPORT_FILES, build_report
-from suite.text import fmt, shown, table
+from suite.text import fit_table, fmt, show, shown, table
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -128,19 +129,36 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_modes(args: argparse.Namespace) -> int:
+    """Which modes run here, one short row each; why not (or why emulated) under the table; what each
+    mode is and needs with --verbose. Narrow on purpose: a row never wraps on an 80-column terminal."""
     device = resolve_device(args.device)
-    rows = []
+    default = set(default_modes(device.type))
+    rows, why = [], []
     for name, mode in MODES.items():
         skip, emulated = decide(mode, device, bool(args.emulate))
-        here = f"no: {skip}" if skip else f"yes, {emulated}" if emulated else "yes"
+        here = "no" if skip else "emulated" if emulated else "yes"
         peak = mode(device).compute if skip is None else "-"
-        rows.append([name, mode.summary, mode.needs, peak, here])
-    print(f"device: {device.describe()}")
-    print(table(rows, ["mode", "what", "needs", "peak dtype", "runs here"]))
-    print(
-        "\nweights, grads and AdamW state stay fp32 in the fp8, mxfp8 and int8 modes: their 8-bit casts happen "
-        "inside each matmul. An emulated mode's numerics are real; its step time is not a speed."
-    )
+        rows.append([name, here, "yes" if name in default else "-", peak])
+        if skip or emulated:
+            why.append(f"{name}: {skip or emulated}")
+    out = Console(highlight=False)
+    width = out.width if out.is_terminal else None
+    fit = fit_table(rows, ["mode", "runs here", "default run", "peak dtype"], width, ascii=width is None)
+    where = "on this CPU those that fit its minute" if device.type == "cpu" else "every mode"
+    notes = [
+        "",
+        f"default run: what `mpbench run` runs here without --modes ({where})",
+        *(["", "not here or emulated:", *why] if why else []),
+        "",
+        "weights, grads and AdamW state stay fp32 in the fp8, mxfp8 and int8 modes: their 8-bit casts happen "
+        "inside each matmul. An emulated mode's numerics are real; its step time is not a speed.",
+    ]
+    if args.verbose:
+        notes += ["", *(f"{name}: {mode.summary}; needs {mode.needs}" for name, mode in MODES.items())]
+    else:
+        notes.append("what each mode is and needs: mpbench modes --verbose")
+    print(f"device: {device.describe()}", file=out.file)
+    show(out, fit.table, notes)
     return 0
 
 
@@ -238,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes = sub.add_parser("modes", help="list precision modes and whether each can run here")
     modes.add_argument("--device", default="auto")
     modes.add_argument("--emulate", action="store_true", help="as `mpbench run --emulate`: emulate below capability")
+    modes.add_argument("--verbose", "-v", action="store_true", help="also say what each mode is and what it needs")
     modes.set_defaults(func=cmd_modes)
     cal = sub.add_parser("calibrate", help="measure this machine's best matmul FLOP/s per dtype (for mamf)")
     cal.add_argument("--device", default="auto")

@@ -11,25 +11,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from models import GPTConfig
 from suite.cli.config import load_config
-from suite.cli.progress import STYLE, LiveBars
+from suite.cli.progress import LiveBars
+from suite.cli.summary import print_summary, summary_table  # noqa: F401 (summary_table: for the tests)
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
 from suite.records import outputs, store
 from suite.records.cases import case_key, locked, outcomes
-from suite.records.checks import suspect_fields
 from suite.records.store import FAILED
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
 from suite.running.max_batch import check_searchable
 from suite.running.runner import RecordNotWritten, RunInterrupted, recorded_cases, run_cases, validate
 from suite.running.worker import check_timeout, ignore_interrupts
-from suite.text import fmt, log_to_stderr, render, rich_table, shown
+from suite.text import log_to_stderr, shown
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
 
@@ -220,41 +216,6 @@ def _ladder(opts: dict[str, Any]) -> list[int]:
     return [opts.get("nproc", 1)]
 
 
-def summary_table(records: list[dict], ascii: bool = True) -> Table:
-    """Per-mode table: step time with spread, speed-up, MFU, memory, loss and its delta vs fp32;
-    the status coloured on a terminal (`ascii=False`)."""
-    # fp32 of the same group, for the speed-up (the delta is in the record)
-    ref = {
-        (r["model"], r["batch_size"], r["seq_len"]): r for r in records if r["mode"] == "fp32" and r["status"] == "ok"
-    }
-    rows = []
-    for r in records:
-        base = ref.get((r["model"], r["batch_size"], r["seq_len"]))
-        ok = r["status"] == "ok"
-        speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base and not r.get("emulated") else None
-        spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
-        bad = suspect_fields(r)  # a suspect figure reads "12.34!"; its rule is in the suspect column
-        label = r["mode"] + (" (emulated)" if r.get("emulated") else "")
-        rows.append([
-            label, r["model"], Text(r["status"], style=STYLE.get(r["status"], "")),
-            _mark(bad, fmt(r["step_time_ms"], ".2f"), "step_time_ms"),
-            _mark(bad, spread, "step_time_p10_ms", "step_time_p90_ms"),
-            _mark(bad, fmt(r["tokens_per_s"], ",.0f"), "tokens_per_s"), fmt(speedup, ".2f"),
-            _mark(bad, fmt(r["mfu"], ".1%"), "mfu"), _mark(bad, fmt(r["peak_mem_mb"], ",.0f"), "peak_mem_mb"),
-            fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
-            ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-",
-            (r["reason"] or r.get("emulated_reason") or "")[:70],
-        ])  # fmt: skip
-    header = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
-              "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip
-    return rich_table(rows, header, right=set(range(3, 11)), ascii=ascii)
-
-
-def _mark(bad: dict[str, list], text: str, *keys: str) -> str:
-    """`text` with a "!" when the self-check found any of `keys` suspect."""
-    return f"{text}!" if text != "-" and any(k in bad for k in keys) else text
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     if args.memory_limit_mb is not None and (not args.find_max_batch or not args.memory_limit_mb > 0):
         raise ValueError(f"memory_limit_mb={args.memory_limit_mb}: needs --find-max-batch and a positive MiB figure")
@@ -350,15 +311,3 @@ def _run_as_rank(opts: dict[str, Any]) -> int:
         print_summary(done)
         print(f"\nrecords: {out} ({len(done)} written; world size {world})")
     return 1 if any(r["status"] in FAILED for r in done) else 0
-
-
-def print_summary(done: list[dict]) -> None:
-    """The summary table on stdout (coloured on a terminal), or why there is none."""
-    if not done:
-        print("nothing to run: every case already has a record")
-        return
-    out = Console(highlight=False)  # stdout
-    if out.is_terminal:
-        out.print(summary_table(done, ascii=False))
-    else:  # a pipe, a file, a CI log: plain text without trailing blanks
-        print(render(summary_table(done)))
