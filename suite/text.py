@@ -92,7 +92,9 @@ def fit_table(rows: list[list[object]], header: list[str], width: int | None, dr
             break
         keep = [i for i in keep if header[i] != name]
     widths: dict[int, int | None] = dict.fromkeys(keep)
-    if width is not None and sum(most[i] for i in keep) + GAP * (len(keep) - 1) > width:
+    # Fixed widths only where every kept minimum fits: on a terminal too narrow even for the columns that
+    # always stay, rich squeezes them and a figure folds onto a second line (whole, never an ellipsis).
+    if width is not None and need(keep) <= width < sum(most[i] for i in keep) + GAP * (len(keep) - 1):
         # fixed widths, so that rich never squeezes a column below its minimum: each column starts at
         # its minimum; the room left goes first to names and figures (in column order), then to prose
         spare = width - need(keep)

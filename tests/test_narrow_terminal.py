@@ -80,6 +80,12 @@ def test_summary_at_80_columns_leaves_out_whole_columns_and_says_which():
     assert "model: gpt2-small (every row)" in text
 
 
+def test_summary_too_narrow_for_the_kept_columns_folds_figures_and_cuts_nothing():
+    text = printed(40, records())
+    assert "…" not in text and all(len(line.rstrip()) <= 40 for line in text.splitlines()), text
+    assert "1185.50" in text.replace("\n", "").replace(" ", "") or "1185.50" in text.split()
+
+
 def test_summary_at_160_columns_keeps_every_figure_column():
     text = printed(160, records())
     header = text.splitlines()[0].split()
