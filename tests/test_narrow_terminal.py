@@ -133,7 +133,8 @@ def test_noisy_step_returns_the_spread_only_over_the_limit():
 
 
 def modes_output(capsys, monkeypatch, width: int, *flags: str) -> str:
-    monkeypatch.setenv("COLUMNS", str(width))  # rich reads the terminal width from COLUMNS
+    monkeypatch.setenv("COLUMNS", str(width))  # rich reads the terminal size from COLUMNS and LINES
+    monkeypatch.setenv("LINES", "50")  # (both: a dumb terminal without them is 80 x 25)
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # and takes stdout for a terminal,
     monkeypatch.setenv("TERM", "dumb")  # one without colours
     assert main(["modes", "--device", "cpu", *flags]) == 0
@@ -150,6 +151,8 @@ def test_modes_puts_each_mode_on_one_line_and_cuts_nothing(capsys, monkeypatch, 
     assert rows["fp32"].split()[1] == "yes" and rows["tf32"].split()[1] == "no"
     assert rows["fp8-tensorwise"].split()[1] == "emulated"
     assert "tf32 needs a CUDA GPU with compute capability 8.0+" in " ".join(text.split())  # the reason, below
+    if width == 160:  # each reason on a line of its own (and the terminal really is 160 wide)
+        assert any(line.startswith("fp8-tensorwise: ") and line.rstrip().endswith("are null)") for line in lines)
 
 
 def test_modes_marks_what_the_default_cpu_run_runs(capsys, monkeypatch):
