@@ -125,3 +125,81 @@ def test_nothing_compared_fails_and_says_why(tmp_path, capsys, a, b, why):
     assert main(["compare", *paths]) == 1
     out = capsys.readouterr().out
     assert f"nothing was compared: {why}" in out and "0 regression(s)" not in out
+
+
+def _noisy(step=100.0, p10=90.0, p90=490.0, **kw):
+    """A record whose step time's p10-p90 spread is (p90 - p10) / step: 400% with the defaults."""
+    return _record(step=step, **kw) | {"step_time_p10_ms": p10, "step_time_p90_ms": p90}
+
+
+def test_a_slower_step_within_a_5x_noise_allowance_is_inconclusive_not_same():
+    # issue 22: 1.47x slower, and A's own spread (400%) let B be up to 5.02x slower: "same" was no verdict
+    rows = compare_runs([_noisy()], [_record(step=147.0)])
+    step = next(r for r in rows if r.metric == "step_time_ms")
+    assert step.verdict == "inconclusive" and step.allowed == pytest.approx(502.0)
+    assert step.message == (
+        "gpt2-small/bf16 step_time_ms: 100 -> 147 (x1.47), allowed up to 502: inconclusive: noise too large to "
+        "judge (step-time p10-p90 spread A 400%, B 1%; bound 20%); rerun on a quiet machine (mpbench doctor)"
+    )
+    # energy per step is allowed the same spread; memory and loss have fixed bounds and are still judged
+    assert _verdicts(rows, "energy_j_per_step") == {"bf16": "inconclusive"}
+    assert _verdicts(rows, "peak_mem_allocated_mb") == _verdicts(rows, "final_loss") == {"bf16": "same"}
+    assert exit_code(rows) == 3
+    text = format_comparison(rows)
+    assert "0 regressed, 0 improved, 3 same, 2 inconclusive," in text and step.message in text
+
+
+def test_a_noisy_b_is_inconclusive_too():
+    rows = compare_runs([_record(step=100.0)], [_noisy(step=100.0, p10=80.0, p90=130.0)])  # B spread 50%
+    assert _verdicts(rows, "step_time_ms") == {"bf16": "inconclusive"}
+    assert "spread A 1%, B 50%" in next(r.message for r in rows if r.metric == "step_time_ms")
+
+
+@pytest.mark.parametrize(
+    "b_step, verdict, code",
+    [(110.0, "same", 0), (125.0, "regressed", 1), (75.0, "improved", 0)],
+)
+def test_a_pair_just_under_the_noise_bound_is_still_judged(b_step, verdict, code):
+    # A's spread 19%, under the 20% bound: allowed up to 100 x (1 + 2% + 19%) = 121, better than 79
+    a = _noisy(step=100.0, p10=91.0, p90=110.0)
+    rows = compare_runs([a], [_record(step=b_step)])
+    assert _verdicts(rows, "step_time_ms") == {"bf16": verdict}
+    assert "inconclusive" not in {r.verdict for r in rows} and exit_code(rows) == code
+
+
+@pytest.mark.parametrize(
+    "p10, p90, b_step, verdict",
+    [(90.0, 490.0, 600.0, "regressed"), (85.0, 115.0, 140.0, "regressed"), (85.0, 115.0, 60.0, "improved")],
+)
+def test_a_difference_beyond_even_a_wide_allowance_is_still_judged(p10, p90, b_step, verdict):
+    # past the allowance (A's spread 400%: up to 502; 30%: 68 to 132) the median beat the noise it was measured with
+    rows = compare_runs([_noisy(p10=p10, p90=p90)], [_record(step=b_step)])
+    assert _verdicts(rows, "step_time_ms") == {"bf16": verdict}
+
+
+def test_exit_codes_regressed_outranks_inconclusive_outranks_pass():
+    quiet, noisy = _run(), [_noisy(mode="fp32", step=200.0, p10=180.0, p90=980.0), _record("bf16")]
+    assert exit_code(compare_runs(quiet, quiet)) == 0
+    assert exit_code(compare_runs(noisy, _run())) == 3  # fp32 too noisy, bf16 the same
+    slower_bf16 = [_record("fp32", step=200.0), _record("bf16", step=150.0)]
+    assert exit_code(compare_runs(noisy, slower_bf16)) == 1  # fp32 too noisy, bf16 regressed
+
+
+def test_a_suspect_noisy_figure_stays_suspect_and_says_it_would_be_inconclusive():
+    b = _record(step=147.0, suspect=[{"rule": "not_throttled", "fields": ["step_time_ms"], "note": "throttled"}])
+    rows = compare_runs([_noisy()], [b])
+    step = next(r for r in rows if r.metric == "step_time_ms")
+    assert step.verdict == "suspect" and "(would be inconclusive: noise too large to judge" in step.message
+
+
+def test_the_command_exits_3_and_counts_inconclusive_in_its_last_line(tmp_path, capsys):
+    paths = []
+    for name, records in (("a", [_noisy()]), ("b", [_record(step=147.0)])):
+        path = tmp_path / f"{name}.jsonl"
+        for r in records:
+            store.append(path, r)
+        paths.append(str(path))
+    assert main(["compare", *paths]) == 3
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == "0 regression(s), 2 inconclusive (too noisy to judge)"
+    assert "step_time_ms: 100 -> 147 (x1.47), allowed up to 502: inconclusive: noise too large" in out

@@ -1,13 +1,15 @@
 """`mpbench doctor`: honest "cannot check" on this CPU, and each GPU check failed through the
 fake NVML and the fake CUDA timing layer, passing with a healthy fake."""
 
+import itertools
 import json
+import time
 
 import pytest
 import torch
 
-from suite.cli import doctor
-from suite.cli.doctor import CANNOT, FAIL, PASS, Durations, TorchaoBuild, diagnose, torchao_build
+from suite.cli import doctor, quiet_checks
+from suite.cli.doctor import CANNOT, FAIL, PASS, WARN, Durations, Host, TorchaoBuild, diagnose, torchao_build
 from suite.cli.main import main
 from suite.metrics.tensor_cores import ProfilerTensorCoreResult
 from tests.fake_cuda import H100_UUID, FakeCuda
@@ -19,6 +21,28 @@ TORCHAO_FILES = ("_C_cutlass_90a.abi3.so", "_C_mxfp8.cpython-310-x86_64-linux-gn
 TORCHAO_OK = TorchaoBuild("0.18.0+cu130", "13.0", TORCHAO_FILES)
 
 
+def clock(*durations_s):
+    """A fake perf_counter: every second call (the end of a timed span) advances by the next of `durations_s`,
+    cycled; the quiet checks time each span between two calls."""
+    spans, now, calls = itertools.cycle(durations_s), [0.0], itertools.count(1)
+
+    def timer():
+        if next(calls) % 2 == 0:
+            now[0] += next(spans)
+        return now[0]
+
+    return timer
+
+
+def host(load=0.2, cpus=16, *durations_s):
+    """A machine with this 1-minute load average, CPU count and CPU-matmul timings (a steady 10 ms if none)."""
+    return Host(loadavg=lambda: (load, load, load), cpus=lambda: cpus, usable=lambda: cpus,
+                timer=clock(*(durations_s or (0.01,))))  # fmt: skip
+
+
+QUIET = host()
+
+
 def machine(cuda=None, nvml=None, **device):
     """A healthy H100 unless told otherwise: (fake CUDA, fake NVML)."""
     dev = FakeDevice(uuid=H100_UUID, **({"gpm_supported": True} | device))
@@ -28,7 +52,7 @@ def machine(cuda=None, nvml=None, **device):
 
 def checks_of(fake_cuda, fake_nvml, device="cuda", torchao=TORCHAO_OK):
     """The doctor's checks by name on fake hardware (no training run: there is no real GPU)."""
-    got = diagnose(device, fake_cuda, fake_nvml, durations=FAST, run_record=False, torchao=lambda: torchao)
+    got = diagnose(device, fake_cuda, fake_nvml, durations=FAST, run_record=False, torchao=lambda: torchao, host=QUIET)
     return {c.name: c for c in got}
 
 
@@ -334,3 +358,82 @@ def test_the_real_cuda_boundary_times_and_syncs_the_chosen_device(monkeypatch):
     # the loop's 3 matmuls sit between the events; `during` runs after the last launch, before the final sync
     order = [c if isinstance(c, str) else c[0] for c in calls]
     assert order[-7:] == ["record", "matmul", "matmul", "matmul", "record", "during", "sync"]
+
+
+# ---- is the machine quiet enough to time? (issue 22) ----
+
+
+@pytest.mark.parametrize(
+    "load, cpus, status, text",
+    [(6.0, 4, WARN, "1-minute load average 6.00 on 4 CPU(s): 1.50 per CPU (4 usable here), past 0.5: other work"),
+     (2.0, 4, PASS, "0.50 per CPU (4 usable here), under 0.5: quiet"),
+     (0.3, 16, PASS, "1-minute load average 0.30 on 16 CPU(s): 0.02 per CPU")],
+)  # fmt: skip
+def test_the_load_average_per_cpu_warns_on_a_busy_machine(load, cpus, status, text):
+    got = quiet_checks.cpu_load(host(load, cpus))
+    assert got.status == status and text in got.detail, got
+    assert got.figures["load_1min"] == load and got.figures["cpus"] == cpus
+    assert ("run mpbench doctor again" in got.detail) == (status == WARN)  # a warning says what to do
+
+
+def test_a_missing_or_unreadable_load_average_cannot_be_checked():
+    assert quiet_checks.cpu_load(Host(loadavg=None)).status == CANNOT
+
+    def unreadable():
+        raise OSError("Load averages are unobtainable")
+
+    got = quiet_checks.cpu_load(Host(loadavg=unreadable))
+    assert got.status == CANNOT and "unobtainable" in got.detail
+
+
+def test_a_cpu_matmul_whose_time_varies_warns_and_a_steady_one_passes():
+    busy = {c.name: c for c in diagnose("cpu", durations=FAST, run_record=False, host=host(3.0, 2, 0.010, 0.030))}
+    got = busy["repeatability"]
+    assert got.status == WARN and got.figures["spread"] == pytest.approx(1.0)  # 10 and 30 ms: p10-p90 20 of 20 ms
+    assert "timed 20x: median 20 ms, p10-p90 10-30 ms, spread 100% of the median, past 20%" in got.detail
+    assert busy["cpu_load"].status == WARN and all(c.status != FAIL for c in busy.values())
+    summary = doctor.format_checks(list(busy.values())).splitlines()[-1]
+    assert summary.startswith("0 failed, 3 passed, 11 cannot be checked here; 2 warned")
+    steady = quiet_checks.repeatability(quiet_checks.cpu_sampler(clock(0.0100, 0.0105, 0.0098, 0.0102)), "steady")
+    assert steady.status == PASS and "spread 7% of the median, under 20%: repeatable" in steady.detail
+
+
+def test_the_real_cpu_probe_is_short_and_reports_its_spread():
+    t0 = time.perf_counter()
+    got = quiet_checks.repeatability(quiet_checks.cpu_sampler(time.perf_counter), "real")
+    assert time.perf_counter() - t0 < 2.0  # ~0.4 s on the shared 2-core VM with load 8; 2 s leaves room
+    assert got.status in (PASS, WARN) and got.figures["samples"] == 20 and got.figures["median_ms"] > 0
+
+
+def test_a_gpu_whose_matmul_times_vary_warns_and_a_steady_one_passes():
+    fake_cuda, fake_nvml = machine()
+    assert checks_of(fake_cuda, fake_nvml)["repeatability"].status == PASS  # the fake GPU's loops take equal time
+    fake_cuda, fake_nvml = machine()
+    real, slow = fake_cuda.matmul_loop, itertools.cycle([1.0, 1.5])
+
+    def shared(*args, **kwargs):  # another process's kernels take turns with ours: every other loop 1.5x
+        t = real(*args, **kwargs)
+        return type(t)(t.dtype, t.n, t.iters, t.event_ms * next(slow), t.wall_ms)
+
+    fake_cuda.matmul_loop = shared
+    got = checks_of(fake_cuda, fake_nvml)["repeatability"]
+    assert got.status == WARN and got.figures["spread"] == pytest.approx(0.4)  # (1.5 - 1) / 1.25
+    assert "a bf16 4096^3 matmul loop on NVIDIA H100 80GB HBM3 (CUDA events)" in got.detail
+    gone = checks_of(FakeCuda(present=False), FakeNvml([]))  # asked for a GPU that is not there: nothing to time
+    assert gone["repeatability"].status == CANNOT
+
+
+def test_other_processes_on_the_gpu_say_what_to_do():
+    got = run(dict(others=[(4242, 2048 * MIB)]))["no_other_process"]
+    assert got.status == FAIL and "wait for them to end (nvidia-smi) or pick a free GPU" in got.detail
+
+
+def test_warnings_are_counted_but_do_not_fail_the_command(monkeypatch, capsys):
+    real = doctor.diagnose
+    monkeypatch.setattr(doctor, "diagnose", lambda d, run_record: real(d, run_record=run_record, host=host(9.0, 2)))
+    assert main(["doctor", "--device", "cpu", "--no-run"]) == 0
+    out = capsys.readouterr().out
+    assert "WARN          cpu_load" in out and "cannot be checked here; 1 warned (busy" in out
+    assert main(["doctor", "--device", "cpu", "--no-run", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["warned"] is True and data["failed"] is False

@@ -5,7 +5,8 @@ the probes (suite/metrics/probes.py) take a few seconds: CUDA events against wal
 energy counter and power, GPM tensor-core use of bf16 against strict fp32, NVML's process
 memory against the allocator, the matmul rate against the peak table, throttling, other
 processes. On a CPU the GPU checks say "cannot check" and why. Exit 1 when a check fails.
-The GPU checks are in suite/cli/gpu_checks.py.
+The GPU checks are in suite/cli/gpu_checks.py; whether the machine is quiet enough to time (load
+average, repeatability of a small matmul) in suite/cli/quiet_checks.py: those warn, they never fail.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from typing import Any
 
 import torch
 
-from suite.cli.gpu_checks import CANNOT, FAIL, GPU_CHECKS, PASS, Check, Durations, Machine
+from suite.cli import quiet_checks as quiet
+from suite.cli.gpu_checks import CANNOT, FAIL, GPU_CHECKS, PASS, WARN, Check, Durations, Machine
 from suite.cli.gpu_checks import gpu_visible as _gpu_visible
 from suite.cli.gpu_checks import nvml_same_gpu as _nvml_same_gpu
+from suite.cli.quiet_checks import Host
 from suite.hardware import native_bf16_flag
 from suite.metrics import nvml as nvml_lib
 from suite.metrics import probes
 
-__all__ = ["CANNOT", "FAIL", "GPU_CHECKS", "PASS", "Check", "Durations", "diagnose", "format_checks"]
+__all__ = ["CANNOT", "FAIL", "GPU_CHECKS", "PASS", "WARN", "Check", "Durations", "Host", "diagnose", "format_checks"]
 
 
 def _versions(nvml: Any | None) -> Check:
@@ -159,10 +162,12 @@ def _record_self_check(device: str) -> Check:
 
 
 def diagnose(device: str = "auto", cuda: Any = None, nvml_module: Any = None, durations: Durations | None = None,
-             run_record: bool = True, torchao: Callable[[], TorchaoBuild] = torchao_build) -> list[Check]:  # fmt: skip
-    """Every check for `device` ("auto", "cpu", "cuda", "cuda:N"); `cuda`/`nvml_module`/`torchao` replace the
-    real ones; `run_record` adds a short tiny training run whose record must pass the self-check."""
-    checks = _diagnose(device, cuda, nvml_module, durations or Durations(), torchao)
+             run_record: bool = True, torchao: Callable[[], TorchaoBuild] = torchao_build,
+             host: Host | None = None) -> list[Check]:  # fmt: skip
+    """Every check for `device` ("auto", "cpu", "cuda", "cuda:N"); `cuda`/`nvml_module`/`torchao`/`host` (load
+    average, clock) replace the real ones; `run_record` adds a short tiny training run whose record must pass
+    the self-check."""
+    checks = _diagnose(device, cuda, nvml_module, durations or Durations(), torchao, host or Host())
     if run_record:
         gpu = next(c for c in checks if c.name == "gpu_visible").status == PASS
         target = device if device != "auto" else ("cuda" if gpu else "cpu")
@@ -174,11 +179,11 @@ def diagnose(device: str = "auto", cuda: Any = None, nvml_module: Any = None, du
 
 
 def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations,
-              torchao: Callable[[], TorchaoBuild]) -> list[Check]:  # fmt: skip
+              torchao: Callable[[], TorchaoBuild], host: Host) -> list[Check]:  # fmt: skip
     """The checks without the training run."""
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r} is unknown; choose auto, cpu, cuda or cuda:N")
-    out = [_threads()]
+    out = [_threads(), _guard("cpu_load", lambda: quiet.cpu_load(host))]
     index = int(device[5:]) if device.startswith("cuda:") else 0
     m = Machine(cuda if cuda is not None else probes.TorchCuda(index), durations=durations)
     gpu_names = ["gpu_visible", "nvml_same_gpu", *(name for name, _, _ in GPU_CHECKS)]
@@ -186,19 +191,24 @@ def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations,
     if device == "cpu" or (device == "auto" and absent):
         why = "--device cpu" if device == "cpu" else absent
         out.append(_cpu_bf16())
+        what = f"an fp32 {quiet.CPU_N}^3 matmul on the CPU (perf_counter)"
+        out.append(_guard("repeatability", lambda: quiet.repeatability(quiet.cpu_sampler(host.timer), what)))
         out += [Check(name, CANNOT, why) for name in gpu_names]
         nvml, _ = nvml_lib.load_nvml(nvml_module)
         return [*out, _guard("torchao_c_extension", lambda: _torchao_check(torchao(), why)), _versions(nvml)]
     out.append(_gpu_visible(m))
     out.append(_guard("torchao_c_extension", lambda: _torchao_check(torchao(), absent)))
     if absent:
-        return [*out, *(Check(n, CANNOT, absent) for n in gpu_names[1:]), _versions(None)]
+        cannot = [*gpu_names[1:], "repeatability"]  # the GPU asked for is the one to time
+        return [*out, *(Check(n, CANNOT, absent) for n in cannot), _versions(None)]
     out.append(_guard("nvml_same_gpu", lambda: _nvml_same_gpu(m, nvml_module)))
     for name, check, needs_nvml in GPU_CHECKS:
         if needs_nvml and m.handle is None:
             out.append(Check(name, CANNOT, f"NVML not matched to this GPU: {m.nvml_reason}"))
         else:
             out.append(_guard(name, lambda check=check: check(m)))
+    what = f"a bf16 {quiet.GPU_N}^3 matmul loop on {m.cuda.name()} (CUDA events)"
+    out.append(_guard("repeatability", lambda: quiet.repeatability(quiet.gpu_sampler(m.cuda), what)))
     return [*out, _versions(m.nvml)]
 
 
@@ -211,24 +221,27 @@ def _guard(name: str, check: Callable[[], Check]) -> Check:
 
 
 def format_checks(results: list[Check]) -> str:
-    """One line per check: status, name, detail."""
+    """One line per check: status (FAIL and WARN in capitals: they ask for action), name, detail."""
     width = max(len(c.name) for c in results)
     lines = [
-        f"{c.status.upper() if c.status == FAIL else c.status:<12}  {c.name:<{width}}  {c.detail}" for c in results
+        f"{c.status.upper() if c.status in (FAIL, WARN) else c.status:<12}  {c.name:<{width}}  {c.detail}"
+        for c in results
     ]
-    failed = sum(c.status == FAIL for c in results)
-    lines.append(f"\n{failed} failed, {sum(c.status == PASS for c in results)} passed, "
-                 f"{sum(c.status == CANNOT for c in results)} cannot be checked here")  # fmt: skip
+    count = {s: sum(c.status == s for c in results) for s in (FAIL, WARN, PASS, CANNOT)}
+    # "N failed, N passed, N cannot be checked here" first: ci/first_contact.py reads that prefix
+    lines.append(f"\n{count[FAIL]} failed, {count[PASS]} passed, {count[CANNOT]} cannot be checked here; "
+                 f"{count[WARN]} warned (busy: timings will be noisy)")  # fmt: skip
     return "\n".join(lines)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print the checks (or --json); exit 1 when one failed."""
+    """Print the checks (or --json); exit 1 when one failed (a warning, a busy machine, does not fail)."""
     results = diagnose(args.device, run_record=not args.no_run)
     failed = any(c.status == FAIL for c in results)
     if args.json:
-        print(json.dumps({"device": args.device, "failed": failed, "checks": [asdict(c) for c in results]},
-                         indent=2, default=str))  # fmt: skip
+        warned = any(c.status == WARN for c in results)
+        print(json.dumps({"device": args.device, "failed": failed, "warned": warned,
+                          "checks": [asdict(c) for c in results]}, indent=2, default=str))  # fmt: skip
     else:
         print(format_checks(results))
     return 1 if failed else 0

@@ -17,6 +17,7 @@ from suite.metrics.nvml_readings import EVENT_BITS, THROTTLE_BITS
 from suite.records import checks as rules
 
 PASS, FAIL, CANNOT = "pass", "fail", "cannot check"
+WARN = "warn"  # works, but busy now: timings will be noisy (suite/cli/quiet_checks.py); not a failure
 EVENT_SHORTFALL = 0.05  # events may time up to 5% (+2 ms) less than wall: launch and sync latency
 GPM_MARGIN = 0.05  # bf16's tensor-core utilization must beat strict fp32's by 5 points
 MEM_TOLERANCE_MB, MEM_TOLERANCE_REL = 32.0, 0.05  # NVML's growth vs the allocator's, for a 1 GiB block
@@ -28,7 +29,7 @@ class Check:
     """One line of the doctor's report."""
 
     name: str
-    status: str  # PASS, FAIL or CANNOT
+    status: str  # PASS, FAIL, CANNOT or WARN
     detail: str
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -198,12 +199,14 @@ def _share(m: Machine) -> Check:
 def _others(m: Machine) -> Check:
     ours, others, how = probes.own_process_mib(m.nvml, m.handle, m.pid)
     figures = {"others": [[pid, mib] for pid, mib in others], "ours_mb": ours}
+    todo = ("; they share its SMs, memory bandwidth and energy counter with a run: wait for them to end "
+            "(nvidia-smi) or pick a free GPU (CUDA_VISIBLE_DEVICES)")  # fmt: skip
     if others and ours is None:  # our PID is not NVML's, several are listed: all but one are others
-        return Check("no_other_process", FAIL, f"{how}: at least {len(others) - 1} other process(es) use this GPU",
-                     figures)  # fmt: skip
+        return Check("no_other_process", FAIL, f"{how}: at least {len(others) - 1} other process(es) use this GPU"
+                     f"{todo}", figures)  # fmt: skip
     if others:
         listed = ", ".join(f"pid {pid} ({'?' if mib is None else f'{mib:,.0f}'} MiB)" for pid, mib in others)
-        return Check("no_other_process", FAIL, f"other processes use this GPU: {listed}", figures)
+        return Check("no_other_process", FAIL, f"other processes use this GPU: {listed}{todo}", figures)
     return Check("no_other_process", PASS, f"only this process ({how}) uses the GPU", figures)
 
 

@@ -5,8 +5,9 @@ Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverge
 timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP,
 74 a record could not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
-`compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input.
-`doctor`: 0 no check failed (pass or cannot check), 1 a check failed, 2 bad input.
+`compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input,
+3 nothing regressed but some verdict is inconclusive (its runs' noise is past compare.NOISE_BOUND).
+`doctor`: 0 no check failed (pass, warn or cannot check), 1 a check failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise."""
+    """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise, 3 when nothing
+    regressed but some verdict is inconclusive (too noisy to judge): a gate must not pass on no verdict."""
     a, b = store.read_all(args.a), store.read_all(args.b)
     rows = compare_runs(a, b)
     print(format_comparison(rows))
@@ -87,7 +89,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"\nnothing was compared: {why}")
         return 1
     regressed = [r.message for r in rows if r.verdict == "regressed"]
-    print(f"\n{len(regressed)} regression(s)" + (":\n" + "\n".join(regressed) if regressed else ""))
+    doubtful = sum(r.verdict == "inconclusive" for r in rows)
+    print(f"\n{len(regressed)} regression(s), {doubtful} inconclusive (too noisy to judge)"
+          + (":\n" + "\n".join(regressed) if regressed else ""))  # fmt: skip
     return compare_exit_code(rows)
 
 
@@ -243,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--price", help='USD per GPU-hour, e.g. "H100=2.99,A100=1.29": tokens per dollar, cost to target')
     rep.add_argument("--target-loss", type=float, help="loss (nats/token) for time and cost to reach it")
     rep.set_defaults(func=cmd_report)
-    cmp_ = sub.add_parser("compare", help="compare two sets of records; exit 1 on a regression beyond the noise")
+    cmp_ = sub.add_parser(
+        "compare", help="compare two sets of records; exit 1 on a regression beyond the noise, 3 if too noisy to judge"
+    )
     cmp_.add_argument("a", help="records of the reference (file or glob)")
     cmp_.add_argument("b", help="records to judge against it (file or glob)")
     cmp_.set_defaults(func=cmd_compare)

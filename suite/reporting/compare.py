@@ -8,6 +8,9 @@ a bounded difference (`FIDELITY_BOUNDS`). Throughput and utilization figures are
 ratios only ("info"). A figure that broke a self-check rule in A or B (`suspect`) gets the
 verdict "suspect": never a clean regression or improvement, and it does not change the exit code. A case on
 emulated kernels (either side) is judged on memory, loss and fidelity only: its timings are not speeds.
+
+A noise-allowed metric (step time, energy per step) whose runs are too noisy to judge gets the verdict
+"inconclusive" instead of "same" (see `NOISE_BOUND`); `exit_code` gives it its own code, 3.
 """
 
 from __future__ import annotations
@@ -46,6 +49,15 @@ FIDELITY_BOUNDS: dict[str, Bound] = {
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
 SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emulated kernels, like step time
 
+# The largest relative p10-p90 spread of the step time (of A or B) at which "same" still means something.
+# A "same" says B is within the allowance of A, and a noise-allowed metric's allowance grows with the
+# spread (step time: 2% + spread), so past 20% a "same" could hide a 1.2x slowdown: more than most of
+# what this suite measures (fp8 over bf16 is a few percent, bf16 over fp32 1.1-3x). A quiet GPU's step
+# spread is a few percent; 20% and more means something else shares the machine (`mpbench doctor`).
+# A difference beyond even the wide allowance is still judged: it beat the noise it was measured with.
+NOISE_BOUND = 0.20
+INCONCLUSIVE_EXIT = 3  # nothing regressed, but some verdict could not be given: never a silent pass
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -58,7 +70,8 @@ class Comparison:
     b: float | None
     ratio: float | None  # b / a
     allowed: float | None  # the largest B that is not a regression
-    verdict: str  # "regressed", "improved", "same", "info", "unmatched", "suspect" (a figure broke a self-check)
+    verdict: str  # "regressed", "improved", "same", "inconclusive" (noise past NOISE_BOUND), "info", "unmatched",
+    # "suspect" (a figure broke a self-check)
     message: str
 
 
@@ -105,16 +118,21 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     model, mode = ra["model"], ra["mode"]
     entry = baseline.make_baseline([ra])["entries"][f"{model}/{mode}"]
     bad_a, bad_b = suspect_fields(ra), suspect_fields(rb)
+    spreads = spread_of(ra), spread_of(rb)
     rows = []
     for f in baseline.compare(rb, entry):
         allowance = f.allowed - f.old  # the same margin on the better side makes "improved"
         verdict = "regressed" if f.regressed else "improved" if f.new < f.old - allowance else "same"
         ratio = _ratio(f.old, f.new)
         better = f", better than {_num(f.old - allowance)}" if verdict == "improved" else ""
-        verdict, doubt = _doubt(verdict, f.metric, bad_a, bad_b)
+        why = ""
+        if verdict == "same" and baseline.RULES[f.metric].spread_factor and too_noisy(*spreads):
+            verdict, why = "inconclusive", f": {noise_note(*spreads)}"
+        shown, doubt = _doubt(verdict + why, f.metric, bad_a, bad_b)
+        verdict = "suspect" if doubt else verdict
         message = (
             f"{model}/{mode} {f.metric}: {_num(f.old)} -> {_num(f.new)} ({_x(ratio)}), "
-            f"allowed up to {_num(f.allowed)}{better}: {verdict}{doubt}"
+            f"allowed up to {_num(f.allowed)}{better}: {shown}{doubt}"
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
     rows += _fidelity_rows(ra, rb)
@@ -130,6 +148,25 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
         message = f"{model}/{mode} {metric}: {_num(a)} -> {_num(b)} ({_x(ratio)}): {verdict}{doubt}"
         rows.append(Comparison(model, mode, metric, a, b, ratio, None, verdict, message))
     return rows
+
+
+def spread_of(record: dict[str, Any]) -> float | None:
+    """The step time's p10-p90 spread as a fraction of its median; None when the run did not measure it."""
+    med, lo, hi = (_float(record.get(k)) for k in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms"))
+    return (hi - lo) / med if med and lo is not None and hi is not None else None
+
+
+def too_noisy(spread_a: float | None, spread_b: float | None) -> bool:
+    """Whether either run's step-time spread is past NOISE_BOUND: a "same" then cannot rule out a change
+    larger than the ones worth finding, so it is no verdict at all."""
+    return any(s is not None and s > NOISE_BOUND for s in (spread_a, spread_b))
+
+
+def noise_note(spread_a: float | None, spread_b: float | None) -> str:
+    """Why a verdict is inconclusive, with both runs' spreads and the bound, and what to do."""
+    shown = ", ".join(f"{side} {'-' if s is None else f'{s:.0%}'}" for side, s in (("A", spread_a), ("B", spread_b)))
+    return (f"noise too large to judge (step-time p10-p90 spread {shown}; bound {NOISE_BOUND:.0%}); "
+            "rerun on a quiet machine (mpbench doctor)")  # fmt: skip
 
 
 def _doubt(verdict: str, metric: str, bad_a: dict[str, list], bad_b: dict[str, list]) -> tuple[str, str]:
@@ -247,13 +284,17 @@ def format_comparison(rows: list[Comparison]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    verdicts = ("regressed", "improved", "same", "info", "unmatched", "suspect")
+    verdicts = ("regressed", "improved", "same", "inconclusive", "info", "unmatched", "suspect")
     counts = {v: sum(r.verdict == v for r in rows) for v in verdicts}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
-    lines += [r.message for r in rows if r.verdict in ("regressed", "unmatched", "suspect") or r.metric == "status"]
+    shown = ("regressed", "inconclusive", "unmatched", "suspect")
+    lines += [r.message for r in rows if r.verdict in shown or r.metric == "status"]
     return "\n".join(lines)
 
 
 def exit_code(rows: list[Comparison]) -> int:
-    """1 if any metric or case regressed, or nothing was compared; else 0."""
-    return int(any(r.verdict == "regressed" for r in rows) or all(r.verdict == "unmatched" for r in rows))
+    """1 if any metric or case regressed, or nothing was compared; else 3 (INCONCLUSIVE_EXIT) if some
+    verdict was inconclusive; else 0. A regression outranks doubt: it beat the noise it was measured with."""
+    if any(r.verdict == "regressed" for r in rows) or all(r.verdict == "unmatched" for r in rows):
+        return 1
+    return INCONCLUSIVE_EXIT if any(r.verdict == "inconclusive" for r in rows) else 0
