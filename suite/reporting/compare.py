@@ -21,6 +21,7 @@ from typing import Any
 
 from suite.records.cases import case_key, differences
 from suite.records.checks import suspect_fields
+from suite.records.noise import NOISY_SPREAD, step_spread
 from suite.records.store import FAILED
 from suite.reporting import baseline
 
@@ -55,7 +56,7 @@ SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emul
 # what this suite measures (fp8 over bf16 is a few percent, bf16 over fp32 1.1-3x). A quiet GPU's step
 # spread is a few percent; 20% and more means something else shares the machine (`mpbench doctor`).
 # A difference beyond even the wide allowance is still judged: it beat the noise it was measured with.
-NOISE_BOUND = 0.20
+NOISE_BOUND = NOISY_SPREAD  # the one threshold the summary and the report mark a noisy step time with
 INCONCLUSIVE_EXIT = 3  # nothing regressed, but some verdict could not be given: never a silent pass
 
 
@@ -150,10 +151,7 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     return rows
 
 
-def spread_of(record: dict[str, Any]) -> float | None:
-    """The step time's p10-p90 spread as a fraction of its median; None when the run did not measure it."""
-    med, lo, hi = (_float(record.get(k)) for k in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms"))
-    return (hi - lo) / med if med and lo is not None and hi is not None else None
+spread_of = step_spread  # the step time's p10-p90 spread over its median; None when not measured
 
 
 def too_noisy(spread_a: float | None, spread_b: float | None) -> bool:
