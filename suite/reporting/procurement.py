@@ -7,6 +7,7 @@ the table says why.
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,13 @@ COLUMNS = (
     "time_to_target_s", "cost_to_target_usd", "gpu_memory_mb", "peak_mem_mb", "memory_headroom_mb",
     "max_batch", "notes",
 )  # fmt: skip
+PROCUREMENT_HEADERS = {
+    "gpu": "GPU", "mode": "mode", "model": "model", "tokens_per_s": "tokens/s",
+    "price_per_hour": "price (USD/GPU-h)", "tokens_per_dollar": "tokens per USD", "tokens_per_kj": "tokens per kJ",
+    "time_to_target_s": "time to target (s)", "cost_to_target_usd": "cost to target (USD)",
+    "gpu_memory_mb": "GPU memory (MiB)", "peak_mem_mb": "peak memory (MiB)",
+    "memory_headroom_mb": "memory headroom (MiB)", "max_batch": "max batch", "notes": "notes",
+}  # fmt: skip
 
 
 def _tokens(name: str) -> tuple[str, ...]:
@@ -182,3 +190,38 @@ def procurement_table(df: pandas.DataFrame, prices: dict[str, float], target_los
     # object dtype keeps None as None (not NaN) so a missing figure stays visibly missing
     table = pandas.DataFrame(rows, columns=list(COLUMNS)).astype(object)
     return table.where(table.notna(), None)
+
+
+def _fmt(value: Any, key: str) -> str:
+    """A procurement figure: money to the cent or finer, large counts in full, others to 4 digits."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if key in ("price_per_hour", "cost_to_target_usd"):
+        return f"{value:.4g}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def section(df: pandas.DataFrame, prices: dict[str, float] | None, target: float | None) -> tuple[str, str]:
+    """The report's procurement section as HTML and Markdown."""
+    t = procurement_table(df, prices or {}, target)
+    priced = ", ".join(f"{k} = {v:g} USD/GPU-hour" for k, v in (prices or {}).items()) or "no prices given"
+    about = (
+        f"Prices: {priced}. Target loss: {f'{target:g} nats/token' if target is not None else 'none given'}. "
+        "Time to target = first step at which the mean training loss of the last 5 steps is at or below the target, "
+        "times the median step time: warm-up and compilation time are not included. n/a: see notes."
+    )
+    heads = [PROCUREMENT_HEADERS[c] for c in t.columns]
+    records = t.to_dict(orient="records")
+    body = [[_fmt(v, k) for k, v in row.items()] for row in records]
+    h = ["<h2>Procurement</h2>", f"<p>{html.escape(about)}</p>", '<div class="scroll"><table><thead><tr>']
+    h += [f"<th>{html.escape(x)}</th>" for x in heads] + ["</tr></thead><tbody>"]
+    for row, cells in zip(records, body, strict=True):
+        kinds = ["text" if isinstance(v, str) else "num" for v in row.values()]  # words left, figures right
+        tds = (f'<td class="{k}">{html.escape(c)}</td>' for k, c in zip(kinds, cells, strict=True))
+        h.append(f"<tr>{''.join(tds)}</tr>")
+    h.append("</tbody></table></div>")
+    md = ["## Procurement", "", about, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    return "".join(h), "\n".join(md)

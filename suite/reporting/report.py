@@ -13,15 +13,16 @@ import csv
 import datetime as dt
 import html
 import io
-import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from suite.records.cases import latest
+from suite.reporting import glance, procurement
 from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
+from suite.reporting.fidelity_table import FIDELITY_CSV, FIDELITY_HEADERS, FIDELITY_NOTE, fidelity_cells
 from suite.reporting.plots import plot_loss_curves
-from suite.reporting.procurement import procurement_table, records_of
+from suite.reporting.procurement import records_of
 from suite.text import shown, slug
 
 if TYPE_CHECKING:
@@ -42,23 +43,8 @@ th{background:#eef;vertical-align:bottom}
 .env td,td.text{text-align:left}.skipped{color:#855;font-size:12px}
 .families{display:flex;flex-wrap:wrap;gap:4px 20px;align-items:flex-start}
 h4{font-size:13px;margin:8px 0 0;color:#446}
-.charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.charts img{width:calc(50% - 12px);min-width:480px}
+.charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.charts img{max-width:100%;height:auto}
 """
-FIDELITY_CSV = ("grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
-                "update_rel_err_vs_fp64", "grad_underflow_frac", "scaled_grad_underflow_frac", "grad_overflow_frac",
-                "fidelity_loss_diff", "fidelity_loss_scale")  # fmt: skip
-FIDELITY_NOTE = (
-    "Against float64: each mode's gradients (as its optimizer applies them) and update (weights after minus "
-    "before) against a float64 step from the same weights and batch, at the last step compared; see README "
-    "'Fidelity'. Underflow: gradient elements that are 0 in the mode and not in float64."
-)
-PROCUREMENT_HEADERS = {
-    "gpu": "GPU", "mode": "mode", "model": "model", "tokens_per_s": "tokens/s",
-    "price_per_hour": "price (USD/GPU-h)", "tokens_per_dollar": "tokens per USD", "tokens_per_kj": "tokens per kJ",
-    "time_to_target_s": "time to target (s)", "cost_to_target_usd": "cost to target (USD)",
-    "gpu_memory_mb": "GPU memory (MiB)", "peak_mem_mb": "peak memory (MiB)",
-    "memory_headroom_mb": "memory headroom (MiB)", "max_batch": "max batch", "notes": "notes",
-}  # fmt: skip
 
 
 def machine_of(r: dict[str, Any]) -> str:
@@ -100,58 +86,71 @@ def _environment(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return rows
 
 
+Chart = tuple[str, "Path | None", str]  # (name, PNG or None, caption or why it was skipped)
+
+
 def _charts(
     group: list[dict[str, Any]], rows: list[list[table.Cell]], stem: str, out_dir: Path
-) -> list[tuple[str, Path | None, str]]:
-    """(name, path or None, caption or skip reason) for the loss curves and each bar chart of one group."""
-    labels = [r["mode"] + (" (emulated)" if r.get("emulated") else "") for r in group]
-    absent = [r["status"] if r.get("status") != "ok" else "emulated" if r.get("emulated") else table.NOT_MEASURED
-              for r in group]  # fmt: skip
+) -> tuple[list[Chart], list[str]]:
+    """The loss curves and each bar chart of one group, and a line for each series a chart leaves
+    out because no finished mode has it (on a CPU: the allocator peak), said once instead of per bar."""
+    modes, emulated = [str(r["mode"]) for r in group], [bool(r.get("emulated")) for r in group]
     col = {header: [row[i] for row in rows] for i, header in enumerate(table.HEADERS)}
+    ok = [i for i, r in enumerate(group) if r.get("status") == "ok"]  # a skipped case explains nothing here
 
     def values(header: str) -> list[float | None]:
         return [c.value for c in col[header]]
 
+    def absent(header: str) -> list[str]:
+        """What a chart writes where a mode has no bar: its status, "emulated" or "not measured"."""
+        return [str(r["status"]) if r.get("status") != "ok" else "emulated"
+                if r.get("emulated") and (c.reason or "").startswith("emulated") else table.NOT_MEASURED
+                for r, c in zip(group, col[header], strict=True)]  # fmt: skip
+
+    def reasons(headers: list[str]) -> str:
+        return "; ".join(sorted({col[h][i].reason or "" for h in headers for i in ok} - {""}))
+
     title = f"{machine_of(group[0])}: {_group_title(group[0])}"
-    charts: list[tuple[str, Path | None, str]] = []
+    charts: list[Chart] = []
     if any(r.get("loss_curve") for r in group):
-        path = plot_loss_curves(group, out_dir / f"{stem}-loss.png", title=textwrap.fill(title, 80))
+        path = plot_loss_curves(group, out_dir / f"{stem}-loss.png", title=title)
         charts.append(("loss curves", path, "training loss per step (nats/token) and minus fp32's"))
     else:
         charts.append(("loss curves", None, "no record of this group has a loss curve"))
     if any(r.get("fidelity_layers") for r in group):
         charts.append(_layer_chart(group, title, out_dir / f"{stem}-fidelity-layers.png"))
     sources = sorted({str(r["peak_mem_source"]) for r in group if r.get("peak_mem_source")})
-    memory = {
-        f"peak ({', '.join(sources) or 'NVML/RSS'})": values("peak memory NVML/RSS (MiB) (source)"),
-        "allocator peak": values("allocator peak (MiB)"),
-    }
+    memory = {f"peak ({', '.join(sources) or 'NVML/RSS'})": "peak memory NVML/RSS (MiB) (source)",
+              "allocator peak": "allocator peak (MiB)"}  # fmt: skip
     specs = [
-        ("step time", "step time, median (ms)", "step time (ms): median, whiskers p10-p90",
-         {"median": values("step time, median (ms)")}, None),
-        ("speed-up", "speed-up over fp32 (x)", "speed-up over fp32 (x), same group",
-         {"speed-up": values("speed-up over fp32 (x)")}, 1.0),
-        ("peak memory", "peak memory NVML/RSS (MiB) (source)", "peak memory (MiB)", memory, None),
-        ("energy per token", "energy per token (mJ)", "energy per token (mJ)",
-         {"energy": values("energy per token (mJ)")}, None),
+        ("step time", "step time (ms): median, whiskers p10-p90", {"median": "step time, median (ms)"}, None),
+        ("speed-up", "speed-up over fp32 (x), same group", {"speed-up": "speed-up over fp32 (x)"}, 1.0),
+        ("peak memory", "peak memory (MiB)", memory, None),
+        ("energy per token", "energy per token (mJ)", {"energy": "energy per token (mJ)"}, None),
     ]  # fmt: skip
-    for name, header, ylabel, series, hline in specs:
-        if all(v is None for vals in series.values() for v in vals):
-            ok = [i for i, r in enumerate(group) if r.get("status") == "ok"]  # a skipped case explains nothing here
-            reasons = sorted({col[h][i].reason or "" for h in _chart_headers(header, series) for i in ok} - {""})
-            why = "; ".join(reasons) or "no case of this group finished"
+    lines = []
+    for name, ylabel, series, hline in specs:
+        if all(v is None for header in series.values() for v in values(header)):
+            why = reasons(list(series.values())) or "no case of this group finished"
             charts.append((name, None, f"no mode has this figure: {why}"))
             continue
-        errors = None
+        note = None
+        for label, header in list(series.items()):
+            if len(series) > 1 and ok and all(values(header)[i] is None for i in ok):
+                del series[label]  # e.g. no allocator peak on a CPU: one line, not a "not measured" per mode
+                note = f"{label}: {table.NOT_MEASURED} for any mode (see below the charts)"
+                lines.append(f"{name} chart: {label} {table.NOT_MEASURED} for any mode: {reasons([header])}")
+        errors, flags = None, [("noisy" if c.noisy else "") for c in col[next(iter(series.values()))]]
         if name == "step time":
             errors = ([r.get("step_time_p10_ms") for r in group], [r.get("step_time_p90_ms") for r in group])
         path = out_dir / f"{stem}-{slug(name)}.png"
-        bar_chart(path, f"{name}: {title}", ylabel, labels, series, absent, errors, hline)
+        bar_chart(path, f"{name}: {title}", ylabel, modes, {k: values(h) for k, h in series.items()},
+                  {k: absent(h) for k, h in series.items()}, emulated, errors, hline, flags, note)  # fmt: skip
         charts.append((name, path, ylabel))
-    return charts
+    return charts, lines
 
 
-def _layer_chart(group: list[dict[str, Any]], title: str, path: Path) -> tuple[str, Path, str]:
+def _layer_chart(group: list[dict[str, Any]], title: str, path: Path) -> Chart:
     """Relative error vs float64 by tensor (model order), one line per mode, log scale; last step compared."""
     last = {r["mode"]: [x for x in r["fidelity_layers"] if x["step"] == max(y["step"] for y in r["fidelity_layers"])]
             for r in group if r.get("fidelity_layers")}  # fmt: skip
@@ -160,53 +159,16 @@ def _layer_chart(group: list[dict[str, Any]], title: str, path: Path) -> tuple[s
     for key, label in (("grad_rel_err", "gradient rel. L2 error vs fp64"), ("update_rel_err", "update rel. error")):
         panels[label] = {mode: [{x["tensor"]: x.get(key) for x in rows}.get(t) for t in tensors]
                          for mode, rows in last.items()}  # fmt: skip
-    layer_chart(path, f"fidelity by tensor: {title}", tensors, panels)
+    layer_chart(path, f"fidelity by tensor: {title}", tensors, panels, {r["mode"] for r in group if r.get("emulated")})
     return "fidelity by tensor", path, "relative error vs float64 per parameter tensor (log); a gap: 0 or not compared"
 
 
-def _chart_headers(header: str, series: dict[str, list[float | None]]) -> list[str]:
-    """The table columns a chart draws from, to collect the reasons it was skipped."""
-    return [header, "allocator peak (MiB)"] if len(series) > 1 else [header]
-
-
 def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{data}">'
-
-
-def _fmt(value: Any, key: str) -> str:
-    """A procurement figure: money to the cent or finer, large counts in full, others to 4 digits."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, str):
-        return value
-    if key in ("price_per_hour", "cost_to_target_usd"):
-        return f"{value:.4g}"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-
-
-def _procurement(df: pandas.DataFrame, prices: dict[str, float] | None, target: float | None) -> tuple[str, str]:
-    """The procurement section as HTML and Markdown."""
-    t = procurement_table(df, prices or {}, target)
-    priced = ", ".join(f"{k} = {v:g} USD/GPU-hour" for k, v in (prices or {}).items()) or "no prices given"
-    about = (
-        f"Prices: {priced}. Target loss: {f'{target:g} nats/token' if target is not None else 'none given'}. "
-        "Time to target = first step at which the mean training loss of the last 5 steps is at or below the target, "
-        "times the median step time: warm-up and compilation time are not included. n/a: see notes."
-    )
-    heads = [PROCUREMENT_HEADERS[c] for c in t.columns]
-    records = t.to_dict(orient="records")
-    body = [[_fmt(v, k) for k, v in row.items()] for row in records]
-    h = ["<h2>Procurement</h2>", f"<p>{html.escape(about)}</p>", '<div class="scroll"><table><thead><tr>']
-    h += [f"<th>{html.escape(x)}</th>" for x in heads] + ["</tr></thead><tbody>"]
-    for row, cells in zip(records, body, strict=True):
-        kinds = ["text" if isinstance(v, str) else "num" for v in row.values()]  # words left, figures right
-        tds = (f'<td class="{k}">{html.escape(c)}</td>' for k, c in zip(kinds, cells, strict=True))
-        h.append(f"<tr>{''.join(tds)}</tr>")
-    h.append("</tbody></table></div>")
-    md = ["## Procurement", "", about, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
-    return "".join(h), "\n".join(md)
+    """The PNG inline, at most its own pixel size (the charts' fonts are sized for that)."""
+    data = path.read_bytes()
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
+    return (f'<img alt="{html.escape(alt, quote=True)}" width="{width}" height="{height}" '
+            f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">')  # fmt: skip
 
 
 class _Document:
@@ -227,7 +189,7 @@ class _Document:
 
     def group(self, machine: str, stem: str, group: list[dict[str, Any]]) -> None:
         """The table of one group (footnotes numbered within it), its CSV rows and its charts."""
-        ref = next((r for r in group if r.get("mode") == "fp32" and r.get("status") == "ok"), None)
+        ref = glance.reference(group)
         rows = [table.cells(r, ref) for r in group]
         for r, row in zip(group, rows, strict=True):
             case = {k: r.get(k) for k in GROUP_KEYS}
@@ -243,7 +205,8 @@ class _Document:
         if any(r.get("fidelity_layers") for r in group):
             self._fidelity(group)
         images, skipped = [], []
-        for name, path, caption in _charts(group, rows, stem, self.out_dir):
+        charts, lines = _charts(group, rows, stem, self.out_dir)
+        for name, path, caption in charts:
             if path is None:  # said on the page, so a missing chart is never mistaken for a lost one
                 skipped.append(f"<li>{html.escape(name)} chart skipped: {html.escape(caption)}</li>")
                 self.md.append(f"- {name} chart skipped: {caption}")
@@ -252,14 +215,16 @@ class _Document:
             images.append(_img(path, f"{name} ({caption})"))
             self.md.append(f"- {name}: ![{name}]({path.name}) {caption}")
         self.page.append(f'<div class="charts">{"".join(images)}</div>')
+        skipped += [f"<li>{html.escape(line)}</li>" for line in lines]
+        self.md += [f"- {line}" for line in lines]
         if skipped:
             self.page.append(f'<ul class="skipped">{"".join(skipped)}</ul>')
 
     def _fidelity(self, group: list[dict[str, Any]]) -> None:
         """The float64 comparison's table, for a group where some record has one."""
-        rows = [table.fidelity_cells(r) for r in group]
+        rows = [fidelity_cells(r) for r in group]
         notes, md_notes = table.Notes(), table.Notes()
-        heads = table.FIDELITY_HEADERS
+        heads = FIDELITY_HEADERS
         body = table.to_html(rows, notes, heads)
         self.page += [
             f"<p>{html.escape(FIDELITY_NOTE)}</p>",
@@ -307,12 +272,18 @@ def build_report(
         intro += f" {len(everything) - len(records)} earlier record(s) of cases run again in the same run are left out."
     doc.page.append(f"<h1>mpbench report</h1><p>{html.escape(intro)}</p>")
     doc.md += ["# mpbench report", "", intro]
-    for m, (machine, groups) in enumerate(_groups(records).items(), start=1):
+    machines = _groups(records)
+    glance_html, glance_md = glance.section(
+        [(f"{machine}: {_group_title(g[0])}", g) for machine, groups in machines.items() for g in groups.values()]
+    )
+    doc.page.append(glance_html)  # first: what a reader came for, before the environment and every figure
+    doc.md += ["", glance_md]
+    for m, (machine, groups) in enumerate(machines.items(), start=1):
         doc.machine(machine, [r for g in groups.values() for r in g])
         for g, group in enumerate(groups.values(), start=1):
             doc.group(machine, f"m{m}-g{g}-{slug(str(group[0].get('model')))}", group)
     if prices or target_loss is not None:
-        section_html, section_md = _procurement(df, prices, target_loss)
+        section_html, section_md = procurement.section(df, prices, target_loss)
         doc.page.append(section_html)
         doc.md += ["", section_md]
     return doc.save()

@@ -15,6 +15,8 @@ from suite.records.checks import suspect_fields
 from suite.records.store import REASON_FIELDS
 
 NOT_MEASURED = "not measured"
+NOISY_SPREAD = 0.20  # step time p10-p90 wider than this share of its median: too noisy to support a speed-up
+NOISY = "noisy"
 # Figures whose reason field is not in results.REASON_FIELDS.
 _REASONS = REASON_FIELDS | {"loss_delta_vs_fp32": "loss_delta_reason"}
 
@@ -27,6 +29,7 @@ class Cell:
     text: str
     reason: str | None = None
     suspect: bool = False  # measured, but breaks a self-check rule (the reason says which)
+    noisy: bool = False  # measured, but the step times spread too widely to support a speed-up
 
     @property
     def missing(self) -> bool:
@@ -47,7 +50,7 @@ def _cell(value: Any, fmt: str, reason: Callable[[], str], suffix: str = "") -> 
     return Cell(value, format(value, fmt) + suffix)
 
 
-def _field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) -> Callable[..., Cell]:
+def field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) -> Callable[..., Cell]:
     """A column showing `key` (times `scale`), with `(source)` appended when a source field is given."""
 
     def column(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
@@ -56,6 +59,23 @@ def _field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) ->
         return _cell(None if value is None else value * scale, fmt, lambda: why(r, key), src)
 
     return column
+
+
+def step_spread(r: dict[str, Any]) -> float | None:
+    """(p10 - p90 width) / median step time; None where a percentile or the median is missing."""
+    lo, med, hi = (r.get(k) for k in ("step_time_p10_ms", "step_time_ms", "step_time_p90_ms"))
+    if not all(isinstance(v, int | float) for v in (lo, med, hi)) or med <= 0:
+        return None
+    return (hi - lo) / med
+
+
+def noisy_note(r: dict[str, Any], who: str = "") -> str | None:
+    """Why this record's step time cannot support a speed-up (p10-p90 over NOISY_SPREAD of the median), or None."""
+    spread = step_spread(r)
+    if spread is None or spread <= NOISY_SPREAD:
+        return None
+    return (f"{NOISY}: {who}step time p10-p90 spans {spread:.0%} of its median (over {NOISY_SPREAD:.0%}); "
+            "too spread to support a speed-up: rerun with more steps on a quiet machine")  # fmt: skip
 
 
 def _spread(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
@@ -104,21 +124,21 @@ def _status(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
 COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
     ("mode", "mode", lambda r, ref: mode_cell(r)),
     ("status", "status", _status),
-    ("step_time_ms", "step time, median (ms)", _field("step_time_ms", ".2f")),
+    ("step_time_ms", "step time, median (ms)", field("step_time_ms", ".2f")),
     ("step_time_p10_p90_ms", "step time p10-p90 (ms)", _spread),
     ("speedup_vs_fp32", "speed-up over fp32 (x)", speedup),
-    ("tokens_per_s", "tokens/s", _field("tokens_per_s", ",.0f")),
-    ("mfu_pct", "MFU (%)", _field("mfu", ".1f", 100)),
-    ("mfu_bf16_pct", "MFU vs bf16 peak (%)", _field("mfu_bf16", ".1f", 100)),
-    ("mamf_pct", "MAMF (%)", _field("mamf", ".1f", 100)),
+    ("tokens_per_s", "tokens/s", field("tokens_per_s", ",.0f")),
+    ("mfu_pct", "MFU (%)", field("mfu", ".1f", 100)),
+    ("mfu_bf16_pct", "MFU vs bf16 peak (%)", field("mfu_bf16", ".1f", 100)),
+    ("mamf_pct", "MAMF (%)", field("mamf", ".1f", 100)),
     ("tensor_core_util_pct", "tensor-core util (%) (source)",
-     _field("tensor_core_util", ".1f", 100, "tensor_core_util_source")),
-    ("peak_mem_mb", "peak memory NVML/RSS (MiB) (source)", _field("peak_mem_mb", ",.0f", source="peak_mem_source")),
-    ("peak_mem_allocated_mb", "allocator peak (MiB)", _field("peak_mem_allocated_mb", ",.0f")),
+     field("tensor_core_util", ".1f", 100, "tensor_core_util_source")),
+    ("peak_mem_mb", "peak memory NVML/RSS (MiB) (source)", field("peak_mem_mb", ",.0f", source="peak_mem_source")),
+    ("peak_mem_allocated_mb", "allocator peak (MiB)", field("peak_mem_allocated_mb", ",.0f")),
     ("energy_mj_per_token", "energy per token (mJ)", energy_per_token_mj),
-    ("tokens_per_kj", "tokens per kJ", _field("tokens_per_joule", ",.0f", 1000)),
-    ("final_loss", "final loss (nats/token)", _field("final_loss", ".4f")),
-    ("loss_delta_vs_fp32", "delta vs fp32 (nats/token)", _field("loss_delta_vs_fp32", "+.4f")),
+    ("tokens_per_kj", "tokens per kJ", field("tokens_per_joule", ",.0f", 1000)),
+    ("final_loss", "final loss (nats/token)", field("final_loss", ".4f")),
+    ("loss_delta_vs_fp32", "delta vs fp32 (nats/token)", field("loss_delta_vs_fp32", "+.4f")),
     ("excess_loss", "excess over loss floor (nats/token)", _excess),
 ]  # fmt: skip
 HEADERS = [header for _, header, _ in COLUMNS]
@@ -144,41 +164,25 @@ def _suspect(cell: Cell, entries: list[dict[str, Any]]) -> Cell:
     return Cell(cell.value, f"{cell.text} ({SUSPECT})", note, suspect=True)
 
 
-def _scale(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
-    value = r.get("fidelity_loss_scale")
-    if value is None and r.get("grad_rel_err_vs_fp64") is not None:
-        return Cell(None, "none")  # a mode without loss scaling: nothing is missing
-    return _cell(value, ",.0f", lambda: why(r, "grad_rel_err_vs_fp64"))
-
-
-# The float64 comparison (mpbench fidelity, mpbench run --fidelity): its own table, shown for a
-# group only where some record has it. Errors in scientific notation: they span 1e-8 to 1.
-FIDELITY_COLUMNS: list[tuple[str, str, Callable[..., Cell]]] = [
-    ("mode", "mode", lambda r, ref: Cell(r.get("mode"), str(r.get("mode")))),
-    ("grad_cos_vs_fp64", "grad cosine vs fp64", _field("grad_cos_vs_fp64", ".7f")),
-    ("grad_rel_err_vs_fp64", "grad rel. L2 error vs fp64", _field("grad_rel_err_vs_fp64", ".2e")),
-    ("grad_max_abs_err_vs_fp64", "grad max abs. error", _field("grad_max_abs_err_vs_fp64", ".2e")),
-    ("update_cos_vs_fp64", "update cosine vs fp64", _field("update_cos_vs_fp64", ".5f")),
-    ("update_rel_err_vs_fp64", "update rel. L2 error vs fp64", _field("update_rel_err_vs_fp64", ".2e")),
-    ("grad_underflow_pct", "grad underflow (%)", _field("grad_underflow_frac", ".4f", 100)),
-    ("scaled_grad_underflow_pct", "underflow before unscaling (%)", _field("scaled_grad_underflow_frac", ".4f", 100)),
-    ("grad_overflow_pct", "grad inf/NaN (%)", _field("grad_overflow_frac", ".4f", 100)),
-    ("fidelity_loss_diff", "loss - fp64 loss (nats)", _field("fidelity_loss_diff", "+.2e")),
-    ("fidelity_loss_scale", "loss scale", _scale),
-]  # fmt: skip
-FIDELITY_HEADERS = [header for _, header, _ in FIDELITY_COLUMNS]
-
-
-def fidelity_cells(r: dict[str, Any]) -> list[Cell]:
-    """The fidelity columns of one record."""
-    return [make(r, None) for _, _, make in FIDELITY_COLUMNS]
+def _noisy(cell: Cell, notes: list[str]) -> Cell:
+    """A measured step time (or speed-up) from too-spread steps: kept, marked, the spread as the note."""
+    if cell.missing or not notes:
+        return cell
+    reason = "; ".join(x for x in (cell.reason, *notes) if x)
+    return Cell(cell.value, f"{cell.text} ({NOISY})", reason, cell.suspect, noisy=True)
 
 
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
     bad = suspect_fields(r)
+    own = noisy_note(r)
+    theirs = noisy_note(ref, "fp32's ") if ref is not None and ref is not r else None
+    noisy = {"step_time_ms": [own], "speedup_vs_fp32": [own, theirs]}
     return [
-        _suspect(make(r, ref), [e for key in SUSPECT_FIELDS.get(name, ()) for e in bad.get(key, [])])
+        _noisy(
+            _suspect(make(r, ref), [e for key in SUSPECT_FIELDS.get(name, ()) for e in bad.get(key, [])]),
+            [x for x in noisy.get(name, []) if x],
+        )
         for name, _, make in COLUMNS
     ]
 
@@ -227,13 +231,25 @@ def families() -> list[tuple[str, list[int]]]:
     return out
 
 
+def unmeasured_line(title: str, rows: list[list[Cell]], columns: list[int], headers: list[str] | None) -> str | None:
+    """One line in place of a family table none of whose figures was measured for any finished case
+    (every reason, once); None where some figure was measured or no case finished."""
+    status = [name for name, _, _ in COLUMNS].index("status")
+    ok = [row for row in rows if row[status].value == "ok"]
+    figures = [i for i in columns if COLUMNS[i][0] not in KEY_COLUMNS]
+    if headers is not None or not ok or any(not row[i].missing for row in ok for i in figures):
+        return None
+    reasons = dict.fromkeys(row[i].reason or NOT_MEASURED for row in ok for i in figures)
+    return f"{title[:1].upper()}{title[1:]}: {NOT_MEASURED} on this device ({'; '.join(reasons)})"
+
+
 TEXT_COLUMNS = ("mode", "status")  # words: aligned left; figures align right
 
 
 def _html_cell(cell: Cell, notes: Notes, words: bool) -> str:
     text = html.escape(cell.text)
     if cell.reason:
-        cls = ' class="nm"' if cell.missing else ' style="color:#b00"' if cell.suspect else ""
+        cls = ' class="nm"' if cell.missing else ' style="color:#b00"' if cell.suspect or cell.noisy else ""
         title = html.escape(cell.reason, quote=True)
         text = f'<span{cls} title="{title}">{text} <sup>[{notes.ref(cell.reason)}]</sup></span>'
     return f'<td class="text">{text}</td>' if words else f"<td>{text}</td>"
@@ -254,15 +270,18 @@ def to_html(rows: list[list[Cell]], notes: Notes, headers: list[str] | None = No
     """One table per family (or `headers`, cut into parts); a "not measured" cell carries its
     reason as a tooltip and a footnote number."""
     tables, names, words = _tables(headers)
-    out = ['<div class="families">']
+    out, lines = ['<div class="families">'], []
     for title, columns in tables:
+        if (line := unmeasured_line(title, rows, columns, headers)) is not None:
+            lines.append(f'<p class="nm">{html.escape(line)}</p>')
+            continue
         out.append(f'<div class="family"><h4>{html.escape(title)}</h4><table><thead><tr>')
         out += [f"<th>{html.escape(names[i])}</th>" for i in columns]
         out.append("</tr></thead><tbody>")
         out += ["<tr>" + "".join(_html_cell(row[i], notes, i in words) for i in columns) + "</tr>" for row in rows]
         out.append("</tbody></table></div>")
     out.append("</div>")
-    return "".join(out)
+    return "".join(out + lines)
 
 
 def notes_html(notes: Notes) -> str:
@@ -278,13 +297,17 @@ def to_markdown(rows: list[list[Cell]], notes: Notes, headers: list[str] | None 
     """The same tables in Markdown, footnotes as [n] after "not measured"; list them with `notes_markdown`."""
     tables, names, _ = _tables(headers)
     lines: list[str] = []
+    collapsed = []
     for title, columns in tables:
+        if (line := unmeasured_line(title, rows, columns, headers)) is not None:
+            collapsed.append(_md(line))
+            continue
         lines += [*([""] if lines else []), f"**{title}**", ""] if title else ([""] if lines else [])
         lines += ["| " + " | ".join(names[i] for i in columns) + " |", "|" + "---|" * len(columns)]
         for row in rows:
             texts = [_md(row[i].text + (f" [{notes.ref(row[i].reason)}]" if row[i].reason else "")) for i in columns]
             lines.append("| " + " | ".join(texts) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] if lines and collapsed else []) + collapsed)
 
 
 def notes_markdown(notes: Notes) -> str:
@@ -302,4 +325,5 @@ def csv_row(r: dict[str, Any], row: list[Cell]) -> dict[str, Any]:
     else:
         out["not_measured"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.missing)
     out["suspect"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.suspect)
+    out["noisy_step_time"] = noisy_note(r) or ""
     return out
