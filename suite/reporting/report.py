@@ -123,26 +123,27 @@ def _charts(
     memory = {f"peak ({', '.join(sources) or 'NVML/RSS'})": "peak memory NVML/RSS (MiB) (source)",
               "allocator peak": "allocator peak (MiB)"}  # fmt: skip
     specs = [
-        ("step time", "step time (ms): median, whiskers p10-p90", {"median": "step time, median (ms)"}, None),
+        ("step time", "step time, median (ms)", {"median": "step time, median (ms)"}, None),
         ("speed-up", "speed-up over fp32 (x), same group", {"speed-up": "speed-up over fp32 (x)"}, 1.0),
         ("peak memory", "peak memory (MiB)", memory, None),
         ("energy per token", "energy per token (mJ)", {"energy": "energy per token (mJ)"}, None),
     ]  # fmt: skip
     lines = []
     for name, ylabel, series, hline in specs:
+        errors = None
+        if name == "step time":
+            errors = ([r.get("step_time_p10_ms") for r in group], [r.get("step_time_p90_ms") for r in group])
         if all(v is None for header in series.values() for v in values(header)):
             why = reasons(list(series.values())) or "no case of this group finished"
             charts.append((name, None, f"no mode has this figure: {why}"))
             continue
-        note = None
+        note = f"whiskers: p10-p90; noisy: p10-p90 over {table.NOISY_SPREAD:.0%} of the median" if errors else None
         for label, header in list(series.items()):
             if len(series) > 1 and ok and all(values(header)[i] is None for i in ok):
                 del series[label]  # e.g. no allocator peak on a CPU: one line, not a "not measured" per mode
                 note = f"{label}: {table.NOT_MEASURED} for any mode (see below the charts)"
                 lines.append(f"{name} chart: {label} {table.NOT_MEASURED} for any mode: {reasons([header])}")
-        errors, flags = None, [("noisy" if c.noisy else "") for c in col[next(iter(series.values()))]]
-        if name == "step time":
-            errors = ([r.get("step_time_p10_ms") for r in group], [r.get("step_time_p90_ms") for r in group])
+        flags = [("(noisy)" if c.noisy else "") for c in col[next(iter(series.values()))]]
         path = out_dir / f"{stem}-{slug(name)}.png"
         bar_chart(path, f"{name}: {title}", ylabel, modes, {k: values(h) for k, h in series.items()},
                   {k: absent(h) for k, h in series.items()}, emulated, errors, hline, flags, note)  # fmt: skip

@@ -13,10 +13,9 @@ from typing import Any
 
 from suite.records.checks import suspect_fields
 from suite.records.store import REASON_FIELDS
+from suite.reporting.noise import NOISY, NOISY_SPREAD, noisy_note, noisy_step, step_spread  # noqa: F401 (table's API)
 
 NOT_MEASURED = "not measured"
-NOISY_SPREAD = 0.20  # step time p10-p90 wider than this share of its median: too noisy to support a speed-up
-NOISY = "noisy"
 # Figures whose reason field is not in results.REASON_FIELDS.
 _REASONS = REASON_FIELDS | {"loss_delta_vs_fp32": "loss_delta_reason"}
 
@@ -59,23 +58,6 @@ def field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) -> 
         return _cell(None if value is None else value * scale, fmt, lambda: why(r, key), src)
 
     return column
-
-
-def step_spread(r: dict[str, Any]) -> float | None:
-    """(p10 - p90 width) / median step time; None where a percentile or the median is missing."""
-    lo, med, hi = (r.get(k) for k in ("step_time_p10_ms", "step_time_ms", "step_time_p90_ms"))
-    if not all(isinstance(v, int | float) for v in (lo, med, hi)) or med <= 0:
-        return None
-    return (hi - lo) / med
-
-
-def noisy_note(r: dict[str, Any], who: str = "") -> str | None:
-    """Why this record's step time cannot support a speed-up (p10-p90 over NOISY_SPREAD of the median), or None."""
-    spread = step_spread(r)
-    if spread is None or spread <= NOISY_SPREAD:
-        return None
-    return (f"{NOISY}: {who}step time p10-p90 spans {spread:.0%} of its median (over {NOISY_SPREAD:.0%}); "
-            "too spread to support a speed-up: rerun with more steps on a quiet machine")  # fmt: skip
 
 
 def _spread(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
@@ -164,25 +146,23 @@ def _suspect(cell: Cell, entries: list[dict[str, Any]]) -> Cell:
     return Cell(cell.value, f"{cell.text} ({SUSPECT})", note, suspect=True)
 
 
-def _noisy(cell: Cell, notes: list[str]) -> Cell:
+def _noisy(cell: Cell, note: str | None) -> Cell:
     """A measured step time (or speed-up) from too-spread steps: kept, marked, the spread as the note."""
-    if cell.missing or not notes:
+    if cell.missing or not note:
         return cell
-    reason = "; ".join(x for x in (cell.reason, *notes) if x)
+    reason = "; ".join(x for x in (cell.reason, note) if x)
     return Cell(cell.value, f"{cell.text} ({NOISY})", reason, cell.suspect, noisy=True)
 
 
 def cells(r: dict[str, Any], ref: dict[str, Any] | None) -> list[Cell]:
     """Every column of one record; `ref` is the ok fp32 record of its group, if any."""
     bad = suspect_fields(r)
-    own = noisy_note(r)
-    theirs = noisy_note(ref, "fp32's ") if ref is not None and ref is not r else None
-    noisy = {"step_time_ms": [own], "speedup_vs_fp32": [own, theirs]}
+    noisy = {"step_time_ms": noisy_note(r), "speedup_vs_fp32": noisy_note(r, None if ref is r else ref)}
     return [
         _noisy(
             _suspect(make(r, ref), [e for key in SUSPECT_FIELDS.get(name, ()) for e in bad.get(key, [])]),
-            [x for x in noisy.get(name, []) if x],
-        )
+            noisy.get(name),
+        )  # fmt: skip
         for name, _, make in COLUMNS
     ]
 
@@ -233,14 +213,19 @@ def families() -> list[tuple[str, list[int]]]:
 
 def unmeasured_line(title: str, rows: list[list[Cell]], columns: list[int], headers: list[str] | None) -> str | None:
     """One line in place of a family table none of whose figures was measured for any finished case
-    (every reason, once); None where some figure was measured or no case finished."""
+    (each reason once, after the figures it covers); None where some figure was measured or no case finished."""
     status = [name for name, _, _ in COLUMNS].index("status")
     ok = [row for row in rows if row[status].value == "ok"]
     figures = [i for i in columns if COLUMNS[i][0] not in KEY_COLUMNS]
     if headers is not None or not ok or any(not row[i].missing for row in ok for i in figures):
         return None
-    reasons = dict.fromkeys(row[i].reason or NOT_MEASURED for row in ok for i in figures)
-    return f"{title[:1].upper()}{title[1:]}: {NOT_MEASURED} on this device ({'; '.join(reasons)})"
+    covers: dict[str, list[str]] = {}  # reason -> the figures (names without units) it is given for
+    for i in figures:
+        for row in ok:
+            names = covers.setdefault(row[i].reason or NOT_MEASURED, [])
+            names += [] if COLUMNS[i][1].split(" (")[0] in names else [COLUMNS[i][1].split(" (")[0]]
+    why = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in covers.items())
+    return f"{title[:1].upper()}{title[1:]}: {NOT_MEASURED} on this device ({why})"
 
 
 TEXT_COLUMNS = ("mode", "status")  # words: aligned left; figures align right
@@ -325,5 +310,5 @@ def csv_row(r: dict[str, Any], row: list[Cell]) -> dict[str, Any]:
     else:
         out["not_measured"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.missing)
     out["suspect"] = "; ".join(f"{name}: {cell.reason}" for name, cell in named if cell.suspect)
-    out["noisy_step_time"] = noisy_note(r) or ""
+    out["noisy_step_time"] = noisy_note(r) or ""  # this record's own spread; the speed-up cell adds fp32's
     return out
