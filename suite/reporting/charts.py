@@ -32,6 +32,7 @@ MODE_COLOURS = {
     "fp8-tensorwise": "#9467bd", "fp8-rowwise": "#393b79", "mxfp8": "#8c6d31",
 }  # fmt: skip
 SPARE_COLOURS = ("#e7ba52", "#637939", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1")
+TITLE_CHARS = 68  # characters per title line at 9 pt in WIDTH_IN
 EMULATED_HATCH = "///"
 EMULATED_LEGEND = "hatched or dashed: emulated kernels (a time, not a speed)"
 
@@ -116,6 +117,7 @@ def bar_chart(
     if errors is not None:
         top = max([top] + [v for v in errors[1] if v is not None])
     colours = [mode_colour(m) for m in modes]
+    upright = len(modes) * len(series) > 8  # level value labels of a dozen bars overlap: stand them up
     for s, (name, values) in enumerate(series.items()):
         xs = [i + (s - (len(series) - 1) / 2) * width for i in range(len(modes))]
         present = [i for i, v in enumerate(values) if v is not None]
@@ -131,7 +133,7 @@ def bar_chart(
                       hatch=[EMULATED_HATCH if emulated[i] else None for i in present], edgecolor="0.25",
                       linewidth=0.6)  # fmt: skip
         texts = [_label(values[i]) + (f" {flags[i]}" if flags and flags[i] and s == 0 else "") for i in present]
-        ax.bar_label(bars, labels=texts, fontsize=MIN_FONT_PT, padding=2)
+        ax.bar_label(bars, labels=texts, fontsize=MIN_FONT_PT, padding=2, rotation=90 if upright else 0)
         for i, v in enumerate(values):
             if v is None and emulated[i]:  # no bar to hatch: hatch the mode's empty slot, lightly
                 ax.axvspan(xs[i] - width / 2, xs[i] + width / 2, facecolor="none", hatch=EMULATED_HATCH,
@@ -148,8 +150,8 @@ def bar_chart(
                   ha="right" if crowded else "center")  # fmt: skip
     ax.tick_params(axis="y", labelsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
-    ax.set_title(textwrap.fill(title, 75) + (f"\n{note}" if note else ""), fontsize=9)
-    ax.set_ylim(0, top * 1.2)  # room for the value labels
+    ax.set_title(textwrap.fill(title, TITLE_CHARS) + (f"\n{note}" if note else ""), fontsize=9)
+    ax.set_ylim(0, top * (1.45 if upright else 1.2))  # room for the value labels
     ax.set_xlim(-0.5, len(modes) - 0.5)  # every mode has its slot, with or without a bar
     ax.grid(axis="y", alpha=0.3)
     handles = [Patch(facecolor="0.45", alpha=1.0 if s == 0 else 0.45, edgecolor="0.25", label=name)

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from suite.reporting.charts import FP32_COLOUR, MIN_FONT_PT, emulated_handle, mode_colour, new_figure, save
+from suite.reporting.charts import (
+    FP32_COLOUR,
+    MIN_FONT_PT,
+    TITLE_CHARS,
+    emulated_handle,
+    mode_colour,
+    new_figure,
+    save,
+)
 
 
 def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
@@ -24,7 +32,7 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path, title:
         style = dict(color=mode_colour(r["mode"]), ls="--" if r.get("emulated") else "-")
         losses = r["loss_curve"]  # a NaN is a gap in the line
         steps = range(1, len(losses) + 1)
-        ax.plot(steps, losses, label=label, lw=1.2, **style)
+        ax.plot(steps, losses, label=label, lw=1.2, zorder=3 if r is fp32 else 2, **style)  # fp32 on top
         for step, loss in r.get("eval_curve") or []:
             ax.plot(step, loss, "o", color=style["color"], ms=4)
         if fp32 is not None and r is not fp32:
@@ -35,7 +43,7 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path, title:
     if curves:
         c = curves[0]
         text = title or f"{c['model']}, batch {c['batch_size']} x {c['seq_len']}, seed {c['seed']}"
-        ax.set_title(textwrap.fill(text, 75), fontsize=9)
+        ax.set_title(textwrap.fill(text, TITLE_CHARS), fontsize=9)
     ax.set_ylabel("loss (nats/token)\ndots: held-out, fp32 eval", fontsize=9)
     diff.axhline(0, color=FP32_COLOUR, lw=0.8)
     diff.set_ylabel("loss - fp32 loss" if fp32 else "no fp32 in these records", fontsize=9)
