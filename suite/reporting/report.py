@@ -86,7 +86,7 @@ def _environment(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return rows
 
 
-Chart = tuple[str, "Path | None", str]  # (name, PNG or None, caption or why it was skipped)
+Chart = tuple[str, Path | None, str]  # (name, PNG or None, caption or why it was skipped)
 
 
 def _charts(
