@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite.records.checks import suspect_fields
+from suite.records.noise import NOISY_SPREAD, noisy_step, step_spread
 from suite.records.store import REASON_FIELDS
-from suite.reporting.noise import NOISY, NOISY_SPREAD, noisy_note, noisy_step, step_spread  # noqa: F401 (table's API)
 
 NOT_MEASURED = "not measured"
+NOISY = "noisy"  # after a step time or speed-up whose steps spread over NOISY_SPREAD (suite/records/noise.py)
 # Figures whose reason field is not in results.REASON_FIELDS.
 _REASONS = REASON_FIELDS | {"loss_delta_vs_fp32": "loss_delta_reason"}
 
@@ -58,6 +59,15 @@ def field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) -> 
         return _cell(None if value is None else value * scale, fmt, lambda: why(r, key), src)
 
     return column
+
+
+def noisy_note(r: dict[str, Any], ref: dict[str, Any] | None = None) -> str | None:
+    """Why a step time (and, given fp32's record `ref`, a speed-up against it) is too noisy; None if it is not."""
+    spreads = [f"{who} {step_spread(x):.0%}" for who, x in (("this mode", r), ("fp32", ref)) if x and noisy_step(x)]
+    if not spreads:
+        return None
+    return (f"{NOISY}: step time p10-p90 over {NOISY_SPREAD:.0%} of the median ({', '.join(spreads)}): too "
+            "spread to support a speed-up; rerun with more steps on a quiet machine")  # fmt: skip
 
 
 def _spread(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
