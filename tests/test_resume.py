@@ -60,7 +60,7 @@ def test_a_resumed_run_keeps_its_run_id_and_its_speedups(tmp_path, monkeypatch, 
         line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:4] in ("fp32", "bf16")
     }
     speedup = records[0]["step_time_ms"] / records[1]["step_time_ms"]
-    assert rows["bf16"][6] == f"{speedup:.2f}", rows
+    assert rows["bf16"][6].rstrip("~") == f"{speedup:.2f}", rows  # `~`: marked noisy on a busy machine
     # and the report shows one group with that speed-up
     build_report(store.load(out), tmp_path / "report")
     with open(tmp_path / "report" / "summary.csv", newline="") as f:
