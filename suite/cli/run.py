@@ -105,7 +105,7 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--compile", action="store_true", default=None, help="torch.compile the model (compile time is in warm-up)")
     add("--data", help="text file (byte tokens) or .bin of uint16 tokens (default: synthetic corpus)")
     add("--out", help="JSON Lines file to append records to (default: results/runs/RUN_ID.jsonl)")
-    add("--config", help="TOML file with the whole matrix (see README); flags override it")
+    add("--config", help="TOML file with the whole matrix (format: docs/running.md, Config file); flags override it")
     add("--resume", metavar="FILE", help="append to FILE, running only the cases it has no record of")
     add(
         "--retry-failed",
