@@ -85,6 +85,7 @@ def slug(heading: str) -> str:
 def link_problems(path: Path) -> list[str]:
     """One line per relative link of a Markdown file whose file (or heading anchor) does not exist."""
     problems = []
+    where = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
     text = FENCE.sub("", path.read_text())
     for target in LINK.findall(text):
         if re.match(r"[a-z]+:", target):  # https:, mailto:
@@ -92,12 +93,12 @@ def link_problems(path: Path) -> list[str]:
         file, _, anchor = target.partition("#")
         dest = (path.parent / file).resolve() if file else path
         if not dest.exists():
-            problems.append(f"{path.relative_to(REPO)}: link {target!r}: {file} does not exist")
+            problems.append(f"{where}: link {target!r}: {file} does not exist")
         elif anchor and dest.suffix == ".md":
             anchors = {slug(h) for h in HEADING.findall(FENCE.sub("", dest.read_text()))}
             if anchor not in anchors:
                 name = file or path.name
-                problems.append(f"{path.relative_to(REPO)}: link {target!r}: no heading #{anchor} in {name}")
+                problems.append(f"{where}: link {target!r}: no heading #{anchor} in {name}")
     return problems
 
 
@@ -132,15 +133,13 @@ def test_a_planted_bad_flag_subcommand_or_link_is_reported(tmp_path):
         "`mpbench frobnicate`",
         "`mpbench check --wrong`",  # the module form
     ]  # `--out` and `--tolerance` are real; `--not-checked` is in a comment
-    page = REPO / "docs" / "_planted_test.md"
-    try:
-        page.write_text("[a](modes.md) [b](nowhere.md) [c](modes.md#no-such-heading) [d](modes.md#models)\n")
-        assert [p.split(": ", 1)[1] for p in link_problems(page)] == [
-            "link 'nowhere.md': nowhere.md does not exist",
-            "link 'modes.md#no-such-heading': no heading #no-such-heading in modes.md",
-        ]
-    finally:
-        page.unlink()
+    (tmp_path / "modes.md").write_text((REPO / "docs" / "modes.md").read_text())
+    page = tmp_path / "planted.md"
+    page.write_text("[a](modes.md) [b](nowhere.md) [c](modes.md#no-such-heading) [d](modes.md#models) [e](#a)\n# A\n")
+    assert [p.split(": ", 1)[1] for p in link_problems(page)] == [
+        "link 'nowhere.md': nowhere.md does not exist",
+        "link 'modes.md#no-such-heading': no heading #no-such-heading in modes.md",
+    ]
 
 
 def test_the_readme_links_every_docs_file():
