@@ -167,7 +167,7 @@ def test_a_user_launched_rank_trains_on_its_local_gpu(gpus, monkeypatch, torchru
 
 
 def test_a_multi_node_torchrun_job_is_checked_against_this_nodes_gpus(monkeypatch, torchrun_env, capsys):
-    """The README's 2 x 8 example: 16 ranks, 8 per node, each node with 8 GPUs."""
+    """docs/many-gpus.md's 2 x 8 example: 16 ranks, 8 per node, each node with 8 GPUs."""
     from suite.cli import run as run_cli
     from suite.cli.main import main
 

@@ -191,7 +191,7 @@ def test_gpu_kernel_contracts_hold_at_every_converted_layer(name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(MODES))
 def test_held_out_loss_is_strict_fp32_for_every_mode(name, monkeypatch):
-    """README: held-out loss is evaluated in strict fp32 for every mode, from the weights training produced
+    """docs/modes.md: held-out loss is evaluated in strict fp32 for every mode, from the weights training produced
     (fp32 masters, or the stored low-precision weights upcast): no 8-bit kernel, no bf16 matmul."""
     mode = _cpu_mode(name)
     spies = KernelSpies(monkeypatch)

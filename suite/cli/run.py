@@ -59,6 +59,16 @@ def run_defaults(device_type: str) -> tuple[dict[str, Any], str | None]:
     return d, reason
 
 
+def default_help(key: str) -> str:
+    """The default of one size for --help, read from RUN_DEFAULTS: a CPU's depends on its native dtypes."""
+    cpu = [RUN_DEFAULTS[k][key] for k in ("cpu", "cpu-one-in-software", "cpu-both-in-software")]
+    if len(set(cpu)) == 1:
+        on_cpu = f"{cpu[0]} CPU"
+    else:  # the first line of a CPU run says which of these it chose and why
+        on_cpu = f"on a CPU {cpu[0]} with native bf16 and fp16, {cpu[1]} with one in software, {cpu[2]} with both"
+    return f"default: {on_cpu}; {RUN_DEFAULTS['cuda'][key]} GPU"
+
+
 # flags whose value, when given, overrides the config file (dest name -> config key)
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
@@ -79,10 +89,10 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         "fit in a minute: no 8-bit or pure-bf16 mode)",
     )
     add("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
-    add("--batch-size", type=int_type, help="sequences per step (default: 8 CPU, 16 GPU)")
-    add("--seq-len", type=int_type, help="tokens per sequence (default: 128 CPU, 1024 GPU)")
-    add("--steps", type=int_type, help="optimizer steps, warm-up included (default: 40 CPU, 100 GPU)")
-    add("--warmup", type=int_type, help="steps left out of timing (default: 5 CPU, 10 GPU)")
+    add("--batch-size", type=int_type, help=f"sequences per step ({default_help('batch_size')})")
+    add("--seq-len", type=int_type, help=f"tokens per sequence ({default_help('seq_len')})")
+    add("--steps", type=int_type, help=f"optimizer steps, warm-up included ({default_help('steps')})")
+    add("--warmup", type=int_type, help=f"steps left out of timing ({default_help('warmup')})")
     add("--seed", type=int_type, help="weights and batch order (default: 0)")
     add("--lr", type=float, help="AdamW learning rate (default: by model size)")
     add("--weight-decay", type=float, help="AdamW decoupled weight decay (default: 0.1)")
@@ -91,7 +101,7 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--compile", action="store_true", default=None, help="torch.compile the model (compile time is in warm-up)")
     add("--data", help="text file (byte tokens) or .bin of uint16 tokens (default: synthetic corpus)")
     add("--out", help="JSON Lines file to append records to (default: results/runs/RUN_ID.jsonl)")
-    add("--config", help="TOML file with the whole matrix (see README); flags override it")
+    add("--config", help="TOML file with the whole matrix (format: docs/running.md, Config file); flags override it")
     add("--resume", metavar="FILE", help="append to FILE, running only the cases it has no record of")
     add(
         "--retry-failed",
