@@ -56,7 +56,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(
-            f"config={str(path)!r}: invalid TOML ({exc}); see the format in README 'Config file'"
+            f"config={str(path)!r}: invalid TOML ({exc}); see the format in docs/running.md, 'Config file'"
         ) from None
     options: dict[str, Any] = {}
     for key, value in raw.items():

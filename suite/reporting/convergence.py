@@ -20,7 +20,7 @@ class Tolerance:
     why: str = ""
 
 
-# The documented table (README, "Convergence"). Deltas below are seen after short runs;
+# The documented table (docs/convergence-and-fidelity.md, "Convergence"). Deltas below are seen after short runs;
 # the bounds leave room for run-to-run numerics, not for a real regression.
 TOLERANCES: dict[str, Tolerance] = {
     "tf32": Tolerance(0.02, why="10-bit mantissa matmuls, fp32 everywhere else"),
@@ -28,7 +28,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(0.03, why="fp32 master weights; bf16 has 8 mantissa bits"),
     "int8-weight": Tolerance(0.05, expected_to_lag=True, why="int8 weights with stochastic rounding"),
     "pure-fp16": Tolerance(0.10, expected_to_lag=True, why="no master copy: small updates round away"),
-    # issue 14; measured on tiny, 60 CPU steps (README, Convergence): pure-bf16 +0.084, pure-bf16-sr
+    # issue 14; measured on tiny, 60 CPU steps (docs/convergence-and-fidelity.md): pure-bf16 +0.084, pure-bf16-sr
     # +0.003, int8-mixed -0.000, fp8-tensorwise +0.000, fp8-rowwise +0.002, mxfp8 +0.003
     "pure-bf16": Tolerance(0.10, expected_to_lag=True, why="no master copy, round to nearest: small updates lost"),
     "pure-bf16-sr": Tolerance(0.03, why="no master copy; stochastic rounding keeps small updates on average"),

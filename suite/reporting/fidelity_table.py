@@ -15,8 +15,9 @@ FIDELITY_CSV = ("grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs
                 "fidelity_loss_diff", "fidelity_loss_scale")  # fmt: skip
 FIDELITY_NOTE = (
     "Against float64: each mode's gradients (as its optimizer applies them) and update (weights after minus "
-    "before) against a float64 step from the same weights and batch, at the last step compared; see README "
-    "'Fidelity'. Underflow: gradient elements that are 0 in the mode and not in float64."
+    "before) against a float64 step from the same weights and batch, at the last step compared; see "
+    "docs/convergence-and-fidelity.md, 'Fidelity'. Underflow: gradient elements that are 0 in the mode and not "
+    "in float64."
 )
 
 

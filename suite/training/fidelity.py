@@ -102,7 +102,7 @@ def reference_bytes(cfg: GPTConfig, rows: int, seq_len: int) -> int:
 
     The math SDPA is the one float64 attention CUDA has, and the reference runs it on every device,
     so its (rows, nh, T, T) attention matrices are counted. Against the step's peak RSS above the
-    weights and AdamW state on a CPU (README, Fidelity): tiny 8 x 128 measured 58 MiB, estimated 66
+    weights and AdamW state on a CPU (docs/convergence-and-fidelity.md): tiny 8 x 128 measured 58 MiB, estimated 66
     (+4 of gradients); gpt2-small 2 x 512 measured 3,311 MiB, estimated 3,406 (+949 of gradients).
     """
     T, C, L, nh = seq_len, cfg.n_embd, cfg.n_layer, cfg.n_head
