@@ -38,7 +38,7 @@ def case_id(mode: str, device: str, emulate: bool) -> str:
     """The mode's test id: `-emulated` marks a mode whose step time is not a speed here."""
     try:
         emulated = emulated_reason(mode, device, emulate) is not None
-    except KeyError:  # an unknown mode: its test reports the error, the id stays plain
+    except ValueError:  # an unknown mode: its test reports the error, the id stays plain
         emulated = False
     return f"{mode}-emulated" if emulated else mode
 
