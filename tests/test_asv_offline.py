@@ -15,9 +15,9 @@ from pathlib import Path
 import asv
 import pytest
 
+from ci import asv_offline
+
 REPO = Path(__file__).parent.parent
-sys.path.insert(0, str(REPO / "ci"))
-import asv_offline  # noqa: E402
 
 WWW = Path(asv.__file__).parent / "www"  # what `asv publish` copies into the html dir
 CHROMIUM = shutil.which("chromium")
