@@ -4,7 +4,7 @@ Runs A/B alternately so that drift (clocks, thermals, other tenants) hits both s
 alike. The goal on a GPU is under 1% of the step time, and there it is a gate. On a CPU the
 test is skipped unless `--mpbench-overhead` asks for it, and then only reported: a shared
 2-core VM's step times vary by 20-350% between runs, far more than the effect, and the six
-30-step cases took ~4 minutes of a busy machine's `pytest benchmarks/` for a figure that
+30-step cases took ~3 minutes (176 s, load average 7-9) of `pytest benchmarks/` for a figure that
 means nothing. A skip (not a marker deselected by default) keeps the GPU gate on wherever
 `pytest benchmarks/` runs on a GPU, and says why it did not run elsewhere.
 """
