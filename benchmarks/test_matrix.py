@@ -38,7 +38,9 @@ def test_train(benchmark, cases, model, mode, runnable):
     with prepared_steps(case) as (step, next_batch):
         benchmark.pedantic(step, setup=next_batch, rounds=case.steps - case.warmup, warmup_rounds=case.warmup)
     emulated = emulated_reason(mode, cases.cfg.device, cases.cfg.emulate)
-    stats = cases.rounds[model, mode] = round_stats(benchmark, emulated)
+    stats = round_stats(benchmark, emulated)
+    if stats is not None:  # None under --benchmark-disable: the step ran once, untimed
+        cases.rounds[model, mode] = stats
     ratio, why = speedup_vs_fp32(stats, cases.rounds.get((model, REFERENCE)))
     benchmark.extra_info |= {k: record[k] for k in EXTRA} | {
         "round": "one train step, device synced",
