@@ -10,10 +10,17 @@ tested everywhere), GPT-2 small at full context on a GPU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+# libgomp's default wait policy lets torch's idle OpenMP threads spin: on a busy 2-core machine they
+# then burn the time slices the working thread needs. Four tiny cases in one process took 27-42 s
+# with it and 2.6-3.7 s with PASSIVE (load average ~6). Set before anything imports torch here, and
+# inherited by the fork server that starts each case's worker; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SMOKE = dict(model="tiny", batch_size=4, seq_len=64, steps=8, warmup=2)
 GPU = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10)

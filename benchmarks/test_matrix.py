@@ -10,6 +10,8 @@ kernels here ends in `-emulated`: its time is not a speed, and its speed-up is n
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from suite.reporting import baseline, convergence
@@ -47,6 +49,7 @@ def test_train(benchmark, cases, model, mode, runnable):
         "reference": REFERENCE,
         "speedup_vs_fp32": ratio,  # fp32's median round / this one's: above 1 is faster
         "speedup_vs_fp32_reason": why,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # conftest.py: PASSIVE unless the user set one
     }
     if mode != convergence.REFERENCE:
         delta = convergence.delta_fields(record, cases.get(model, convergence.REFERENCE))
