@@ -1,16 +1,26 @@
 """Options and the shared case cache for `pytest benchmarks/`.
 
-Every benchmark runs through `suite.running.runner.run_cases`, the same loop and trackers as
-`mpbench run`. Defaults depend on the device found: a small smoke matrix on a CPU (so the
-suite itself is tested everywhere), GPT-2 small at full context on a GPU.
+Every case's record comes from `suite.running.runner.run_cases`, the same workers, loop and
+trackers as `mpbench run`: the whole matrix selected runs in one call, fp32 first, before any
+test trains in this process (so no CUDA context or cached memory of pytest's own sits beside a
+case). pytest-benchmark's table then times rounds of single train steps (benchmarks/steps.py).
+Defaults depend on the device found: a small smoke matrix on a CPU (so the suite itself is
+tested everywhere), GPT-2 small at full context on a GPU.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+# libgomp's default wait policy lets torch's idle OpenMP threads spin: on a busy 2-core machine they
+# then burn the time slices the working thread needs. Four tiny cases in one process took 27-42 s
+# with it and 2.6-3.7 s with PASSIVE (load average ~6). Set before anything imports torch here, and
+# inherited by the fork server that starts each case's worker; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SMOKE = dict(model="tiny", batch_size=4, seq_len=64, steps=8, warmup=2)
 GPU = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10)
@@ -33,6 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--mpbench-emulate", action="store_true", help="emulate fp8/MXFP8 below their GPU capability")
     group.addoption("--mpbench-baselines", default="results/baselines", help="folder of committed baselines")
     group.addoption("--mpbench-out", default=None, help="also append every record to this JSON Lines file")
+    group.addoption(
+        "--mpbench-overhead", action="store_true", help="also time the tracker overhead on a CPU (reported, not gated)"
+    )
 
 
 @dataclass(frozen=True)
@@ -64,20 +77,53 @@ def _config(config: pytest.Config) -> BenchConfig:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    from benchmarks.steps import case_id
+
     cfg = _config(metafunc.config)
     if "model" in metafunc.fixturenames:
         metafunc.parametrize("model", cfg.models)
-    if "mode" in metafunc.fixturenames:
-        metafunc.parametrize("mode", cfg.modes)
+    if "mode" in metafunc.fixturenames:  # the id says when a mode's step time is not a speed here
+        metafunc.parametrize("mode", cfg.modes, ids=[case_id(m, cfg.device, cfg.emulate) for m in cfg.modes])
+
+
+WANTED = pytest.StashKey[list]()  # (model, mode) of every selected test, fp32 of each model first
+CACHE = pytest.StashKey["CaseCache"]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember which cases the selected tests need (after -k and friends), to run them in one go."""
+    from benchmarks.steps import REFERENCE
+
+    pairs = [(i.callspec.params["model"], i.callspec.params["mode"]) for i in session.items
+             if hasattr(i, "callspec") and {"model", "mode"} <= set(i.callspec.params)]  # fmt: skip
+    references = [(model, REFERENCE) for model in dict.fromkeys(model for model, _ in pairs)]
+    session.config.stash[WANTED] = list(dict.fromkeys(references + pairs))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Each train step against fp32 (pytest-benchmark's table compares with the fastest row)."""
+    from benchmarks.steps import summary_lines
+
+    cache = config.stash.get(CACHE, None)
+    if cache is not None and cache.rounds:
+        terminalreporter.write_sep("-", "mpbench: one train step per round, against fp32 (speed-up = fp32 / mode)")
+        for line in summary_lines(cache.rounds):
+            terminalreporter.write_line(line)
 
 
 class CaseCache:
-    """Runs each (model, mode) once per session and keeps its record: the timing benchmark
-    runs it, the gates read it, and a gate that needs a case not yet run runs it then."""
+    """Runs each (model, mode) once per session and keeps its record: the selected matrix runs in
+    one `run_cases` call at first need, the gates read it, and a gate that needs a case not yet
+    run runs it then. Also keeps each case's timed rounds, for the comparison with fp32."""
 
-    def __init__(self, cfg: BenchConfig) -> None:
+    def __init__(self, cfg: BenchConfig, wanted: list[tuple[str, str]] | None = None) -> None:
+        from benchmarks.steps import RoundStats
+
         self.cfg = cfg
+        self.wanted = list(wanted or [])
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.rounds: dict[tuple[str, str], RoundStats] = {}
 
     def case(self, model: str, mode: str):
         from suite.training.case import Case
@@ -86,12 +132,20 @@ class CaseCache:
                     emulate=self.cfg.emulate, **self.cfg.sizes)  # fmt: skip
 
     def run(self, model: str, mode: str) -> dict[str, Any]:
-        from suite.running.runner import run_cases
-
-        self.records[model, mode] = run_cases([self.case(model, mode)], out=self.cfg.out, log=None)[0]
+        self.run_all([(model, mode)])
         return self.records[model, mode]
 
+    def run_all(self, pairs: list[tuple[str, str]]) -> None:
+        """Run the cases not run yet, in one `run_cases` call (each model's fp32 first, as `mpbench run`)."""
+        from suite.running.runner import run_cases
+
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in self.records]
+        if todo:
+            records = run_cases([self.case(*pair) for pair in todo], out=self.cfg.out, log=None)
+            self.records |= {(r["model"], r["mode"]): r for r in records}
+
     def get(self, model: str, mode: str) -> dict[str, Any]:
+        self.run_all(self.wanted)  # the whole selected matrix, once, before this process trains anything
         return self.records.get((model, mode)) or self.run(model, mode)
 
 
@@ -101,8 +155,10 @@ def bench_config(pytestconfig: pytest.Config) -> BenchConfig:
 
 
 @pytest.fixture(scope="session")
-def cases(bench_config: BenchConfig) -> CaseCache:
-    return CaseCache(bench_config)
+def cases(bench_config: BenchConfig, pytestconfig: pytest.Config) -> CaseCache:
+    cache = CaseCache(bench_config, pytestconfig.stash.get(WANTED, []))
+    pytestconfig.stash[CACHE] = cache
+    return cache
 
 
 @pytest.fixture

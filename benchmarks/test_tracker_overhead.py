@@ -1,15 +1,19 @@
 """What the trackers cost: the same case timed with and without them.
 
 Runs A/B alternately so that drift (clocks, thermals, other tenants) hits both sides
-alike. The goal on a GPU is under 1% of the step time; on a CPU the figure is reported
-but not gated (a 2-core shared VM varies by more than the effect).
+alike. The goal on a GPU is under 1% of the step time, and there it is a gate. On a CPU the
+test is skipped unless `--mpbench-overhead` asks for it, and then only reported: a shared
+2-core VM's step times vary by 20-350% between runs, far more than the effect, and the six
+30-step cases took ~3 minutes (176 s, load average 7-9) of `pytest benchmarks/` for a figure that
+means nothing. A skip (not a marker deselected by default) keeps the GPU gate on wherever
+`pytest benchmarks/` runs on a GPU, and says why it did not run elsewhere.
 """
 
 from __future__ import annotations
 
 import statistics
 
-import torch
+import pytest
 
 from suite.hardware import resolve_device
 from suite.running.runner import Batches
@@ -17,17 +21,24 @@ from suite.training.case import Case
 from suite.training.train import run_case
 
 ROUNDS = 3
+CPU_SKIP = (
+    "tracker overhead is gated on a GPU only: on a CPU the noise of a shared machine exceeds the effect; "
+    "--mpbench-overhead measures it here anyway (reported, not gated)"
+)
 
 
-def _case() -> Case:
-    if torch.cuda.is_available():
-        return Case(model="gpt2-small", mode="bf16", device="cuda", batch_size=8, seq_len=1024, steps=30, warmup=10)
-    return Case(model="tiny", mode="fp32", device="cpu", batch_size=8, seq_len=128, steps=30, warmup=5)
+def _case(device: str) -> Case:
+    """The device is the one the run resolved once (--mpbench-device), not whatever torch sees."""
+    if resolve_device(device).type == "cuda":
+        return Case(model="gpt2-small", mode="bf16", device=device, batch_size=8, seq_len=1024, steps=30, warmup=10)
+    return Case(model="tiny", mode="fp32", device=device, batch_size=8, seq_len=128, steps=30, warmup=5)
 
 
-def test_tracker_overhead(benchmark):
-    case = _case()
+def test_tracker_overhead(benchmark, bench_config, pytestconfig):
+    case = _case(bench_config.device)
     device = resolve_device(case.device)
+    if device.type != "cuda" and not pytestconfig.getoption("--mpbench-overhead"):
+        pytest.skip(CPU_SKIP)
     corpus, train, heldout, _ = Batches().get(case)
     medians: dict[bool, list[float]] = {True: [], False: []}
 

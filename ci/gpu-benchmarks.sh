@@ -31,7 +31,8 @@ if [ -n "$base" ] && [ "$base" != "$head" ]; then
     python -m pip install --quiet -e .
 fi
 ci/asv-commit.sh "$head" "$machine"
-asv publish >/dev/null && cp -r .asv/html "$OUT/asv-html"
+# asv 0.6 loads its JavaScript from CDNs, which a GPU runner may not reach: serve it from the html dir
+asv publish >/dev/null && python ci/asv_offline.py .asv/html && cp -r .asv/html "$OUT/asv-html"
 if [ -n "$base" ] && [ "$base" != "$head" ]; then
     asv compare --factor 1.1 --split --machine "$machine" "$base" "$head" | tee "$OUT/asv-compare.txt"
     # asv compare marks a figure that got worse beyond the factor with '+' in its Change column
