@@ -1,0 +1,61 @@
+"""Suite-wide pytest setup: `pytest` runs the tests on the machine's cores with pytest-xdist.
+
+Only for the tests (this conftest is not loaded by `pytest benchmarks/`, whose timings must not share
+the CPU). `-n 0` (or `-p no:xdist`) runs everything in one process again; `-n N` picks the count;
+`--pdb` and `-s` keep one process, since neither works across workers.
+Tests that must not be split across workers carry `pytest.mark.xdist_group` (`--dist loadgroup`):
+each group runs in one worker, so its module-scoped fixture (a trained column, a torchrun job) runs
+once rather than once per worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+MAX_WORKERS = 4  # each worker imports torch (~0.4 GB) and some tests start 2-rank torchrun jobs
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Turn on `-n CORES --dist loadgroup` where nothing on the command line chose otherwise. Runs
+    before xdist's own hook, which turns the worker count into its workers."""
+    opt = config.option
+    if getattr(opt, "numprocesses", 0) is not None or hasattr(config, "workerinput"):
+        return  # xdist absent or disabled, -n given, or this is a worker
+    if opt.usepdb or opt.capture == "no" or opt.collectonly:
+        return
+    workers = min(usable_cores(), MAX_WORKERS)
+    if workers < 2:
+        return
+    opt.numprocesses = workers
+    if opt.dist == "no":
+        opt.dist = "loadgroup"
+    # one torch thread per worker's share of the cores: N workers of N threads each on N cores spin
+    # against each other (OpenMP's busy wait); torchrun's ranks already get 1. The workers and every
+    # process they start inherit it. The numbers barely move: 1 and 2 threads differ by ~1e-6 nats
+    # over 30 steps (tests/test_golden.py), far inside every tolerance.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a module-scoped fixture of its own module runs in that module's xdist group,
+    unless it names a group itself: the setup the fixture shares (records trained once for many
+    tests) then runs once, in one worker, rather than once in each. Before xdist reads the groups."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") or not hasattr(item, "_fixtureinfo"):
+            continue
+        module = item.nodeid.split("::")[0]
+        defs = [d for chain in item._fixtureinfo.name2fixturedefs.values() for d in chain]
+        if any(d.scope == "module" and d.baseid == module for d in defs):
+            item.add_marker(pytest.mark.xdist_group(module))
