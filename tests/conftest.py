@@ -30,8 +30,11 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     """Turn on `-n CORES --dist loadgroup` where nothing on the command line chose otherwise. Runs
     before xdist's own hook, which turns the worker count into its workers."""
     opt = config.option
-    if getattr(opt, "numprocesses", 0) is not None or hasattr(config, "workerinput"):
-        return  # xdist absent or disabled, -n given, or this is a worker
+    if hasattr(config, "workerinput"):  # a worker: parsed the command line afresh, without our --dist
+        opt.loadgroup = opt.loadgroup or config.workerinput.get("mpbench_dist") == "loadgroup"
+        return
+    if getattr(opt, "numprocesses", 0) is not None:
+        return  # xdist absent or disabled, or -n given
     if opt.usepdb or opt.capture == "no" or opt.collectonly:
         return
     workers = min(usable_cores(), MAX_WORKERS)
@@ -47,6 +50,12 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers)))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Pass the controller's --dist to each worker: a worker reads its groups only under loadgroup."""
+    node.workerinput["mpbench_dist"] = node.config.option.dist
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses a module-scoped fixture of its own module runs in that module's xdist group,
@@ -59,3 +68,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         defs = [d for chain in item._fixtureinfo.name2fixturedefs.values() for d in chain]
         if any(d.scope == "module" and d.baseid == module for d in defs):
             item.add_marker(pytest.mark.xdist_group(module))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A worker's grouped test ids end in "@GROUP", which is what the controller groups by. xdist
+    3.8 writes the suffix to `item._nodeid`, which pytest 9.2 no longer reads (its ids are
+    structured: pytest-xdist issue #1386, open fix #1388); without it every group is split across
+    the workers. Where the suffix did not take, write it where pytest 9.2 keeps the id."""
+    config = session.config  # before xdist's own hook sends the ids to the controller
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    from _pytest.nodeid import NodeId  # pytest >= 9.2 only: older ones took xdist's suffix
+
+    for item in session.items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})  # fmt: skip
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
