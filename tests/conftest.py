@@ -2,7 +2,8 @@
 
 Only for the tests (this conftest is not loaded by `pytest benchmarks/`, whose timings must not share
 the CPU). `-n 0` (or `-p no:xdist`) runs everything in one process again; `-n N` picks the count;
-`--pdb` and `-s` keep one process, since neither works across workers.
+`--pdb` and `-s` keep one process, since neither works across workers, and so does a run of
+tests named by id (`pytest tests/test_x.py::test_y`).
 Tests that must not be split across workers carry `pytest.mark.xdist_group` (`--dist loadgroup`):
 each group runs in one worker, so its module-scoped fixture (a trained column, a torchrun job) runs
 once rather than once per worker.
@@ -37,6 +38,8 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         return  # xdist absent or disabled, or -n given
     if opt.usepdb or opt.capture == "no" or opt.collectonly:
         return
+    if config.args and all("::" in arg for arg in config.args):
+        return  # named tests only: starting workers would cost more than it saves
     workers = min(usable_cores(), MAX_WORKERS)
     if workers < 2:
         return
