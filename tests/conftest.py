@@ -1,7 +1,8 @@
 """Suite-wide pytest setup: `pytest` runs the tests on the machine's cores with pytest-xdist.
 
 Only for the tests (this conftest is not loaded by `pytest benchmarks/`, whose timings must not share
-the CPU). `-n 0` (or `-p no:xdist`) runs everything in one process again; `-n N` picks the count;
+the CPU). `-n 0` (or `-p no:xdist`) runs everything in one process again; `-n N` picks the count (still
+grouped);
 `--pdb` and `-s` keep one process, since neither works across workers, and so does a run of
 tests named by id (`pytest tests/test_x.py::test_y`).
 Tests that must not be split across workers carry `pytest.mark.xdist_group` (`--dist loadgroup`):
@@ -34,23 +35,30 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # a worker: parsed the command line afresh, without our --dist
         opt.loadgroup = opt.loadgroup or config.workerinput.get("mpbench_dist") == "loadgroup"
         return
-    if getattr(opt, "numprocesses", 0) is not None:
-        return  # xdist absent or disabled, or -n given
-    if opt.usepdb or opt.capture == "no" or opt.collectonly:
+    if not hasattr(opt, "numprocesses"):
+        return  # xdist absent or disabled (-p no:xdist)
+    if opt.numprocesses is None and _one_process_wanted(config):
         return
-    if config.args and all("::" in arg for arg in config.args):
-        return  # named tests only: starting workers would cost more than it saves
-    workers = min(usable_cores(), MAX_WORKERS)
-    if workers < 2:
-        return
-    opt.numprocesses = workers
-    if opt.dist == "no":
+    if opt.numprocesses is None:
+        workers = min(usable_cores(), MAX_WORKERS)
+        if workers < 2:
+            return
+        opt.numprocesses = workers
+        # one torch thread per worker's share of the cores: N workers of N threads each on N cores spin
+        # against each other (OpenMP's busy wait); torchrun's ranks already get 1. The workers and every
+        # process they start inherit it. The numbers barely move: 1 and 2 threads differ by ~1e-6 nats
+        # over 30 steps (tests/test_golden.py), far inside every tolerance.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers)))
+    if opt.numprocesses and opt.dist == "no":  # `-n N` alone too: xdist's default would split the groups
         opt.dist = "loadgroup"
-    # one torch thread per worker's share of the cores: N workers of N threads each on N cores spin
-    # against each other (OpenMP's busy wait); torchrun's ranks already get 1. The workers and every
-    # process they start inherit it. The numbers barely move: 1 and 2 threads differ by ~1e-6 nats
-    # over 30 steps (tests/test_golden.py), far inside every tolerance.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers)))
+
+
+def _one_process_wanted(config: pytest.Config) -> bool:
+    """--pdb, -s and --collect-only keep one process; so do tests named by id, which starting workers
+    would slow down."""
+    opt = config.option
+    named = bool(config.args) and all("::" in arg for arg in config.args)
+    return opt.usepdb or opt.capture == "no" or opt.collectonly or named
 
 
 @pytest.hookimpl(optionalhook=True)
