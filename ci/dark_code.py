@@ -5,7 +5,8 @@
 
 `run` runs pytest once under coverage.py with every process it starts measured ([tool.coverage.run]
 in pyproject.toml: subprocesses such as `mpbench`, `python -m suite.cli`, torchrun and its ranks;
-fork-server children; processes that end by os._exit or SIGTERM). `report` combines the data, sorts
+fork-server children; processes that end by os._exit or SIGTERM; the pytest-xdist workers that
+tests/conftest.py starts, which are subprocesses too). `report` combines the data, sorts
 each never-run statement with ci/dark_lines.py against ci/gpu_only.toml, prints one summary line,
 writes the full listing to .dark-code/dark-code.md, and exits 1 when the list is stale or a
 budget is exceeded (each problem on its own line). `run` exits with pytest's status when tests fail.
