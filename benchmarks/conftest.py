@@ -77,13 +77,15 @@ def _config(config: pytest.Config) -> BenchConfig:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    from benchmarks.steps import case_id
+    from benchmarks.steps import REFERENCE, case_id
 
     cfg = _config(metafunc.config)
     if "model" in metafunc.fixturenames:
         metafunc.parametrize("model", cfg.models)
     if "mode" in metafunc.fixturenames:  # the id says when a mode's step time is not a speed here
-        metafunc.parametrize("mode", cfg.modes, ids=[case_id(m, cfg.device, cfg.emulate) for m in cfg.modes])
+        # fp32 first, whatever --mpbench-modes says: its rounds are the reference of every speed-up
+        modes = sorted(cfg.modes, key=lambda m: m != REFERENCE)
+        metafunc.parametrize("mode", modes, ids=[case_id(m, cfg.device, cfg.emulate) for m in modes])
 
 
 WANTED = pytest.StashKey[list]()  # (model, mode) of every selected test, fp32 of each model first

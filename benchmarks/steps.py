@@ -52,6 +52,9 @@ def prepared_steps(case: Case) -> Iterator[tuple[Callable[[torch.Tensor], None],
     mode = get_mode(case.mode)(device)
     _, train, _, _ = Batches().get(case)  # (steps, B, T+1): the case's own batches, in order
     model = GPT(case.model_config, seed=case.seed)
+    torch.manual_seed(case.seed)  # as run_case: int8-weight's stochastic rounding draws from it
+    gc.collect()  # a failed round before (its traceback held until now) may still hold device memory
+    empty_cache(dev)
     held: dict[str, Any] = {}  # the model and its optimizer, dropped at the end so their memory can go
     with on_device(dev), mode.numerics():
         held["model"] = model = mode.prepare(model.to(dev))

@@ -97,3 +97,20 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                         for m in item.iter_markers("xdist_group")})  # fmt: skip
         if names and "@" not in item.nodeid and hasattr(item, "_id"):
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A worker measured by coverage.py (ci/dark_code.py) saves its data before it reports the end:
+    the controller gives workers 10 s to come down and then kills them (xdist's EXIT_TIMEOUT), and a
+    worker that compiled with Inductor can take longer than that at exit; its data, written only at
+    exit, was lost (450 statements reported untested in the first full run under xdist)."""
+    if not hasattr(session.config, "workerinput"):
+        return
+    try:
+        import coverage
+    except ImportError:
+        return
+    cov = coverage.Coverage.current()
+    if cov is not None:
+        cov.save()  # the data so far; the exit saves again, to the same file, when it gets the time

@@ -432,9 +432,10 @@ def test_modes_command_says_which_run_emulated_and_their_peak_dtype(capsys):
 
     assert main(["modes", "--device", "cpu"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
-    assert " fp8 " in lines["fp8-tensorwise"] and "emulated" in lines["fp8-tensorwise"]
-    assert " mxfp8 " in lines["mxfp8"] and " int8 " in lines["int8-mixed"]
-    assert "emulated" not in lines["int8-mixed"] and lines["pure-bf16-sr"].rstrip().endswith("yes")
+    # mode | runs here | default run | peak dtype (the narrow layout: suite/cli/main.py cmd_modes)
+    assert lines["fp8-tensorwise"].split()[1] == "emulated" and lines["fp8-tensorwise"].split()[-1] == "fp8"
+    assert lines["mxfp8"].split()[-1] == "mxfp8" and lines["int8-mixed"].split()[-1] == "int8"
+    assert lines["int8-mixed"].split()[1] == "yes" and lines["pure-bf16-sr"].split()[1] == "yes"
 
 
 def test_fp8_modes_put_back_the_inductor_patch_torchao_makes():

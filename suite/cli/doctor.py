@@ -207,8 +207,14 @@ def _diagnose(device: str, cuda: Any, nvml_module: Any, durations: Durations,
             out.append(Check(name, CANNOT, f"NVML not matched to this GPU: {m.nvml_reason}"))
         else:
             out.append(_guard(name, lambda check=check: check(m)))
-    what = f"a bf16 {quiet.GPU_N}^3 matmul loop on {m.cuda.name()} (CUDA events)"
-    out.append(_guard("repeatability", lambda: quiet.repeatability(quiet.gpu_sampler(m.cuda), what)))
+    out.append(
+        _guard(
+            "repeatability",
+            lambda: quiet.repeatability(
+                quiet.gpu_sampler(m.cuda), f"a bf16 {quiet.GPU_N}^3 matmul loop on {m.cuda.name()} (CUDA events)"
+            ),
+        )
+    )
     return [*out, _versions(m.nvml)]
 
 

@@ -5,7 +5,7 @@
 - `repeatability`: the same small matmul timed `REPEATS` times with the clock the step timer uses on
   that device (perf_counter on a CPU, CUDA events on a GPU); its p10-p90 spread as a fraction of the
   median, against `compare.NOISE_BOUND`, past which `mpbench compare` calls a step-time "same"
-  inconclusive. About 0.2 s of work.
+  inconclusive. About 0.4 s in all on the 2-core CPU VM (20 samples of ~10 ms, plus sizing).
 - Other processes on the GPU are `no_other_process` in suite/cli/gpu_checks.py (NVML).
 
 Each is pass or warn, with its figure, the reason and what to do. A warn does not fail the doctor:
@@ -64,6 +64,8 @@ def cpu_load(host: Host) -> Check:
     per_cpu = load / cpus
     figures = {"load_1min": load, "cpus": cpus, "usable_cores": usable, "per_cpu": per_cpu, "bound": LOAD_PER_CPU}
     text = f"1-minute load average {load:.2f} on {cpus} CPU(s): {per_cpu:.2f} per CPU ({usable} usable here)"
+    if usable < cpus:  # a cpuset or taskset slice: the load average cannot tell whether its own cores are busy
+        text += "; host-wide, so a busy slice of this host can read quiet (the repeatability check times it)"
     if per_cpu > LOAD_PER_CPU:
         why = (f"{text}, past {LOAD_PER_CPU:g}: other work competes for the cores, so step times will be noisy; "
                "stop it or wait (see top), then run mpbench doctor again")  # fmt: skip
