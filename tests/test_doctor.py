@@ -437,3 +437,15 @@ def test_warnings_are_counted_but_do_not_fail_the_command(monkeypatch, capsys):
     assert main(["doctor", "--device", "cpu", "--no-run", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["warned"] is True and data["failed"] is False
+
+
+def test_the_load_average_of_a_slice_of_the_host_says_it_is_host_wide():
+    sliced = Host(loadavg=lambda: (1.0, 1.0, 1.0), cpus=lambda: 64, usable=lambda: 4, timer=QUIET.timer)
+    got = quiet_checks.cpu_load(sliced)
+    assert got.status == PASS and "host-wide" in got.detail and got.figures["usable_cores"] == 4
+    assert "host-wide" not in quiet_checks.cpu_load(QUIET).detail  # every CPU usable: the figure is ours
+
+
+def test_a_clock_that_does_not_advance_cannot_check_repeatability():
+    got = quiet_checks.repeatability(lambda: 0.0, "a stopped clock")
+    assert got.status == CANNOT and "did not advance" in got.detail

@@ -130,6 +130,7 @@ def test_noisy_step_returns_the_spread_only_over_the_limit():
     assert noisy_step(at_limit) is None and noisy_step(ok("bf16", 100.0, 90.0, 110.5, 0.0)) == pytest.approx(0.205)
     assert noisy_step(records()[4]) is None  # skipped: no step time
     assert noisy_step({"step_time_ms": "nan", "step_time_p10_ms": 1.0, "step_time_p90_ms": 2.0}) is None
+    assert step_spread({"step_time_ms": 0.0, "step_time_p10_ms": 0.0, "step_time_p90_ms": 0.0}) is None  # no ratio
 
 
 def modes_output(capsys, monkeypatch, width: int, *flags: str) -> str:

@@ -153,3 +153,19 @@ def test_the_cpu_memory_chart_says_once_that_no_mode_has_an_allocator_peak(tmp_p
     assert sum("allocator peak: not measured for any mode" in t for t in texts) == 1
     line = f"peak memory chart: allocator peak not measured for any mode: {CPU['peak_mem_reason']}"
     assert page.count(html.escape(line)) == 1
+
+
+def test_the_fidelity_table_shows_a_loss_scale_whole_and_none_where_a_mode_has_no_scaling():
+    from suite.reporting.fidelity_table import FIDELITY_HEADERS, fidelity_cells
+
+    scaled = {"status": "ok", "fidelity_loss_scale": 65536.0, "grad_rel_err_vs_fp64": 0.01}
+    assert dict(zip(FIDELITY_HEADERS, fidelity_cells(scaled), strict=True))["loss scale"].text == "65,536"
+    plain = scaled | {"fidelity_loss_scale": None}
+    assert dict(zip(FIDELITY_HEADERS, fidelity_cells(plain), strict=True))["loss scale"].text == "none"
+
+
+def test_the_environment_marks_a_commit_with_uncommitted_changes():
+    from suite.reporting.report import _environment
+
+    rows = dict(_environment([{"git_commit": "abc123", "git_dirty": True}, {"git_commit": "abc123"}]))
+    assert rows["git commit"] == "abc123 (uncommitted changes), abc123", rows
