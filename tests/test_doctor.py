@@ -401,7 +401,9 @@ def test_a_cpu_matmul_whose_time_varies_warns_and_a_steady_one_passes():
 def test_the_real_cpu_probe_is_short_and_reports_its_spread():
     t0 = time.perf_counter()
     got = quiet_checks.repeatability(quiet_checks.cpu_sampler(time.perf_counter), "real")
-    assert time.perf_counter() - t0 < 2.0  # ~0.4 s on the shared 2-core VM with load 8; 2 s leaves room
+    # ~0.4 s quiet; 4.9 s once with 4 test workers on 2 cores: the bound only catches a probe whose work
+    # grows without limit (its samples are sized to ~10 ms each), not a busy machine
+    assert time.perf_counter() - t0 < 30.0
     assert got.status in (PASS, WARN) and got.figures["samples"] == 20 and got.figures["median_ms"] > 0
 
 
