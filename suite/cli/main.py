@@ -6,7 +6,7 @@ timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT /
 74 a record could not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
 `check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
 `compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input,
-3 nothing regressed but some verdict is inconclusive (its runs' noise is past compare.NOISE_BOUND).
+3 nothing regressed but some verdict is inconclusive (its runs' noise is past records.noise.NOISY_SPREAD).
 `doctor`: 0 no check failed (pass, warn or cannot check), 1 a check failed, 2 bad input.
 """
 

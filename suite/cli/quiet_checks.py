@@ -4,7 +4,7 @@
   cores: for torch's threads on a CPU run, for the launching thread on a GPU run.
 - `repeatability`: the same small matmul timed `REPEATS` times with the clock the step timer uses on
   that device (perf_counter on a CPU, CUDA events on a GPU); its p10-p90 spread as a fraction of the
-  median, against `compare.NOISE_BOUND`, past which `mpbench compare` calls a step-time "same"
+  median, against `NOISY_SPREAD` (suite/records/noise.py), past which `mpbench compare` calls a step-time "same"
   inconclusive. About 0.4 s in all on the 2-core CPU VM (20 samples of ~10 ms, plus sizing).
 - Other processes on the GPU are `no_other_process` in suite/cli/gpu_checks.py (NVML).
 
@@ -27,7 +27,7 @@ import torch
 from suite.cli.gpu_checks import CANNOT, PASS, WARN, Check
 from suite.metrics import probes
 from suite.metrics.timing import TimingStats
-from suite.reporting.compare import NOISE_BOUND
+from suite.records.noise import NOISY_SPREAD
 
 # Runnable work per CPU (1-minute average) past which a benchmark shares its cores. An idle machine reads
 # near 0; half the CPUs busy already takes cores from a CPU run, which starts one torch thread per core.
@@ -104,17 +104,17 @@ def gpu_sampler(cuda: Any, n: int = GPU_N) -> Callable[[], float]:
 
 def repeatability(sample: Callable[[], float], what: str, repeats: int = REPEATS) -> Check:
     """The same work timed `repeats` times: its p10-p90 spread as a fraction of the median, against
-    NOISE_BOUND (pass under it, warn past it)."""
+    NOISY_SPREAD (pass under it, warn past it)."""
     t = TimingStats.from_times([sample() for _ in range(repeats)])  # the step timer's median and percentiles
     if not t.median_ms > 0:
         return Check("repeatability", CANNOT, f"{what}: the clock did not advance (median {t.median_ms} ms)")
     spread = (t.p90_ms - t.p10_ms) / t.median_ms
     figures = {"what": what, "samples": repeats, "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
-               "spread": spread, "bound": NOISE_BOUND}  # fmt: skip
+               "spread": spread, "bound": NOISY_SPREAD}  # fmt: skip
     text = (f"{what} timed {repeats}x: median {t.median_ms:.3g} ms, p10-p90 {t.p10_ms:.3g}-{t.p90_ms:.3g} ms, "
             f"spread {spread:.0%} of the median")  # fmt: skip
-    if spread > NOISE_BOUND:
-        return Check("repeatability", WARN, f"{text}, past {NOISE_BOUND:.0%}: mpbench compare would call a step-time "
+    if spread > NOISY_SPREAD:
+        return Check("repeatability", WARN, f"{text}, past {NOISY_SPREAD:.0%}: mpbench compare would call a step-time "
                      "'same' inconclusive; find what else runs (cpu_load, no_other_process, top, nvidia-smi), "
                      "stop it, and run mpbench doctor again", figures)  # fmt: skip
-    return Check("repeatability", PASS, f"{text}, under {NOISE_BOUND:.0%}: repeatable", figures)
+    return Check("repeatability", PASS, f"{text}, under {NOISY_SPREAD:.0%}: repeatable", figures)

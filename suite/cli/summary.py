@@ -71,7 +71,7 @@ def _notes(records: list[dict], rows: list[list], fit: Fit, width: int | None) -
     """The legend of the marks shown, and what a narrow terminal left out."""
     notes = []
     several = len({r["model"] for r in records}) > 1
-    noisy = {_label(r) + (f" {r['model']}" if several else ""): noisy_step(r) for r in records if noisy_step(r)}
+    noisy = {_label(r) + (f" {r['model']}" if several else ""): s for r in records if (s := noisy_step(r))}
     if noisy:
         each = ", ".join(f"{label} {spread:.0%}" for label, spread in noisy.items())
         notes.append(f"~ noisy: p10-p90 spread over {NOISY_SPREAD:.0%} of the median step time ({each}), "

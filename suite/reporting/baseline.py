@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from suite.records.noise import step_spread
 from suite.text import slug
 
 BASELINE_DIR = Path("results/baselines")
@@ -56,8 +57,7 @@ def baseline_path(record: dict[str, Any], directory: Path = BASELINE_DIR) -> Pat
 
 def _spread(record: dict[str, Any]) -> float:
     """Relative p10-p90 spread of the step time: the run's own noise."""
-    med, lo, hi = record.get("step_time_ms"), record.get("step_time_p10_ms"), record.get("step_time_p90_ms")
-    return (hi - lo) / med if med and lo is not None and hi is not None else 0.0
+    return step_spread(record) or 0.0  # not measured: no allowance beyond the fixed one
 
 
 def make_baseline(records: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ verdict "suspect": never a clean regression or improvement, and it does not chan
 emulated kernels (either side) is judged on memory, loss and fidelity only: its timings are not speeds.
 
 A noise-allowed metric (step time, energy per step) whose runs are too noisy to judge gets the verdict
-"inconclusive" instead of "same" (see `NOISE_BOUND`); `exit_code` gives it its own code, 3.
+"inconclusive" instead of "same" (see `NOISY_SPREAD`); `exit_code` gives it its own code, 3.
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ FIDELITY_BOUNDS: dict[str, Bound] = {
 INFO_METRICS = ("tokens_per_s", "mfu", "tensor_core_util", "tokens_per_joule")
 SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emulated kernels, like step time
 
-# The largest relative p10-p90 spread of the step time (of A or B) at which "same" still means something.
+# NOISY_SPREAD (suite/records/noise.py, the threshold the summary and the report mark a noisy step time
+# with) is also the largest relative p10-p90 spread of the step time (of A or B) at which "same" still
+# means something.
 # A "same" says B is within the allowance of A, and a noise-allowed metric's allowance grows with the
 # spread (step time: 2% + spread), so past 20% a "same" could hide a 1.2x slowdown: more than most of
 # what this suite measures (fp8 over bf16 is a few percent, bf16 over fp32 1.1-3x). A quiet GPU's step
 # spread is a few percent; 20% and more means something else shares the machine (`mpbench doctor`).
 # A difference beyond even the wide allowance is still judged: it beat the noise it was measured with.
-NOISE_BOUND = NOISY_SPREAD  # the one threshold the summary and the report mark a noisy step time with
 INCONCLUSIVE_EXIT = 3  # nothing regressed, but some verdict could not be given: never a silent pass
 
 
@@ -71,7 +72,7 @@ class Comparison:
     b: float | None
     ratio: float | None  # b / a
     allowed: float | None  # the largest B that is not a regression
-    verdict: str  # "regressed", "improved", "same", "inconclusive" (noise past NOISE_BOUND), "info", "unmatched",
+    verdict: str  # "regressed", "improved", "same", "inconclusive" (noise past NOISY_SPREAD), "info", "unmatched",
     # "suspect" (a figure broke a self-check)
     message: str
 
@@ -119,7 +120,7 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     model, mode = ra["model"], ra["mode"]
     entry = baseline.make_baseline([ra])["entries"][f"{model}/{mode}"]
     bad_a, bad_b = suspect_fields(ra), suspect_fields(rb)
-    spreads = spread_of(ra), spread_of(rb)
+    spreads = step_spread(ra), step_spread(rb)
     rows = []
     for f in baseline.compare(rb, entry):
         allowance = f.allowed - f.old  # the same margin on the better side makes "improved"
@@ -151,19 +152,16 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
     return rows
 
 
-spread_of = step_spread  # the step time's p10-p90 spread over its median; None when not measured
-
-
 def too_noisy(spread_a: float | None, spread_b: float | None) -> bool:
-    """Whether either run's step-time spread is past NOISE_BOUND: a "same" then cannot rule out a change
+    """Whether either run's step-time spread is past NOISY_SPREAD: a "same" then cannot rule out a change
     larger than the ones worth finding, so it is no verdict at all."""
-    return any(s is not None and s > NOISE_BOUND for s in (spread_a, spread_b))
+    return any(s is not None and s > NOISY_SPREAD for s in (spread_a, spread_b))
 
 
 def noise_note(spread_a: float | None, spread_b: float | None) -> str:
     """Why a verdict is inconclusive, with both runs' spreads and the bound, and what to do."""
     shown = ", ".join(f"{side} {'-' if s is None else f'{s:.0%}'}" for side, s in (("A", spread_a), ("B", spread_b)))
-    return (f"noise too large to judge (step-time p10-p90 spread {shown}; bound {NOISE_BOUND:.0%}); "
+    return (f"noise too large to judge (step-time p10-p90 spread {shown}; bound {NOISY_SPREAD:.0%}); "
             "rerun on a quiet machine (mpbench doctor)")  # fmt: skip
 
 

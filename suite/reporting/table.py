@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite.records.checks import suspect_fields
-from suite.records.noise import NOISY_SPREAD, noisy_step, step_spread
+from suite.records.noise import NOISY_SPREAD, noisy_step
 from suite.records.store import REASON_FIELDS
 
 NOT_MEASURED = "not measured"
@@ -63,7 +63,7 @@ def field(key: str, fmt: str, scale: float = 1.0, source: str | None = None) -> 
 
 def noisy_note(r: dict[str, Any], ref: dict[str, Any] | None = None) -> str | None:
     """Why a step time (and, given fp32's record `ref`, a speed-up against it) is too noisy; None if it is not."""
-    spreads = [f"{who} {step_spread(x):.0%}" for who, x in (("this mode", r), ("fp32", ref)) if x and noisy_step(x)]
+    spreads = [f"{who} {s:.0%}" for who, x in (("this mode", r), ("fp32", ref)) if x and (s := noisy_step(x))]
     if not spreads:
         return None
     return (f"{NOISY}: step time p10-p90 over {NOISY_SPREAD:.0%} of the median ({', '.join(spreads)}): too "
