@@ -10,6 +10,7 @@ Keys (all optional; command-line flags override them):
     steps = 40
     warmup = 5
     seed = 0
+    seeds = 1                         # every mode once per seed: seed, seed+1, ..., seed+seeds-1
     lr = 3e-3
     weight_decay = 0.1
     eval_every = 0
@@ -27,9 +28,12 @@ Keys (all optional; command-line flags override them):
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+from suite.training.case import SEED_MAX
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +43,7 @@ else:  # pragma: no cover - Python 3.10
 # key -> accepted Python types (bool is not an int here, whatever Python thinks)
 KEYS: dict[str, tuple[type, ...]] = {
     "model": (str,), "models": (list,), "modes": (list, str), "device": (str,), "batch_size": (int,),
-    "seq_len": (int,), "steps": (int,), "warmup": (int,), "seed": (int,), "lr": (float, int),
+    "seq_len": (int,), "steps": (int,), "warmup": (int,), "seed": (int,), "seeds": (int,), "lr": (float, int),
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
     "parallel": (str,),
@@ -76,3 +80,26 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if isinstance(options.get("modes"), list):
         options["modes"] = ",".join(options["modes"])
     return options
+
+
+def seeds_type(text: str) -> int:
+    """argparse type of --seeds: a whole number (its range is checked with --seed, in `seed_list`)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds={text!r} is not a whole number; give 1 or more, e.g. --seeds 5"
+        ) from None
+
+
+def seed_list(opts: dict[str, Any]) -> list[int]:
+    """The seeds to run: --seed, --seed + 1, ..., --seed + --seeds - 1; ValueError naming a bad count."""
+    seed, n = opts.get("seed", 0), opts.get("seeds", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"seeds={n!r}: must be a whole number of seeds, 1 or more; e.g. --seeds 5")
+    if isinstance(seed, int) and seed + n - 1 > SEED_MAX:
+        raise ValueError(
+            f"seeds={n} with seed={seed}: the last seed {seed + n - 1} is past {SEED_MAX} (2^32 - 1); lower --seed "
+            f"to {SEED_MAX - n + 1} or less, or give fewer --seeds"
+        )
+    return list(range(seed, seed + n))

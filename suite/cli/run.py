@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from models import GPTConfig
-from suite.cli.config import load_config
+from suite.cli.config import load_config, seed_list, seeds_type
 from suite.cli.progress import LiveBars
 from suite.cli.summary import print_summary, summary_table  # noqa: F401 (summary_table: for the tests)
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
@@ -70,7 +70,7 @@ def default_help(key: str) -> str:
 
 
 # flags whose value, when given, overrides the config file (dest name -> config key)
-OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay",
+OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "seeds", "lr", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
              "scaling", "fidelity", "parallel", "emulate")  # fmt: skip
 
@@ -94,6 +94,11 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
     add("--steps", type=int_type, help=f"optimizer steps, warm-up included ({default_help('steps')})")
     add("--warmup", type=int_type, help=f"steps left out of timing ({default_help('warmup')})")
     add("--seed", type=int_type, help="weights and batch order (default: 0)")
+    add(
+        "--seeds",
+        type=seeds_type,
+        help="run every mode once per seed, seeds SEED..SEED+N-1, each paired with its own fp32 (default: 1)",
+    )
     add("--lr", type=float, help="AdamW learning rate (default: by model size)")
     add("--weight-decay", type=float, help="AdamW decoupled weight decay (default: 0.1)")
     add("--eval-every", type=int_type, help="held-out loss every N steps (default: only at the end)")
@@ -186,9 +191,10 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     # a one-rank torchrun job, the data-parallel code path on one device
     one_rank = opts.get("nproc") == 1 and "parallel" in opts
     ladder = [(n, p) for n in _ladder(opts) for p in (strategies if n > 1 or one_rank else [None])]
-    for (nproc, parallel), model in itertools.product(ladder, models):
+    # seed-major: each seed's whole matrix, its fp32 first (the runner's reference_first), then the next seed's
+    for seed, (nproc, parallel), model in itertools.product(seed_list(opts), ladder, models):
         block = GPTConfig.preset(model).block_size if model in GPTConfig.presets() else defaults["seq_len"]
-        fixed = dict(device=str(device.torch_device), steps=steps, warmup=warmup, seed=opts.get("seed", 0),
+        fixed = dict(device=str(device.torch_device), steps=steps, warmup=warmup, seed=seed,
                      batch_size=opts.get("batch_size", defaults["batch_size"]),
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),

@@ -76,6 +76,11 @@ FIELDS: tuple[str, ...] = (
     # convergence (nats / token)
     "loss_curve", "initial_loss", "final_loss", "eval_curve", "loss_floor", "excess_loss",
     "loss_delta_vs_fp32", "loss_delta_reason", "overflow_steps", "loss_scale_curve", "diverged_at_step",
+    # over seeds (suite/reporting/seeds.py): how many seeds the run had (--seeds), and figures paired with that
+    # seed's fp32 record: the last quarter's mean curve delta, steps and seconds to fp32's target loss, the
+    # excess loss over the floor as a fraction of fp32's
+    "seeds", "loss_delta_last_quarter", "target_loss", "steps_to_target", "seconds_to_target", "curve_reason",
+    "seconds_to_target_reason", "excess_fraction", "excess_fraction_reason",
     # fidelity: gradients and update against a float64 step of the same weights and batch (--fidelity)
     "grad_cos_vs_fp64", "grad_rel_err_vs_fp64", "grad_max_abs_err_vs_fp64", "update_cos_vs_fp64",
     "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
@@ -113,6 +118,9 @@ REASON_FIELDS: dict[str, str] = {
     ),
     **dict.fromkeys(FIDELITY_FIGURES, "fidelity_reason"),
     **dict.fromkeys(("mem_saving_vs_ddp", "mem_saving_basis"), "mem_saving_reason"),
+    **dict.fromkeys(("loss_delta_last_quarter", "target_loss", "steps_to_target"), "curve_reason"),
+    "seconds_to_target": "seconds_to_target_reason",
+    "excess_fraction": "excess_fraction_reason",
 }
 
 

@@ -27,6 +27,8 @@ NUMBERS = frozenset((
     "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac", "scaled_grad_underflow_frac",
     "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_loss_scale", "fidelity_ref_passes", "gpu_count",
     "gpu_memory_mb", "cpu_count", "torch_threads",
+    # over seeds (suite/reporting/seeds.py)
+    "seeds", "loss_delta_last_quarter", "target_loss", "steps_to_target", "seconds_to_target", "excess_fraction",
 ))
 NUMBER_LISTS = frozenset(("step_times_ms", "loss_curve", "loss_scale_curve", "rank_step_time_ms", "rank_peak_mem_mb"))
 LISTS = frozenset((
@@ -44,6 +46,7 @@ TEXT = frozenset((
     "energy_reason", "nvml_reason", "scaling_reason", "param_dtype", "reduce_dtype", "mem_saving_basis",
     "mem_saving_reason", "max_batch_reason", "loss_delta_reason", "fidelity_reason", "gpu_name", "gpu_capability",
     "driver", "cuda", "torch", "python", "cpu", "hostname", "platform",
+    "curve_reason", "seconds_to_target_reason", "excess_fraction_reason",
 ))
 # fmt: on
 

@@ -8,6 +8,7 @@ gate fails a mode whose held-out loss ends more than its tolerance above fp32's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,9 @@ def parse_tolerances(text: str | None) -> dict[str, Tolerance]:
 
 
 def delta_fields(record: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
-    """`loss_delta_vs_fp32` (or None + `loss_delta_reason`) and `excess_loss` for one record."""
+    """The figures of one record paired with its seed's fp32 record (`reference`; fp32's own record
+    is paired with itself): `loss_delta_vs_fp32` (or None + `loss_delta_reason`), `excess_loss`, and
+    the curve figures of `paired_fields`."""
     out: dict[str, Any] = {}
     final, floor = record.get("final_loss"), record.get("loss_floor")
     if final is not None and floor is not None:
@@ -75,7 +78,109 @@ def delta_fields(record: dict[str, Any], reference: dict[str, Any] | None) -> di
         out["loss_delta_reason"] = f"the fp32 reference ended as {reference.get('status')}: {reference.get('reason')}"
     else:
         out["loss_delta_vs_fp32"] = final - reference["final_loss"]
-    return out
+    return out | paired_fields(record, reference, out.get("loss_delta_reason"))
+
+
+# Time to quality (MLPerf's metric, on fp32's own scale): the target lies this far from fp32's smoothed
+# first loss to its smoothed last one, so every mode that trains like fp32 reaches it before the end.
+TARGET_FRACTION = 0.9
+TARGET_WINDOW = 5  # steps in the trailing mean that smooths a training-loss curve (fewer on short runs)
+
+
+def smoothing_window(steps: int) -> int:
+    """The trailing-mean window for a curve of `steps` losses: TARGET_WINDOW, at most a quarter of the run."""
+    return min(TARGET_WINDOW, max(1, steps // 4))
+
+
+def _finite(values: list) -> list[float] | None:
+    """The losses as floats, or None when one is missing, NaN or infinite."""
+    if any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def target_loss(reference_curve: list) -> float | None:
+    """The loss TARGET_FRACTION of the way from fp32's smoothed start to its smoothed end; None if not finite."""
+    curve = _finite(reference_curve or [])
+    if not curve:
+        return None
+    w = smoothing_window(len(curve))
+    start, end = sum(curve[:w]) / w, sum(curve[-w:]) / w
+    return start + TARGET_FRACTION * (end - start)
+
+
+def paired_fields(record: dict[str, Any], reference: dict[str, Any] | None, why: str | None) -> dict[str, Any]:
+    """Curve figures against the seed's fp32: `loss_delta_last_quarter`, `target_loss`, `steps_to_target`,
+    `seconds_to_target`, `excess_fraction`; each None with its reason (`curve_reason`,
+    `seconds_to_target_reason`, `excess_fraction_reason`). `why`: the pairing failed (no delta), and why."""
+    if why is not None or reference is None:
+        why = why or "no fp32 record to pair with"
+        return {"curve_reason": why, "seconds_to_target_reason": why, "excess_fraction_reason": why}
+    out: dict[str, Any] = {}
+    curve_why: list[str] = []
+    mine, ref = record.get("loss_curve") or [], reference.get("loss_curve") or []
+    if not mine or len(mine) != len(ref):
+        curve_why.append(f"loss curves of {len(mine)} and fp32's {len(ref)} steps cannot be paired")
+    else:
+        q = max(1, len(mine) // 4)  # the last quarter of the steps, at least one
+        tail, ref_tail = _finite(mine[-q:]), _finite(ref[-q:])
+        if tail is None or ref_tail is None:
+            curve_why.append("a NaN or infinite loss in the last quarter of the steps")
+        else:
+            out["loss_delta_last_quarter"] = sum(a - b for a, b in zip(tail, ref_tail, strict=True)) / q
+    target = target_loss(ref)
+    step_ms = record.get("step_time_ms")
+    reached = None
+    if target is None:
+        curve_why.append("fp32's loss curve is missing or not finite: no target loss")
+    else:
+        out["target_loss"] = target
+        reached = time_to_loss(mine, step_ms or 0.0, target, smoothing_window(len(ref)))
+        if reached is None:
+            curve_why.append(f"fp32's target loss {target:.4f} not reached in {len(mine)} steps")
+        else:
+            out["steps_to_target"] = reached[0]
+    if record.get("emulated"):
+        out["seconds_to_target_reason"] = f"emulated kernels, not a speed: {record.get('emulated_reason')}"
+    elif reached is None:
+        what = "no target loss" if target is None else "the target loss was not reached"
+        out["seconds_to_target_reason"] = f"{what} (see curve_reason)"
+    elif step_ms is None:
+        out["seconds_to_target_reason"] = "no step time was measured"
+    else:
+        out["seconds_to_target"] = reached[1]
+    if curve_why:
+        out["curve_reason"] = "; ".join(curve_why)
+    return out | _excess_fraction(record, reference)
+
+
+def _excess_fraction(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """This mode's excess loss over the corpus' floor as a fraction of fp32's."""
+    floor = record.get("loss_floor")
+    if floor is None:
+        return {"excess_fraction_reason": "the corpus has no known loss floor (a data file)"}
+    excess, ref_excess = record["final_loss"] - floor, reference["final_loss"] - floor
+    if not ref_excess > 0:
+        return {"excess_fraction_reason": f"fp32 ended {ref_excess:+.4f} from the loss floor: no excess to divide by"}
+    return {"excess_fraction": excess / ref_excess}
+
+
+def time_to_loss(loss_curve: list, step_time_ms: float, target: float, window: int = 5) -> tuple[int, float] | None:
+    """(first step, seconds) at which the mean training loss of the last `window` steps is <= target.
+
+    Only full windows count, and a window holding a NaN/inf loss never counts. Seconds are
+    step x `step_time_ms`, where the recorded step time is the median of the timed steps: the
+    warm-up steps are priced at that median too, and compilation (in warm-up with --compile),
+    model build, data loading and evaluation are not included. None if never reached.
+    """
+    if window < 1:
+        raise ValueError(f"window={window}: must be at least 1 step")
+    losses = [None if v is None or not math.isfinite(v) else float(v) for v in loss_curve or []]
+    for end in range(window, len(losses) + 1):
+        last = losses[end - window : end]
+        if None not in last and sum(last) / window <= target:  # type: ignore[arg-type]
+            return end, end * step_time_ms / 1000
+    return None
 
 
 @dataclass(frozen=True)

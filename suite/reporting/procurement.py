@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from suite.metrics.peaks import canonical_gpu
+from suite.reporting.convergence import time_to_loss  # one time-to-loss for procurement and the seeds' verdicts
 
 if TYPE_CHECKING:
     import pandas
@@ -87,31 +88,6 @@ def price_for(
     if len(top) > 1:
         return None, f"ambiguous price for {gpu_name}: {' and '.join(top)} match equally; make one key more specific"
     return prices[top[0]], None
-
-
-def _loss(value: Any) -> float | None:
-    """A finite training loss, or None (NaN/inf: the reader has decoded them to floats)."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def time_to_loss(loss_curve: list, step_time_ms: float, target: float, window: int = 5) -> tuple[int, float] | None:
-    """(first step, seconds) at which the mean training loss of the last `window` steps is <= target.
-
-    Only full windows count, and a window holding a NaN/inf loss never counts. Seconds are
-    step x `step_time_ms`, where the recorded step time is the median of the timed steps: the
-    warm-up steps are priced at that median too, and compilation (in warm-up with --compile),
-    model build, data loading and evaluation are not included. None if never reached.
-    """
-    if window < 1:
-        raise ValueError(f"window={window}: must be at least 1 step")
-    losses = [_loss(v) for v in loss_curve or []]
-    for end in range(window, len(losses) + 1):
-        last = losses[end - window : end]
-        if None not in last and sum(last) / window <= target:  # type: ignore[arg-type]
-            return end, end * step_time_ms / 1000
-    return None
 
 
 def records_of(df: pandas.DataFrame) -> list[dict[str, Any]]:

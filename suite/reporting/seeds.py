@@ -12,13 +12,29 @@ API (filled in by issue 23's work; the report, summary, check and benchmarks rea
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.reporting.convergence import Tolerance
+from suite.records.cases import CASE_KEY, case_key
+from suite.records.store import FAILED
+from suite.reporting.convergence import REFERENCE, Tolerance, check
 
 CONFIDENCE = 0.95  # two-sided level of every interval here
+SEEDS_CAP = 1000  # seeds_needed looks no further: past it the verdict says "over 1000"
+_MODE, _SEED = CASE_KEY.index("mode"), CASE_KEY.index("seed")
+
+
+def alike(key: tuple) -> tuple:
+    """A case key (`cases.case_key`) without its mode and seed: the cases whose seeds are pooled."""
+    return tuple(v for i, v in enumerate(key) if i not in (_MODE, _SEED))
+
+
+def pair_key(record: dict[str, Any]) -> tuple:
+    """A record's case key without its mode: the same seed's fp32 record has the same one."""
+    return tuple(v for i, v in enumerate(case_key(record)) if i != _MODE)
 
 
 @dataclass(frozen=True)
@@ -64,11 +80,178 @@ class ModeVerdict:
     detail: str
 
 
+def _t(n: int) -> float:
+    """The two-sided CONFIDENCE quantile of Student's t with n - 1 degrees of freedom (scipy's)."""
+    from scipy.stats import t  # imported when first judged: `mpbench run` without seeds stays quick to start
+
+    return float(t.ppf(0.5 + CONFIDENCE / 2, n - 1))
+
+
+def seed_stats(values: Iterable[float]) -> SeedStats:
+    """Mean, sd (n-1) and the Student t interval of the mean of per-seed values (in seed order)."""
+    vals = tuple(float(v) for v in values)
+    n = len(vals)
+    if n == 0:
+        return SeedStats(0, None, None, None, None)
+    mean = statistics.fmean(vals)
+    if n == 1:
+        return SeedStats(1, mean, None, None, None, vals)
+    sd = statistics.stdev(vals)
+    half = _t(n) * sd / math.sqrt(n)
+    return SeedStats(n, mean, sd, mean - half, mean + half, vals)
+
+
+def seeds_needed(mean: float, sd: float, tolerance: float) -> int | None:
+    """The fewest seeds whose interval would no longer straddle `tolerance`, were the mean and sd to stay as
+    measured: smallest n with t(n-1) x sd / sqrt(n) < |tolerance - mean|. None when the spread is zero or
+    the mean sits on the tolerance (no count settles it), or when it takes more than SEEDS_CAP seeds."""
+    gap = abs(tolerance - mean)
+    if not sd > 0 or gap == 0:
+        return None
+    import numpy as np
+    from scipy.stats import t
+
+    ns = np.arange(2, SEEDS_CAP + 1)
+    hit = np.flatnonzero(t.ppf(0.5 + CONFIDENCE / 2, ns - 1) * sd / np.sqrt(ns) < gap)
+    return int(ns[hit[0]]) if hit.size else None
+
+
+def _groups(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The latest record of each case (across runs too), grouped by everything but mode and seed, in
+    the order the groups first appear."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        latest[case_key(r)] = r
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for key, r in latest.items():
+        groups.setdefault(alike(key), []).append(r)
+    return list(groups.values())
+
+
+def _seed_order(r: dict[str, Any]) -> tuple:
+    return (r.get("seed") is None, r.get("seed") or 0)
+
+
+def _delta(r: dict[str, Any], ref: dict[str, Any] | None) -> float | None:
+    """Final loss minus the same seed's fp32's; else the record's own delta (its fp32 not among these records)."""
+    if r["status"] != "ok" or r.get("final_loss") is None:
+        return None
+    if ref is None:
+        return r.get("loss_delta_vs_fp32")
+    return r["final_loss"] - ref["final_loss"] if ref.get("final_loss") is not None else None
+
+
+def _values(records: list[dict[str, Any]], field: str) -> list[float]:
+    return [r[field] for r in records if r.get(field) is not None and math.isfinite(r[field])]
+
+
+def _judge_mode(mode: str, mine: list[dict[str, Any]], refs: dict[Any, dict[str, Any]],
+                tol: Tolerance | None) -> ModeVerdict:  # fmt: skip
+    """One mode of one group over its seeds (`mine` in seed order; `refs`: fp32's record by seed)."""
+    paired = [(r, _delta(r, refs.get(r.get("seed")))) for r in mine]
+    used = [r for r, d in paired if d is not None]
+    delta = seed_stats(d for _, d in paired if d is not None)
+    emulated = any(r.get("emulated") for r in used)
+    figures = dict(
+        model=mine[0]["model"], mode=mode, seeds=tuple(r.get("seed") for r in used), delta=delta,
+        last_quarter=seed_stats(_values(used, "loss_delta_last_quarter")),
+        steps_to_target=seed_stats(_values(used, "steps_to_target")),
+        seconds_to_target=None if emulated else seed_stats(_values(used, "seconds_to_target")),
+        excess_fraction=seed_stats(_values(used, "excess_fraction")), tolerance=tol,
+    )  # fmt: skip
+    notes = ["emulated: no seconds to target"] if emulated else []
+    if len(mine) > 1:  # a seed that gave no delta: which, and why
+        notes += [f"seed {r.get('seed')}: no delta ({_no_delta(r, refs.get(r.get('seed')))})"
+                  for r, d in paired if d is None and r["status"] not in FAILED]  # fmt: skip
+    failed = [r for r in mine if r["status"] in FAILED]
+    if len(mine) == 1 or (delta.n == 1 and not failed and mode != REFERENCE):  # one seed: judged as before
+        r = used[0] if used else mine[0]
+        v = check([r | {"loss_delta_vs_fp32": delta.mean}], {mode: tol} if tol else {})[0]
+        detail = "; ".join(["single-seed", v.detail, *notes]) if v.detail else "single-seed"
+        return ModeVerdict(**figures, outcome=v.outcome, seeds_needed=None, better=False, single_seed=True,
+                           detail=detail)  # fmt: skip
+    if mode == REFERENCE:
+        finals = seed_stats(_values(used, "final_loss"))
+        notes = [f"final loss {finals.mean:.4f}" + (f", sd {finals.sd:.4f}" if finals.sd is not None else "")
+                 if finals.n else "no final loss", *_failed(failed), *notes]  # fmt: skip
+        return _verdict(figures, "reference", notes)
+    if all(r["status"] == "skipped" for r in mine) or tol is None:
+        why = mine[0].get("reason") if tol is not None else f"no tolerance for mode {mode!r}"
+        return _verdict(figures, "not checked", [why or "", *notes])
+    if failed:  # a failed seed fails the mode, as one failed run did before
+        return _verdict(figures, "lags (expected)" if tol.expected_to_lag else "FAIL", [*_failed(failed), *notes])
+    if delta.n == 0:
+        return _verdict(figures, "not checked", notes)
+    return _over_seeds(figures, delta, tol, notes)
+
+
+def _over_seeds(figures: dict[str, Any], delta: SeedStats, tol: Tolerance, notes: list[str]) -> ModeVerdict:
+    """The three-way verdict of n >= 2 paired deltas against the tolerance."""
+    assert delta.ci_low is not None and delta.ci_high is not None and delta.sd is not None and delta.mean is not None
+    bound, needed = tol.max_delta, None
+    better = delta.ci_high < 0  # flagged for a look (MLPerf treats beating the reference as suspect), never failed
+    if delta.ci_high <= bound:
+        outcome = "pass"
+    elif delta.ci_low > bound:
+        outcome = "lags (expected)" if tol.expected_to_lag else "FAIL"
+    else:
+        outcome, needed = "inconclusive", seeds_needed(delta.mean, delta.sd, bound)
+        if needed is not None:
+            notes = [f"{needed} seeds would settle it at this spread", *notes]
+        elif delta.mean == bound:
+            notes = ["the mean sits on the tolerance: no number of seeds settles it", *notes]
+        else:
+            notes = [f"over {SEEDS_CAP} seeds would settle it at this spread", *notes]
+    if better:
+        notes = ["better than fp32 beyond noise: look", *notes]
+    return ModeVerdict(**figures, outcome=outcome, seeds_needed=needed, better=better, single_seed=False,
+                       detail="; ".join(notes))  # fmt: skip
+
+
+def _verdict(figures: dict[str, Any], outcome: str, notes: list[str]) -> ModeVerdict:
+    return ModeVerdict(**figures, outcome=outcome, seeds_needed=None, better=False, single_seed=False,
+                       detail="; ".join(n for n in notes if n))  # fmt: skip
+
+
+def _failed(failed: list[dict[str, Any]]) -> list[str]:
+    return [f"seed {r.get('seed')} {r['status']}: {r.get('reason')}" for r in failed]
+
+
+def _no_delta(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    if r["status"] == "skipped":
+        return f"skipped: {r.get('reason')}"
+    if ref is not None and ref.get("final_loss") is None:
+        return f"its fp32 ended as {ref.get('status')}"
+    return r.get("loss_delta_reason") or "no fp32 record of this seed"
+
+
 def judge(records: Iterable[dict[str, Any]], tolerances: dict[str, Tolerance]) -> list[ModeVerdict]:
     """One verdict per (group, mode), fp32 first in each group."""
-    raise NotImplementedError
+    verdicts = []
+    for members in _groups(records):
+        refs = {r.get("seed"): r for r in members if r["mode"] == REFERENCE}
+        modes = dict.fromkeys([REFERENCE] * bool(refs) + [r["mode"] for r in members])
+        for mode in modes:
+            mine = sorted((r for r in members if r["mode"] == mode), key=_seed_order)
+            verdicts.append(_judge_mode(mode, mine, refs, tolerances.get(mode)))
+    return verdicts
 
 
 def noise_floors(records: Iterable[dict[str, Any]]) -> list[NoiseFloor]:
     """One noise floor per group of cases that has fp32 on two seeds or more."""
-    raise NotImplementedError
+    floors = []
+    for members in _groups(records):
+        refs = sorted((r for r in members if r["mode"] == REFERENCE and _delta(r, r) is not None), key=_seed_order)
+        if len(refs) < 2:
+            continue
+        by_seed = {r.get("seed"): r for r in refs}
+        sds = []  # each mode's paired deltas' sd
+        for mode in dict.fromkeys(r["mode"] for r in members if r["mode"] != REFERENCE):
+            paired = (_delta(r, by_seed.get(r.get("seed"))) for r in members if r["mode"] == mode)
+            sd = seed_stats(d for d in paired if d is not None).sd
+            if sd is not None:
+                sds.append(sd)
+        fp32 = seed_stats(r["final_loss"] for r in refs)
+        seeds = tuple(r.get("seed") for r in refs)
+        floors.append(NoiseFloor(refs[0]["model"], seeds, fp32, statistics.median(sds) if sds else None))
+    return floors

@@ -22,6 +22,7 @@ from suite.modes.base import decide
 from suite.records import checks, outputs, store
 from suite.records.cases import case_key, outcomes
 from suite.reporting import convergence
+from suite.reporting.seeds import alike
 from suite.running import faults
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -243,6 +244,9 @@ def run_cases(
         again = "run again" if retry_failed else "not run again (--retry-failed reruns them)"
         why = f"; {len(failed)} failed before ({outcomes(failed)}): {again}" if failed else ""
         note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run{why}")
+    asked: dict[tuple, set[int]] = {}  # the seeds of each set of alike cases (`seeds` of their records)
+    for c in cases:
+        asked.setdefault(alike(_key(c, devices)), set()).add(c.seed)
     batches = Batches()  # shared across cases when they train in this process
     records: list[dict[str, Any]] = []
     sink(Event("matrix", total=len(todo)))
@@ -262,6 +266,7 @@ def run_cases(
             if case.mode == convergence.REFERENCE:
                 references[group] = record
             record |= convergence.delta_fields(record, references.get(group))
+            record["seeds"] = len(asked[alike(_key(case, devices))])
             if case.data_parallel is None:
                 singles[_scaling_group(record)] = record
             record |= scaling_fields(record, singles.get(_scaling_group(record)))
