@@ -56,12 +56,57 @@ def test_gate_verdicts():
 
 
 def test_delta_fields():
-    ref = {"final_loss": 2.0, "status": "ok"}
+    ref = {"final_loss": 2.0, "loss_floor": 1.5, "status": "ok"}
     rec = {"final_loss": 2.25, "loss_floor": 1.5, "status": "ok"}
-    assert convergence.delta_fields(rec, ref) == {"excess_loss": 0.75, "loss_delta_vs_fp32": 0.25}
-    assert "not in this run" in convergence.delta_fields(rec, None)["loss_delta_reason"]
+    fields = convergence.delta_fields(rec, ref)
+    assert fields["excess_loss"] == 0.75 and fields["loss_delta_vs_fp32"] == 0.25
+    assert fields["excess_fraction"] == pytest.approx(0.75 / 0.5)  # excess over the floor, as a fraction of fp32's
+    assert "no target loss" in fields["curve_reason"]  # these records have no loss curves to pair
+    alone = convergence.delta_fields(rec, None)
+    assert "not in this run" in alone["loss_delta_reason"]
+    assert alone["curve_reason"] == alone["seconds_to_target_reason"] == alone["loss_delta_reason"]
     failed_ref = {"final_loss": None, "status": "error", "reason": "boom"}
     assert "ended as error: boom" in convergence.delta_fields(rec, failed_ref)["loss_delta_reason"]
+
+
+# fp32's curve over 8 steps: the smoothing window is 2 steps (a quarter of the run, at most 5), so its smoothed
+# start is (4 + 3.5) / 2 = 3.75 and its smoothed end 2.0: the target lies 90% of the way, at 2.175.
+REF_CURVE = [4.0, 3.5, 3.0, 2.5, 2.0, 2.0, 2.0, 2.0]
+SLOWER = [4.0, 3.6, 3.2, 2.8, 2.4, 2.2, 2.1, 2.0]  # trailing means of 2: ... 2.3 (step 6), 2.15 (step 7)
+
+
+def _curved(curve, final, **kw):
+    return {"status": "ok", "final_loss": final, "loss_floor": 1.5, "loss_curve": curve, "step_time_ms": 100.0} | kw
+
+
+def test_paired_curve_fields_by_hand():
+    ref = _curved(REF_CURVE, 2.0)
+    f = convergence.delta_fields(_curved(SLOWER, 2.25), ref)
+    assert f["target_loss"] == pytest.approx(2.175)
+    assert f["steps_to_target"] == 7 and f["seconds_to_target"] == pytest.approx(0.7)  # 7 steps x 100 ms
+    assert f["loss_delta_last_quarter"] == pytest.approx((0.1 + 0.0) / 2)  # last 2 of 8 steps, paired
+    assert f["excess_fraction"] == pytest.approx(1.5)
+    own = convergence.delta_fields(ref, ref)  # fp32 against itself: reaches its own target, no delta
+    assert own["loss_delta_last_quarter"] == 0.0 and own["excess_fraction"] == 1.0 and own["steps_to_target"] <= 8
+    assert convergence.target_loss(REF_CURVE) == f["target_loss"]
+
+
+def test_paired_curve_fields_that_cannot_be_measured_say_why():
+    ref = _curved(REF_CURVE, 2.0)
+    emulated = convergence.delta_fields(_curved(SLOWER, 2.25, emulated=True, emulated_reason="no fp8 here"), ref)
+    assert emulated["steps_to_target"] == 7 and "seconds_to_target" not in emulated
+    assert emulated["seconds_to_target_reason"] == "emulated kernels, not a speed: no fp8 here"
+    flat = convergence.delta_fields(_curved([4.0] * 8, 4.0), ref)
+    assert "steps_to_target" not in flat and "target loss 2.1750 not reached in 8 steps" in flat["curve_reason"]
+    assert "not reached" in flat["seconds_to_target_reason"]
+    short = convergence.delta_fields(_curved(SLOWER[:6], 2.25), ref)
+    assert "loss_delta_last_quarter" not in short and "6 and fp32's 8 steps cannot be paired" in short["curve_reason"]
+    nan = convergence.delta_fields(_curved([*SLOWER[:7], float("nan")], 2.25), ref)
+    assert "NaN or infinite loss in the last quarter" in nan["curve_reason"]
+    at_floor = convergence.delta_fields(_curved(SLOWER, 2.25), _curved(REF_CURVE, 1.5))
+    assert "excess_fraction" not in at_floor and "no excess to divide by" in at_floor["excess_fraction_reason"]
+    no_floor = convergence.delta_fields(_curved(SLOWER, 2.25, loss_floor=None), ref)
+    assert "no known loss floor" in no_floor["excess_fraction_reason"]
 
 
 def _write(tmp_path, records):
@@ -92,8 +137,12 @@ def test_run_orders_fp32_first_and_records_deltas():
     assert bf16["loss_delta_vs_fp32"] == pytest.approx(bf16["final_loss"] - fp32["final_loss"])
     assert bf16["excess_loss"] == pytest.approx(bf16["final_loss"] - bf16["loss_floor"])
     assert bf16["eval_curve"] == [[3, bf16["final_loss"]]]
+    assert fp32["seeds"] == bf16["seeds"] == 1 and fp32["target_loss"] == bf16["target_loss"] is not None
+    assert fp32["loss_delta_last_quarter"] == 0.0 and fp32["excess_fraction"] == 1.0
+    assert bf16["steps_to_target"] is not None or "not reached" in bf16["curve_reason"]
     alone = run_cases([small_case(mode="bf16")], log=None, isolate=False)[0]
     assert alone["loss_delta_vs_fp32"] is None and "fp32 is not in this run" in alone["loss_delta_reason"]
+    assert alone["target_loss"] is None and alone["curve_reason"] == alone["loss_delta_reason"]
 
 
 def test_eval_every_gives_an_eval_curve():

@@ -4,7 +4,8 @@ env | doctor.
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP,
 74 a record could not be written (disk full, read-only file): finished records are kept; --resume finishes the run.
-`check`: 0 every mode within tolerance, 1 a mode failed or nothing could be checked, 2 bad input.
+`check`: 0 every mode within tolerance (over seeds: its 95% interval), 1 a mode failed or nothing could be checked,
+2 bad input, 3 nothing failed but some verdict is inconclusive (the interval straddles the tolerance: more seeds).
 `compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input,
 3 nothing regressed but some verdict is inconclusive (its runs' noise is past records.noise.NOISY_SPREAD).
 `doctor`: 0 no check failed (pass, warn or cannot check), 1 a check failed, 2 bad input.
@@ -24,6 +25,8 @@ from rich.console import Console
 
 from models import GPT, GPTConfig
 from suite.cli import doctor
+from suite.cli.check import add_arguments as add_check_arguments
+from suite.cli.check import cmd_check
 from suite.cli.fidelity import add_arguments as add_fidelity_arguments
 from suite.cli.fidelity import cmd_fidelity
 from suite.cli.run import add_arguments as add_run_arguments
@@ -35,32 +38,11 @@ from suite.modes import MODES
 from suite.modes.base import decide
 from suite.quiet import quiet_dependencies
 from suite.records import outputs, store
-from suite.records.cases import latest
-from suite.reporting import baseline, convergence, procurement
+from suite.reporting import baseline, procurement
 from suite.reporting.compare import compare_runs, format_comparison, nothing_compared
 from suite.reporting.compare import exit_code as compare_exit_code
 from suite.reporting.report import REPORT_FILES, build_report
-from suite.text import fit_table, fmt, show, shown, table
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """Convergence gate: exit 1 when a mode's loss ends above fp32's by more than its tolerance."""
-    tolerances = convergence.parse_tolerances(args.tolerance)
-    records = latest(store.read_all(args.records))  # a case run again in its run (--retry-failed): the retry
-    verdicts = convergence.check(records, tolerances)
-    rows = [
-        [v.mode, v.model, v.outcome, fmt(v.delta, "+.4f"), fmt(v.tolerance and v.tolerance.max_delta, ".4f"),
-         v.detail[:80]]
-        for v in verdicts
-    ]  # fmt: skip
-    print(table(rows, ["mode", "model", "verdict", "delta vs fp32", "tolerance", "detail"]))
-    failed = [v for v in verdicts if v.outcome == "FAIL"]
-    checked = [v for v in verdicts if v.outcome in ("pass", "FAIL", "lags (expected)")]
-    if not checked:
-        print("\nnothing was checked: no record has loss_delta_vs_fp32 (run fp32 in the same run)")
-        return 1
-    print(f"\n{len(failed)} failed, {len(checked) - len(failed)} passed or lag as expected")
-    return 1 if failed else 0
+from suite.text import fit_table, show, shown, table
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -237,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_fidelity_arguments(fid, _int)
     fid.set_defaults(func=cmd_fidelity)
 
-    chk = sub.add_parser("check", help="convergence gate: exit 1 if a mode's loss drifted from fp32")
-    chk.add_argument("records", nargs="+", help="JSON Lines record files")
-    chk.add_argument("--tolerance", help="override bounds, e.g. bf16=0.05,amp-fp16=0.01 (nats/token)")
+    chk = sub.add_parser(
+        "check", help="convergence gate over seeds: exit 1 if a mode's loss drifted from fp32, 3 if inconclusive"
+    )
+    add_check_arguments(chk)
     chk.set_defaults(func=cmd_check)
     rep = sub.add_parser("report", help="HTML report, PNGs, Markdown and CSV from records")
     rep.add_argument("records", nargs="+", help="JSON Lines record files or globs")

@@ -8,6 +8,8 @@ every column is printed, one line per row.
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -15,6 +17,8 @@ from rich.text import Text
 from suite.cli.progress import STYLE
 from suite.records.checks import suspect_fields
 from suite.records.noise import NOISY_SPREAD, noisy_step
+from suite.reporting.convergence import REFERENCE, TOLERANCES
+from suite.reporting.seeds import SEEDS_CAP, ModeVerdict, judge, noise_floors, pair_key
 from suite.text import Fit, fit_table, fmt, show
 
 HEADER = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
@@ -24,8 +28,13 @@ HEADER = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp3
 DROP = ["reason", "suspect (!)", "p10-p90 ms", "MFU", "tokens/s", "peak MiB", "final loss"]
 
 
-def _label(r: dict) -> str:
-    return r["mode"] + (" (emulated)" if r.get("emulated") else "")
+def _label(r: dict, seeds: bool = False) -> str:
+    """The mode, marked when emulated; with its seed when the run had several."""
+    return r["mode"] + (" (emulated)" if r.get("emulated") else "") + (f" seed {r.get('seed')}" if seeds else "")
+
+
+def _several_seeds(records: list[dict]) -> bool:
+    return len({r.get("seed") for r in records}) > 1
 
 
 def _mark(bad: dict[str, list], text: str, *keys: str) -> str:
@@ -40,13 +49,12 @@ def _noisy(text: str, *records: dict | None) -> str:
 
 def summary(records: list[dict], width: int | None = None, ascii: bool = True) -> tuple[Fit, list[str]]:
     """The table fitted to `width` (None: every column), and the lines to print under it."""
-    # fp32 of the same group, for the speed-up (the delta is in the record)
-    ref = {
-        (r["model"], r["batch_size"], r["seq_len"]): r for r in records if r["mode"] == "fp32" and r["status"] == "ok"
-    }
+    # fp32 of the same case and seed, for the speed-up (the delta is in the record)
+    ref = {pair_key(r): r for r in records if r["mode"] == REFERENCE and r["status"] == "ok"}
+    seeds = _several_seeds(records)
     rows = []
     for r in records:
-        base = ref.get((r["model"], r["batch_size"], r["seq_len"]))
+        base = ref.get(pair_key(r))
         ok = r["status"] == "ok"
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base and not r.get("emulated") else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
@@ -63,15 +71,68 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
         ])  # fmt: skip
     models = list(dict.fromkeys(r["model"] for r in records))
     drop = DROP[:3] + ["model"] + DROP[3:] if len(models) == 1 else DROP
-    fit = fit_table(rows, HEADER, width, drop=drop, prose=["reason"], right=set(range(3, 11)), ascii=ascii)
-    return fit, _notes(records, rows, fit, width)
+    header, right = HEADER, set(range(3, 11))
+    if seeds:  # which seed a row is: a column of its own, after the mode, never left out
+        rows = [[row[0], str(r.get("seed")), *row[1:]] for row, r in zip(rows, records, strict=True)]
+        header, right = [HEADER[0], "seed", *HEADER[1:]], {1} | {i + 1 for i in right}
+    fit = fit_table(rows, header, width, drop=drop, prose=["reason"], right=right, ascii=ascii)
+    return fit, _notes(records, rows, fit, width) + convergence_block(records, width, ascii)
+
+
+CONVERGENCE_HEADER = ["mode", "model", "seeds", "mean delta", "95% interval", "sd", "tol", "verdict"]
+
+
+def _verdict_text(v: ModeVerdict) -> str:
+    if v.outcome == "inconclusive":
+        if v.seeds_needed:
+            return f"inconclusive: {v.seeds_needed} seeds"
+        on = v.tolerance is not None and v.delta.mean == v.tolerance.max_delta
+        return "inconclusive: mean on the tolerance" if on else f"inconclusive: over {SEEDS_CAP} seeds"
+    return v.outcome + ("; better than fp32: look" if v.better else "")
+
+
+def convergence_block(records: list[dict], width: int | None, ascii: bool = True) -> list[str]:
+    """With several seeds: per mode, the mean paired delta vs fp32 with its 95% interval, sd and verdict,
+    then the noise floor of each group; [] for a one-seed run (its deltas are in the table)."""
+    verdicts = [v for v in judge(records, TOLERANCES) if v.mode != REFERENCE and v.delta.n >= 2]
+    if not verdicts:
+        return []
+    several = len({v.model for v in verdicts}) > 1
+    rows = [
+        [v.mode, v.model, str(v.delta.n), fmt(v.delta.mean, "+.4f"), f"{v.delta.ci_low:+.4f}..{v.delta.ci_high:+.4f}",
+         fmt(v.delta.sd, ".4f"), fmt(v.tolerance and v.tolerance.max_delta, ".3f"), _verdict_text(v)]
+        for v in verdicts
+    ]  # fmt: skip
+    drop = ["model", "tol"] if not several else ["tol"]
+    fit = fit_table(rows, CONVERGENCE_HEADER, width, drop=drop, right={2, 3, 4, 5, 6}, ascii=ascii)
+    lines = ["", "over seeds: delta = final held-out loss - the same seed's fp32's, nats/token"]
+    lines += _lines(fit, width)
+    if "tol" in fit.left_out:
+        lines.append("tol left out: `mpbench check RECORDS` shows each mode's tolerance and the verdict's detail")
+    for f in noise_floors(records):
+        where = f" ({f.model})" if several else ""
+        paired = f"; paired deltas' sd {f.delta_sd:.4f}" if f.delta_sd is not None else ""
+        lines.append(f"noise floor{where}, {len(f.seeds)} seeds: fp32's final loss sd {f.fp32_final.sd:.4f}{paired}")
+    lines.append(
+        "(paired deltas' sd: the median over modes.) An interval that holds 0: no difference from fp32 shows on "
+        "these seeds. Each verdict's detail and tolerance: mpbench check RECORDS"
+    )
+    return lines
+
+
+def _lines(fit: Fit, width: int | None) -> list[str]:
+    """A fitted table as plain lines no wider than `width` (None: as wide as its rows)."""
+    buf = io.StringIO()
+    Console(file=buf, width=width or 100_000, no_color=True, highlight=False, color_system=None).print(fit.table)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
 
 
 def _notes(records: list[dict], rows: list[list], fit: Fit, width: int | None) -> list[str]:
     """The legend of the marks shown, and what a narrow terminal left out."""
     notes = []
     several = len({r["model"] for r in records}) > 1
-    noisy = {_label(r) + (f" {r['model']}" if several else ""): s for r in records if (s := noisy_step(r))}
+    seeds = _several_seeds(records)
+    noisy = {_label(r, seeds) + (f" {r['model']}" if several else ""): s for r in records if (s := noisy_step(r))}
     if noisy:
         each = ", ".join(f"{label} {spread:.0%}" for label, spread in noisy.items())
         notes.append(f"~ noisy: p10-p90 spread over {NOISY_SPREAD:.0%} of the median step time ({each}), "
@@ -85,9 +146,11 @@ def _notes(records: list[dict], rows: list[list], fit: Fit, width: int | None) -
     if "model" in fit.left_out:
         notes.append(f"model: {records[0]['model']} (every row)")
     if "suspect (!)" in fit.left_out:
-        notes += [f"! suspect, {row[0]}: {row[11]}" for row in rows if row[11] != "-"]
+        notes += [
+            f"! suspect, {_label(r, seeds)}: {row[-2]}" for r, row in zip(records, rows, strict=True) if row[-2] != "-"
+        ]
     if "reason" in fit.left_out:
-        notes += [f"{row[0]}: {row[12]}" for row in rows if row[12]]
+        notes += [f"{_label(r, seeds)}: {row[-1]}" for r, row in zip(records, rows, strict=True) if row[-1]]
     return notes
 
 
