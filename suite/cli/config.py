@@ -97,7 +97,7 @@ def seed_list(opts: dict[str, Any]) -> list[int]:
     seed, n = opts.get("seed", 0), opts.get("seeds", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"seeds={n!r}: must be a whole number of seeds, 1 or more; e.g. --seeds 5")
-    if isinstance(seed, int) and seed + n - 1 > SEED_MAX:
+    if isinstance(seed, int) and 0 <= seed <= SEED_MAX < seed + n - 1:  # a bad --seed itself: the Case says so
         raise ValueError(
             f"seeds={n} with seed={seed}: the last seed {seed + n - 1} is past {SEED_MAX} (2^32 - 1); lower --seed "
             f"to {SEED_MAX - n + 1} or less, or give fewer --seeds"
