@@ -7,7 +7,12 @@ the tolerance, `FAIL` when it lies above, and `inconclusive` otherwise, with the
 that would settle it at the measured spread. One seed is judged as before (the delta against the
 tolerance) and marked single-seed.
 
-API (filled in by issue 23's work; the report, summary, check and benchmarks read these objects):
+Records are pooled when every field of the case key (`suite.records.cases.CASE_KEY`) but mode and
+seed is equal; the latest record of each case counts, across runs too. The interval is
+mean +- t.ppf(0.975, n-1) x sd / sqrt(n) (scipy.stats.t, sd with n-1). A mode whose interval lies
+wholly below zero is `better` (flagged for a look, never failed); a failed seed fails the mode (or
+"lags (expected)"), naming the seed. The report, the run summary, `mpbench check` and the benchmarks
+read `judge` and `noise_floors`.
 """
 
 from __future__ import annotations
