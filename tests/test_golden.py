@@ -21,6 +21,7 @@ def test_golden_fp32_curve_is_reproduced():
     golden = json.loads(GOLDEN_PATH.read_text())
     now = golden_curve()
     assert now["case"] == golden["case"]
+    assert now["lr_schedule"] == golden["lr_schedule"], "the learning-rate schedule changed"
     assert now["init_digest"] == golden["init_digest"], "initial weights changed"
     assert now["data_digest"] == golden["data_digest"], "training batches changed"
     assert now["loss_floor"] == pytest.approx(golden["loss_floor"], abs=1e-12)

@@ -11,7 +11,10 @@ Keys (all optional; command-line flags override them):
     warmup = 5
     seed = 0
     seeds = 1                         # every mode once per seed: seed, seed+1, ..., seed+seeds-1
-    lr = 3e-3
+    lr = 3e-3                         # the peak rate
+    lr_schedule = "cosine"            # or "constant"
+    lr_warmup = 4                     # learning-rate warm-up steps (default: a tenth of steps)
+    lr_floor = 0.1                    # the last step's rate / the peak
     weight_decay = 0.1
     eval_every = 0
     compile = false
@@ -44,6 +47,7 @@ else:  # pragma: no cover - Python 3.10
 KEYS: dict[str, tuple[type, ...]] = {
     "model": (str,), "models": (list,), "modes": (list, str), "device": (str,), "batch_size": (int,),
     "seq_len": (int,), "steps": (int,), "warmup": (int,), "seed": (int,), "seeds": (int,), "lr": (float, int),
+    "lr_schedule": (str,), "lr_warmup": (int,), "lr_floor": (float, int),
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
     "parallel": (str,),

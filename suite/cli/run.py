@@ -28,6 +28,7 @@ from suite.running.worker import check_timeout, ignore_interrupts
 from suite.text import log_to_stderr, shown
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
+from suite.training.schedule import DEFAULT_FLOOR, DEFAULT_SCHEDULE
 
 # What `mpbench run` does with no arguments, by device: tiny in about a minute on two CPU cores.
 # The default modes include bf16 and fp16 ones, which a CPU without native support runs in software
@@ -70,7 +71,8 @@ def default_help(key: str) -> str:
 
 
 # flags whose value, when given, overrides the config file (dest name -> config key)
-OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "seeds", "lr", "weight_decay",
+OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "seeds", "lr", "lr_schedule",
+             "lr_warmup", "lr_floor", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
              "scaling", "fidelity", "parallel", "emulate")  # fmt: skip
 
@@ -99,7 +101,13 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         type=seeds_type,
         help="run every mode once per seed, seeds SEED..SEED+N-1, each paired with its own fp32 (default: 1)",
     )
-    add("--lr", type=float, help="AdamW learning rate (default: by model size)")
+    add("--lr", type=float, help="AdamW peak learning rate (default: by model size)")
+    add(
+        "--lr-schedule",
+        help="cosine (linear warm-up, then cosine decay to --lr-floor by the last step) | constant (default: cosine)",
+    )
+    add("--lr-warmup", type=int_type, help="learning-rate warm-up steps (default: a tenth of --steps)")
+    add("--lr-floor", type=float, help="the last step's rate as a fraction of the peak (default: 0.1)")
     add("--weight-decay", type=float, help="AdamW decoupled weight decay (default: 0.1)")
     add("--eval-every", type=int_type, help="held-out loss every N steps (default: only at the end)")
     add("--plot", action="store_true", help="also write the loss curves as a PNG beside the records")
@@ -199,6 +207,8 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      seq_len=opts.get("seq_len", min(defaults["seq_len"], block)),
                      eval_every=opts.get("eval_every", 0), compile=opts.get("compile", False),
                      data=opts.get("data"), lr=opts.get("lr"), weight_decay=opts.get("weight_decay", 0.1),
+                     lr_schedule=opts.get("lr_schedule", DEFAULT_SCHEDULE), lr_warmup=opts.get("lr_warmup"),
+                     lr_floor=opts.get("lr_floor", DEFAULT_FLOOR),
                      nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
                      fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]

@@ -17,12 +17,18 @@ from typing import Any
 # (`data_sha256`), so `d.txt`, `./d.txt` and its absolute path are one case, and an edited
 # file is another; records written before the digest existed fall back to the path as given.
 CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
-            "lr", "weight_decay", "eval_batches", "eval_every", "world_size", "grad_comm", "parallel")  # fmt: skip
+            "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay", "eval_batches", "eval_every",
+            "world_size", "grad_comm", "parallel")  # fmt: skip
+# Records written before the schedule existed trained at a constant rate: read as such, they stay one
+# case with a constant-rate record written today.
+CONSTANT_RATE = {"lr_schedule": "constant", "lr_warmup_steps": 0, "lr_floor": 1.0}
 
 
 def _value(values: dict[str, Any], field: str) -> Any:
     if field == "data":
         return values.get("data_sha256") or values.get("data")
+    if field in CONSTANT_RATE and values.get("lr_schedule") is None:
+        return CONSTANT_RATE[field]
     return values.get(field)
 
 
@@ -41,7 +47,8 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             digests = f"sha256 {a.get('data_sha256')} vs {b.get('data_sha256')}"
             out.append(f"data {a.get('data')} with other content ({digests})")
         else:
-            out.append(f"{k} {a.get(k)} vs {b.get(k)}")
+            shown = _value if k in CONSTANT_RATE else dict.get  # an old record's rate: "constant", not None
+            out.append(f"{k} {shown(a, k)} vs {shown(b, k)}")
     return out
 
 

@@ -36,8 +36,8 @@ FIELDS: tuple[str, ...] = (
     "schema", "run_id", "timestamp", "git_commit", "git_dirty",
     # the case
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
-    "compile", "data", "data_sha256", "lr", "weight_decay", "eval_batches", "eval_every", "world_size",
-    "grad_comm", "parallel",
+    "compile", "data", "data_sha256", "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay",
+    "eval_batches", "eval_every", "world_size", "grad_comm", "parallel",
     # outcome
     "status", "reason", "elapsed_s",
     # self-check (suite/records/checks.py): rules the figures break, [] when none

@@ -14,7 +14,8 @@ REQUIRED = ("model", "mode", "status")  # every command groups, matches or filte
 
 # fmt: off
 NUMBERS = frozenset((
-    "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "weight_decay", "eval_batches", "eval_every",
+    "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "lr_warmup_steps", "lr_floor", "weight_decay",
+    "eval_batches", "eval_every",
     "world_size", "elapsed_s", "params", "flops_per_token", "flops_per_step", "tokens_per_step", "timed_steps",
     "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv", "tokens_per_s", "achieved_flops",
     "peak_flops", "mfu", "mfu_bf16", "mode_dtype_flops_share", "peak_flops_blended", "mfu_blended", "mamf",
@@ -40,7 +41,7 @@ BOOLS = frozenset(("git_dirty", "compile", "emulated", "throttled", "sampler_sta
                    "cpu_fp16_native"))
 TEXT = frozenset((
     "run_id", "timestamp", "git_commit", "model", "mode", "device", "data", "data_sha256", "grad_comm", "parallel",
-    "status",
+    "lr_schedule", "status",
     "reason", "compute_dtype", "init_digest", "data_digest", "emulated_reason", "peak_flops_dtype", "mfu_reason",
     "mamf_reason", "tensor_core_util_source", "tensor_core_util_reason", "peak_mem_source", "peak_mem_reason",
     "energy_reason", "nvml_reason", "scaling_reason", "param_dtype", "reduce_dtype", "mem_saving_basis",

@@ -65,7 +65,10 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         # the file's absolute path and its content: one case under any spelling of the path
         "data": str(Path(case.data).resolve()) if case.data else None,
         "data_sha256": file_sha256(case.data) if case.data else None,
-        "lr": case.learning_rate,
+        "lr": case.learning_rate,  # the peak rate under a schedule
+        "lr_schedule": case.lr_schedule,
+        "lr_warmup_steps": case.schedule.warmup,
+        "lr_floor": case.schedule.floor,
         "eval_batches": case.eval_batches,
         "eval_every": case.eval_every,
         "world_size": case.nproc,

@@ -29,6 +29,7 @@ def golden_curve() -> dict:
             k: getattr(GOLDEN_CASE, k) for k in ("model", "mode", "device", "batch_size", "seq_len", "steps", "seed")
         },
         "lr": record["lr"],
+        "lr_schedule": [record["lr_schedule"], record["lr_warmup_steps"], record["lr_floor"]],
         "loss_floor": record["loss_floor"],
         "init_digest": record["init_digest"],
         "data_digest": record["data_digest"],

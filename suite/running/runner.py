@@ -112,7 +112,7 @@ def reference_first(cases: Sequence[Case]) -> list[Case]:
 
 
 GROUP = ("model", "device", "batch_size", "seq_len", "steps", "seed", "data", "compile", "nproc", "grad_comm",
-         "parallel")  # fmt: skip
+         "parallel", "lr_schedule", "lr_floor")  # fmt: skip
 
 
 def _group(case_or_record: Case | dict[str, Any], keys: tuple[str, ...] = GROUP) -> tuple:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from models import GPTConfig
 from suite.hardware import concrete_device
 from suite.modes import MODES
+from suite.training.schedule import DEFAULT_FLOOR, DEFAULT_SCHEDULE, SCHEDULES, LRSchedule, default_warmup
 
 GRAD_COMM = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")  # DistributedDataParallel, or FSDP2 sharding
@@ -38,7 +39,10 @@ class Case:
     seed: int = 0  # initial weights and batch order
     compile: bool = False  # torch.compile the model after the mode prepares it
     data: str | None = None  # None: the synthetic Markov corpus; else a file path
-    lr: float | None = None  # None: DEFAULT_LR of the model
+    lr: float | None = None  # peak learning rate; None: DEFAULT_LR of the model
+    lr_schedule: str = DEFAULT_SCHEDULE  # cosine (linear warm-up, cosine decay to lr_floor) | constant
+    lr_warmup: int | None = None  # steps of learning-rate warm-up; None: a tenth of the steps (not `warmup`)
+    lr_floor: float = DEFAULT_FLOOR  # the last step's rate as a fraction of the peak (cosine)
     weight_decay: float = 0.1
     eval_batches: int = 4  # held-out batches for final_loss
     eval_every: int = 0  # also evaluate every N steps (0: only at the end)
@@ -89,6 +93,16 @@ class Case:
         # inf and nan would train and end `diverged`: a failed case for what is bad input
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr}: must be a positive finite number, such as 3e-4")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.lr_warmup is not None and (isinstance(self.lr_warmup, bool) or not isinstance(self.lr_warmup, int)):
+            raise ValueError(f"lr_warmup={self.lr_warmup!r}: must be an integer number of steps")
+        if self.lr_warmup is not None and not 0 < self.lr_warmup < self.steps:
+            raise ValueError(
+                f"lr_warmup={self.lr_warmup}: must be in 1..steps-1 (steps={self.steps}) so that the rate can decay"
+            )
+        if isinstance(self.lr_floor, bool) or not (isinstance(self.lr_floor, int | float) and 0 <= self.lr_floor <= 1):
+            raise ValueError(f"lr_floor={self.lr_floor}: must be a fraction of the peak rate in 0..1, such as 0.1")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay={self.weight_decay}: must be zero or a positive finite number, such as 0.1")
 
@@ -99,6 +113,14 @@ class Case:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.model]
+
+    @property
+    def schedule(self) -> LRSchedule:
+        """The rate of every step; a constant schedule records no warm-up and no floor."""
+        if self.lr_schedule == "constant":
+            return LRSchedule("constant", self.learning_rate, self.steps, 0, 1.0)
+        warmup = self.lr_warmup if self.lr_warmup is not None else default_warmup(self.steps)
+        return LRSchedule(self.lr_schedule, self.learning_rate, self.steps, warmup, float(self.lr_floor))
 
     @property
     def data_parallel(self) -> str | None:

@@ -21,6 +21,7 @@ from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import tf32_matmuls
 from suite.training.case import Case
 from suite.training.data import Corpus, digest
+from suite.training.schedule import LRSchedule
 
 # progress(step_done, steps, last_loss): called a few times per case
 Progress = Callable[[int, int, float], None]
@@ -110,8 +111,10 @@ class _Loop:
         eval_every: int = 0,
         evaluate: Callable[[], float] | None = None,
         agree: Agree | None = None,
+        schedule: LRSchedule | None = None,
     ) -> None:
         self.fn, self.mode, self.optimizer, self.dev = fn, mode, optimizer, dev
+        self.schedule = schedule  # None: the optimizer's rate as made
         self.agree = agree
         self.steps, self.progress = steps, progress
         self.report_every = max(1, steps // 4)
@@ -136,6 +139,8 @@ class _Loop:
             if self.diverged_at is not None:
                 return
             batch = batch.to(self.dev, non_blocking=True)  # outside the timed step
+            if self.schedule is not None:  # this step's rate: a host float, set outside the timed step
+                self.schedule.apply(self.optimizer, self.done)
             with timer.measure() if timer else contextlib.nullcontext():
                 loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
             i = self.done
@@ -209,7 +214,8 @@ def run_case(
         def held_out_loss() -> float:
             return evaluate(mode.eval_model(unshard(model) if unshard else model), heldout_batches, dev)
 
-        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss, agree)
+        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss, agree,
+                     case.schedule)  # fmt: skip
         timing, measurements = _train_measured(case, device, loop, train_batches, trackers)
         final = None
         if loop.diverged_at is None:
