@@ -117,12 +117,14 @@ class FakeAllocator:
     """torch.cuda's caching-allocator counters, as `suite.metrics.memory` reads them, with torch's semantics:
     `memory_allocated`/`memory_reserved` are current bytes, `max_memory_*` the peaks since the last
     `reset_peak_memory_stats`, which sets each peak to its current value (not to 0). A freed tensor's block
-    stays reserved until `empty_cache`. `install` puts the five functions on torch.cuda (monkeypatch undoes it).
+    stays reserved until `empty_cache`. `install` puts the five functions on torch.cuda (monkeypatch undoes it),
+    and a `synchronize` that records the device it is given.
     Current and peak differ whenever something was freed: a bug that reads one for the other shows."""
 
     def __init__(self) -> None:
         self.allocated = self.reserved = self.max_allocated = self.max_reserved = 0
         self.devices: set[object] = set()  # every device argument the code passed
+        self.syncs: list[str] = []  # the device of each torch.cuda.synchronize call, in order
 
     def install(self, monkeypatch: Any) -> FakeAllocator:
         import torch
@@ -130,6 +132,7 @@ class FakeAllocator:
         for name in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved",
                      "reset_peak_memory_stats"):  # fmt: skip
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.syncs.append(str(device)))
         return self
 
     def alloc(self, mib: int, slack_mib: int = 0) -> None:

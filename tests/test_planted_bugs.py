@@ -20,18 +20,18 @@ from tests.fake_nvml import MIB, FakeHandle, make_fake
 from tests.helpers import small_case
 
 CPU = DeviceInfo("cpu", "test cpu")
-H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
+H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), index=1)  # not GPU 0: every call must name its GPU
 
 
 @pytest.fixture
 def gpu_window(monkeypatch):
-    """`make(**fake device settings)` -> (a real MeasuredWindow for an H100, its fake allocator): NVML is the
-    fake (device 0), torch.cuda's allocator counters are `FakeAllocator`'s, device syncs are no-ops."""
+    """`make(**fake device settings)` -> (a real MeasuredWindow for an H100 at cuda:1, its fake allocator): NVML
+    is the fake (device 0), torch.cuda's allocator counters are `FakeAllocator`'s, and torch.cuda.synchronize
+    (faked too) records the device it was given."""
 
     def make(use_nvml: bool = True, **device):
         fake, _ = make_fake(1, **device)
         monkeypatch.setattr(window_mod, "nvml_device", lambda index: (fake, FakeHandle(0), None))
-        monkeypatch.setattr(window_mod, "synchronize", lambda dev: None)
         allocator = FakeAllocator().install(monkeypatch)
         return window_mod.MeasuredWindow(H100, use_nvml=use_nvml), allocator
 
@@ -78,7 +78,8 @@ def test_allocator_peaks_are_torchs_max_counters_over_the_active_segments(gpu_wi
     f = window.fields(timed_steps=2, tokens_per_step=64)
     assert f["peak_mem_allocated_mb"] == 5000  # 1000 + 4000 in the second segment; never the 9000 evaluation
     assert f["peak_mem_reserved_mb"] == 5200
-    assert cuda.devices == {"cuda:0"}  # every counter read names the case's GPU
+    assert cuda.devices == {"cuda:1"}  # every counter read names the case's GPU
+    assert cuda.syncs == ["cuda:1"] * 4  # the window's edges and the pause's two: on the case's GPU
 
 
 def test_allocator_peak_of_the_first_segment_survives_the_pause(gpu_window):

@@ -63,3 +63,21 @@ def test_the_jobs_tokens_per_joule_is_the_global_batch_over_every_ranks_energy()
     m = _combined_measurements(everyone, _slowest(everyone), case)
     assert m["energy_j_per_step"] == 10.0
     assert m["tokens_per_joule"] == pytest.approx(case.tokens_per_step / 10.0) == pytest.approx(12.8)
+
+
+# -- CPU: the sampled figure is resident memory, not the address space ---------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc only")
+def test_rss_reading_is_the_resident_set_the_kernel_reports():
+    """Every RSS test fakes `_rss_bytes`; the real reading must be VmRSS (resident), far below VmSize here
+    (torch maps GiBs of address space it never touches), so reading the wrong statm field shows."""
+    from suite.metrics.memory import _rss_bytes
+
+    def status_kib(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+    before, got, after = status_kib("VmRSS"), _rss_bytes(), status_kib("VmRSS")
+    assert min(before, after) * 1024 - 8 * MIB <= got <= max(before, after) * 1024 + 8 * MIB
+    assert got < status_kib("VmSize") * 1024 / 2
