@@ -64,7 +64,8 @@ def test_every_evaluation_sees_the_held_out_batches_and_no_training_sequence(mon
     corpus = make_corpus(None, case.model_config.vocab_size)
     heldout = corpus.batches(case.eval_batches, case.batch_size, case.seq_len, case.seed, "heldout")
     train = corpus.batches(case.steps, case.batch_size, case.seq_len, case.seed, "train")
-    assert len(seen) == 2 and all(torch.equal(b, heldout) for b in seen)
+    assert len(seen) == 2  # at step 2 and at the end
+    assert all(torch.equal(b, heldout) for b in seen), "an evaluation saw other batches than the held-out ones"
     assert not _rows(heldout) & _rows(train)  # a different stream: no sequence trained on is evaluated
     assert r["final_loss"] == r["eval_curve"][-1][1]
 
