@@ -127,7 +127,8 @@ VARIANTS = {
     "lr": ({}, {"lr": 1e-3}), "weight_decay": ({}, {"weight_decay": 0.0}), "eval_batches": ({}, {"eval_batches": 2}),
     "eval_every": ({}, {"eval_every": 2}), "world_size": ({"parallel": "ddp"}, {"parallel": "ddp", "nproc": 2}),
     "grad_comm": ({"nproc": 2}, {"nproc": 2, "grad_comm": "bf16"}), "parallel": ({}, {"parallel": "fsdp"}),
-    "device": ({}, {"device": "cuda:1"}),
+    "device": ({}, {"device": "cuda:1"}), "lr_schedule": ({}, {"lr_schedule": "constant"}),
+    "lr_warmup_steps": ({}, {"lr_warmup": 2}), "lr_floor": ({}, {"lr_floor": 0.5}),
 }  # fmt: skip
 
 
