@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     derived = derive(store.read_all(args.records))
     if not derived:
-        print(f"no mode has {MIN_SEEDS}+ paired seeds in {', '.join(args.records)}: run with --seeds 5", file=sys.stderr)
+        where = ", ".join(args.records)
+        print(f"no mode has {MIN_SEEDS}+ paired seeds in {where}: run with --seeds 5 or more", file=sys.stderr)
         return 1
     print(table(derived))
     return 0
