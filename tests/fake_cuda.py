@@ -111,3 +111,63 @@ class FakeCuda:
     def release(self) -> None:
         self.held_bytes = 0
         self.empty_cache()
+
+
+class FakeAllocator:
+    """torch.cuda's caching-allocator counters, as `suite.metrics.memory` reads them, with torch's semantics:
+    `memory_allocated`/`memory_reserved` are current bytes, `max_memory_*` the peaks since the last
+    `reset_peak_memory_stats`, which sets each peak to its current value (not to 0). A freed tensor's block
+    stays reserved until `empty_cache`. `install` puts the five functions on torch.cuda (monkeypatch undoes it),
+    and a `synchronize` that records the device it is given.
+    Current and peak differ whenever something was freed: a bug that reads one for the other shows."""
+
+    def __init__(self) -> None:
+        self.allocated = self.reserved = self.max_allocated = self.max_reserved = 0
+        self.devices: set[object] = set()  # every device argument the code passed
+        self.syncs: list[str] = []  # the device of each torch.cuda.synchronize call, in order
+
+    def install(self, monkeypatch: Any) -> FakeAllocator:
+        import torch
+
+        for name in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved",
+                     "reset_peak_memory_stats"):  # fmt: skip
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.syncs.append(str(device)))
+        return self
+
+    def alloc(self, mib: int, slack_mib: int = 0) -> None:
+        """Hold `mib` more; a new block (with `slack_mib` of rounding) only when the cache has too little."""
+        self.allocated += mib * MIB
+        if self.allocated > self.reserved:
+            self.reserved = self.allocated + slack_mib * MIB
+        self.max_allocated = max(self.max_allocated, self.allocated)
+        self.max_reserved = max(self.max_reserved, self.reserved)
+
+    def free(self, mib: int) -> None:
+        self.allocated -= mib * MIB  # the block stays cached: reserved does not fall
+
+    def empty_cache(self) -> None:
+        self.reserved = self.allocated
+
+    def _seen(self, device: object) -> None:
+        self.devices.add(str(device))
+
+    def memory_allocated(self, device: object = None) -> int:
+        self._seen(device)
+        return self.allocated
+
+    def memory_reserved(self, device: object = None) -> int:
+        self._seen(device)
+        return self.reserved
+
+    def max_memory_allocated(self, device: object = None) -> int:
+        self._seen(device)
+        return self.max_allocated
+
+    def max_memory_reserved(self, device: object = None) -> int:
+        self._seen(device)
+        return self.max_reserved
+
+    def reset_peak_memory_stats(self, device: object = None) -> None:
+        self._seen(device)
+        self.max_allocated, self.max_reserved = self.allocated, self.reserved
