@@ -185,3 +185,10 @@ def test_records_survive_json_with_curves(tmp_path):
     run_cases([small_case(mode="amp-fp16", steps=2, warmup=1)], out=out, log=None, isolate=False)
     r = json.loads(out.read_text())
     assert r["loss_scale_curve"] == [65536.0, 65536.0] and r["overflow_steps"] == 0
+
+
+def test_paired_fields_of_a_case_without_a_final_loss_or_a_step_time():
+    failed = convergence.delta_fields({"final_loss": None, "status": "diverged"}, _curved(REF_CURVE, 2.0))
+    assert failed["loss_delta_reason"] == "this case has no final_loss (status diverged)" == failed["curve_reason"]
+    untimed = convergence.delta_fields(_curved(SLOWER, 2.25, step_time_ms=None), _curved(REF_CURVE, 2.0))
+    assert untimed["steps_to_target"] == 7 and untimed["seconds_to_target_reason"] == "no step time was measured"

@@ -174,3 +174,10 @@ def test_no_tolerance_or_all_skipped_is_not_checked():
     skipped = [_rec("fp32", s, 3.0) for s in (0, 1)] + [_rec("tf32", s, None, "skipped", reason="CUDA") for s in (0, 1)]
     tf32 = _by_mode(skipped)["tf32"]
     assert tf32.outcome == "not checked" and tf32.detail.startswith("CUDA")
+
+
+def test_seeds_without_any_fp32_are_not_checked_and_say_why():
+    records = [_rec("bf16", s, 3.0, loss_delta_reason="fp32 is not in this run") for s in (0, 1)]
+    v = judge(records, TOLERANCES)[0]
+    assert v.outcome == "not checked" and v.delta.n == 0 and not v.single_seed
+    assert "seed 0: no delta (fp32 is not in this run)" in v.detail and "seed 1: no delta" in v.detail

@@ -147,6 +147,16 @@ def test_the_summary_shows_the_convergence_block_with_several_seeds_only(width):
     assert "over seeds" not in _printed(records[:3], width)  # one seed: its deltas are in the table
 
 
+def test_the_summary_says_an_unsettled_verdict_a_better_mode_and_a_left_out_tolerance():
+    records = [r for s in range(3) for r in (_ok("fp32", s, 10.0, 2.0),
+               _ok("int8-mixed", s, 6.0, 2.0 + (-1.0, 0.03, 1.06)[s]),  # far too wide: over 1000 seeds
+               _ok("pure-bf16-sr", s, 6.0, 2.0 - (0.02, 0.021, 0.019)[s]))]  # fmt: skip
+    text = _printed(records, None)  # a pipe: each row on one line
+    assert "inconclusive: over 1000 seeds" in text and "pass; better than fp32: look" in text
+    narrow = " ".join(_printed(records, 60).split())
+    assert "tol left out: `mpbench check RECORDS` shows each mode's tolerance" in narrow
+
+
 def _write(path, records) -> str:
     for r in records:
         store.append(path, r)
