@@ -146,3 +146,10 @@ def test_a_planted_shift_fails_in_the_report_with_the_real_judge(tmp_path):
     page = report.build_report(pandas.DataFrame(rs), tmp_path / "out")["summary.md"].read_text()
     row = next(line for line in page.splitlines() if line.startswith("| amp-fp16 |") and "[" in line)
     assert "FAIL" in row
+
+
+def test_a_seed_set_needs_a_mode_on_two_seeds_not_two_single_seed_runs_side_by_side():
+    rs = records({"bf16": [0.001, 0.002]}, seeds=2)
+    assert len(seed_groups.seed_groups(rs)) == 1
+    apart = [r for r in rs if (r["mode"], r["seed"]) in {("fp32", 1), ("bf16", 0)}]
+    assert seed_groups.seed_groups(apart) == {}  # judge is never asked about it

@@ -43,14 +43,20 @@ def alike_key(r: dict[str, Any]) -> tuple:
 
 
 def seed_groups(records: Iterable[dict[str, Any]], min_seeds: int = 2) -> dict[tuple, list[dict[str, Any]]]:
-    """alike_key -> that case's records (the latest per case key), for cases run on `min_seeds` seeds or more."""
+    """alike_key -> that case's records (the latest per case key), for cases with a mode run on `min_seeds`
+    seeds or more."""
     newest: dict[tuple, dict[str, Any]] = {}
     for r in records:
         newest[case_key(r)] = r
     out: dict[tuple, list[dict[str, Any]]] = {}
     for r in newest.values():
         out.setdefault(alike_key(r), []).append(r)
-    return {k: g for k, g in out.items() if len({r.get("seed") for r in g}) >= min_seeds}
+
+    def seeds_of(group: list[dict[str, Any]], mode: Any) -> int:
+        return len({r.get("seed") for r in group if r.get("mode") == mode})
+
+    # some mode on `min_seeds` seeds: fp32 on seed 1 beside bf16 on seed 0 is two single-seed runs, not a set
+    return {k: g for k, g in out.items() if max(seeds_of(g, r.get("mode")) for r in g) >= min_seeds}
 
 
 def judged(records: Iterable[dict[str, Any]], tolerances: dict[str, Tolerance] | None = None) -> list[SeedSet]:
