@@ -153,3 +153,19 @@ def test_a_seed_set_needs_a_mode_on_two_seeds_not_two_single_seed_runs_side_by_s
     assert len(seed_groups.seed_groups(rs)) == 1
     apart = [r for r in rs if (r["mode"], r["seed"]) in {("fp32", 1), ("bf16", 0)}]
     assert seed_groups.seed_groups(apart) == {}  # judge is never asked about it
+
+
+def test_the_seed_charts_of_every_mode_stay_legible(tmp_path, monkeypatch):
+    """(fake_judge) All 12 modes on 5 seeds, fp8 ones emulated, long verdicts: no text under 8 pt, none cut off."""
+    monkeypatch.setattr(seeds, "noise_floors", fake_floors)
+    monkeypatch.setattr(seeds, "judge", lambda rs, tol: [v if v.outcome == "reference" else
+                        v.__class__(**(v.__dict__ | {"outcome": "inconclusive", "better": True}))
+                        for v in fake_judge(rs, tol)])  # fmt: skip
+    modes = [m for m in charts.MODE_COLOURS if m != "fp32"]
+    shifts = {m: [0.01 * (i % 4) + 0.002 * s for s in range(5)] for i, m in enumerate(modes)}
+    emulated = tuple(m for m in modes if m.startswith(("fp8", "mxfp8")))
+    files = report.build_report(pandas.DataFrame(records(shifts, seeds=5, emulated=emulated)), tmp_path / "out")
+    for name in ("seeds1-tiny-delta.png", "seeds1-tiny-loss.png"):
+        image = Image.open(io.BytesIO(files[name].read_bytes()))
+        assert float(image.text[charts.FONT_KEY]) >= charts.MIN_FONT_PT and image.width <= charts.MAX_WIDTH_PX
+        assert image.text[charts.CUT_KEY] == "", f"{name}: {image.text[charts.CUT_KEY]!r}"

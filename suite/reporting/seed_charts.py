@@ -30,8 +30,9 @@ def interval_chart(path: Path, title: str, verdicts: list[ModeVerdict], emulated
     a line at zero (fp32), and a grey tick at the mode's tolerance. A mode with one seed has a point and
     no bars; one without a delta is named "no delta" in its slot, never drawn at 0."""
     shown = [v for v in verdicts if v.outcome != "reference"]
-    fig = new_figure(4.0)
+    fig = new_figure(4.0 if len(shown) <= 6 else 5.4)  # a dozen rotated "mode: verdict" labels take height
     ax = fig.add_subplot()
+    tick = min(22.0, 200.0 / max(len(shown), 1))  # the tolerance mark: as wide as a mode's slot allows
     heights = [0.0]
     for i, v in enumerate(shown):
         d, style = v.delta, dict(color=mode_colour(v.mode), ls="--" if v.mode in emulated else "-")
@@ -47,7 +48,7 @@ def interval_chart(path: Path, title: str, verdicts: list[ModeVerdict], emulated
             ax.plot([i], [d.mean], "o", ms=6, mfc="white", color=style["color"], gid=f"interval:{v.mode}")
             heights.append(d.mean)
         if v.tolerance is not None:
-            ax.plot([i], [v.tolerance.max_delta], marker="_", ms=22, mew=2, color="0.45", gid=f"tolerance:{v.mode}")
+            ax.plot([i], [v.tolerance.max_delta], marker="_", ms=tick, mew=2, color="0.45", gid=f"tolerance:{v.mode}")
             heights.append(v.tolerance.max_delta)
     ax.axhline(0, color=FP32_COLOUR, lw=0.8)
     lo, hi = min(heights), max(heights)
