@@ -12,6 +12,7 @@ import statistics
 from scipy import stats as scipy_stats
 
 from suite.records.store import make_record
+from suite.reporting import seeds as seeds_api
 from suite.reporting.convergence import Tolerance
 from suite.reporting.seeds import ModeVerdict, NoiseFloor, SeedStats
 
@@ -88,3 +89,14 @@ def fake_floors(records: list[dict]) -> list[NoiseFloor]:
     sds = [seed_stats([r["loss_delta_vs_fp32"] for r in records if r["mode"] == m]).sd
            for m in {r["mode"] for r in records} - {"fp32"}]  # fmt: skip
     return [NoiseFloor("tiny", tuple(range(len(fp32))), seed_stats(fp32), statistics.median(sds))]
+
+
+def judge_missing() -> str | None:
+    """Why the tests that run the real seeds.judge must skip on this branch, or None once it exists."""
+    try:
+        seeds_api.judge([], {})
+    except NotImplementedError:
+        return "seeds.judge is not implemented on this branch (issue 23, verdict23's part): runs after the merge"
+    except Exception:  # noqa: BLE001 - implemented: an empty input may well be refused
+        return None
+    return None
