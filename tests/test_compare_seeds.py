@@ -92,3 +92,12 @@ def test_the_real_judge_flags_a_disjoint_regression_and_not_an_overlapping_one()
     alike = records({"bf16": [0.002, -0.001, 0.004, 0.0, 0.003]}, seeds=5)
     assert [r.verdict for r in compare_runs(a, worse) if r.metric == SEEDS_METRIC] == ["regressed"]
     assert [r.verdict for r in compare_runs(a, alike) if r.metric == SEEDS_METRIC] == ["same"]
+
+
+def test_fp32_against_itself_is_no_row(monkeypatch):
+    """A judge may give fp32 its zero deltas over seeds: the reference is never compared with itself."""
+    monkeypatch.setattr(seeds, "noise_floors", fake_floors)
+    monkeypatch.setattr(seeds, "judge", lambda rs, tol: [verdict("fp32", [0.0, 0.0, 0.0], "reference", tol=None),
+                                                         *fake_judge(rs, tol)[1:]])  # fmt: skip
+    rows = compare_runs(records({"bf16": [0.001, 0.002, 0.0015]}), records({"bf16": [0.001, 0.002, 0.0015]}))
+    assert [(r.mode, r.verdict) for r in rows if r.metric == SEEDS_METRIC] == [("bf16", "same")]
