@@ -88,7 +88,7 @@ def _row(s: SeedSet, v: ModeVerdict) -> list[table.Cell]:
         table.Cell(v.outcome, verdict_text(v), v.detail or None, suspect=v.outcome == "FAIL" or v.better),
         last,
         steps,
-        _stat(v.seconds_to_target, lambda x: spread(x, ".3g"), why("seconds_to_target", no_seconds)),
+        _stat(v.seconds_to_target, lambda x: spread(x, ".2f"), why("seconds_to_target", no_seconds)),
         _stat(v.excess_fraction, lambda x: interval(x, ".3f"), why("excess_fraction", "no loss floor known")),
     ]
 
