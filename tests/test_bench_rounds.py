@@ -94,5 +94,6 @@ def test_benchmark_table_has_rounds_of_steps_and_speed_up_vs_fp32(tmp_path):
     bf16 = rows["tiny-bf16"]["extra_info"]
     assert bf16["speedup_vs_fp32"] > 0 and bf16["speedup_vs_fp32_reason"] is None and bf16["reference"] == "fp32"
     assert bf16["omp_wait_policy"] == "PASSIVE"  # idle OpenMP threads sleep instead of spinning
+    assert bf16["convergence_verdict"] == "pass" and bf16["convergence_seeds"] == 1  # seeds.judge's, one seed
     assert "tiny/fp32 (reference)" in done.stdout
     assert "tracker overhead is gated on a GPU only" in done.stdout

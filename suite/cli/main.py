@@ -63,6 +63,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Ratios per mode and metric of B against A; exit 1 when B regressed beyond the noise, 3 when nothing
     regressed but some verdict is inconclusive (too noisy to judge): a gate must not pass on no verdict."""
+    from suite.reporting.compare import SEEDS_METRIC  # here: cmd_compare is this part's only change to this file
+
     a, b = store.read_all(args.a), store.read_all(args.b)
     rows = compare_runs(a, b)
     print(format_comparison(rows))
@@ -72,7 +74,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 1
     regressed = [r.message for r in rows if r.verdict == "regressed"]
     doubtful = sum(r.verdict == "inconclusive" for r in rows)
-    print(f"\n{len(regressed)} regression(s), {doubtful} inconclusive (too noisy to judge)"
+    seeded = sum(r.metric == SEEDS_METRIC for r in rows)  # modes both runs have on 2+ seeds
+    why = "too noisy to judge" + (", or a verdict over seeds got worse within their spread" if seeded else "")
+    over_seeds = f"; {seeded} mode(s) compared over seeds (mean delta vs fp32, 95% interval)" if seeded else ""
+    print(f"\n{len(regressed)} regression(s), {doubtful} inconclusive ({why}){over_seeds}"
           + (":\n" + "\n".join(regressed) if regressed else ""))  # fmt: skip
     return compare_exit_code(rows)
 

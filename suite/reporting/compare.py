@@ -58,6 +58,7 @@ SPEED_METRICS = ("tokens_per_s", "mfu", "tokens_per_joule")  # left out for emul
 # what this suite measures (fp8 over bf16 is a few percent, bf16 over fp32 1.1-3x). A quiet GPU's step
 # spread is a few percent; 20% and more means something else shares the machine (`mpbench doctor`).
 # A difference beyond even the wide allowance is still judged: it beat the noise it was measured with.
+SEEDS_METRIC = "loss delta vs fp32 over seeds"  # compare_seeds' rows: every one is said in words
 INCONCLUSIVE_EXIT = 3  # nothing regressed, but some verdict could not be given: never a silent pass
 
 
@@ -239,7 +240,8 @@ def _status_row(ra: dict[str, Any], rb: dict[str, Any]) -> Comparison:
 
 def compare_runs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[Comparison]:
     """Every case of A and B matched on all its settings (the resume key: sizes, steps, seed, data,
-    lr, processes...), metric by metric; a case that differs in any setting is unmatched, and says how."""
+    lr, processes...), metric by metric; a case that differs in any setting is unmatched, and says how.
+    Then each mode both ran on 2 seeds or more, over its seeds (compare_seeds)."""
     ia, ib = _index(a), _index(b)
     rows: list[Comparison] = []
     for key in list(ia) + [k for k in ib if k not in ia]:
@@ -252,7 +254,9 @@ def compare_runs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[Compa
             rows += _metric_rows(ra, rb)
         else:
             rows.append(_status_row(ra, rb))
-    return rows
+    from suite.reporting.compare_seeds import seed_rows  # here: it builds on this module's Comparison
+
+    return rows + seed_rows(a, b)  # a mode both runs have on 2+ seeds: its delta's interval, A against B
 
 
 def nothing_compared(rows: list[Comparison], a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str | None:
@@ -284,7 +288,7 @@ def format_comparison(rows: list[Comparison]) -> str:
     counts = {v: sum(r.verdict == v for r in rows) for v in verdicts}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
     shown = ("regressed", "inconclusive", "unmatched", "suspect")
-    lines += [r.message for r in rows if r.verdict in shown or r.metric == "status"]
+    lines += [r.message for r in rows if r.verdict in shown or r.metric in ("status", SEEDS_METRIC)]
     return "\n".join(lines)
 
 

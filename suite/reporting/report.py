@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from suite.records.cases import latest
-from suite.reporting import glance, procurement
+from suite.reporting import glance, procurement, seed_groups, seeds_section
 from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
+from suite.reporting.convergence import Tolerance
 from suite.reporting.fidelity_table import FIDELITY_CSV, FIDELITY_HEADERS, FIDELITY_NOTE, fidelity_cells
 from suite.reporting.plots import plot_loss_curves
 from suite.reporting.procurement import records_of
@@ -90,7 +91,7 @@ Chart = tuple[str, Path | None, str]  # (name, PNG or None, caption or why it wa
 
 
 def _charts(
-    group: list[dict[str, Any]], rows: list[list[table.Cell]], stem: str, out_dir: Path
+    group: list[dict[str, Any]], rows: list[list[table.Cell]], stem: str, out_dir: Path, seeded: bool = False
 ) -> tuple[list[Chart], list[str]]:
     """The loss curves and each bar chart of one group, and a line for each series a chart leaves
     out because no finished mode has it (on a CPU: the allocator peak), said once instead of per bar."""
@@ -112,7 +113,9 @@ def _charts(
 
     title = f"{machine_of(group[0])}: {_group_title(group[0])}"
     charts: list[Chart] = []
-    if any(r.get("loss_curve") for r in group):
+    if seeded:  # one seed of several: its curves are drawn once, as a mean with a band over the seeds
+        charts.append(("loss curves", None, f"drawn over every seed of this case in '{seeds_section.TITLE}'"))
+    elif any(r.get("loss_curve") for r in group):
         path = plot_loss_curves(group, out_dir / f"{stem}-loss.png", title=title)
         charts.append(("loss curves", path, "training loss per step (nats/token) and minus fp32's"))
     else:
@@ -188,7 +191,7 @@ class _Document:
         self.page.append(f"<h2>{html.escape(name)}</h2><table class='env'>{rows}</table>")
         self.md += ["", f"## {name}", "", "| environment | |", "|---|---|", *(f"| {k} | {v} |" for k, v in env)]
 
-    def group(self, machine: str, stem: str, group: list[dict[str, Any]]) -> None:
+    def group(self, machine: str, stem: str, group: list[dict[str, Any]], seeded: bool = False) -> None:
         """The table of one group (footnotes numbered within it), its CSV rows and its charts."""
         ref = glance.reference(group)
         rows = [table.cells(r, ref) for r in group]
@@ -206,7 +209,7 @@ class _Document:
         if any(r.get("fidelity_layers") for r in group):
             self._fidelity(group)
         images, skipped = [], []
-        charts, lines = _charts(group, rows, stem, self.out_dir)
+        charts, lines = _charts(group, rows, stem, self.out_dir, seeded)
         for name, path, caption in charts:
             if path is None:  # said on the page, so a missing chart is never mistaken for a lost one
                 skipped.append(f"<li>{html.escape(name)} chart skipped: {html.escape(caption)}</li>")
@@ -252,9 +255,14 @@ class _Document:
 
 
 def build_report(
-    df: pandas.DataFrame, out_dir: Path, prices: dict[str, float] | None = None, target_loss: float | None = None
+    df: pandas.DataFrame,
+    out_dir: Path,
+    prices: dict[str, float] | None = None,
+    target_loss: float | None = None,
+    tolerances: dict[str, Tolerance] | None = None,
 ) -> dict[str, Path]:
-    """Write index.html, summary.md, summary.csv and the chart PNGs into `out_dir`; returns them by file name."""
+    """Write index.html, summary.md, summary.csv and the chart PNGs into `out_dir`; returns them by file name.
+    A case run on 2 seeds or more is judged over its seeds against `tolerances` (default: the documented table)."""
     everything = records_of(df)
     if not everything:
         raise ValueError("records: nothing to report; load at least one record")
@@ -274,15 +282,23 @@ def build_report(
     doc.page.append(f"<h1>mpbench report</h1><p>{html.escape(intro)}</p>")
     doc.md += ["# mpbench report", "", intro]
     machines = _groups(records)
-    glance_html, glance_md = glance.section(
-        [(f"{machine}: {_group_title(g[0])}", g) for machine, groups in machines.items() for g in groups.values()]
-    )
+    sets = [(machine, s) for machine, groups in machines.items()
+            for s in seed_groups.judged([r for g in groups.values() for r in g], tolerances)]  # fmt: skip
+    in_sets = {id(r) for _, s in sets for r in s.records}
+    single = [(f"{machine}: {_group_title(g[0])}", g) for machine, groups in machines.items() for g in groups.values()
+              if not all(id(r) in in_sets for r in g)]  # fmt: skip
+    glance_html, glance_md = glance.section(single, [(f"{m}: {seeds_section.title(s)}", s) for m, s in sets])
     doc.page.append(glance_html)  # first: what a reader came for, before the environment and every figure
     doc.md += ["", glance_md]
+    seeds_html, seeds_md, pngs = seeds_section.section(sets, out_dir, _img)
+    doc.page.append(seeds_html)  # the verdicts over seeds next: the convergence a single seed cannot show
+    doc.md += ["", seeds_md] if seeds_md else []
+    doc.written |= pngs
     for m, (machine, groups) in enumerate(machines.items(), start=1):
         doc.machine(machine, [r for g in groups.values() for r in g])
         for g, group in enumerate(groups.values(), start=1):
-            doc.group(machine, f"m{m}-g{g}-{slug(str(group[0].get('model')))}", group)
+            seeded = all(id(r) in in_sets for r in group)
+            doc.group(machine, f"m{m}-g{g}-{slug(str(group[0].get('model')))}", group, seeded)
     if prices or target_loss is not None:
         section_html, section_md = procurement.section(df, prices, target_loss)
         doc.page.append(section_html)
