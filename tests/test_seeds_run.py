@@ -30,7 +30,7 @@ def in_process(monkeypatch):
     monkeypatch.setattr(cli_run, "run_cases", functools.partial(run_cases, isolate=False))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # six 10-step cases: 16-28 s on the shared 2-core machine (load 4-6)
 def test_a_planted_shift_fails_on_a_real_multi_seed_run():
     # lr 1e-3: bf16 then tracks fp32 closely on every seed (paired deltas ~1e-4), so the planted 0.05 stands out
     cases = [small_case(mode=m, seed=s, batch_size=2, seq_len=32, steps=10, warmup=1, lr=1e-3)
@@ -57,6 +57,7 @@ def test_seeds_run_seed_major_with_each_seeds_fp32_first():
     assert [c.seed for c in cases_from_options({"device": "cpu", "modes": "fp32"})] == [0]  # one seed by default
 
 
+@pytest.mark.slow  # six 3-step cases through three commands: 12-24 s on the shared 2-core machine
 def test_seeds_through_the_cli_writes_paired_records_and_resumes_the_missing_seeds(tmp_path, capsys, in_process):
     out = tmp_path / "r.jsonl"
     assert main([*RUN, "--seeds", "2", "--out", str(out)]) == 0
