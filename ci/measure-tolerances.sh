@@ -2,7 +2,7 @@
 # Re-measure the convergence tolerances (docs/convergence-and-fidelity.md, "Tolerances"): every mode at
 # the default sizes of the device found, over SEEDS seeds (default 10), then the bound each mode's
 # paired deltas give (suite/reporting/tolerances.py). Paste the printed bounds into
-# suite/reporting/convergence.py TOLERANCES and commit the records under results/tolerances/.
+# suite/reporting/convergence.py MEASURED and commit the records under results/tolerances/.
 # Usage: ci/measure-tolerances.sh [OUT.jsonl]   (env: SEEDS, MPBENCH_DEVICE, MPBENCH_TOL_ARGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -65,19 +65,20 @@ def test_seeds_needed_is_the_smallest_count_that_settles_it():
 
 def test_pass_fail_inconclusive_better_and_lags():
     v = _by_mode(_runs({
-        "bf16": [0.001, 0.002, 0.0, 0.001],  # interval far below 0.03: pass
-        "amp-fp16": [0.05, 0.052, 0.049, 0.051],  # interval above 0.02: FAIL
-        "int8-mixed": [0.0, 0.05, 0.01, 0.04],  # straddles 0.03: inconclusive
+        "bf16": [0.001, 0.002, 0.0, 0.001],  # interval far below 0.01: pass
+        "amp-fp16": [0.05, 0.052, 0.049, 0.051],  # interval above 0.01: FAIL
+        "int8-mixed": [0.0, 0.05, 0.01, 0.04],  # straddles its 0.01: inconclusive
         "fp8-rowwise": [-0.02, -0.021, -0.019, -0.02],  # wholly below 0: better, flagged, still a pass
-        "pure-fp16": [0.3, 0.31, 0.29, 0.3],  # above its 0.10, but expected to lag
+        "pure-fp16": [0.3, 0.31, 0.29, 0.3],  # above its 0.085, but expected to lag
     }))  # fmt: skip
     assert v["fp32"].outcome == "reference" and f"sd {statistics.stdev(FP32):.4f}" in v["fp32"].detail
     assert v["bf16"].outcome == "pass" and not v["bf16"].better and not v["bf16"].single_seed
     assert v["bf16"].seeds == (0, 1, 2, 3) and v["bf16"].delta.n == 4
     assert v["amp-fp16"].outcome == "FAIL" and v["amp-fp16"].delta.ci_low > 0.02
     inc = v["int8-mixed"]
-    assert inc.outcome == "inconclusive" and inc.delta.ci_low < 0.03 < inc.delta.ci_high
-    assert inc.seeds_needed == seeds_needed(inc.delta.mean, inc.delta.sd, 0.03) and inc.seeds_needed > 4
+    bound = inc.tolerance.max_delta  # tiny's measured bound (convergence.MEASURED)
+    assert inc.outcome == "inconclusive" and inc.delta.ci_low < bound < inc.delta.ci_high
+    assert inc.seeds_needed == seeds_needed(inc.delta.mean, inc.delta.sd, bound) and inc.seeds_needed > 4
     assert f"{inc.seeds_needed} seeds would settle it" in inc.detail
     assert v["fp8-rowwise"].outcome == "pass" and v["fp8-rowwise"].better
     assert "better than fp32 beyond noise: look" in v["fp8-rowwise"].detail

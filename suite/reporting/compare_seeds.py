@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from suite.reporting.compare import SEEDS_METRIC, Comparison
-from suite.reporting.convergence import TOLERANCES, Tolerance
+from suite.reporting.convergence import TOLERANCES, Tolerances
 from suite.reporting.seed_groups import alike_key, judged
 from suite.reporting.seeds import ModeVerdict
 
@@ -24,7 +24,7 @@ METRIC = SEEDS_METRIC  # the rows' metric: what was compared
 RANK = {"pass": 0, "inconclusive": 1, "FAIL": 2, "lags (expected)": 2}  # worse verdicts rank higher
 
 
-def _judged(records: list[dict[str, Any]], tolerances: dict[str, Tolerance]) -> dict[tuple, ModeVerdict]:
+def _judged(records: list[dict[str, Any]], tolerances: Tolerances) -> dict[tuple, ModeVerdict]:
     """(alike key, mode) -> the mode's verdict over seeds, for modes with a delta on 2 seeds or more."""
     out = {}
     for s in judged(records, tolerances):
@@ -55,7 +55,7 @@ def judge_pair(va: ModeVerdict, vb: ModeVerdict) -> tuple[str, float]:
 
 
 def seed_rows(
-    a: list[dict[str, Any]], b: list[dict[str, Any]], tolerances: dict[str, Tolerance] | None = None
+    a: list[dict[str, Any]], b: list[dict[str, Any]], tolerances: Tolerances | None = None
 ) -> list[Comparison]:
     """One row per (case, mode) that both A and B ran on 2 seeds or more; nothing where either has one seed."""
     tol = TOLERANCES if tolerances is None else tolerances

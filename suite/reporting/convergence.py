@@ -21,16 +21,14 @@ class Tolerance:
     why: str = ""
 
 
-# The documented table (docs/convergence-and-fidelity.md, "Convergence"). Deltas below are seen after short runs;
-# the bounds leave room for run-to-run numerics, not for a real regression.
-TOLERANCES: dict[str, Tolerance] = {
+# Bounds set by hand before any multi-seed measurement (docs/convergence-and-fidelity.md, "Tolerances"): the
+# bounds of a model that no measurement covers yet (gpt2-small and up: no GPU has run them) and of tf32 (GPU only).
+HAND_SET: dict[str, Tolerance] = {
     "tf32": Tolerance(0.02, why="10-bit mantissa matmuls, fp32 everywhere else"),
     "amp-fp16": Tolerance(0.02, why="fp32 master weights; fp16 activations with loss scaling"),
     "bf16": Tolerance(0.03, why="fp32 master weights; bf16 has 8 mantissa bits"),
     "int8-weight": Tolerance(0.05, expected_to_lag=True, why="int8 weights with stochastic rounding"),
     "pure-fp16": Tolerance(0.10, expected_to_lag=True, why="no master copy: small updates round away"),
-    # issue 14; measured on tiny, 60 CPU steps (docs/convergence-and-fidelity.md): pure-bf16 +0.084, pure-bf16-sr
-    # +0.003, int8-mixed -0.000, fp8-tensorwise +0.000, fp8-rowwise +0.002, mxfp8 +0.003
     "pure-bf16": Tolerance(0.10, expected_to_lag=True, why="no master copy, round to nearest: small updates lost"),
     "pure-bf16-sr": Tolerance(0.03, why="no master copy; stochastic rounding keeps small updates on average"),
     "int8-mixed": Tolerance(0.03, why="fp32 master; int8 matmuls with per-row dynamic scales"),
@@ -38,27 +36,67 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp8-rowwise": Tolerance(0.03, why="fp32 master; float8 matmuls, one scale per row"),
     "mxfp8": Tolerance(0.03, why="fp32 master; MXFP8 matmuls, one scale per 32 elements"),
 }
+
+
+def _measured(bound: float, delta: str, of: str) -> Tolerance:
+    lag = HAND_SET[of].expected_to_lag
+    return Tolerance(bound, lag, f"measured {delta} nats over 10 seeds (tiny, CPU); {HAND_SET[of].why}")
+
+
+# Measured (issue 23): `bash ci/measure-tolerances.sh` on tiny at this CPU's default sizes (8 x 64 tokens, 40
+# steps, cosine schedule), every mode over seeds 0-9, records in results/tolerances/tiny-cpu-default.jsonl.
+# bound = the 95% upper end of the mean paired delta + 2 sd, rounded up to 0.005, at least 0.01
+# (suite/reporting/tolerances.py; tests/test_tolerances.py re-derives these from the committed records).
+# The mean paired delta and its 95% interval are in each `why`.
+MEASURED: dict[str, dict[str, Tolerance]] = {
+    "tiny": {
+        "amp-fp16": _measured(0.01, "+0.0000 [-0.0000, +0.0001]", "amp-fp16"),
+        "bf16": _measured(0.01, "+0.0002 [+0.0001, +0.0003]", "bf16"),
+        "int8-weight": _measured(0.01, "+0.0024 [+0.0016, +0.0032]", "int8-weight"),
+        "pure-fp16": _measured(0.085, "+0.0582 [+0.0515, +0.0649]", "pure-fp16"),
+        "pure-bf16": _measured(0.09, "+0.0812 [+0.0798, +0.0827]", "pure-bf16"),
+        "pure-bf16-sr": _measured(0.01, "+0.0040 [+0.0033, +0.0047]", "pure-bf16-sr"),
+        "int8-mixed": _measured(0.01, "+0.0001 [-0.0004, +0.0006]", "int8-mixed"),
+        "fp8-tensorwise": _measured(0.01, "+0.0005 [-0.0006, +0.0016]", "fp8-tensorwise"),
+        "fp8-rowwise": _measured(0.01, "+0.0000 [-0.0012, +0.0012]", "fp8-rowwise"),
+        "mxfp8": _measured(0.01, "+0.0006 [-0.0003, +0.0014]", "mxfp8"),
+    },
+}
+# The gate's table: a mode's measured bound for its model where one exists (key (model, mode)), else the
+# hand-set one (key mode). Read it through `tolerance_of`.
+Tolerances = dict[str | tuple[str, str], Tolerance]
+TOLERANCES: Tolerances = {
+    **HAND_SET,
+    **{(model, mode): tol for model, table in MEASURED.items() for mode, tol in table.items()},
+}
+
+
+def tolerance_of(table: Tolerances, model: str | None, mode: str) -> Tolerance | None:
+    """The bound of `mode` on `model`: measured for that model if the table has it, else the mode's own."""
+    return table[(model, mode)] if (model, mode) in table else table.get(mode)
+
+
 REFERENCE = "fp32"
 
 
-def parse_tolerances(text: str | None) -> dict[str, Tolerance]:
-    """'bf16=0.05,amp-fp16=0.01' -> the default table with those bounds replaced."""
+def parse_tolerances(text: str | None) -> Tolerances:
+    """'bf16=0.05,amp-fp16=0.01' -> the default table with those bounds replaced, for every model."""
     table = dict(TOLERANCES)
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
         mode, sep, value = item.partition("=")
         mode = mode.strip()
         if not sep:
             raise ValueError(f"tolerance={item!r}: expected MODE=NATS, e.g. bf16=0.05")
-        if mode not in table:
-            raise ValueError(f"tolerance={item!r}: mode {mode!r} has no tolerance; choose from {', '.join(table)}")
+        if mode not in HAND_SET:
+            raise ValueError(f"tolerance={item!r}: mode {mode!r} has no tolerance; choose from {', '.join(HAND_SET)}")
         try:
             bound = float(value)
         except ValueError:
             raise ValueError(f"tolerance={item!r}: {value.strip()!r} is not a number of nats, e.g. 0.05") from None
         if not bound >= 0:
             raise ValueError(f"tolerance={item!r}: must be zero or positive")
-        old = table[mode]
-        table[mode] = Tolerance(bound, old.expected_to_lag, old.why)
+        for key in [k for k in table if k == mode or (isinstance(k, tuple) and k[1] == mode)]:
+            table[key] = Tolerance(bound, table[key].expected_to_lag, f"--tolerance {mode}={bound:g}")
     return table
 
 
@@ -193,12 +231,12 @@ class Verdict:
     detail: str
 
 
-def check(records: Iterable[dict[str, Any]], tolerances: dict[str, Tolerance]) -> list[Verdict]:
+def check(records: Iterable[dict[str, Any]], tolerances: Tolerances) -> list[Verdict]:
     """One verdict per record; a mode that diverged or errored fails unless expected to lag."""
     verdicts = []
     for r in records:
         mode, delta = r["mode"], r.get("loss_delta_vs_fp32")
-        tol = tolerances.get(mode)
+        tol = tolerance_of(tolerances, r.get("model"), mode)
         if mode == REFERENCE:
             verdicts.append(Verdict(mode, r["model"], None, None, "reference", r["status"]))
             continue

@@ -20,7 +20,7 @@ from suite.records.cases import latest
 from suite.reporting import glance, procurement, seed_groups, seeds_section
 from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
-from suite.reporting.convergence import Tolerance
+from suite.reporting.convergence import Tolerances
 from suite.reporting.fidelity_table import FIDELITY_CSV, FIDELITY_HEADERS, FIDELITY_NOTE, fidelity_cells
 from suite.reporting.plots import plot_loss_curves
 from suite.reporting.procurement import records_of
@@ -259,7 +259,7 @@ def build_report(
     out_dir: Path,
     prices: dict[str, float] | None = None,
     target_loss: float | None = None,
-    tolerances: dict[str, Tolerance] | None = None,
+    tolerances: Tolerances | None = None,
 ) -> dict[str, Path]:
     """Write index.html, summary.md, summary.csv and the chart PNGs into `out_dir`; returns them by file name.
     A case run on 2 seeds or more is judged over its seeds against `tolerances` (default: the documented table)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from suite.records.cases import CASE_KEY, case_key
 from suite.reporting import seeds
-from suite.reporting.convergence import TOLERANCES, Tolerance
+from suite.reporting.convergence import TOLERANCES, Tolerances
 
 _ALIKE = [i for i, k in enumerate(CASE_KEY) if k not in ("mode", "seed")]
 MANY_SEEDS = 1000  # seeds.judge caps seeds_needed here: "over 1000"
@@ -59,7 +59,7 @@ def seed_groups(records: Iterable[dict[str, Any]], min_seeds: int = 2) -> dict[t
     return {k: g for k, g in out.items() if max(seeds_of(g, r.get("mode")) for r in g) >= min_seeds}
 
 
-def judged(records: Iterable[dict[str, Any]], tolerances: dict[str, Tolerance] | None = None) -> list[SeedSet]:
+def judged(records: Iterable[dict[str, Any]], tolerances: Tolerances | None = None) -> list[SeedSet]:
     """Each multi-seed case of `records` with its verdicts (seeds.judge) and noise floor (seeds.noise_floors)."""
     out = []
     for group in seed_groups(records).values():

@@ -25,7 +25,7 @@ from typing import Any
 
 from suite.records.cases import CASE_KEY, case_key
 from suite.records.store import FAILED
-from suite.reporting.convergence import REFERENCE, Tolerance, check
+from suite.reporting.convergence import REFERENCE, Tolerance, Tolerances, check, tolerance_of
 
 CONFIDENCE = 0.95  # two-sided level of every interval here
 SEEDS_CAP = 1000  # seeds_needed looks no further: past it the verdict says "over 1000"
@@ -165,7 +165,7 @@ def _judge_mode(mode: str, mine: list[dict[str, Any]], refs: dict[Any, dict[str,
         excess_fraction=seed_stats(_values(used, "excess_fraction")), tolerance=tol,
     )  # fmt: skip
     notes = ["emulated: no seconds to target"] if emulated else []
-    if len(mine) > 1:  # a seed that gave no delta: which, and why
+    if len(mine) > 1 and not all(r["status"] == "skipped" for r in mine):  # a seed that gave no delta: which, why
         notes += [f"seed {r.get('seed')}: no delta ({_no_delta(r, refs.get(r.get('seed')))})"
                   for r, d in paired if d is None and r["status"] not in FAILED]  # fmt: skip
     failed = [r for r in mine if r["status"] in FAILED]
@@ -209,6 +209,8 @@ def _over_seeds(figures: dict[str, Any], delta: SeedStats, tol: Tolerance, notes
             notes = [f"over {SEEDS_CAP} seeds would settle it at this spread", *notes]
     if better:
         notes = ["better than fp32 beyond noise: look", *notes]
+    elif delta.ci_low > 0:  # told apart from fp32 with confidence, whatever the verdict against the tolerance
+        notes = ["above fp32 beyond noise", *notes]
     return ModeVerdict(**figures, outcome=outcome, seeds_needed=needed, better=better, single_seed=False,
                        detail="; ".join(notes))  # fmt: skip
 
@@ -230,7 +232,7 @@ def _no_delta(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
     return r.get("loss_delta_reason") or "no fp32 record of this seed"
 
 
-def judge(records: Iterable[dict[str, Any]], tolerances: dict[str, Tolerance]) -> list[ModeVerdict]:
+def judge(records: Iterable[dict[str, Any]], tolerances: Tolerances) -> list[ModeVerdict]:
     """One verdict per (group, mode), fp32 first in each group."""
     verdicts = []
     for members in _groups(records):
@@ -238,7 +240,7 @@ def judge(records: Iterable[dict[str, Any]], tolerances: dict[str, Tolerance]) -
         modes = dict.fromkeys([REFERENCE] * bool(refs) + [r["mode"] for r in members])
         for mode in modes:
             mine = sorted((r for r in members if r["mode"] == mode), key=_seed_order)
-            verdicts.append(_judge_mode(mode, mine, refs, tolerances.get(mode)))
+            verdicts.append(_judge_mode(mode, mine, refs, tolerance_of(tolerances, members[0]["model"], mode)))
     return verdicts
 
 

@@ -12,7 +12,7 @@ Rule, per mode, from its paired deltas vs fp32 over n seeds (suite/reporting/see
   margin stay under 0.05 nats, which tests/test_tolerances.py checks on the committed measurement.
 
 Re-measure (docs/convergence-and-fidelity.md, "Tolerances"): `bash ci/measure-tolerances.sh`, then
-`python -m suite.reporting.tolerances RECORDS` prints the table to paste into convergence.TOLERANCES.
+`python -m suite.reporting.tolerances RECORDS` prints the table to paste into convergence.MEASURED.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite.reporting import seeds
-from suite.reporting.convergence import REFERENCE, TOLERANCES
+from suite.reporting.convergence import REFERENCE, TOLERANCES, tolerance_of
 
 MARGIN_SD = 2.0
 STEP = 0.005  # nats/token: bounds are read by people; a finer step would pretend to a precision we lack
@@ -67,7 +67,7 @@ def table(derived: list[Derived]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for d in derived:
-        now = TOLERANCES.get(d.mode)
+        now = tolerance_of(TOLERANCES, d.model, d.mode)
         lines.append(
             f"| `{d.mode}` | {d.model} | {d.n} | {d.mean:+.4f} | {d.sd:.4f} | {d.ci_high:+.4f} | {d.bound:.3f} "
             f"| {f'{now.max_delta:.3f}' if now else '-'} |"

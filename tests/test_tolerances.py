@@ -1,0 +1,82 @@
+"""The convergence tolerances come from the committed multi-seed measurement, and they still catch a
+regression: the table re-derives from results/tolerances/, a planted +0.05 nats fails, the honest run passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from suite.records import store
+from suite.reporting import tolerances
+from suite.reporting.convergence import HAND_SET, MEASURED, TOLERANCES, parse_tolerances, tolerance_of
+from suite.reporting.seeds import judge
+
+RECORDS = Path(__file__).resolve().parents[1] / "results" / "tolerances" / "tiny-cpu-default.jsonl"
+
+
+@pytest.fixture(scope="module")
+def measured() -> list[dict]:
+    return store.read(RECORDS)
+
+
+def test_the_measured_table_is_what_the_committed_records_give(measured):
+    derived = {d.mode: d for d in tolerances.derive(measured)}
+    assert set(derived) == set(MEASURED["tiny"])  # every mode that ran on the CPU, nothing else
+    for mode, tol in MEASURED["tiny"].items():
+        d = derived[mode]
+        assert d.n == 10 and tol.max_delta == pytest.approx(d.bound), mode
+        assert f"{d.mean:+.4f}" in tol.why, f"{mode}: the why should quote the measured mean {d.mean:+.4f}"
+        assert d.ci_high <= tol.max_delta  # the machine that measured it passes it, interval and all
+
+
+def test_the_measured_run_passes_and_a_planted_005_nat_shift_fails(measured):
+    honest = {v.mode: v for v in judge(measured, TOLERANCES)}
+    assert {v.outcome for m, v in honest.items() if m in MEASURED["tiny"]} == {"pass"}
+    for mode, tol in MEASURED["tiny"].items():
+        shifted = [r | {"final_loss": r["final_loss"] + 0.05} if r["mode"] == mode else r for r in measured]
+        verdict = {v.mode: v for v in judge(shifted, TOLERANCES)}[mode]
+        want = "lags (expected)" if tol.expected_to_lag else "FAIL"
+        if mode in ("pure-fp16", "pure-bf16"):  # bounds sit near their measured lag: +0.05 is past them too
+            assert verdict.outcome == want, (mode, verdict.detail)
+        else:
+            assert verdict.outcome == want and verdict.delta.ci_low > tol.max_delta, (mode, verdict.detail)
+
+
+def test_pure_fp16_and_pure_bf16_are_told_apart_from_fp32_and_bf16_is_within_its_bound(measured):
+    by_mode = {v.mode: v for v in judge(measured, TOLERANCES)}
+    for mode in ("pure-fp16", "pure-bf16"):
+        assert by_mode[mode].delta.ci_low > 0.04, by_mode[mode].delta  # far from fp32, beyond the seed noise
+    for mode in ("bf16", "amp-fp16"):
+        v = by_mode[mode]
+        assert v.outcome == "pass" and v.delta.ci_high < v.tolerance.max_delta
+
+
+def test_a_model_no_measurement_covers_keeps_the_hand_set_bound():
+    assert tolerance_of(TOLERANCES, "tiny", "bf16") is MEASURED["tiny"]["bf16"]
+    assert tolerance_of(TOLERANCES, "gpt2-small", "bf16") is HAND_SET["bf16"]
+    assert tolerance_of(TOLERANCES, "tiny", "tf32") is HAND_SET["tf32"]  # tf32 never ran on the CPU
+    table = parse_tolerances("bf16=0.2")
+    assert tolerance_of(table, "tiny", "bf16").max_delta == 0.2 == tolerance_of(table, "gpt2-small", "bf16").max_delta
+    assert tolerance_of(table, "tiny", "pure-fp16").expected_to_lag  # what an override leaves alone stays
+
+
+def test_the_derivation_command_prints_the_table_and_refuses_one_seed(measured, tmp_path, capsys):
+    assert tolerances.main([str(RECORDS)]) == 0
+    out = capsys.readouterr().out
+    assert "| `bf16` | tiny | 10 |" in out and "0.010" in out
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(line + "\n" for line in RECORDS.read_text().splitlines() if '"seed": 0,' in line))
+    assert tolerances.main([str(one)]) == 1
+    assert "run with --seeds 5" in capsys.readouterr().err
+
+
+def test_the_bound_rule():
+    rows = [
+        {"model": "tiny", "mode": m, "seed": s, "status": "ok", "final_loss": 2.0 + d, "batch_size": 8}
+        for s, shift in enumerate([0.000, 0.002, 0.004])
+        for m, d in (("fp32", 0.0), ("bf16", 0.02 + shift))
+    ]
+    (d,) = tolerances.derive(rows)
+    # mean 0.022, sd 0.002, t(0.975, 2) = 4.303: upper 0.022 + 4.303 x 0.002 / sqrt(3) = 0.02697; + 2 sd = 0.03097
+    assert d.ci_high == pytest.approx(0.026969, abs=1e-5) and d.bound == pytest.approx(0.035)
