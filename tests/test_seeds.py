@@ -182,3 +182,12 @@ def test_seeds_without_any_fp32_are_not_checked_and_say_why():
     v = judge(records, TOLERANCES)[0]
     assert v.outcome == "not checked" and v.delta.n == 0 and not v.single_seed
     assert "seed 0: no delta (fp32 is not in this run)" in v.detail and "seed 1: no delta" in v.detail
+
+
+def test_a_mode_expected_to_lag_is_never_left_inconclusive():
+    # pure-fp16 straddling its bound: pass or lag, never FAIL, so not an open question for the exit code
+    straddles = _by_mode(_runs({"pure-fp16": [0.05, 0.12, 0.08, 0.11]}), {"pure-fp16": Tolerance(0.09, True)})
+    v = straddles["pure-fp16"]
+    assert v.delta.ci_low < 0.09 < v.delta.ci_high and v.outcome == "lags (expected)" and v.seeds_needed is None
+    within = _by_mode(_runs({"pure-fp16": [0.05, 0.051, 0.049, 0.05]}), {"pure-fp16": Tolerance(0.09, True)})
+    assert within["pure-fp16"].outcome == "pass"

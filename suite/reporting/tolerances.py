@@ -48,7 +48,16 @@ class Derived:
 
 
 def derive(records: Iterable[dict[str, Any]]) -> list[Derived]:
-    """One derived bound per (model, mode) judged over MIN_SEEDS seeds or more; fp32 is the reference."""
+    """One derived bound per (model, mode) judged over MIN_SEEDS seeds or more; fp32 is the reference.
+    Records of several configurations (sizes, steps) give a mode the largest of their bounds."""
+    widest: dict[tuple[str, str], Derived] = {}
+    for d in _per_configuration(records):
+        if (d.model, d.mode) not in widest or d.bound > widest[(d.model, d.mode)].bound:
+            widest[(d.model, d.mode)] = d
+    return list(widest.values())
+
+
+def _per_configuration(records: Iterable[dict[str, Any]]) -> list[Derived]:
     out = []
     for v in seeds.judge(list(records), TOLERANCES):
         d = v.delta
