@@ -40,3 +40,18 @@ def numerics_globals() -> dict[str, object]:
         "autocast_cpu": torch.is_autocast_enabled("cpu"),
         "autocast_cuda": torch.is_autocast_enabled("cuda"),
     }
+
+
+def keep_saved_figures(monkeypatch, *modules) -> dict:
+    """Every chart's figure by file name, kept as `modules`' `save` saves it, to read what was drawn."""
+    from suite.reporting import charts
+
+    drawn, save = {}, charts.save
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    for module in modules:
+        monkeypatch.setattr(module, "save", keep)
+    return drawn

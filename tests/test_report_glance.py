@@ -9,6 +9,7 @@ from matplotlib.colors import to_hex
 from suite.records import noise, store
 from suite.records.store import append, make_record
 from suite.reporting import charts, glance, plots, report, table
+from tests.helpers import keep_saved_figures
 
 CASE = dict(model="tiny", batch_size=8, seq_len=128, steps=20, warmup=5, seed=0, compile=False, run_id="r1")
 CPU = dict(device="cpu", cpu="Intel Xeon", peak_mem_source="rss",
@@ -25,19 +26,6 @@ def _cpu(mode: str, step: float, spread: float = 0.1, **kw) -> dict:
                   peak_mem_mb=300.0 + step / 10, loss_curve=[6.0, 5.0, 4.5, 4.2], final_loss=4.2,
                   loss_delta_vs_fp32=0.0 if mode == "fp32" else -0.001)  # fmt: skip
     return make_record(**(CASE | CPU | values | kw))
-
-
-def _keep_figures(monkeypatch) -> dict:
-    """Every chart's figure by file name, kept as it is saved, to read what was drawn."""
-    drawn, save = {}, charts.save
-
-    def keep(fig, path):
-        drawn[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(charts, "save", keep)
-    monkeypatch.setattr(plots, "save", keep)
-    return drawn
 
 
 def _build(tmp_path, records, name="report"):
@@ -108,7 +96,7 @@ def test_a_family_measured_for_no_mode_is_one_line_with_its_reasons(tmp_path):
 
 
 def test_every_chart_draws_emulated_modes_hatched_or_dashed_in_fixed_colours(tmp_path, monkeypatch):
-    drawn = _keep_figures(monkeypatch)
+    drawn = keep_saved_figures(monkeypatch, charts, plots)
     records = [_cpu("fp32", 600.0), _cpu("bf16", 300.0),
                _cpu("fp8-tensorwise", 900.0, emulated=True, emulated_reason=EMULATED)]  # fmt: skip
     _build(tmp_path, records)
@@ -145,7 +133,7 @@ def test_fp32_has_a_colour_no_other_mode_has():
 
 
 def test_the_cpu_memory_chart_says_once_that_no_mode_has_an_allocator_peak(tmp_path, monkeypatch):
-    drawn = _keep_figures(monkeypatch)
+    drawn = keep_saved_figures(monkeypatch, charts, plots)
     records = [_cpu("fp32", 600.0), _cpu("fp8-tensorwise", 900.0, emulated=True, emulated_reason=EMULATED)]
     page = _build(tmp_path, records)["index.html"].read_text()
     texts = [t.get_text() for t in drawn["m1-g1-tiny-peak-memory.png"].findobj(charts.Text)]

@@ -14,25 +14,14 @@ from PIL import Image
 
 from suite.reporting import charts, glance, report, seed_charts, seed_groups, seeds, seeds_section
 from tests import seed_fakes
+from tests.helpers import keep_saved_figures
 from tests.seed_fakes import fake_floors, fake_judge, records, verdict
 
 JUDGE = seed_fakes.judge_missing()
 
 
-def _keep(monkeypatch) -> dict:
-    """Every seed chart's figure by file name, as it is saved."""
-    drawn, save = {}, charts.save
-
-    def keep(fig, path):
-        drawn[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(seed_charts, "save", keep)
-    return drawn
-
-
 def test_the_error_bars_span_exactly_each_modes_interval_in_its_colour(tmp_path, monkeypatch):
-    drawn = _keep(monkeypatch)
+    drawn = keep_saved_figures(monkeypatch, seed_charts)
     verdicts = [verdict("fp32", [], "reference", tol=None), verdict("bf16", [0.004, -0.002, 0.010, 0.001], "pass"),
                 verdict("pure-bf16", [0.09, 0.07, 0.12], "lags (expected)", tol=0.10),
                 verdict("int8-mixed", [0.01], "pass")]  # fmt: skip
@@ -53,7 +42,7 @@ def test_the_error_bars_span_exactly_each_modes_interval_in_its_colour(tmp_path,
 
 
 def test_the_band_covers_every_seeds_curve_and_the_line_is_their_mean(tmp_path, monkeypatch):
-    drawn = _keep(monkeypatch)
+    drawn = keep_saved_figures(monkeypatch, seed_charts)
     rs = records({"bf16": [0.01, -0.02, 0.03], "pure-bf16": [0.08, 0.05, 0.11]})
     seed_charts.loss_band_chart(tmp_path / "l.png", "loss", rs)
     top, diff = drawn["l.png"].axes
