@@ -11,7 +11,10 @@ import torch
 
 from suite.cli.main import main
 from suite.hardware import resolve_device
+from suite.records import store
 from suite.records.cases import case_key, differences
+from suite.reporting.convergence import TOLERANCES
+from suite.reporting.seeds import judge
 from suite.running.execute import case_fields
 from suite.running.runner import run_cases
 from suite.training import train as train_mod
@@ -30,13 +33,18 @@ def test_cosine_warms_up_linearly_and_ends_exactly_at_its_floor():
     mid = 5 + (50 - 1 - 5) // 2  # halfway through the decay: half-way between peak and floor
     assert rates[mid] == pytest.approx(1e-4 + 0.5 * 9e-4)
     assert min(rates) >= 1e-4 * (1 - 1e-12)
+    longest = LRSchedule("cosine", 1e-3, steps=50, warmup=48, floor=0.1)  # the longest warm-up a case accepts
+    assert longest.lr(48) == pytest.approx(1e-3) and longest.lr(49) == pytest.approx(1e-4)
 
 
 def test_constant_is_the_peak_at_every_step_and_short_runs_stay_sane():
     assert {LRSchedule("constant", 3e-3, 10, 0, 1.0).lr(k) for k in range(10)} == {3e-3}
     one = LRSchedule("cosine", 3e-3, steps=1, warmup=default_warmup(1), floor=0.1)
     assert one.lr(0) == pytest.approx(3e-3)  # a one-step run trains at the peak, not at 0 or the floor
-    assert default_warmup(40) == 4 and default_warmup(2) == 1 and default_warmup(1) == 0
+    assert default_warmup(40) == 4 and default_warmup(3) == 1 and default_warmup(2) == 0 == default_warmup(1)
+    for steps in range(1, 60):  # the default always leaves the peak's step and the floor's step, when it can
+        s = LRSchedule("cosine", 1.0, steps, default_warmup(steps), 0.1)
+        assert s.lr(steps - 1) == pytest.approx(0.1 if steps >= 2 else 1.0), steps
     assert all(math.isfinite(LRSchedule("cosine", 1.0, 2, 1, 0.0).lr(k)) for k in range(2))
 
 
@@ -94,8 +102,9 @@ def test_a_resume_under_another_schedule_runs_the_case(tmp_path):
     ("flags", "field"),
     [
         (["--lr-schedule", "linear"], "lr_schedule='linear' is unknown; choose one of cosine, constant"),
-        (["--lr-warmup", "3"], "lr_warmup=3: must be in 1..steps-1 (steps=3)"),
-        (["--lr-warmup", "0"], "lr_warmup=0: must be in 1..steps-1"),
+        (["--lr-warmup", "2"], "lr_warmup=2: must be in 1..steps-2 (steps=3)"),
+        (["--lr-warmup", "0"], "lr_warmup=0: must be in 1..steps-2"),
+        (["--lr-warmup", "1", "--lr-schedule", "constant"], "lr_warmup=1: only the cosine schedule warms up"),
         (["--lr-floor", "1.5"], "lr_floor=1.5: must be a fraction of the peak rate in 0..1"),
         (["--lr-floor", "nan"], "lr_floor=nan: must be a fraction"),
     ],
@@ -114,3 +123,14 @@ def test_the_rate_is_a_host_float_so_the_step_adds_no_sync():
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
     LRSchedule("cosine", 1e-3, 10, 2, 0.1).apply(opt, 3)
     assert type(opt.param_groups[0]["lr"]) is float
+
+
+def test_a_resume_never_pairs_a_mode_with_an_fp32_trained_under_another_schedule(tmp_path):
+    out = tmp_path / "r.jsonl"
+    run_cases([small_case(steps=8, lr_warmup=1)], out=out, log=None, isolate=False)
+    resumed = run_cases([small_case(steps=8, mode="bf16", lr_warmup=5)], out=out, log=None, isolate=False, resume=True)
+    bf16 = resumed[0]
+    assert bf16["loss_delta_vs_fp32"] is None and "fp32 is not in this run" in bf16["loss_delta_reason"]
+    fp32 = run_cases([small_case(steps=8, lr_warmup=5)], out=out, log=None, isolate=False, resume=True)[0]
+    verdicts = {v.mode: v for v in judge(store.read(out), TOLERANCES)}  # bf16's own fp32, not the first one
+    assert verdicts["bf16"].delta.mean == pytest.approx(bf16["final_loss"] - fp32["final_loss"])

@@ -191,3 +191,32 @@ def test_a_mode_expected_to_lag_is_never_left_inconclusive():
     assert v.delta.ci_low < 0.09 < v.delta.ci_high and v.outcome == "lags (expected)" and v.seeds_needed is None
     within = _by_mode(_runs({"pure-fp16": [0.05, 0.051, 0.049, 0.05]}), {"pure-fp16": Tolerance(0.09, True)})
     assert within["pure-fp16"].outcome == "pass"
+
+
+def test_a_mode_paired_on_one_seed_of_several_is_inconclusive_not_a_single_seed_pass():
+    # fp32 diverged on seeds 1-3: bf16 has one paired delta left; it used to pass as "single-seed"
+    records = _runs({"bf16": [0.009, 0.009, 0.009, 0.009]})
+    records = [r | {"status": "diverged", "final_loss": None} if r["mode"] == "fp32" and r["seed"] else r
+               for r in records]  # fmt: skip
+    v = _by_mode(records)["bf16"]
+    assert v.outcome == "inconclusive" and not v.single_seed and "only seed 0 has a paired delta" in v.detail
+    assert "seed 1: no delta (its fp32 ended as diverged)" in v.detail
+
+
+def test_records_of_two_machines_are_never_paired():
+    h100 = [r | {"gpu_name": "NVIDIA H100 80GB HBM3"} for r in _runs({"bf16": [0.0, 0.0, 0.0, 0.0]})]
+    a100 = [r | {"gpu_name": "NVIDIA A100-SXM4-80GB", "final_loss": r["final_loss"] + 0.05} for r in h100]
+    mixed = [r for r in h100 if r["mode"] == "fp32"] + [r for r in a100 if r["mode"] == "bf16"]
+    verdicts = judge(mixed, TOLERANCES)
+    assert {v.mode: v.outcome for v in verdicts} == {"fp32": "reference", "bf16": "not checked"}
+    assert [v.outcome for v in judge(h100 + a100, TOLERANCES) if v.mode == "bf16"] == ["pass", "pass"]
+
+
+def test_curve_figures_are_paired_with_the_fp32_the_delta_is_judged_against():
+    records = _runs({"bf16": [0.0, 0.0, 0.0, 0.0]})
+    curve = [3.0, 2.5, 2.0, 1.9]
+    for r in records:
+        r["loss_curve"] = curve if r["mode"] == "fp32" else [c + 0.1 for c in curve]
+        r["loss_delta_last_quarter"] = 9.9  # as paired at run time with an fp32 since replaced
+    v = _by_mode(records)["bf16"]
+    assert v.last_quarter.mean == pytest.approx(0.1) and v.last_quarter.n == 4

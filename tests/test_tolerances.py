@@ -12,6 +12,7 @@ from suite.reporting import tolerances
 from suite.reporting.convergence import HAND_SET, MEASURED, TOLERANCES, parse_tolerances, tolerance_of
 from suite.reporting.seeds import judge
 
+CPU_DEFAULT = ("tiny", "cpu", 40, "cosine")  # what the bounds were measured at: convergence.measured_as
 RECORDS = Path(__file__).resolve().parents[1] / "results" / "tolerances" / "tiny-cpu-default.jsonl"
 
 
@@ -22,8 +23,9 @@ def measured() -> list[dict]:
 
 def test_the_measured_table_is_what_the_committed_records_give(measured):
     derived = {d.mode: d for d in tolerances.derive(measured)}
-    assert set(derived) == set(MEASURED["tiny"])  # every mode that ran on the CPU, nothing else
-    for mode, tol in MEASURED["tiny"].items():
+    assert {d.config for d in derived.values()} == {CPU_DEFAULT} and set(MEASURED) == {CPU_DEFAULT}
+    assert set(derived) == set(MEASURED[CPU_DEFAULT])  # every mode that ran on the CPU, nothing else
+    for mode, tol in MEASURED[CPU_DEFAULT].items():
         d = derived[mode]
         assert d.n == 10 and tol.max_delta == pytest.approx(d.bound), mode
         assert f"{d.mean:+.4f}" in tol.why, f"{mode}: the why should quote the measured mean {d.mean:+.4f}"
@@ -32,8 +34,8 @@ def test_the_measured_table_is_what_the_committed_records_give(measured):
 
 def test_the_measured_run_passes_and_a_planted_005_nat_shift_fails(measured):
     honest = {v.mode: v for v in judge(measured, TOLERANCES)}
-    assert {v.outcome for m, v in honest.items() if m in MEASURED["tiny"]} == {"pass"}
-    for mode, tol in MEASURED["tiny"].items():
+    assert {v.outcome for m, v in honest.items() if m in MEASURED[CPU_DEFAULT]} == {"pass"}
+    for mode, tol in MEASURED[CPU_DEFAULT].items():
         shifted = [r | {"final_loss": r["final_loss"] + 0.05} if r["mode"] == mode else r for r in measured]
         verdict = {v.mode: v for v in judge(shifted, TOLERANCES)}[mode]
         want = "lags (expected)" if tol.expected_to_lag else "FAIL"
@@ -52,19 +54,31 @@ def test_pure_fp16_and_pure_bf16_are_told_apart_from_fp32_and_bf16_is_within_its
         assert v.outcome == "pass" and v.delta.ci_high < v.tolerance.max_delta
 
 
-def test_a_model_no_measurement_covers_keeps_the_hand_set_bound():
-    assert tolerance_of(TOLERANCES, "tiny", "bf16") is MEASURED["tiny"]["bf16"]
-    assert tolerance_of(TOLERANCES, "gpt2-small", "bf16") is HAND_SET["bf16"]
-    assert tolerance_of(TOLERANCES, "tiny", "tf32") is HAND_SET["tf32"]  # tf32 never ran on the CPU
+def test_a_measured_bound_holds_only_for_what_was_measured():
+    tiny = {"model": "tiny", "device": "cpu", "steps": 40, "lr_schedule": "cosine"}
+    assert tolerance_of(TOLERANCES, tiny, "bf16") is MEASURED[CPU_DEFAULT]["bf16"]
+    for other in ({"model": "gpt2-small"}, {"device": "cuda:0"}, {"steps": 200}, {"lr_schedule": "constant"},
+                  {"lr_schedule": None}):  # fmt: skip
+        assert tolerance_of(TOLERANCES, tiny | other, "bf16") is HAND_SET["bf16"], other  # an old record too
+    assert tolerance_of(TOLERANCES, tiny, "tf32") is HAND_SET["tf32"]  # tf32 never ran on the CPU
     table = parse_tolerances("bf16=0.2")
-    assert tolerance_of(table, "tiny", "bf16").max_delta == 0.2 == tolerance_of(table, "gpt2-small", "bf16").max_delta
-    assert tolerance_of(table, "tiny", "pure-fp16").expected_to_lag  # what an override leaves alone stays
+    assert (
+        tolerance_of(table, tiny, "bf16").max_delta == 0.2 == tolerance_of(table, tiny | {"steps": 9}, "bf16").max_delta
+    )
+    assert tolerance_of(table, tiny, "pure-fp16").expected_to_lag  # what an override leaves alone stays
+
+
+def test_an_old_record_is_judged_by_the_bound_it_was_judged_by_before():
+    old = [{"model": "tiny", "mode": m, "seed": 0, "status": "ok", "device": "cpu", "steps": 200,
+            "final_loss": 3.0 + d} for m, d in (("fp32", 0.0), ("int8-mixed", 0.015))]  # fmt: skip
+    (verdict,) = [v for v in judge(old, TOLERANCES) if v.mode == "int8-mixed"]
+    assert verdict.outcome == "pass" and verdict.tolerance is HAND_SET["int8-mixed"]
 
 
 def test_the_derivation_command_prints_the_table_and_refuses_one_seed(measured, tmp_path, capsys):
     assert tolerances.main([str(RECORDS)]) == 0
     out = capsys.readouterr().out
-    assert "| `bf16` | tiny | 10 |" in out and "0.010" in out
+    assert "| `bf16` | tiny, cpu, 40, cosine | 10 |" in out and "0.010" in out
     one = tmp_path / "one.jsonl"
     one.write_text("".join(line + "\n" for line in RECORDS.read_text().splitlines() if '"seed": 0,' in line))
     assert tolerances.main([str(one)]) == 1
@@ -73,7 +87,7 @@ def test_the_derivation_command_prints_the_table_and_refuses_one_seed(measured, 
 
 def test_the_bound_rule():
     rows = [
-        {"model": "tiny", "mode": m, "seed": s, "status": "ok", "final_loss": 2.0 + d, "batch_size": 8}
+        {"model": "tiny", "mode": m, "seed": s, "status": "ok", "final_loss": 2.0 + d, "device": "cpu", "steps": 9}
         for s, shift in enumerate([0.000, 0.002, 0.004])
         for m, d in (("fp32", 0.0), ("bf16", 0.02 + shift))
     ]

@@ -37,6 +37,26 @@ def case_key(values: dict[str, Any]) -> tuple:
     return tuple(_value(values, k) for k in CASE_KEY)
 
 
+_MODE, _SEED = CASE_KEY.index("mode"), CASE_KEY.index("seed")
+
+
+def alike(key: tuple) -> tuple:
+    """A case key without its mode and seed: the cases whose seeds are pooled into one verdict."""
+    return tuple(v for i, v in enumerate(key) if i not in (_MODE, _SEED))
+
+
+def pair_key(record: dict[str, Any]) -> tuple:
+    """A record's case key without its mode: its fp32 reference (same seed, same every other setting) has
+    the same one. Pairing by anything looser pairs a mode with an fp32 trained otherwise."""
+    return tuple(v for i, v in enumerate(case_key(record)) if i != _MODE)
+
+
+def machine(record: dict[str, Any]) -> str | None:
+    """The hardware a record was measured on (its GPU, else its CPU): records of two machines are never paired,
+    even when their case keys agree (the key's device is only "cuda:0" or "cpu")."""
+    return record.get("gpu_name") or record.get("cpu")
+
+
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The settings of CASE_KEY where two records differ, as "field A-value vs B-value"."""
     out = []

@@ -11,11 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.records.cases import CASE_KEY, case_key
+from suite.records.cases import alike, case_key, machine
 from suite.reporting import seeds
 from suite.reporting.convergence import TOLERANCES, Tolerances
 
-_ALIKE = [i for i, k in enumerate(CASE_KEY) if k not in ("mode", "seed")]
 MANY_SEEDS = 1000  # seeds.judge caps seeds_needed here: "over 1000"
 DELTA_EXAMPLE = 0.005  # nats: the size of precision effect the noise floor is stated against (issue 23)
 
@@ -37,9 +36,8 @@ class SeedSet:
 
 
 def alike_key(r: dict[str, Any]) -> tuple:
-    """Every case setting but mode and seed: the records judged together."""
-    key = case_key(r)
-    return tuple(key[i] for i in _ALIKE)
+    """Every case setting but mode and seed, and the machine: the records judged together."""
+    return (*alike(case_key(r)), machine(r))
 
 
 def seed_groups(records: Iterable[dict[str, Any]], min_seeds: int = 2) -> dict[tuple, list[dict[str, Any]]]:
@@ -47,7 +45,7 @@ def seed_groups(records: Iterable[dict[str, Any]], min_seeds: int = 2) -> dict[t
     seeds or more."""
     newest: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        newest[case_key(r)] = r
+        newest[(*case_key(r), machine(r))] = r
     out: dict[tuple, list[dict[str, Any]]] = {}
     for r in newest.values():
         out.setdefault(alike_key(r), []).append(r)

@@ -23,23 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.records.cases import CASE_KEY, case_key
+from suite.records.cases import alike, case_key, machine, pair_key  # noqa: F401 (pair_key: for readers)
 from suite.records.store import FAILED
-from suite.reporting.convergence import REFERENCE, Tolerance, Tolerances, check, tolerance_of
+from suite.reporting.convergence import REFERENCE, Tolerance, Tolerances, check, paired_fields, tolerance_of
 
 CONFIDENCE = 0.95  # two-sided level of every interval here
 SEEDS_CAP = 1000  # seeds_needed looks no further: past it the verdict says "over 1000"
-_MODE, _SEED = CASE_KEY.index("mode"), CASE_KEY.index("seed")
-
-
-def alike(key: tuple) -> tuple:
-    """A case key (`cases.case_key`) without its mode and seed: the cases whose seeds are pooled."""
-    return tuple(v for i, v in enumerate(key) if i not in (_MODE, _SEED))
-
-
-def pair_key(record: dict[str, Any]) -> tuple:
-    """A record's case key without its mode: the same seed's fp32 record has the same one."""
-    return tuple(v for i, v in enumerate(case_key(record)) if i != _MODE)
 
 
 @dataclass(frozen=True)
@@ -125,11 +114,11 @@ def _groups(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The latest record of each case (across runs too), grouped by everything but mode and seed, in
     the order the groups first appear."""
     latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        latest[case_key(r)] = r
+    for r in records:  # one machine's records only: a key's device is just "cpu" or "cuda:0"
+        latest[(*case_key(r), machine(r))] = r
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for key, r in latest.items():
-        groups.setdefault(alike(key), []).append(r)
+    for r in latest.values():
+        groups.setdefault((*alike(case_key(r)), machine(r)), []).append(r)
     return list(groups.values())
 
 
@@ -138,12 +127,21 @@ def _seed_order(r: dict[str, Any]) -> tuple:
 
 
 def _delta(r: dict[str, Any], ref: dict[str, Any] | None) -> float | None:
-    """Final loss minus the same seed's fp32's; else the record's own delta (its fp32 not among these records)."""
+    """Final loss minus the same seed's fp32's, from the records themselves; when no fp32 of that seed is among
+    them (a file of one mode), the delta the run stored against its own fp32 (paired by the whole case key)."""
     if r["status"] != "ok" or r.get("final_loss") is None:
         return None
     if ref is None:
         return r.get("loss_delta_vs_fp32")
     return r["final_loss"] - ref["final_loss"] if ref.get("final_loss") is not None else None
+
+
+def _paired(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
+    """The record with its curve figures paired again with the fp32 it is judged against (the record's own were
+    paired with the fp32 of its run, which a later run may have replaced)."""
+    if ref is None or r is ref:
+        return r
+    return r | paired_fields(r, ref, None)
 
 
 def _values(records: list[dict[str, Any]], field: str) -> list[float]:
@@ -153,7 +151,7 @@ def _values(records: list[dict[str, Any]], field: str) -> list[float]:
 def _judge_mode(mode: str, mine: list[dict[str, Any]], refs: dict[Any, dict[str, Any]],
                 tol: Tolerance | None) -> ModeVerdict:  # fmt: skip
     """One mode of one group over its seeds (`mine` in seed order; `refs`: fp32's record by seed)."""
-    paired = [(r, _delta(r, refs.get(r.get("seed")))) for r in mine]
+    paired = [(_paired(r, refs.get(r.get("seed"))), _delta(r, refs.get(r.get("seed")))) for r in mine]
     used = [r for r, d in paired if d is not None]
     delta = seed_stats(d for _, d in paired if d is not None)
     emulated = any(r.get("emulated") for r in used)
@@ -169,9 +167,11 @@ def _judge_mode(mode: str, mine: list[dict[str, Any]], refs: dict[Any, dict[str,
         notes += [f"seed {r.get('seed')}: no delta ({_no_delta(r, refs.get(r.get('seed')))})"
                   for r, d in paired if d is None and r["status"] not in FAILED]  # fmt: skip
     failed = [r for r in mine if r["status"] in FAILED]
-    if len(mine) == 1 or (delta.n == 1 and not failed and mode != REFERENCE):  # one seed: judged as before
+    if len(mine) == 1:  # one seed: judged as before
         r = used[0] if used else mine[0]
-        v = check([r | {"loss_delta_vs_fp32": delta.mean}], {mode: tol} if tol else {})[0]
+        ref = refs.get(r.get("seed"))
+        why = None if delta.mean is not None else _no_delta(r, ref) if r is not ref else None
+        v = check([r | {"loss_delta_vs_fp32": delta.mean, "loss_delta_reason": why}], {mode: tol} if tol else {})[0]
         detail = "; ".join(["single-seed", v.detail, *notes]) if v.detail else "single-seed"
         return ModeVerdict(**figures, outcome=v.outcome, seeds_needed=None, better=False, single_seed=True,
                            detail=detail)  # fmt: skip
@@ -187,6 +187,8 @@ def _judge_mode(mode: str, mine: list[dict[str, Any]], refs: dict[Any, dict[str,
         return _verdict(figures, "lags (expected)" if tol.expected_to_lag else "FAIL", [*_failed(failed), *notes])
     if delta.n == 0:
         return _verdict(figures, "not checked", notes)
+    if delta.n == 1:  # several seeds asked, one paired (its fp32 failed on the others): no interval to judge by
+        return _verdict(figures, "inconclusive", [f"only seed {used[0].get('seed')} has a paired delta", *notes])
     return _over_seeds(figures, delta, tol, notes)
 
 
@@ -242,7 +244,7 @@ def judge(records: Iterable[dict[str, Any]], tolerances: Tolerances) -> list[Mod
         modes = dict.fromkeys([REFERENCE] * bool(refs) + [r["mode"] for r in members])
         for mode in modes:
             mine = sorted((r for r in members if r["mode"] == mode), key=_seed_order)
-            verdicts.append(_judge_mode(mode, mine, refs, tolerance_of(tolerances, members[0]["model"], mode)))
+            verdicts.append(_judge_mode(mode, mine, refs, tolerance_of(tolerances, members[0], mode)))
     return verdicts
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite.reporting import seeds
-from suite.reporting.convergence import REFERENCE, TOLERANCES, tolerance_of
+from suite.reporting.convergence import REFERENCE, TOLERANCES, measured_as
 
 MARGIN_SD = 2.0
 STEP = 0.005  # nats/token: bounds are read by people; a finer step would pretend to a precision we lack
@@ -39,7 +39,7 @@ MIN_SEEDS = 3  # fewer gives an interval too wide to set a bound from
 @dataclass(frozen=True)
 class Derived:
     mode: str
-    model: str
+    config: tuple[str, str, int, str]  # convergence.measured_as: model, device type, steps, schedule
     n: int
     mean: float
     sd: float
@@ -48,38 +48,42 @@ class Derived:
 
 
 def derive(records: Iterable[dict[str, Any]]) -> list[Derived]:
-    """One derived bound per (model, mode) judged over MIN_SEEDS seeds or more; fp32 is the reference.
-    Records of several configurations (sizes, steps) give a mode the largest of their bounds."""
-    widest: dict[tuple[str, str], Derived] = {}
-    for d in _per_configuration(records):
-        if (d.model, d.mode) not in widest or d.bound > widest[(d.model, d.mode)].bound:
-            widest[(d.model, d.mode)] = d
+    """One derived bound per (configuration, mode) judged over MIN_SEEDS seeds or more; fp32 is the reference.
+    Records of several sizes of one configuration (batch 8 x 64 and 8 x 128) give a mode the widest bound."""
+    by_config: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        by_config.setdefault(measured_as(r), []).append(r)
+    widest: dict[tuple, Derived] = {}
+    for config, members in by_config.items():
+        for d in _derived(config, members):
+            if (config, d.mode) not in widest or d.bound > widest[(config, d.mode)].bound:
+                widest[(config, d.mode)] = d
     return list(widest.values())
 
 
-def _per_configuration(records: Iterable[dict[str, Any]]) -> list[Derived]:
+def _derived(config: tuple, records: list[dict[str, Any]]) -> list[Derived]:
     out = []
-    for v in seeds.judge(list(records), TOLERANCES):
+    for v in seeds.judge(records, TOLERANCES):
         d = v.delta
         if v.mode == REFERENCE or d.n < MIN_SEEDS or d.ci_high is None or d.sd is None or d.mean is None:
             continue
         raw = max(MIN_BOUND, d.ci_high + MARGIN_SD * d.sd)
         bound = math.ceil(round(raw / STEP, 9)) * STEP
-        out.append(Derived(v.mode, v.model, d.n, d.mean, d.sd, d.ci_high, round(bound, 6)))
+        out.append(Derived(v.mode, config, d.n, d.mean, d.sd, d.ci_high, round(bound, 6)))
     return out
 
 
 def table(derived: list[Derived]) -> str:
-    """The derived bounds as a Markdown table, with the figures each was set from."""
+    """The derived bounds as a Markdown table, with the figures each was set from and the bound in use now."""
     lines = [
-        "| mode | model | seeds | mean delta | sd | 95% upper | bound | now |",
+        "| mode | model, device, steps, schedule | seeds | mean delta | sd | 95% upper | bound | now |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for d in derived:
-        now = tolerance_of(TOLERANCES, d.model, d.mode)
+        now = TOLERANCES.get((d.config, d.mode)) or TOLERANCES.get(d.mode)
         lines.append(
-            f"| `{d.mode}` | {d.model} | {d.n} | {d.mean:+.4f} | {d.sd:.4f} | {d.ci_high:+.4f} | {d.bound:.3f} "
-            f"| {f'{now.max_delta:.3f}' if now else '-'} |"
+            f"| `{d.mode}` | {', '.join(str(c) for c in d.config)} | {d.n} | {d.mean:+.4f} | {d.sd:.4f} "
+            f"| {d.ci_high:+.4f} | {d.bound:.3f} | {f'{now.max_delta:.3f}' if now else '-'} |"
         )
     return "\n".join(lines)
 

@@ -20,9 +20,8 @@ from suite.metrics.window import nvml_device
 from suite.modes import get_mode
 from suite.modes.base import decide
 from suite.records import checks, outputs, store
-from suite.records.cases import case_key, outcomes
+from suite.records.cases import alike, case_key, machine, outcomes, pair_key
 from suite.reporting import convergence
-from suite.reporting.seeds import alike
 from suite.running import faults
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
 from suite.running.execute import Batches, case_fields, train_in_process
@@ -235,7 +234,9 @@ def run_cases(
             note(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
     recorded = {case_key(r): r for r in existing}  # the latest record of each case
     have = {k for k, r in recorded.items() if not (retry_failed and r["status"] != "ok")}
-    references = {_group(r): r for r in existing if r["mode"] == convergence.REFERENCE}
+    # each mode's fp32: the same case but the mode, on this machine (a resumed file may hold fp32s trained
+    # otherwise, or elsewhere)
+    references = {_reference_key(r): r for r in existing if r["mode"] == convergence.REFERENCE}
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     ddps = {_ddp_twin(r): r for r in existing if r.get("parallel") == "ddp"}
     todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
@@ -262,10 +263,9 @@ def run_cases(
             except (KeyboardInterrupt, Interrupted) as exc:
                 signum = getattr(exc, "signum", signal.SIGINT)
                 raise RunInterrupted(signum, records, [_describe(c) for c in todo[i - 1 :]]) from None
-            group = _group(record)
             if case.mode == convergence.REFERENCE:
-                references[group] = record
-            record |= convergence.delta_fields(record, references.get(group))
+                references[_reference_key(record)] = record
+            record |= convergence.delta_fields(record, references.get(_reference_key(record)))
             record["seeds"] = len(asked[alike(_key(case, devices))])
             if case.data_parallel is None:
                 singles[_scaling_group(record)] = record
@@ -286,6 +286,11 @@ def run_cases(
                 note(f"mpbench: --fail-fast: stopping after {_describe(case)} ended as {record['status']}")
                 break
     return records
+
+
+def _reference_key(record: dict[str, Any]) -> tuple:
+    """The record's case but its mode, and its machine: its fp32 reference has the same one."""
+    return (*pair_key(record), machine(record))
 
 
 def _key(case: Case, devices: dict[str, DeviceInfo]) -> tuple:

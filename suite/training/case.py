@@ -97,9 +97,15 @@ class Case:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         if self.lr_warmup is not None and (isinstance(self.lr_warmup, bool) or not isinstance(self.lr_warmup, int)):
             raise ValueError(f"lr_warmup={self.lr_warmup!r}: must be an integer number of steps")
-        if self.lr_warmup is not None and not 0 < self.lr_warmup < self.steps:
+        if self.lr_warmup is not None and self.lr_schedule == "constant":
             raise ValueError(
-                f"lr_warmup={self.lr_warmup}: must be in 1..steps-1 (steps={self.steps}) so that the rate can decay"
+                f"lr_warmup={self.lr_warmup}: only the cosine schedule warms up; drop --lr-warmup or use "
+                "--lr-schedule cosine"
+            )
+        if self.lr_warmup is not None and not 0 < self.lr_warmup <= self.steps - 2:
+            raise ValueError(
+                f"lr_warmup={self.lr_warmup}: must be in 1..steps-2 (steps={self.steps}), so that after the peak's "
+                "step the rate decays to the floor by the last step"
             )
         if isinstance(self.lr_floor, bool) or not (isinstance(self.lr_floor, int | float) and 0 <= self.lr_floor <= 1):
             raise ValueError(f"lr_floor={self.lr_floor}: must be a fraction of the peak rate in 0..1, such as 0.1")

@@ -21,8 +21,9 @@ WARMUP_SHARE = 0.1  # default warm-up: this share of the steps, at least 1
 
 
 def default_warmup(steps: int) -> int:
-    """Warm-up steps when none are given: a tenth of the run, at least one step, fewer than all."""
-    return min(max(1, round(steps * WARMUP_SHARE)), max(steps - 1, 0))
+    """Warm-up steps when none are given: a tenth of the run, at least one step, and at most steps - 2, so
+    that the peak's own step is followed by at least one step that decays (the last one, at the floor)."""
+    return max(0, min(max(1, round(steps * WARMUP_SHARE)), steps - 2))
 
 
 @dataclass(frozen=True)
