@@ -31,9 +31,6 @@ class SeedSet:
     def seeds(self) -> list[int]:
         return sorted({int(r["seed"]) for r in self.records if r.get("seed") is not None})
 
-    def verdict(self, mode: str) -> seeds.ModeVerdict | None:
-        return next((v for v in self.verdicts if v.mode == mode), None)
-
 
 def alike_key(r: dict[str, Any]) -> tuple:
     """Every case setting but mode and seed, and the machine: the records judged together."""

@@ -139,7 +139,7 @@ def _delta(r: dict[str, Any], ref: dict[str, Any] | None) -> float | None:
 def _paired(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
     """The record with its curve figures paired again with the fp32 it is judged against (the record's own were
     paired with the fp32 of its run, which a later run may have replaced)."""
-    if ref is None or r is ref:
+    if ref is None or r is ref or _delta(r, ref) is None:  # nothing to pair: a failed case, or a failed fp32
         return r
     return r | paired_fields(r, ref, None)
 
