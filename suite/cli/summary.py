@@ -15,10 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 from suite.cli.progress import STYLE
+from suite.records.cases import pair_key
 from suite.records.checks import suspect_fields
 from suite.records.noise import NOISY_SPREAD, noisy_step
 from suite.reporting.convergence import REFERENCE, TOLERANCES
-from suite.reporting.seeds import SEEDS_CAP, ModeVerdict, judge, noise_floors, pair_key
+from suite.reporting.seeds import SEEDS_CAP, ModeVerdict, judge, noise_floors
 from suite.text import Fit, fit_table, fmt, show
 
 HEADER = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.records.cases import alike, case_key, machine, pair_key  # noqa: F401 (pair_key: for readers)
+from suite.records.cases import alike, case_key, machine
 from suite.records.store import FAILED
 from suite.reporting.convergence import REFERENCE, Tolerance, Tolerances, check, paired_fields, tolerance_of
 

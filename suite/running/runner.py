@@ -239,7 +239,8 @@ def run_cases(
     references = {_reference_key(r): r for r in existing if r["mode"] == convergence.REFERENCE}
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     ddps = {_ddp_twin(r): r for r in existing if r.get("parallel") == "ddp"}
-    todo = [c for c in reference_first(cases) if _key(c, devices) not in have]
+    keys = {c: _key(c, devices) for c in cases}  # once per case: a data file's key reads (hashes) the whole file
+    todo = [c for c in reference_first(cases) if keys[c] not in have]
     if resume:  # a failed case is not run again unless asked: say so, or say it is
         failed = [r for r in recorded_cases(cases, devices, existing) if r["status"] in store.FAILED]
         again = "run again" if retry_failed else "not run again (--retry-failed reruns them)"
@@ -247,7 +248,7 @@ def run_cases(
         note(f"mpbench: resuming {out}: {len(cases) - len(todo)} case(s) already recorded, {len(todo)} to run{why}")
     asked: dict[tuple, set[int]] = {}  # the seeds of each set of alike cases (`seeds` of their records)
     for c in cases:
-        asked.setdefault(alike(_key(c, devices)), set()).add(c.seed)
+        asked.setdefault(alike(keys[c]), set()).add(c.seed)
     batches = Batches()  # shared across cases when they train in this process
     records: list[dict[str, Any]] = []
     sink(Event("matrix", total=len(todo)))
@@ -266,7 +267,7 @@ def run_cases(
             if case.mode == convergence.REFERENCE:
                 references[_reference_key(record)] = record
             record |= convergence.delta_fields(record, references.get(_reference_key(record)))
-            record["seeds"] = len(asked[alike(_key(case, devices))])
+            record["seeds"] = len(asked[alike(keys[case])])
             if case.data_parallel is None:
                 singles[_scaling_group(record)] = record
             record |= scaling_fields(record, singles.get(_scaling_group(record)))
