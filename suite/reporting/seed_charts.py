@@ -19,6 +19,7 @@ from suite.reporting.charts import (
     new_figure,
     save,
 )
+from suite.reporting.plots import finish_loss_panels, loss_panels
 from suite.reporting.seeds import ModeVerdict
 
 SHORT = {"pass": "pass", "FAIL": "FAIL", "inconclusive": "inconclusive", "lags (expected)": "lags (expected)"}
@@ -92,8 +93,7 @@ def _band(ax: Any, curves: list[list[float]], colour: str, ls: str, label: str |
 def loss_band_chart(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
     """Two panels like the single-seed loss chart: each mode's training loss as the mean over its seeds
     with a min..max band, and below it the paired difference to fp32 (same seed, same step), mean and band."""
-    fig = new_figure(5.6)
-    ax, diff = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    fig, ax, diff = loss_panels()
     ok = [r for r in records if r.get("status") == "ok" and r.get("loss_curve")]
     fp32 = {r.get("seed"): r["loss_curve"] for r in ok if r["mode"] == "fp32"}
     modes = list(dict.fromkeys(sorted((r["mode"] for r in ok), key=lambda m: m != "fp32")))
@@ -109,19 +109,9 @@ def loss_band_chart(path: Path, title: str, records: list[dict[str, Any]]) -> Pa
                   for r in mine if r.get("seed") in fp32]  # fmt: skip
         if mode != "fp32" and paired:
             _band(diff, paired, colour, ls, None, mode)
-    for floor in {r["loss_floor"] for r in ok if r.get("loss_floor") is not None}:
-        ax.axhline(floor, color="0.5", ls=":", lw=1, label=f"loss floor {floor:.3f}")
     ax.set_title(textwrap.fill(title, TITLE_CHARS), fontsize=9)
     n = f"{next(iter(counts.values()))} " if len(set(counts.values())) == 1 else ""
     ax.set_ylabel(f"loss (nats/token): mean,\nband {BAND} over {n}seeds", fontsize=9)
-    diff.axhline(0, color=FP32_COLOUR, lw=0.8)
-    diff.set_ylabel("loss - fp32 loss\n(same seed)" if fp32 else "no fp32 in these records", fontsize=9)
-    diff.set_xlabel("step", fontsize=9)
-    for a in (ax, diff):
-        a.grid(alpha=0.3)
-        a.tick_params(labelsize=9)
-    handles, _ = ax.get_legend_handles_labels()
-    if emulated:
-        handles.append(emulated_handle())
-    fig.legend(handles=handles, loc="outside lower center", fontsize=MIN_FONT_PT, ncol=2, frameon=False)
+    diff_label = "loss - fp32 loss\n(same seed)" if fp32 else "no fp32 in these records"
+    finish_loss_panels(fig, ax, diff, ok, diff_label, bool(emulated))
     return save(fig, path)
