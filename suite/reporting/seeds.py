@@ -136,12 +136,13 @@ def _delta(r: dict[str, Any], ref: dict[str, Any] | None) -> float | None:
     return r["final_loss"] - ref["final_loss"] if ref.get("final_loss") is not None else None
 
 
-def _paired(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
-    """The record with its curve figures paired again with the fp32 it is judged against (the record's own were
-    paired with the fp32 of its run, which a later run may have replaced)."""
-    if ref is None or r is ref or _delta(r, ref) is None:  # nothing to pair: a failed case, or a failed fp32
-        return r
-    return r | paired_fields(r, ref, None)
+def _paired(r: dict[str, Any], ref: dict[str, Any] | None) -> tuple[dict[str, Any], float | None]:
+    """(the record with its curve figures paired again with the fp32 it is judged against, its delta). The
+    record's own figures were paired with the fp32 of its run, which a later run may have replaced."""
+    delta = _delta(r, ref)
+    if ref is None or r is ref or delta is None:  # nothing to pair: a failed case, or a failed fp32
+        return r, delta
+    return r | paired_fields(r, ref, None), delta
 
 
 def _values(records: list[dict[str, Any]], field: str) -> list[float]:
@@ -151,7 +152,7 @@ def _values(records: list[dict[str, Any]], field: str) -> list[float]:
 def _judge_mode(mode: str, mine: list[dict[str, Any]], refs: dict[Any, dict[str, Any]],
                 tol: Tolerance | None) -> ModeVerdict:  # fmt: skip
     """One mode of one group over its seeds (`mine` in seed order; `refs`: fp32's record by seed)."""
-    paired = [(_paired(r, refs.get(r.get("seed"))), _delta(r, refs.get(r.get("seed")))) for r in mine]
+    paired = [_paired(r, refs.get(r.get("seed"))) for r in mine]
     used = [r for r, d in paired if d is not None]
     delta = seed_stats(d for _, d in paired if d is not None)
     emulated = any(r.get("emulated") for r in used)
