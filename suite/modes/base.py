@@ -209,6 +209,12 @@ class PrecisionMode:
         """After `prepare`: which layers the mode converted and which it kept, for the record."""
         return {}
 
+    def tensor_formats(self) -> dict[str, str]:
+        """The format (suite.modes.formats) each role of a converted Linear is in when this mode runs it:
+        input, weight and grad_output are GEMM operands; grad_weight is the weight-gradient GEMM's result."""
+        operand = "tf32" if self.allow_tf32 else "fp32"
+        return {"input": operand, "weight": operand, "grad_output": operand, "grad_weight": "fp32"}
+
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
 

@@ -86,6 +86,12 @@ FIELDS: tuple[str, ...] = (
     "update_rel_err_vs_fp64", "update_max_abs_err_vs_fp64", "grad_underflow_frac", "grad_overflow_frac",
     "scaled_grad_underflow_frac", "scaled_grad_overflow_frac", "fidelity_loss_diff", "fidelity_loss_scale",
     "fidelity_steps", "fidelity_layers", "fidelity_reason", "fidelity_ref_passes",
+    # numerics (suite/training/numerics.py, suite/modes/formats.py): per Linear, tensor role and sampled step,
+    # columns of equal length (pandas.DataFrame(record["numerics"])): step, layer, role, format, amax,
+    # underflow, saturation, sqnr_db, scale. `numerics` in the mode's own formats during training
+    # (--numerics), `numerics_formats` the mode's format per role; `numerics_whatif` every format on
+    # fp32's tensors (mpbench numerics), `numerics_skipped` the formats it could not run, with why
+    "numerics", "numerics_steps", "numerics_formats", "numerics_whatif", "numerics_skipped", "numerics_reason",
     # environment
     "gpu_name", "gpu_count", "gpu_capability", "gpu_memory_mb", "driver", "cuda", "torch",
     "python", "cpu", "cpu_count", "cpu_bf16_native", "cpu_fp16_native", "torch_threads", "hostname", "platform",

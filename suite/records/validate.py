@@ -35,8 +35,9 @@ NUMBER_LISTS = frozenset(("step_times_ms", "loss_curve", "loss_scale_curve", "ra
 LISTS = frozenset((
     "suspect", "eval_curve", "weight_dtypes", "grad_dtypes", "optimizer_state_dtypes", "fidelity_layers",
     "fidelity_steps", "tensor_core_top_kernels", "throttle_reasons", "max_batch_tries", "rank_devices", "hosts",
-    "gpu_shared_with",
+    "gpu_shared_with", "numerics_steps",
 ))
+DICTS = frozenset(("numerics", "numerics_formats", "numerics_whatif", "numerics_skipped"))
 BOOLS = frozenset(("git_dirty", "compile", "emulated", "throttled", "sampler_stalled", "cpu_bf16_native",
                    "cpu_fp16_native"))
 TEXT = frozenset((
@@ -47,7 +48,7 @@ TEXT = frozenset((
     "energy_reason", "nvml_reason", "scaling_reason", "param_dtype", "reduce_dtype", "mem_saving_basis",
     "mem_saving_reason", "max_batch_reason", "loss_delta_reason", "fidelity_reason", "gpu_name", "gpu_capability",
     "driver", "cuda", "torch", "python", "cpu", "hostname", "platform",
-    "curve_reason", "seconds_to_target_reason", "excess_fraction_reason",
+    "curve_reason", "seconds_to_target_reason", "excess_fraction_reason", "numerics_reason",
 ))
 # fmt: on
 
@@ -77,6 +78,8 @@ def problem(record: dict[str, Any], statuses: tuple[str, ...]) -> str | None:
             return f"field {name!r} is {_shown(value)}, not text"
         if name in BOOLS and not isinstance(value, bool):
             return f"field {name!r} is {_shown(value)}, not true or false"
+        if name in DICTS and not isinstance(value, dict):
+            return f"field {name!r} is {_shown(value)}, not an object"
         if name in LISTS | NUMBER_LISTS and not isinstance(value, list):
             return f"field {name!r} is {_shown(value)}, not a list"
         bad = [v for v in value if v is not None and not _is_number(v)] if name in NUMBER_LISTS else []
