@@ -135,12 +135,10 @@ def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
     inf/nan steps and keeps its scale); 1.0 for a tensor with no finite nonzero element."""
     mag = x.abs()
     amax = torch.where(torch.isfinite(mag), mag, 0).amax().double()
+    # exact in fp64 for an fp32 amax: the quotient is either exactly 2^j or at least ~2^-24 (relative) away
+    # from it, far beyond fp64's rounding of the division and the log
     k = torch.floor(torch.log2(_FP16_MAX / amax))
-    k = torch.where(amax > 0, k, 0).clamp(-126, 127)
-    # log2 of a rounded quotient can be one off at a power of two: settle k exactly (fp64 products exact)
-    k = k - ((amax * torch.exp2(k) > _FP16_MAX) & (k > -126)).double()
-    k = k + ((amax * torch.exp2(k + 1) <= _FP16_MAX) & (k < 127) & (amax > 0)).double()
-    return torch.exp2(k).float()
+    return torch.exp2(torch.where(amax > 0, k, 0).clamp(-126, 127)).float()
 
 
 def _float8(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +166,8 @@ def _int8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (int value * row scale)."""
     scale = x.abs().amax(1, keepdim=True) / 127
     scaled = x * (1.0 / scale.clip(1e-12))
-    q = scaled.round().clip(-128, 127) * scale
+    # + 0.0: an int8 has no negative zero (-0.4 rounds to -0.0, torchao's int8 holds 0)
+    q = (scaled.round().clip(-128, 127) + 0.0) * scale
     # 127.5 rounds to 128 (even) and is clipped; -128.5 rounds to -128, representable
     return q, ((scaled >= 127.5) | (scaled < -128.5)) & torch.isfinite(x)
 
