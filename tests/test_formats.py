@@ -251,6 +251,12 @@ def test_int8_rowwise_equals_torchaos_int8_mixed_precision_quantizer_bit_for_bit
         q, saturated = roundtrip(x, "int8-rowwise")
         assert torch.equal(bits(q), bits(ref)) and not saturated.any()
     assert roundtrip(ties, "int8-rowwise")[0][0].tolist() == [127, 0, 2, 2, 0, -2, 0, 0]
+    # a bf16 tensor (a gradient under autocast): torchao's row scale is bf16, rounded
+    xb = wide((64, 96), -20, 20, seed=9).bfloat16()
+    i8, scale = quantize_int8_rowwise(xb)
+    assert scale.dtype == torch.bfloat16
+    assert torch.equal(bits(roundtrip(xb, "int8-rowwise")[0]), bits(i8.float() * scale.float().view(-1, 1)))
+    assert not torch.equal(roundtrip(xb, "int8-rowwise")[0], roundtrip(xb.float(), "int8-rowwise")[0])
 
 
 def fp16_scale_reference(amax: float) -> float:

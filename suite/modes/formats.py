@@ -159,12 +159,13 @@ def _float8(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torc
     return q, _beyond(scaled, dtype) & torch.isfinite(x), scale
 
 
-def _int8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8_rowwise(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """torchao's int8 mixed-precision training quantizer (prototype/quantized_training/int8.py,
     quantize_int8_rowwise, stochastic_rounding=False), op for op: scale = row amax / 127, x * (1 /
     max(scale, 1e-12)), round half to even, clip to [-128, 127]; dequantized as its int8 matmul output is
-    (int value * row scale)."""
-    scale = x.abs().amax(1, keepdim=True) / 127
+    (int value * row scale). Its scale keeps the tensor's dtype: a bf16/fp16 tensor's is rounded to it."""
+    amax = x.abs().amax(1, keepdim=True)
+    scale = (amax.to(dtype) / 127).float() if dtype in (torch.bfloat16, torch.float16) else amax / 127
     scaled = x * (1.0 / scale.clip(1e-12))
     # + 0.0: an int8 has no negative zero (-0.4 rounds to -0.0, torchao's int8 holds 0)
     q = (scaled.round().clip(-128, 127) + 0.0) * scale
@@ -211,8 +212,11 @@ def _nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[:, :k], _beyond(scaled, "e2m1").view(xp.shape)[:, :k] & torch.isfinite(x)
 
 
-def _roundtrip(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(q, saturated, tensor-level scale or None) for a contiguous fp32 x of any shape."""
+def _roundtrip(
+    x: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q, saturated, tensor-level scale or None) for a contiguous fp32 x of any shape (`dtype`: the one it
+    arrived in; only int8-rowwise's scale depends on it, the other formats see its values exactly in fp32)."""
     one = x.new_ones(())
     if x.numel() == 0:
         return x.clone(), torch.zeros_like(x, dtype=torch.bool), one if fmt in _TENSOR_SCALED else None
@@ -231,7 +235,7 @@ def _roundtrip(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, t
         q, saturated, scale = _float8(rows, fmt)
         scale = scale if fmt in _TENSOR_SCALED else None
     elif fmt == "int8-rowwise":
-        (q, saturated), scale = _int8_rowwise(rows), None
+        (q, saturated), scale = _int8_rowwise(rows, dtype), None
     elif fmt == "nvfp4":
         (q, saturated), scale = _nvfp4(rows), None
     else:
@@ -242,7 +246,7 @@ def _roundtrip(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, t
 def roundtrip(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(x quantized to `fmt` and back, in fp32 and x's shape; a bool mask of the saturated elements)."""
     check_format(fmt)
-    q, saturated, _ = _roundtrip(x.detach().float().contiguous(), fmt)
+    q, saturated, _ = _roundtrip(x.detach().float().contiguous(), fmt, x.dtype)
     return q, saturated
 
 
@@ -260,13 +264,13 @@ def tensor_stats_many(x: torch.Tensor, fmts: Iterable[str]) -> dict[str, TensorS
     fmts = list(dict.fromkeys(fmts))
     for fmt in fmts:
         check_format(fmt)
-    x = x.detach().float().contiguous()
+    dtype, x = x.dtype, x.detach().float().contiguous()
     xd = x.double()
     nonzero = x != 0
     n_nonzero = nonzero.sum().clamp(min=1).double()
     rows = [x.abs().amax().double() if x.numel() else xd.new_zeros(())]
     for fmt in fmts:
-        q, saturated, scale = _roundtrip(x, fmt)
+        q, saturated, scale = _roundtrip(x, fmt, dtype)
         rows += [
             (nonzero & (q == 0)).sum().double() / n_nonzero,
             saturated.sum().double() / max(x.numel(), 1),
