@@ -348,3 +348,25 @@ def test_a_format_needing_torchao_is_unavailable_with_the_reason_when_the_import
     with pytest.raises(RuntimeError, match="'mxfp8' cannot be computed here: needs torchao"):
         roundtrip(x, "mxfp8")
     assert tensor_stats(x, "fp16") == fp16  # the SQNR falls back to the same formula
+
+
+def test_stats_read_the_device_once_and_sqnr_is_the_docstrings_formula(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):  # .item(), bool(t), float(t): each a host sync on a GPU
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    tolist, calls = torch.Tensor.tolist, []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(t.shape) or tolist(t))
+    x = wide((16, 64), -6, 6)
+    with Syncs():
+        many = tensor_stats_many(x, TORCHAO)
+    assert Syncs.count == 0 and len(calls) == 1
+    a = x.double().numpy()
+    for fmt in ("bf16", "int8-rowwise"):
+        q = roundtrip(x, fmt)[0].double().numpy()
+        assert many[fmt].sqnr_db == pytest.approx(10 * np.log10((a**2).sum() / ((a - q) ** 2).sum()), rel=1e-12)
