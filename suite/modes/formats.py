@@ -12,7 +12,8 @@ does (its scaling included) and dequantizes back to fp32; `tensor_stats(x, fmt)`
 - sqnr_db: signal to quantization-noise ratio, 10 log10(sum x^2 / sum (x - q(x))^2); inf when the round
   trip is exact, nan for an all-zero tensor;
 - scale: the one tensor-level multiplier applied before the cast (tensorwise float8's amax scale, fp16's
-  power-of-two loss scale), 1.0 for a plain cast, None for per-row and per-block formats.
+  power-of-two loss scale), 1.0 for a plain cast, None for per-row and per-block formats (NVFP4's fp32
+  per-tensor scale, amax / (448 * 6), follows from amax and is not repeated).
 
 Per-row and per-block scales run along the LAST dimension of the tensor (a Linear's input (tokens, in) and
 weight (out, in): the forward GEMM's reduction dimension); leading dimensions are flattened into rows. A
@@ -260,7 +261,8 @@ def _sqnr(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_stats_many(x: torch.Tensor, fmts: Iterable[str]) -> dict[str, TensorStats]:
-    """`tensor_stats` of one tensor in several formats, sharing its fp32/fp64 copies; one host transfer."""
+    """`tensor_stats` of one tensor in several formats, sharing its fp32/fp64 copies; one host transfer.
+    RuntimeError for a format that cannot be computed here: ask `format_unavailable` first."""
     fmts = list(dict.fromkeys(fmts))
     for fmt in fmts:
         check_format(fmt)
