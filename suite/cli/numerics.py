@@ -84,8 +84,9 @@ def make_case(args: argparse.Namespace, device: DeviceInfo) -> Case:
     k = DEFAULT_STEPS[device.type] if args.steps is None else args.steps
     if k < 0:
         raise ValueError(f"steps={k}: must be 0 (the initial weights) or more")
-    sizes = dict(batch_size=args.batch_size or d["batch_size"], seq_len=args.seq_len or d["seq_len"])
-    return Case(model=args.model or d["model"], mode="fp32", device=args.device, seed=args.seed, steps=k + 1,
+    given = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len)  # 0 is given: Case refuses it
+    sizes = {name: d[name] if value is None else value for name, value in given.items()}
+    return Case(mode="fp32", device=args.device, seed=args.seed, steps=k + 1,
                 warmup=0, **sizes)  # fmt: skip
 
 
@@ -130,13 +131,14 @@ def measure(case: Case, device: DeviceInfo, batches: torch.Tensor, formats: list
     """Train the case's first K steps in fp32, then take every format's statistics on step K + 1 (batches:
     (K + 1, B, T + 1)). RuntimeError when training diverged; the caller's globals are left as they were."""
     mode, dev, k = get_mode("fp32")(device), device.torch_device, case.steps - 1
-    model = GPT(case.model_config, seed=case.seed)  # fp32 on the CPU, as every mode starts
-    out = Whatif(linear_layers(model), skipped={f: why for f in formats if (why := format_unavailable(f))})
-    live = [f for f in formats if f not in out.skipped]
-    want = len(out.layers) * len(ROLES)
-    # the global generators seeded as run_case seeds them, and given back to the caller as they were
+    # the global generators (nn.Linear's init draws from them) seeded as run_case seeds them, and given back
+    # to the caller as they were
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), on_device(dev), mode.numerics():
+        model = GPT(case.model_config, seed=case.seed)  # fp32 on the CPU, as every mode starts
         torch.manual_seed(case.seed)
+        out = Whatif(linear_layers(model), skipped={f: why for f in formats if (why := format_unavailable(f))})
+        live = [f for f in formats if f not in out.skipped]
+        want = len(out.layers) * len(ROLES)
         model = mode.prepare(model.to(dev))
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
         losses = torch.full((k + 1,), math.nan, device=dev)  # (K + 1,): no host sync per step
@@ -267,9 +269,9 @@ def cmd_numerics(args: argparse.Namespace) -> int:
         blocks = [f"{f}:\n{grid(cols, f)}" for f in ran] if args.layers else [summary(cols)]
         print("\n\n".join(blocks) + "\n\n" + "\n".join(legend(k, args.layers)))
     else:
-        print(f"{record['status']}: {record['reason']}")
-    for f, why in (record["numerics_skipped"] or {}).items():
-        print(f"not computed: {f}: {why}")
+        print("\n".join(textwrap.wrap(f"{record['status']}: nothing computed", WIDTH)))
+    for f, why in (record["numerics_skipped"] or {}).items():  # a long reason whole in the record
+        print("\n".join(textwrap.wrap(f"not computed: {f}: {why}", WIDTH, max_lines=3, placeholder=" ...")))
     if out is not None:
         print(f"\nrecord: {out} (per layer, role and format in numerics_whatif)")
     return 0 if record["status"] == "ok" else 1
