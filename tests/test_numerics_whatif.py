@@ -222,3 +222,17 @@ def test_the_subcommand_is_wired_with_its_flags(capsys):
     for flag in ("--model", "--device", "--batch-size", "--seq-len", "--steps", "--seed", "--formats", "--layers",
                  "--out"):  # fmt: skip
         assert flag in text, flag
+
+
+def test_fp32_that_diverges_is_a_diverged_record_and_exit_1(tmp_path, monkeypatch):
+    step, calls = numerics.train_step, []
+
+    def nan_at_2(model, mode, opt, batch):
+        calls.append(1)
+        loss, stepped = step(model, mode, opt, batch)
+        return (loss * math.nan if len(calls) == 2 else loss), stepped
+
+    monkeypatch.setattr(numerics, "train_step", nan_at_2)
+    code, r = _run(tmp_path, "--steps", "3", "--formats", "fp32")
+    assert code == 1 and r["status"] == "diverged" and r["diverged_at_step"] == 2 and r["numerics_whatif"] is None
+    assert "fp32 diverged: the loss of step 2 is nan" in r["reason"]

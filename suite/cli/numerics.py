@@ -86,8 +86,15 @@ def make_case(args: argparse.Namespace, device: DeviceInfo) -> Case:
         raise ValueError(f"steps={k}: must be 0 (the initial weights) or more")
     given = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len)  # 0 is given: Case refuses it
     sizes = {name: d[name] if value is None else value for name, value in given.items()}
-    return Case(mode="fp32", device=args.device, seed=args.seed, steps=k + 1,
-                warmup=0, **sizes)  # fmt: skip
+    return Case(mode="fp32", device=args.device, seed=args.seed, steps=k + 1, warmup=0, **sizes)
+
+
+class Diverged(RuntimeError):
+    """fp32's loss turned NaN/inf at `step` (counted from 1): its tensors say nothing of a format."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"fp32 diverged: the loss of step {step} is {loss}")
+        self.step = step
 
 
 @dataclass
@@ -129,7 +136,7 @@ class Whatif:
 
 def measure(case: Case, device: DeviceInfo, batches: torch.Tensor, formats: list[str], log: Log) -> Whatif:
     """Train the case's first K steps in fp32, then take every format's statistics on step K + 1 (batches:
-    (K + 1, B, T + 1)). RuntimeError when training diverged; the caller's globals are left as they were."""
+    (K + 1, B, T + 1)). Diverged when fp32's loss turns NaN/inf; the caller's globals are left as they were."""
     mode, dev, k = get_mode("fp32")(device), device.torch_device, case.steps - 1
     # the global generators (nn.Linear's init draws from them) seeded as run_case seeds them, and given back
     # to the caller as they were
@@ -145,7 +152,14 @@ def measure(case: Case, device: DeviceInfo, batches: torch.Tensor, formats: list
 
         def step(i: int) -> None:
             case.schedule.apply(optimizer, i)
-            losses[i], _ = train_step(model, mode, optimizer, batches[i].to(dev, non_blocking=True))
+            loss, _ = train_step(model, mode, optimizer, batches[i].to(dev, non_blocking=True))
+            losses[i] = loss  # a device copy: no sync
+
+        def check(done: int) -> None:
+            curve = losses[:done].tolist()
+            bad = next((i for i, v in enumerate(curve, start=1) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise Diverged(bad, curve[bad - 1])
 
         for i in range(k):
             step(i)
@@ -157,12 +171,10 @@ def measure(case: Case, device: DeviceInfo, batches: torch.Tensor, formats: list
             if out.tensors % max(1, want // 4) == 0 or out.tensors == want:
                 log(f"  step {k + 1}: {out.tensors}/{want} tensors through {len(live)} format(s)")
 
+        check(k)  # before the watched step: NaN tensors would say nothing of a format
         with watch(model, out.layers, on_tensor):
             step(k)  # the optimizer applies it after every hook has run: the statistics see step K + 1's own
-    curve = losses.tolist()
-    bad = next((i + 1 for i, v in enumerate(curve) if not math.isfinite(v)), None)
-    if bad is not None:
-        raise RuntimeError(f"fp32 diverged: the loss of step {bad} is {curve[bad - 1]}")
+        check(k + 1)
     if out.tensors != want:
         raise RuntimeError(f"the hooks handed over {out.tensors} of {want} tensors ({len(out.layers)} Linears x 4)")
     return out
@@ -172,6 +184,9 @@ def _result(case: Case, device: DeviceInfo, batches: torch.Tensor, formats: list
     """Record values: ok with the statistics, or why there are none (skipped, oom, error)."""
     try:
         w = measure(case, device, batches, formats, log)
+    except Diverged as exc:
+        return {"status": "diverged", "reason": str(exc), "diverged_at_step": exc.step,
+                "numerics_reason": "diverged: nothing computed"}  # fmt: skip
     except Exception as exc:  # training failed: nothing to compute on
         status = "oom" if out_of_memory(exc) else "error"
         return {"status": status, "reason": failure_reason(exc), "numerics_reason": f"{status}: nothing computed"}
