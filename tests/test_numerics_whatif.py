@@ -164,14 +164,17 @@ def test_the_tensors_are_step_k_plus_1s_from_the_trained_state(tmp_path):
 
 
 def test_it_leaves_the_globals_as_it_found_them(tmp_path, monkeypatch):
-    seen = []
+    seen, dims = [], set()
     stats = numerics.tensor_stats
-    monkeypatch.setattr(numerics, "tensor_stats", lambda x, f: seen.append(tf32_enabled()) or stats(x, f))
+    monkeypatch.setattr(
+        numerics, "tensor_stats", lambda x, f: seen.append(tf32_enabled()) or dims.add(x.dim()) or stats(x, f)
+    )
     torch.backends.cuda.matmul.allow_tf32 = True  # a caller that allows TF32: fp32 must still be strict
     try:
         before, rng = numerics_globals(), torch.get_rng_state()
         code, _ = _run(tmp_path, "--steps", "1", "--formats", "bf16")
         assert code == 0 and seen and not any(seen)  # TF32 off while the tensors were taken
+        assert dims == {2}  # activations and their gradients as (tokens, features), as the GEMMs take them
         assert numerics_globals() == before and torch.equal(torch.get_rng_state(), rng)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False

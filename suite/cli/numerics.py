@@ -110,6 +110,9 @@ class Whatif:
     def take(self, layer: str, role: str, t: torch.Tensor, formats: list[str]) -> None:
         """Every format's statistics of one tensor; a format that fails is skipped from here on."""
         self.tensors += 1
+        # (B, T, features) activations and their gradients as (tokens, features), the GEMM's operand: no
+        # statistic changes (rows and blocks run along the last dimension), and every format sees 2-D
+        t = t.flatten(0, -2) if t.dim() > 2 else t
         with torch.no_grad():
             for f in formats:
                 if f in self.skipped:
