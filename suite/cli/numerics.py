@@ -245,6 +245,11 @@ def grid(cols: dict[str, list], f: str) -> str:
     return render(rich_table(out, ["layer", *ROLES], right={1, 2, 3, 4}))
 
 
+def _wrapped(text: str) -> str:
+    """`text` in lines of at most WIDTH columns, three at most (a long reason is whole in the record)."""
+    return "\n".join(textwrap.wrap(text, WIDTH, max_lines=3, placeholder=" ..."))
+
+
 def legend(k: int, layers: bool) -> list[str]:
     """What the table's figures and marks mean, in lines of at most WIDTH columns."""
     lines = [
@@ -275,21 +280,21 @@ def cmd_numerics(args: argparse.Namespace) -> int:
     record = store.make_record(run_id=store.new_run_id(), **case_fields(case, device), **environment(device),
                                data_digest=digest(batches), elapsed_s=round(time.perf_counter() - t0, 3),
                                **values)  # fmt: skip
-    try:
+    cols, skipped = record["numerics_whatif"], record["numerics_skipped"] or {}
+    if cols:
+        ran = [f for f in formats if f not in skipped]
+        blocks = [f"{f}:\n{grid(cols, f)}" for f in ran] if args.layers else [summary(cols)]
+        print("\n\n".join(blocks) + "\n\n" + "\n".join(legend(k, args.layers)))
+    else:  # the formats' reasons follow; a failed training says its own
+        print(_wrapped(f"{record['status']}: {'no format could be computed here' if skipped else record['reason']}"))
+    for f, why in skipped.items():
+        print(_wrapped(f"not computed: {f}: {why}"))
+    try:  # after the table: what was computed is shown even when the record cannot be kept
         if out is not None:
             store.append(out, record)
     except store.NotWritten as exc:
         print(f"mpbench numerics: stopped: the record could not be written: {exc}", file=sys.stderr)
         return store.EXIT_NOT_WRITTEN
-    cols = record["numerics_whatif"]
-    if cols:
-        ran = [f for f in formats if f not in record["numerics_skipped"]]
-        blocks = [f"{f}:\n{grid(cols, f)}" for f in ran] if args.layers else [summary(cols)]
-        print("\n\n".join(blocks) + "\n\n" + "\n".join(legend(k, args.layers)))
-    else:
-        print("\n".join(textwrap.wrap(f"{record['status']}: nothing computed", WIDTH)))
-    for f, why in (record["numerics_skipped"] or {}).items():  # a long reason whole in the record
-        print("\n".join(textwrap.wrap(f"not computed: {f}: {why}", WIDTH, max_lines=3, placeholder=" ...")))
     if out is not None:
         print(f"\nrecord: {out} (per layer, role and format in numerics_whatif)")
     return 0 if record["status"] == "ok" else 1
