@@ -225,11 +225,12 @@ def summary(cols: dict[str, list]) -> str:
         rated = [r for r in rows if not math.isnan(r["sqnr_db"])]  # nan: an all-zero tensor, nothing to lose
         worst = min(rated, key=lambda r: r["sqnr_db"], default=None)
         lost = worst is not None and worst["sqnr_db"] < math.inf  # all exact: no worst layer to name
-        out.append([f if f != last else "", role, fmt(statistics.median(r["sqnr_db"] for r in rated) if rated
-                    else None, ".1f"), fmt(worst and worst["sqnr_db"], ".1f"), worst["layer"] if lost else "-",
-                    f"{sum('U' in _marks(r) for r in rows)}/{len(rows)}",
-                    f"{sum('S' in _marks(r) for r in rows)}/{len(rows)}",
-                    _share(max(r["underflow"] for r in rows)), _share(max(r["saturation"] for r in rows))])  # fmt: skip
+        median = statistics.median(r["sqnr_db"] for r in rated) if rated else None
+        marks = [_marks(r) for r in rows]
+        out.append([f if f != last else "", role, fmt(median, ".1f"), fmt(worst and worst["sqnr_db"], ".1f"),
+                    worst["layer"] if lost else "-", f"{sum('U' in m for m in marks)}/{len(rows)}",
+                    f"{sum('S' in m for m in marks)}/{len(rows)}", _share(max(r["underflow"] for r in rows)),
+                    _share(max(r["saturation"] for r in rows))])  # fmt: skip
         last = f
     header = ["format", "role", "median", "worst", "worst layer", "U", "S", "max U", "max S"]
     return render(rich_table(out, header, right={2, 3, 5, 6, 7, 8}))
