@@ -242,3 +242,35 @@ def test_fp32_that_diverges_is_a_diverged_record_and_exit_1(tmp_path, capsys, mo
     assert code == 1 and r["status"] == "diverged" and r["diverged_at_step"] == 2 and r["numerics_whatif"] is None
     assert "fp32 diverged: the loss of step 2 is nan" in r["reason"]
     assert "diverged: fp32 diverged: the loss of step 2 is nan" in capsys.readouterr().out
+
+
+def test_all_names_every_format_and_a_list_keeps_its_order_once():
+    assert numerics.parse_formats("all") == list(numerics.FORMATS)
+    assert numerics.parse_formats(" bf16, fp16,bf16 ") == ["bf16", "fp16"]
+    assert numerics.parse_formats(None) == list(WHATIF_FORMATS)
+
+
+@pytest.mark.parametrize(("exc", "status"), [(torch.OutOfMemoryError("no room (test)"), "oom"),
+                                             (RuntimeError("broken step (test)"), "error")])  # fmt: skip
+def test_a_training_that_fails_is_a_record_saying_why_and_exit_1(exc, status, tmp_path, monkeypatch):
+    def fail(*args):
+        raise exc
+
+    monkeypatch.setattr(numerics, "train_step", fail)
+    code, r = _run(tmp_path, "--steps", "1", "--formats", "fp32")
+    assert code == 1 and r["status"] == status and str(exc) in r["reason"] and r["numerics_whatif"] is None
+
+
+def test_tensors_the_hooks_never_handed_over_are_an_error_not_a_short_table(tmp_path, monkeypatch):
+    real = numerics.watch
+
+    def no_grad_weight(model, layers, on_tensor):
+        def some(layer, role, t):
+            if role != "grad_weight":
+                on_tensor(layer, role, t)
+
+        return real(model, layers, some)
+
+    monkeypatch.setattr(numerics, "watch", no_grad_weight)
+    code, r = _run(tmp_path, "--steps", "0", "--formats", "fp32")
+    assert code == 1 and r["status"] == "error" and "handed over 27 of 36 tensors" in r["reason"]
