@@ -13,7 +13,7 @@ from suite.cli import numerics
 from suite.cli.main import build_parser, main
 from suite.hardware import resolve_device
 from suite.modes import get_mode
-from suite.modes.base import tf32_enabled
+from suite.modes.base import tf32_enabled, tf32_matmuls
 from suite.modes.formats import WHATIF_FORMATS
 from suite.records import store
 from suite.training.case import Case
@@ -166,18 +166,19 @@ def test_the_tensors_are_step_k_plus_1s_from_the_trained_state(tmp_path):
 def test_it_leaves_the_globals_as_it_found_them(tmp_path, monkeypatch):
     seen, dims = [], set()
     stats = numerics.tensor_stats
-    monkeypatch.setattr(
-        numerics, "tensor_stats", lambda x, f: seen.append(tf32_enabled()) or dims.add(x.dim()) or stats(x, f)
-    )
-    torch.backends.cuda.matmul.allow_tf32 = True  # a caller that allows TF32: fp32 must still be strict
-    try:
+
+    def spy(x, f):
+        seen.append(tf32_enabled())
+        dims.add(x.dim())
+        return stats(x, f)
+
+    monkeypatch.setattr(numerics, "tensor_stats", spy)
+    with tf32_matmuls(True):  # a caller that allows TF32 (restored exactly on exit): fp32 must still be strict
         before, rng = numerics_globals(), torch.get_rng_state()
         code, _ = _run(tmp_path, "--steps", "1", "--formats", "bf16")
         assert code == 0 and seen and not any(seen)  # TF32 off while the tensors were taken
         assert dims == {2}  # activations and their gradients as (tokens, features), as the GEMMs take them
         assert numerics_globals() == before and torch.equal(torch.get_rng_state(), rng)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _exit_code(argv: list[str]) -> int:
