@@ -1,5 +1,5 @@
-"""The `mpbench` command: run | fidelity | check | report | compare | baseline | models | modes | calibrate |
-env | doctor.
+"""The `mpbench` command: run | fidelity | numerics | check | report | compare | baseline | models | modes |
+calibrate | env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP,
@@ -8,6 +8,8 @@ timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT /
 2 bad input, 3 nothing failed but some verdict is inconclusive (the interval straddles the tolerance: more seeds).
 `compare`: 0 nothing regressed beyond its noise, 1 something did or nothing could be compared, 2 bad input,
 3 nothing regressed but some verdict is inconclusive (its runs' noise is past records.noise.NOISY_SPREAD).
+`numerics`: 0 statistics computed (formats that cannot run here are named in the record's numerics_skipped),
+1 nothing could be computed (training failed or no format ran), 2 bad input, 74 the record could not be written.
 `doctor`: 0 no check failed (pass, warn or cannot check), 1 a check failed, 2 bad input.
 """
 
@@ -29,6 +31,8 @@ from suite.cli.check import add_arguments as add_check_arguments
 from suite.cli.check import cmd_check
 from suite.cli.fidelity import add_arguments as add_fidelity_arguments
 from suite.cli.fidelity import cmd_fidelity
+from suite.cli.numerics import add_arguments as add_numerics_arguments
+from suite.cli.numerics import cmd_numerics
 from suite.cli.run import add_arguments as add_run_arguments
 from suite.cli.run import cmd_run, default_modes
 from suite.hardware import environment, resolve_device
@@ -223,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     fid = sub.add_parser("fidelity", help="each mode's gradients and update against a float64 reference step")
     add_fidelity_arguments(fid, _int)
     fid.set_defaults(func=cmd_fidelity)
+
+    num = sub.add_parser("numerics", help="what each number format would lose on fp32's tensors, per layer and role")
+    add_numerics_arguments(num, _int)
+    num.set_defaults(func=cmd_numerics)
 
     chk = sub.add_parser(
         "check", help="convergence gate over seeds: exit 1 if a mode's loss drifted from fp32, 3 if inconclusive"
