@@ -292,6 +292,10 @@ def test_bad_input_exits_2(capsys):
     assert "fp33" in capsys.readouterr().err
     assert main(["fidelity", "--device", "cpu", "--steps", "0"]) == 2
     assert "steps=0" in capsys.readouterr().err
+    # a given 0 is bad input, not "use the default" (it ran the default batch once)
+    for flag, field in (("--batch-size", "batch_size=0"), ("--seq-len", "seq_len=0")):
+        assert main(["fidelity", "--device", "cpu", flag, "0"]) == 2
+        assert field in capsys.readouterr().err
 
 
 def test_run_with_fidelity_adds_the_fields_to_each_record(tmp_path):

@@ -47,10 +47,15 @@ def _cases(args: argparse.Namespace, device: DeviceInfo) -> list[Case]:
         raise ValueError("modes: empty; give a comma-separated list such as fp32,bf16, or all")
     for name in names:
         get_mode(name)  # ValueError naming the unknown mode
-    d = DEFAULTS[device.type]
-    sizes = dict(model=args.model or d["model"], device=args.device, batch_size=args.batch_size or d["batch_size"],
-                 seq_len=args.seq_len or d["seq_len"], steps=args.steps, warmup=0, seed=args.seed)  # fmt: skip
+    sizes = dict(device=args.device, steps=args.steps, warmup=0, seed=args.seed, **given_sizes(args, device))
     return [Case(mode=name, **sizes) for name in names]  # Case names a bad field
+
+
+def given_sizes(args: argparse.Namespace, device: DeviceInfo) -> dict[str, Any]:
+    """--model, --batch-size and --seq-len as given, else this device type's defaults. A given 0 stays 0, so
+    that Case refuses it (`or` would have quietly run the default)."""
+    given = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len)
+    return {name: DEFAULTS[device.type][name] if value is None else value for name, value in given.items()}
 
 
 def _one(case: Case, device: DeviceInfo, batches: torch.Tensor) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from models import GPT
-from suite.cli.fidelity import DEFAULTS
+from suite.cli.fidelity import given_sizes
 from suite.hardware import DeviceInfo, environment, on_device, resolve_device
 from suite.modes import get_mode
 from suite.modes.formats import FORMATS, WHATIF_FORMATS, TensorStats, check_format, format_unavailable, tensor_stats
@@ -80,13 +80,10 @@ def parse_formats(text: str | None) -> list[str]:
 
 def make_case(args: argparse.Namespace, device: DeviceInfo) -> Case:
     """The fp32 case of K + 1 steps: K trained, the last one watched (Case names a bad field)."""
-    d = DEFAULTS[device.type]
     k = DEFAULT_STEPS[device.type] if args.steps is None else args.steps
     if k < 0:
         raise ValueError(f"steps={k}: must be 0 (the initial weights) or more")
-    given = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len)  # 0 is given: Case refuses it
-    sizes = {name: d[name] if value is None else value for name, value in given.items()}
-    return Case(mode="fp32", device=args.device, seed=args.seed, steps=k + 1, warmup=0, **sizes)
+    return Case(mode="fp32", device=args.device, seed=args.seed, steps=k + 1, warmup=0, **given_sizes(args, device))
 
 
 class Diverged(RuntimeError):
