@@ -315,3 +315,62 @@ def test_numerics_in_a_config_file_and_its_default(tmp_path):
     config.write_text('numerics_every = 7\nsteps = 40\ndevice = "cpu"\nmodes = ["fp32"]\n')
     assert [c.numerics_every for c in cases_from_options(load_config(config))] == [7]
     assert json.loads(json.dumps(NOT_REQUESTED)) == "not requested (mpbench run --numerics)"
+
+
+class _GpuWindow:
+    """A GPU's window whose GPM gave no figure: 3 steps are kept after it for the profiler."""
+
+    def __init__(self, device) -> None:
+        pass
+
+    def profiler_steps(self, steps_after_warmup: int) -> int:
+        return 3
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def paused(self):
+        return contextlib.nullcontext()
+
+    def fields(self, timed_steps, tokens_per_step):
+        return {"tensor_core_util_reason": "GPM not supported"}
+
+
+class _Profiler:
+    active = False
+
+    def __enter__(self):
+        _Profiler.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _Profiler.active = False
+
+    def result(self):
+        from suite.metrics.tensor_cores import ProfilerTensorCoreResult
+
+        return ProfilerTensorCoreResult(0.5, [], None)
+
+
+@pytest.mark.parametrize("every, profiled", [(0, [8, 9, 10]), (3, [8]), (4, [9]), (2, [9])])
+def test_the_profiler_never_sees_a_sampled_step(monkeypatch, every, profiled):
+    # steps 10, warm-up 2: window 3..7, steps 8, 9, 10 kept for the profiler; the profiler gets the first unbroken
+    # run of unsampled ones among them (every 3: 9 and 10 are sampled; every 4 and 2: 8 and 10; without
+    # --numerics: all three)
+    monkeypatch.setattr(train_mod, "MeasuredWindow", _GpuWindow)
+    monkeypatch.setattr(train_mod, "ProfilerTensorCores", _Profiler)
+    real = train_mod.train_step
+
+    def noting(model, *args):
+        calls.append(_Profiler.active)
+        return real(model, *args)
+
+    calls: list[bool] = []
+    monkeypatch.setattr(train_mod, "train_step", noting)
+    r = _train(small_case(steps=10, warmup=2, numerics_every=every))
+    under = [step for step, active in enumerate(calls, 1) if active]
+    assert under == profiled and len(calls) == 10
+    assert r.measurements["tensor_core_util"] == 0.5

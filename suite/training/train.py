@@ -291,20 +291,17 @@ def _train_measured(
             measurements |= window.fields(len(timing.times_ms), case.batch_size * case.seq_len)  # this process
     rest = batches[timed_end:]
     if reserved and loop.diverged_at is None and measurements.get("tensor_core_util") is None:
-        # the profiler sees only the reserved steps before the first sampled one (--numerics): the statistics'
-        # kernels are not the step's, and a profiler cannot be paused around them
-        profiled = next((i for i in range(len(rest)) if loop.sampler and loop.sampler.wants(timed_end + i + 1)),
-                        len(rest))  # fmt: skip
-        if profiled:
-            with ProfilerTensorCores() as prof:
-                loop.run(rest[:profiled])
-            measurements |= profiler_fields(prof.result(), gpm_reason=measurements.get("tensor_core_util_reason"))
-        else:
-            measurements["tensor_core_util_reason"] = (
-                f"{measurements.get('tensor_core_util_reason')}; the steps kept for the profiler were all "
-                "numerics-sampled (--numerics-every), so none was profiled"
-            )
-        loop.run(rest[profiled:])
+        # the profiler sees the first unbroken run of unsampled reserved steps (--numerics): the statistics'
+        # kernels are not the step's, and a profiler is not paused around them. A Case samples every N-th step
+        # with N >= 2 (and the last), so of the 3 reserved steps at least one is unsampled
+        sampled = [bool(loop.sampler and loop.sampler.wants(timed_end + i + 1)) for i in range(len(rest))]
+        start = sampled.index(False) if False in sampled else len(rest)
+        end = sampled.index(True, start) if True in sampled[start:] else len(rest)
+        loop.run(rest[:start])
+        with ProfilerTensorCores() as prof:
+            loop.run(rest[start:end])
+        measurements |= profiler_fields(prof.result(), gpm_reason=measurements.get("tensor_core_util_reason"))
+        loop.run(rest[end:])
     else:
         loop.run(rest)  # reserved steps train all the same: the loss curve has every step
     return timing, measurements
