@@ -374,3 +374,12 @@ def test_the_profiler_never_sees_a_sampled_step(monkeypatch, every, profiled):
     under = [step for step, active in enumerate(calls, 1) if active]
     assert under == profiled and len(calls) == 10
     assert r.measurements["tensor_core_util"] == 0.5
+
+
+def test_a_max_batch_trial_samples_nothing(monkeypatch):
+    from suite.running import max_batch
+
+    trials = []
+    monkeypatch.setattr(max_batch, "train_isolated", lambda trial, *args: trials.append(trial) or {"status": "ok"})
+    max_batch._try(small_case(steps=8, warmup=1, numerics_every=2), 4, None)
+    assert trials[0].numerics_every == 0 and trials[0].batch_size == 4  # every 2nd of 3 steps: refused before
