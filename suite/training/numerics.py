@@ -155,8 +155,8 @@ class Sampler:
         if fmt in self._blocked:
             self._problem(self._blocked[fmt], role)
             return
-        try:
-            self._seen[(layer, role)] = _stats(tensor, fmt)
+        try:  # activations and their gradients as the GEMM operand, (tokens, features), as `mpbench numerics`
+            self._seen[(layer, role)] = _stats(tensor.flatten(0, -2) if tensor.dim() > 2 else tensor, fmt)
         except Exception as exc:  # NotImplementedError of a format not written yet, or anything else
             self._problem(f"tensor_stats in format {fmt!r} failed: {type(exc).__name__}: {exc}", role)
 
