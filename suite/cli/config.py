@@ -27,6 +27,8 @@ Keys (all optional; command-line flags override them):
     grad_comm = "fp32"                # gradient all-reduce precision: fp32 | bf16 | fp16
     parallel = "ddp"                  # with nproc > 1: ddp | fsdp | "ddp,fsdp"
     emulate = false                   # fp8/MXFP8 on emulated kernels below their GPU capability
+    numerics = false                  # tensor statistics on sampled steps (mpbench run --numerics)
+    numerics_every = 10               # sample every N-th step, the first and the last (implies numerics)
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ KEYS: dict[str, tuple[type, ...]] = {
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
     "parallel": (str,),
-    "emulate": (bool,),
+    "emulate": (bool,), "numerics": (bool,), "numerics_every": (int,),
 }  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from suite.running.worker import check_timeout, ignore_interrupts
 from suite.text import log_to_stderr, shown
 from suite.training.case import PARALLEL, Case
 from suite.training.fidelity import check_fits
+from suite.training.numerics import default_every
 from suite.training.schedule import DEFAULT_FLOOR, DEFAULT_SCHEDULE
 
 # What `mpbench run` does with no arguments, by device: tiny in about a minute on two CPU cores.
@@ -74,7 +75,7 @@ def default_help(key: str) -> str:
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "seeds", "lr", "lr_schedule",
              "lr_warmup", "lr_floor", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling", "fidelity", "parallel", "emulate")  # fmt: skip
+             "scaling", "fidelity", "parallel", "emulate", "numerics", "numerics_every")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -133,6 +134,14 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         default=None,
         help="also compare each case's first step with a float64 reference (after training, untimed)",
     )
+    add(
+        "--numerics",
+        action="store_true",
+        default=None,
+        help="also record each Linear's tensor statistics (amax, underflow, saturation, SQNR in the mode's own "
+        "formats) on sampled steps, untimed: the first, the last and every max(2, steps/4)-th",
+    )
+    add("--numerics-every", type=int_type, help="with --numerics: sample every N-th step instead (implies --numerics)")
     add(
         "--parallel",
         help="ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp with --nproc > 1); with --nproc 1, "
@@ -210,9 +219,19 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      lr_schedule=opts.get("lr_schedule", DEFAULT_SCHEDULE), lr_warmup=opts.get("lr_warmup"),
                      lr_floor=opts.get("lr_floor", DEFAULT_FLOOR),
                      nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
-                     fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)))  # fmt: skip
+                     fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)),
+                     numerics_every=_numerics_every(opts, steps))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
+
+
+def _numerics_every(opts: dict[str, Any], steps: object) -> object:
+    """--numerics-every N as given (0: off; the Case checks it), else --numerics's default, else 0."""
+    if opts.get("numerics_every") is not None:
+        return opts["numerics_every"]
+    if opts.get("numerics") and isinstance(steps, int) and not isinstance(steps, bool):
+        return default_every(steps)
+    return 0
 
 
 def _parallel(opts: dict[str, Any]) -> list[str | None]:

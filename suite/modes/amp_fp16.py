@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import FsdpPlan, PrecisionMode
+from suite.modes.base import FsdpPlan, PrecisionMode, cast_formats
 
 
 class AmpFP16(PrecisionMode):
@@ -20,6 +20,12 @@ class AmpFP16(PrecisionMode):
         self.compute = "fp16"
         self.autocast_dtype = torch.float16
         self.scaler = torch.amp.GradScaler(device.type)
+
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # fp16 autocast: every Linear's GEMM operands are cast to fp16 and its weight-gradient GEMM returns
+        # fp16 (then cast to the fp32 master's .grad). Plain fp16, not "fp16-scaled": the gradients the hooks
+        # see are already multiplied by GradScaler's loss scale, which is the mode's own scaling.
+        return cast_formats(torch.float16)
 
     def _scale_tensor(self) -> torch.Tensor | None:
         """The scale as GradScaler keeps it, on the device; None before the first step.

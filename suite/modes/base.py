@@ -165,6 +165,17 @@ def _restore(saved: dict[str, object]) -> None:
         _new_flag(name).fp32_precision = saved[name]
 
 
+# torch dtype -> the format (suite.modes.formats) of a plain cast to it
+CAST_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def cast_formats(dtype: torch.dtype) -> dict[str, str]:
+    """Every role of a plain Linear whose GEMMs run in `dtype` (autocast, or weights stored in it): its
+    operands are cast to it, and its weight-gradient GEMM returns it (autocast's cast back to an fp32
+    master's .grad comes after)."""
+    return dict.fromkeys(("input", "weight", "grad_output", "grad_weight"), CAST_FORMATS[dtype])
+
+
 class PrecisionMode:
     """Base: strict fp32 semantics. Subclasses override only what differs."""
 
@@ -209,9 +220,11 @@ class PrecisionMode:
         """After `prepare`: which layers the mode converted and which it kept, for the record."""
         return {}
 
-    def tensor_formats(self) -> dict[str, str]:
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
         """The format (suite.modes.formats) each role of a converted Linear is in when this mode runs it:
-        input, weight and grad_output are GEMM operands; grad_weight is the weight-gradient GEMM's result."""
+        input, weight and grad_output are GEMM operands; grad_weight is the weight-gradient GEMM's result.
+        `layer` (a Linear's fqn, after `prepare`): that Linear's formats, for a mode that converts only some
+        (the others run as plain Linears in its forward context); None: a converted Linear's."""
         operand = "tf32" if self.allow_tf32 else "fp32"
         return {"input": operand, "weight": operand, "grad_output": operand, "grad_weight": "fp32"}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode, needs_capability
+from suite.modes.base import PrecisionMode, cast_formats, needs_capability
 
 
 class BF16(PrecisionMode):
@@ -19,6 +19,10 @@ class BF16(PrecisionMode):
         super().__init__(device)
         self.compute = "bf16"
         self.autocast_dtype = torch.bfloat16
+
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # bf16 autocast: operands cast to bf16, the weight-gradient GEMM returns bf16 (then the fp32 .grad)
+        return cast_formats(torch.bfloat16)
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:

@@ -15,3 +15,14 @@ class FP8Rowwise(FP8Tensorwise):
     summary = "fp32 master, float8 block matmuls (torchao, rowwise scales), bf16 autocast elsewhere"
     needs = "torchao; CUDA 8.9+, 9.0 for the fast path (emulated on a CPU, or below 8.9 with --emulate)"
     recipe = "rowwise"
+
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # torchao 0.18 float8/config.py, from_recipe_name("rowwise"): input, weight and grad_output all e4m3
+        # with AXISWISE (per-row) scales and round_scales_to_power_of_2=True; the weight gradient in bf16, as
+        # for tensorwise (the GEMM returns its operand's original dtype)
+        return self.kept_formats(layer) or {
+            "input": "e4m3-rowwise-pow2",
+            "weight": "e4m3-rowwise-pow2",
+            "grad_output": "e4m3-rowwise-pow2",
+            "grad_weight": "bf16",
+        }

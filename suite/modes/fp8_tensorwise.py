@@ -61,6 +61,19 @@ class FP8Tensorwise(SwappedLinearsMode):
         with super().numerics(), inductor_patch_restored():
             yield
 
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # torchao 0.18 float8/config.py: Float8LinearConfig() casts input and weight to e4m3 and grad_output to
+        # e5m2 (CastConfig target_dtype defaults in __post_init__), TENSORWISE granularity, no power-of-2
+        # rounding of scales. The float8 GEMMs return their operand's original dtype (bf16 here: the pre-hook
+        # casts the input to the autocast dtype), so the weight gradient is produced in bf16 before autograd
+        # casts it to the fp32 master's .grad (CPU emulation and _scaled_mm alike).
+        return self.kept_formats(layer) or {
+            "input": "e4m3-tensorwise",
+            "weight": "e4m3-tensorwise",
+            "grad_output": "e5m2-tensorwise",
+            "grad_weight": "bf16",
+        }
+
     def config(self) -> object:
         """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated)."""
         float8, _ = import_torchao("torchao.float8")

@@ -57,6 +57,15 @@ class Int8Mixed(SwappedLinearsMode):
             return needs_capability(device, (8, 0), "int8-mixed")
         return None
 
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # Int8MixedPrecisionTrainingConfig: all three GEMMs in int8 (output, grad_input, grad_weight all True),
+        # each operand quantized with one absmax scale per row (the format's rows run along the last dimension;
+        # for the weight-gradient GEMM torchao scales along the token dimension instead). The int8 GEMMs
+        # accumulate in int32 exactly and are rescaled into their fp32 operands' dtype (the pre-hook keeps the
+        # inputs fp32), so the weight gradient is produced in fp32
+        return self.kept_formats(layer) or {"input": "int8-rowwise", "weight": "int8-rowwise",
+                                            "grad_output": "int8-rowwise", "grad_weight": "fp32"}  # fmt: skip
+
     def prepare(self, model: nn.Module) -> nn.Module:
         qt, missing = import_torchao(_INT8)
         quantization, missing_q = import_torchao(_QUANTIZE)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import ADAM_BETAS, PrecisionMode, decay_groups
+from suite.modes.base import ADAM_BETAS, CAST_FORMATS, PrecisionMode, cast_formats, decay_groups
 from suite.modes.torchao_calls import fp32_copy, to_weight_dtype
 
 
@@ -100,6 +100,17 @@ class Int8Weight(PrecisionMode):
         for fqn in self._quantized:
             model.get_submodule(fqn).to(self.autocast_dtype).register_forward_pre_hook(to_weight_dtype)
         return model
+
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # The quantized Linears: the weight stored in int8 with one scale per output row (int8-rowwise); input,
+        # grad_output and the weight-gradient GEMM's result in the compute dtype. That is the autocast dtype on
+        # every device: the layers themselves are cast to it (bf16 on a CPU as on a GPU; see the module
+        # docstring), so the answer does not depend on self.device. The LM head (kept in fp32) runs as a plain
+        # Linear under the same autocast.
+        compute = CAST_FORMATS[self.autocast_dtype]
+        if layer is not None and layer not in self._quantized:
+            return cast_formats(self.autocast_dtype)
+        return {"input": compute, "weight": "int8-rowwise", "grad_output": compute, "grad_weight": compute}
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The dequantized int8 weights in plain fp32 Linears: the held-out loss in strict fp32."""

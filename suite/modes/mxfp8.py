@@ -70,6 +70,13 @@ class MXFP8(SwappedLinearsMode):
     needs = "torchao; CUDA 10.0+ (emulated on a CPU, or below 10.0 with --emulate)"
     cpu_default = False  # emulated: several times fp32's step time on a CPU
 
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # MXFP8Linear quantizes input, weight (its bf16 view) and grad_output to MXFP8 (e4m3 elements, one
+        # e8m0 scale per 32) for all three GEMMs; the weight-gradient GEMM returns bf16 (the weight's dtype as
+        # the parametrization presents it), which the cast's backward hands to the fp32 master's .grad
+        return self.kept_formats(layer) or {"input": "mxfp8", "weight": "mxfp8", "grad_output": "mxfp8",
+                                            "grad_weight": "bf16"}  # fmt: skip
+
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:
         for module in (_MXFP8, _KERNELS):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode, needs_capability
+from suite.modes.base import PrecisionMode, cast_formats, needs_capability
 
 
 class PureBF16(PrecisionMode):
@@ -34,6 +35,10 @@ class PureBF16(PrecisionMode):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.bfloat16()
+
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # stored and computed in bf16 (pure-bf16-sr too: its stochastic rounding is in the optimizer's update)
+        return cast_formats(torch.bfloat16)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).float()  # the bf16 weights, evaluated in fp32

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import FsdpPlan, PrecisionMode, local_shard
+from suite.modes.base import FsdpPlan, PrecisionMode, cast_formats, local_shard
 
 
 class DynamicLossScaler:
@@ -72,6 +72,11 @@ class PureFP16(PrecisionMode):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.half()
+
+    def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
+        # everything is stored and computed in fp16; gradients as the hooks see them carry the loss scale
+        # (DynamicLossScaler's own scaling), so plain fp16 is the format they are in
+        return cast_formats(torch.float16)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).float()  # the fp16 weights, evaluated in fp32

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode
+from suite.modes.base import PrecisionMode, cast_formats
 
 
 def import_torchao(module: str) -> tuple[ModuleType | None, str | None]:
@@ -181,6 +181,13 @@ class SwappedLinearsMode(PrecisionMode):
 
     def layer_fields(self) -> dict[str, list[str]]:
         return self._layers
+
+    def kept_formats(self, layer: str | None) -> dict[str, str] | None:
+        """The formats of a Linear `prepare` left alone (the LM head, odd shapes): a plain Linear under bf16
+        autocast, bf16 in every role. None for a converted Linear (layer None: a converted one)."""
+        if layer is None or layer in self._layers.get("converted_layers", []):
+            return None
+        return cast_formats(self.autocast_dtype)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The fp32 master weights in plain Linears: the held-out loss measures what training produced, in

@@ -96,6 +96,7 @@ def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step:
         "loss_scale_curve": r.loss_scale_curve,
         "eval_curve": r.eval_curve,
         "diverged_at_step": r.diverged_at,
+        **r.numerics,  # numerics, numerics_steps, numerics_formats, numerics_reason (mpbench run --numerics)
     }
     if r.timing is not None:
         fields |= {

@@ -23,7 +23,10 @@ TRY_STEPS = 3
 
 
 def _try(case: Case, batch: int, timeout_s: float | None, progress: Sink | None = None) -> dict[str, Any]:
-    trial = dataclasses.replace(case, batch_size=batch, steps=TRY_STEPS, warmup=1, eval_batches=1, eval_every=0)
+    # no --numerics statistics in a trial: they would add their memory to the peak (and a 3-step trial sampled
+    # every 2nd step leaves no step to time: the Case refuses it)
+    trial = dataclasses.replace(case, batch_size=batch, steps=TRY_STEPS, warmup=1, eval_batches=1, eval_every=0,
+                                numerics_every=0)  # fmt: skip
     flops = case_fields(trial, resolve_device(trial.device))["flops_per_step"]
     return train_isolated(trial, flops, f"max-batch {case.mode} b{batch}", timeout_s, progress)
 

@@ -6,6 +6,8 @@ import math
 import os
 from dataclasses import dataclass, fields
 
+import torch
+
 from models import GPTConfig
 from suite.hardware import concrete_device
 from suite.modes import MODES
@@ -53,6 +55,9 @@ class Case:
     # nproc 1, a one-rank torchrun job: the data-parallel code path on one device (a first GPU's check)
     parallel: str | None = None
     emulate: bool = False  # run fp8/MXFP8 modes with emulated kernels on a GPU below their capability
+    # tensor statistics every N steps (plus the first and the last), untimed (mpbench run --numerics); 0: off.
+    # Not in the case key: a sampled step trains exactly as an unsampled one (tests prove it)
+    numerics_every: int = 0
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():
@@ -111,6 +116,38 @@ class Case:
             raise ValueError(f"lr_floor={self.lr_floor}: must be a fraction of the peak rate in 0..1, such as 0.1")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay={self.weight_decay}: must be zero or a positive finite number, such as 0.1")
+        self._check_numerics()
+
+    def _check_numerics(self) -> None:
+        """--numerics: a step count, on one plain process, leaving some step of the timed window unsampled."""
+        n = self.numerics_every
+        if n < 0:
+            raise ValueError(f"numerics_every={n}: must be 0 (off) or a positive step count, such as 10")
+        if not n:
+            return
+        if self.compile:
+            raise ValueError(
+                f"numerics_every={n} with compile=True: the statistics hooks are not supported on a torch.compile'd "
+                "model (they would be traced into its graphs or break them); drop --compile or --numerics"
+            )
+        if self.data_parallel:
+            raise ValueError(
+                f"numerics_every={n} with nproc={self.nproc}, parallel={self.data_parallel!r}: statistics of per-rank "
+                "shards (DDP/FSDP2) are not supported; use --nproc 1 without --parallel, or drop --numerics"
+            )
+        from suite.metrics.window import PROFILED_STEPS  # here: the case module stays light to import
+        from suite.training.numerics import timed_steps_left
+
+        # the timed window: after warm-up, before the steps a GPU keeps for the profiler
+        on_gpu = torch.device(self.device).type == "cuda"  # the concrete device, parsed, not matched
+        reserved = PROFILED_STEPS if on_gpu and self.steps - self.warmup > PROFILED_STEPS else 0
+        window = range(self.warmup + 1, self.steps - reserved + 1)
+        if not timed_steps_left(n, self.steps, window):
+            raise ValueError(
+                f"numerics_every={n} with steps={self.steps}, warmup={self.warmup}: samples every timed step "
+                f"({window.start}..{window.stop - 1}), leaving none to time; use a larger --numerics-every or more "
+                "--steps"
+            )
 
     @property
     def model_config(self) -> GPTConfig:

@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from suite.metrics.fidelity import plain
+from suite.modes.formats import TensorStats, format_unavailable, tensor_stats
 from suite.modes.torchao_calls import master_weight
 
 ROLES: tuple[str, ...] = ("input", "weight", "grad_output", "grad_weight")
@@ -32,6 +34,13 @@ def linear_layers(model: nn.Module) -> list[str]:
     """The fully qualified names of the model's Linears, in module order (call it on the fp32 model,
     before a mode swaps its Linears for its own modules: the names stay, the classes change)."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def stepped_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight parameter itself (a leaf the optimizer steps): under a dtype parametrization its original.
+    Not `master_weight`, which for torchao's int8 weight is a dequantized copy: a grad hook on that copy never
+    fires (it is no leaf), so int8-weight's grad_weight went unseen."""
+    return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
 
 
 @contextlib.contextmanager
@@ -59,10 +68,132 @@ def watch(model: nn.Module, layers: list[str], on_tensor: OnTensor) -> Iterator[
         for name in layers:
             module = model.get_submodule(name)
             handles.append(module.register_forward_hook(forward_hook(name)))
-            weight = master_weight(module)
+            weight = stepped_weight(module)
             if weight.requires_grad:
                 handles.append(weight.register_post_accumulate_grad_hook(grad_hook(name)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+# `mpbench run --numerics`: the columns of the record's `numerics` field, one row per (step, layer, role)
+COLUMNS: tuple[str, ...] = ("step", "layer", "role", "format", "amax", "underflow", "saturation", "sqnr_db", "scale")
+STATS: tuple[str, ...] = COLUMNS[4:]  # TensorStats' fields, null in a row whose statistics failed
+NOT_REQUESTED = "not requested (mpbench run --numerics)"
+
+
+def default_every(steps: int) -> int:
+    """`--numerics` without `--numerics-every`: a quarter of the run (4 samples and the first step), and never
+    every step, so that the timed window keeps unsampled steps to time."""
+    return max(2, steps // 4)
+
+
+def sampled_steps(every: int, steps: int) -> list[int]:
+    """The 1-based steps `--numerics-every N` samples: the first (initial weights), every N-th, and the last
+    (the trained state); none when `every` is 0."""
+    if every <= 0:
+        return []
+    return sorted({1, steps, *range(every, steps + 1, every)})
+
+
+def timed_steps_left(every: int, steps: int, window: range) -> int:
+    """How many steps of `window` (1-based step numbers) stay unsampled, so timed, under `--numerics-every`."""
+    return len(set(window) - set(sampled_steps(every, steps)))
+
+
+class Sampler:
+    """Statistics of the watched Linears' four tensors on the sampled steps, each in the format the mode runs
+    that layer's role in (`formats[layer][role]`), as the record's columnar `numerics` field.
+
+    A failure here never fails the case: a format that cannot be computed (unknown, unavailable here, not
+    written yet), a tensor whose statistics raise, a role the hooks never saw (a hook that did not fire) all
+    give rows with null statistics and a line in `numerics_reason`.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], formats: dict[str, dict[str, str]],
+                 steps: list[int], mode_formats: dict[str, str]) -> None:  # fmt: skip
+        self.model, self.layers, self.formats = model, layers, formats
+        self.steps = frozenset(steps)
+        self.mode_formats = mode_formats
+        self.sampled: list[int] = []  # the sampled steps that ran (a diverged case stops early)
+        self.columns: dict[str, list] = {c: [] for c in COLUMNS}
+        self._problems: dict[str, set[str]] = {}  # why -> the roles it hit (one line each in numerics_reason)
+        self._blocked: dict[str, str] = {}  # format -> why it cannot be computed here (checked once)
+        for fmt in {f for roles in formats.values() for f in roles.values()}:
+            try:
+                why = format_unavailable(fmt)
+            except Exception as exc:  # an unknown name: ValueError naming the choices
+                why = f"{type(exc).__name__}: {exc}"
+            if why:
+                self._blocked[fmt] = f"format {fmt!r} cannot be computed here: {why}"
+        self._seen: dict[tuple[str, str], TensorStats | None] = {}
+
+    def wants(self, step: int) -> bool:
+        """Whether step `step` (1-based) is sampled."""
+        return step in self.steps
+
+    @contextlib.contextmanager
+    def sampling(self, step: int) -> Iterator[None]:
+        """The hooks around one sampled step; its rows are added when the step is done. Hooks that cannot be
+        registered leave the step to run unwatched (its rows null, with why)."""
+        self._seen = {}
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(watch(self.model, self.layers, self._on_tensor))
+            except Exception as exc:
+                self._problem(f"the hooks could not be registered: {type(exc).__name__}: {exc}", "all roles")
+            yield
+        self._finish(step)
+
+    def _on_tensor(self, layer: str, role: str, tensor: torch.Tensor) -> None:
+        if (layer, role) in self._seen:  # a Linear called twice in one step: its first call is recorded
+            self._problem("a layer ran more than once in a step; its first call's tensors are recorded", role)
+            return
+        fmt = self.formats[layer][role]
+        self._seen[(layer, role)] = None
+        if fmt in self._blocked:
+            self._problem(self._blocked[fmt], role)
+            return
+        try:  # activations and their gradients as the GEMM operand, (tokens, features), as `mpbench numerics`
+            self._seen[(layer, role)] = _stats(tensor.flatten(0, -2) if tensor.dim() > 2 else tensor, fmt)
+        except Exception as exc:  # NotImplementedError of a format not written yet, or anything else
+            self._problem(f"tensor_stats in format {fmt!r} failed: {type(exc).__name__}: {exc}", role)
+
+    def _finish(self, step: int) -> None:
+        self.sampled.append(step)
+        for layer in self.layers:
+            for role in ROLES:
+                if (layer, role) not in self._seen:
+                    self._problem("the hooks never saw this role (its hook did not fire)", role)
+                stats = self._seen.get((layer, role))
+                row = dict(step=step, layer=layer, role=role, format=self.formats[layer][role])
+                row |= {k: getattr(stats, k) for k in STATS} if stats else dict.fromkeys(STATS)
+                for column, value in row.items():
+                    self.columns[column].append(value)
+
+    def _problem(self, why: str, role: str) -> None:
+        self._problems.setdefault(why, set()).add(role)
+
+    def fields(self) -> dict[str, object]:
+        """The record's numerics fields."""
+        reason = "; ".join(f"{why} ({', '.join(sorted(roles))})" for why, roles in self._problems.items())
+        return {
+            "numerics": self.columns if self.sampled else None,
+            "numerics_steps": list(self.sampled),
+            "numerics_formats": dict(self.mode_formats),
+            "numerics_reason": reason or (None if self.sampled else "no sampled step ran"),
+        }
+
+
+def _stats(tensor: torch.Tensor, fmt: str) -> TensorStats:
+    """`tensor_stats` isolated from the step it runs inside: no autograd graph, no autocast (a hook inside the
+    forward runs under the mode's autocast), and the global random generators put back as they were (a format
+    that draws random numbers must not move the stream that int8-weight's stochastic rounding draws from)."""
+    devices = [tensor.device] if tensor.device.type != "cpu" else []
+    with (
+        torch.no_grad(),
+        torch.autocast(tensor.device.type, enabled=False),
+        torch.random.fork_rng(devices=devices, device_type=tensor.device.type if devices else "cuda"),
+    ):
+        return tensor_stats(tensor, fmt)

@@ -21,6 +21,7 @@ from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import tf32_matmuls
 from suite.training.case import Case
 from suite.training.data import Corpus, digest
+from suite.training.numerics import NOT_REQUESTED, Sampler, linear_layers, sampled_steps
 from suite.training.schedule import LRSchedule
 
 # progress(step_done, steps, last_loss): called a few times per case
@@ -89,6 +90,7 @@ class CaseResult:
     init_digest: str
     storage: dict[str, list[str]] = field(default_factory=dict)
     measurements: dict[str, Any] = field(default_factory=dict)  # tracker fields for the record
+    numerics: dict[str, Any] = field(default_factory=dict)  # the numerics_* record fields (mpbench run --numerics)
 
 
 class _Loop:
@@ -112,8 +114,10 @@ class _Loop:
         evaluate: Callable[[], float] | None = None,
         agree: Agree | None = None,
         schedule: LRSchedule | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.fn, self.mode, self.optimizer, self.dev = fn, mode, optimizer, dev
+        self.sampler = sampler  # None: no step is sampled (mpbench run without --numerics)
         self.schedule = schedule  # None: the optimizer's rate as made
         self.agree = agree
         self.steps, self.progress = steps, progress
@@ -133,16 +137,23 @@ class _Loop:
         timer: StepTimer | None = None,
         pause: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
-        """Train on `batches` (n, B, T+1); `pause` wraps each held-out evaluation (the measured
-        window is paused around it, so its work is not counted)."""
+        """Train on `batches` (n, B, T+1); `pause` wraps each held-out evaluation and each sampled step
+        (the measured window is paused around them, so their work is not counted).
+
+        A sampled step (--numerics) runs the same `train_step` with the statistics hooks around it, paused
+        and outside the step timer; every other step runs exactly as without --numerics: no hook exists."""
         for batch in batches:
             if self.diverged_at is not None:
                 return
             batch = batch.to(self.dev, non_blocking=True)  # outside the timed step
             if self.schedule is not None:  # this step's rate: a host float, set outside the timed step
                 self.schedule.apply(self.optimizer, self.done)
-            with timer.measure() if timer else contextlib.nullcontext():
-                loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
+            if self.sampler is not None and self.sampler.wants(self.done + 1):
+                with pause(), self.sampler.sampling(self.done + 1):
+                    loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
+            else:
+                with timer.measure() if timer else contextlib.nullcontext():
+                    loss, stepped = train_step(self.fn, self.mode, self.optimizer, batch)
             i = self.done
             self.losses[i] = loss  # a device copy: no sync
             self.applied[i] = stepped  # a bool, or a 0-dim bool tensor on the device
@@ -201,6 +212,7 @@ def run_case(
     mode = get_mode(case.mode)(device)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # fp32 on the CPU: identical for every mode
+    layers = linear_layers(model)  # before the mode swaps Linears: the names stay, the classes change
     # torch's global generators (CPU and every GPU) from the case's seed too: torchao's stochastic
     # rounding (int8-weight) draws from them, so unseeded the same case ended 0.005 nats apart
     torch.manual_seed(case.seed)
@@ -214,8 +226,9 @@ def run_case(
         def held_out_loss() -> float:
             return evaluate(mode.eval_model(unshard(model) if unshard else model), heldout_batches, dev)
 
+        sampler, numerics = _sampler(case, mode, model, layers)
         loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss, agree,
-                     case.schedule)  # fmt: skip
+                     case.schedule, sampler)  # fmt: skip
         timing, measurements = _train_measured(case, device, loop, train_batches, trackers)
         final = None
         if loop.diverged_at is None:
@@ -223,6 +236,7 @@ def run_case(
             loop.eval_curve.append([case.steps, final])
         storage = storage_dtypes(model, optimizer) | mode.layer_fields()  # grads of the last step are still there
         loss_curve, skipped, scales = loop.curves()
+        numerics = sampler.fields() if sampler else numerics
     return CaseResult(
         timing=timing,
         loss_curve=loss_curve,
@@ -235,7 +249,23 @@ def run_case(
         init_digest=init_digest,
         storage=storage,
         measurements=measurements,
+        numerics=numerics,
     )
+
+
+def _sampler(
+    case: Case, mode: PrecisionMode, model: nn.Module, layers: list[str]
+) -> tuple[Sampler | None, dict[str, Any]]:
+    """(the statistics sampler of --numerics, or None; the record fields when there is none). Setting it up
+    failing never fails the case: the steps then train unsampled, and numerics_reason says why."""
+    if not case.numerics_every:
+        return None, {"numerics_reason": NOT_REQUESTED}
+    try:
+        formats = {layer: mode.tensor_formats(layer) for layer in layers}
+        steps = sampled_steps(case.numerics_every, case.steps)
+        return Sampler(model, layers, formats, steps, mode.tensor_formats()), {}
+    except Exception as exc:
+        return None, {"numerics_reason": f"the statistics could not be set up: {type(exc).__name__}: {exc}"}
 
 
 def _train_measured(
@@ -261,9 +291,17 @@ def _train_measured(
             measurements |= window.fields(len(timing.times_ms), case.batch_size * case.seq_len)  # this process
     rest = batches[timed_end:]
     if reserved and loop.diverged_at is None and measurements.get("tensor_core_util") is None:
+        # the profiler sees the first unbroken run of unsampled reserved steps (--numerics): the statistics'
+        # kernels are not the step's, and a profiler is not paused around them. A Case samples every N-th step
+        # with N >= 2 (and the last), so of the 3 reserved steps at least one is unsampled
+        sampled = [bool(loop.sampler and loop.sampler.wants(timed_end + i + 1)) for i in range(len(rest))]
+        start = sampled.index(False) if False in sampled else len(rest)
+        end = sampled.index(True, start) if True in sampled[start:] else len(rest)
+        loop.run(rest[:start])
         with ProfilerTensorCores() as prof:
-            loop.run(rest)
+            loop.run(rest[start:end])
         measurements |= profiler_fields(prof.result(), gpm_reason=measurements.get("tensor_core_util_reason"))
+        loop.run(rest[end:])
     else:
         loop.run(rest)  # reserved steps train all the same: the loss curve has every step
     return timing, measurements
