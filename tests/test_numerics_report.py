@@ -197,10 +197,11 @@ def test_malformed_numerics_are_named_and_crash_nothing(tmp_path, how):
     compare_runs(records, records)  # no exception either
 
 
-def _planted(sqnrs: dict[tuple[int, str], float]) -> dict[str, list]:
-    """A training field of the real one's shape with some (step, layer) cells' input SQNR planted."""
+def _planted(sqnrs: dict[tuple[int, str], float], others: float = 60.0) -> dict[str, list]:
+    """A training field of the real one's shape: the input SQNR of some (step, layer) planted, of the other
+    layers `others`, every other role's inf (an exact round trip)."""
     cols = training("bf16")
-    cols["sqnr_db"] = [sqnrs.get((s, layer), 60.0) if role == "input" else math.inf
+    cols["sqnr_db"] = [sqnrs.get((s, layer), others) if role == "input" else math.inf
                        for s, layer, role in zip(cols["step"], cols["layer"], cols["role"], strict=True)]  # fmt: skip
     return cols
 
@@ -214,6 +215,12 @@ def test_the_summary_names_the_three_worst_finite_cells_in_order():
     assert [(row[-5], row[-2]) for row in table] == [
         ("blocks.1.mlp.c_fc", "18.2"), ("blocks.0.attn.c_attn", "22.0"), ("lm_head", "30.0")]  # fmt: skip
     assert table[0][0] == "bf16" and all(len(line) <= 80 for line in lines)
+    two = numerics_block([_record("bf16", numerics=_planted({(6, "lm_head"): 30.0, (6, "blocks.0.mlp.c_fc"): 9.0},
+                                                             others=math.inf))], 80)  # fmt: skip
+    assert [line.split()[-5:-1] for line in two if "input" in line] == [
+        ["blocks.0.mlp.c_fc", "input", "bf16", "9.0"],
+        ["lm_head", "input", "bf16", "30.0"],
+    ]  # no inf third
     wide = numerics_block([_record("bf16", numerics=_planted(cells))], None)
     assert any("bf16" in line and "step" not in line and line.rstrip().endswith("6") for line in wide)
 
