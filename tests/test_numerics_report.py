@@ -153,6 +153,17 @@ def test_a_training_run_gets_its_heatmap_and_amax_chart_per_mode(tmp_path):
     assert [n for n in written if n.endswith("-scale.png")] == ["numerics3-amp-fp16-train-scale.png"]
 
 
+def test_a_column_label_names_its_format_broken_to_the_column_width():
+    def label(*formats: str) -> str:
+        cells = [nt.Cell(1, f"layer{i}", "input", f, 1.0, 0.0, 0.0, 30.0, None) for i, f in enumerate(formats)]
+        return numerics_section._column_label("input", cells)
+
+    assert label("e4m3-rowwise-pow2") == "input\ne4m3-rowwise-\npow2"  # one line would overlap its neighbour's
+    assert label("bf16", "bf16") == "input\nbf16"
+    assert label("bf16", "fp32") == "input\nmixed formats"
+    assert all(len(line) <= numerics_section.LABEL_CHARS for line in label("e5m2-tensorwise").split("\n"))
+
+
 def test_the_numerics_charts_are_legible(tmp_path):
     """The same rules as every chart (tests/test_report_legible.py): 8 pt or more, no text cut off, <= 750 px."""
     records = [_record("fp32", numerics_whatif=whatif()), _record("bf16", numerics=training("bf16"))]

@@ -111,6 +111,6 @@ def over_steps(path: Path, title: str, ylabel: str, layers: list[str],
         handles, names = axes[0].get_legend_handles_labels()
         fig.legend(handles, names, loc="outside lower center", fontsize=MIN_FONT_PT, ncol=3, frameon=False)
     else:  # a legend of 49 or 193 names says nothing: the colour runs with depth
-        fig.supxlabel(f"colour: layer depth, dark purple = {layers[0]} ... yellow = {layers[-1]}",
+        fig.supxlabel(f"colour: layer depth, dark purple = {layers[0]} ... orange = {layers[-1]}",
                       fontsize=MIN_FONT_PT)  # fmt: skip
     return save(fig, path)

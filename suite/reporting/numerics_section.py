@@ -55,10 +55,22 @@ class _Part:
             self.md += [f"- {x}" for x in lines]
 
 
+LABEL_CHARS = 13  # a heatmap column is ~85 px wide: 13 characters at 8 pt
+
+
 def _column_label(role: str, cells: list[nt.Cell]) -> str:
-    """A role and the format(s) its tensors are in (a mode may keep some layers in another format)."""
+    """A role and the format(s) its tensors are in (a mode may keep some layers in another format), the
+    format broken after its hyphens where it is wider than a column ("e4m3-rowwise-" / "pow2")."""
     formats = nt.formats([c for c in cells if c.role == role])
-    return f"{role}\n{formats[0] if len(formats) == 1 else 'mixed formats'}"
+    lines = [""]
+    for part in (formats[0] if len(formats) == 1 else "mixed formats").split("-"):
+        piece = part if lines[-1] == "" else f"-{part}"
+        if lines[-1] and len(lines[-1]) + len(piece) > LABEL_CHARS:
+            lines[-1] += "-"
+            lines.append(part)
+        else:
+            lines[-1] += piece
+    return "\n".join([role, *lines])
 
 
 def _grid(cells: list[nt.Cell]) -> dict[tuple[str, str], nt.Cell]:
