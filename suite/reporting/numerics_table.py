@@ -10,6 +10,7 @@ read (never an exception), and an absent or empty field is simply no cells.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +55,13 @@ def _number(value: Any) -> float | None:
     """A column's number as a float ('inf'/'nan' text too); None (not measured) as None; else no number."""
     if isinstance(value, str) and value in _NON_FINITE:
         return _NON_FINITE[value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's numbers too
         return float(value)
     raise TypeError
 
 
 def _step(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         raise TypeError
     return int(value)
 
