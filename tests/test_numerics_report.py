@@ -122,6 +122,10 @@ def test_a_heatmap_cell_says_exact_and_marks_underflow_and_saturation():
     assert numerics_charts.cell_text(cell) == "exact"
     assert numerics_charts.cell_text(dataclasses.replace(cell, sqnr_db=math.nan)) == "n/a"
     assert numerics_charts.cell_text(None) == "-"
+    unmeasured = nt.Cell(1, "l", "input", "fp16", None, None, None, None, None)  # a null row: not measured
+    assert numerics_charts.cell_text(unmeasured) == "-" and math.isnan(numerics_charts._value(unmeasured))
+    assert nt.worst([unmeasured]) == [] and nt.drops([cell], [unmeasured]) == ([], 1)
+    assert nt.drops([unmeasured], [dataclasses.replace(cell, sqnr_db=3.0)]) == ([], 1)
     u = dataclasses.replace(cell, sqnr_db=31.26, underflow=nt.UNDERFLOW_MARK * 2)
     assert numerics_charts.cell_text(u) == "31.3 U"
     us = dataclasses.replace(u, saturation=nt.SATURATION_MARK * 2)
@@ -137,11 +141,14 @@ def test_a_heatmap_cell_says_exact_and_marks_underflow_and_saturation():
 
 def test_a_training_run_gets_its_heatmap_and_amax_chart_per_mode(tmp_path):
     scaled = training("amp-fp16")
+    first = scaled["layer"].index("lm_head")  # its input at step 2: statistics that could not be taken
+    scaled.update({k: [None if i == first else v for i, v in enumerate(scaled[k])] for k in nt.NUMBER_COLUMNS})
     scaled["scale"] = [1024.0 if role == "grad_output" else s for role, s in zip(scaled["role"], scaled["scale"],
                                                                                  strict=True)]  # fmt: skip
     records = [_record(m, numerics=training(m), numerics_steps=[2, 4, 6], numerics_formats=OWN[m])
                for m in ("fp32", "bf16")]  # fmt: skip
-    records.append(_record("amp-fp16", numerics=scaled, numerics_steps=[2, 4, 6]))
+    why = "tensor_stats in format 'fp16' failed: RuntimeError: planted (input)"
+    records.append(_record("amp-fp16", numerics=scaled, numerics_steps=[2, 4, 6], numerics_reason=why))
     written, page = _report(tmp_path, records)
     assert [alt.split(",")[0] for alt in _heatmaps(page)] == [
         f"{numerics_section.HEATMAP_ALT}: {m}" for m in ("fp32", "bf16", "amp-fp16")
@@ -149,6 +156,7 @@ def test_a_training_run_gets_its_heatmap_and_amax_chart_per_mode(tmp_path):
     for n, mode in enumerate(("fp32", "bf16", "amp-fp16"), start=1):
         assert {f"numerics{n}-{mode}-train-sqnr.png", f"numerics{n}-{mode}-train-amax.png"} <= set(written)
     assert "in its own formats, step 6 (the last of 3 sampled)" in page
+    assert f"amp-fp16: statistics not taken: {why}".replace("'", "&#x27;") in page
     # a scale chart only where a tensor has a scale other than a plain cast's 1.0
     assert [n for n in written if n.endswith("-scale.png")] == ["numerics3-amp-fp16-train-scale.png"]
 

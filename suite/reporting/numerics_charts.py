@@ -27,23 +27,24 @@ LEGEND = (
     f"Colour: SQNR in dB on a fixed {SQNR_SCALE_DB[0]:g}-{SQNR_SCALE_DB[1]:g} dB scale (above it: the top "
     f"colour). {EXACT}: a lossless round trip (inf dB). U: over {UNDERFLOW_MARK:.0%} of the nonzero elements "
     f"flush to zero; S: over {SATURATION_MARK:.1%} of the elements saturate. {ALL_ZERO}: an all-zero "
-    f"tensor; {NOT_RECORDED}: not recorded."
+    f"tensor; {NOT_RECORDED}: not recorded or not measured."
 )
 LAYER_LEGEND_MAX = 12  # more layers than this: colour by depth, named by the first and the last
 
 
 def cell_text(c: Cell | None) -> str:
     """What a heatmap cell says: the SQNR (or exact / n/a / -) and its U / S marks."""
-    if c is None:
+    if c is None or c.sqnr_db is None:
         return NOT_RECORDED
     text = EXACT if c.sqnr_db == math.inf else ALL_ZERO if math.isnan(c.sqnr_db) else f"{c.sqnr_db:.1f}"
-    marks = ("U" if c.underflow > UNDERFLOW_MARK else "") + ("S" if c.saturation > SATURATION_MARK else "")
+    under = c.underflow is not None and c.underflow > UNDERFLOW_MARK
+    marks = ("U" if under else "") + ("S" if c.saturation is not None and c.saturation > SATURATION_MARK else "")
     return f"{text} {marks}" if marks else text
 
 
 def _value(c: Cell | None) -> float:
     """The colour value: inf at the top of the scale; nan (no colour, grey) for all-zero or not recorded."""
-    if c is None or math.isnan(c.sqnr_db):
+    if c is None or c.sqnr_db is None or math.isnan(c.sqnr_db):
         return math.nan
     return SQNR_SCALE_DB[1] if c.sqnr_db == math.inf else max(c.sqnr_db, SQNR_SCALE_DB[0])
 

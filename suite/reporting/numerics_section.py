@@ -112,6 +112,8 @@ def _training(part: _Part, stem: str, heading: str, r: dict[str, Any], cells: li
                                  "scale (log)", layers, scale)  # fmt: skip
         made.append((path, f"scale per layer over steps {steps}"))
     part.charts(made)
+    if r.get("numerics_reason"):  # some statistics were not taken (their cells read "-"): why
+        part.notes([f"{mode}: statistics not taken: {r['numerics_reason']}"])
 
 
 def _whatif(part: _Part, stem: str, heading: str, r: dict[str, Any], cells: list[nt.Cell]) -> None:

@@ -44,10 +44,10 @@ class Cell:
     layer: str
     role: str
     format: str
-    amax: float
-    underflow: float
-    saturation: float
-    sqnr_db: float  # inf: an exact round trip; nan: an all-zero tensor or not measured
+    amax: float | None  # None: not measured (a format that failed; the record's numerics_reason says why)
+    underflow: float | None
+    saturation: float | None
+    sqnr_db: float | None  # inf: an exact round trip; nan: an all-zero tensor
     scale: float | None
 
 
@@ -107,8 +107,7 @@ def read(record: dict[str, Any], field: str) -> tuple[list[Cell], str | None]:
                 texts.append(lists[column][i])
             numbers = []
             for column in NUMBER_COLUMNS:
-                number = None if lists[column][i] is None else _number(lists[column][i])
-                numbers.append(math.nan if number is None else number)
+                numbers.append(None if lists[column][i] is None else _number(lists[column][i]))
             column = "scale"
             scale = lists.get("scale", [None] * lengths["step"])[i]
             scale = None if scale is None else _number(scale)
@@ -144,7 +143,7 @@ def at_step(cells: list[Cell], step: int | None) -> list[Cell]:
 def worst(cells: list[Cell], n: int = 3) -> list[Cell]:
     """The `n` cells with the lowest finite SQNR at the last sampled step, lowest first (an exact round trip,
     inf, and an all-zero tensor, nan, lose nothing worth naming); ties in the model's order."""
-    last = [c for c in at_step(cells, last_step(cells)) if math.isfinite(c.sqnr_db)]
+    last = [c for c in at_step(cells, last_step(cells)) if c.sqnr_db is not None and math.isfinite(c.sqnr_db)]
     order = {layer: i for i, layer in enumerate(layers(cells))}
     return sorted(last, key=lambda c: (c.sqnr_db, order[c.layer]))[:n]
 
@@ -172,8 +171,10 @@ def drops(a: list[Cell], b: list[Cell]) -> tuple[list[Drop], int | None]:
     found = []
     for cb in at_step(b, step):
         ca = before.get((cb.layer, cb.role, cb.format))
-        if ca is None or math.isnan(ca.sqnr_db) or not math.isfinite(cb.sqnr_db):
-            continue  # nothing to compare, or B exact (no drop) or B all-zero (not an SQNR)
+        if ca is None or ca.sqnr_db is None or cb.sqnr_db is None or math.isnan(ca.sqnr_db):
+            continue  # nothing to compare: a tensor only one side has, or a statistic not measured
+        if not math.isfinite(cb.sqnr_db):
+            continue  # B exact (no drop) or all-zero (not an SQNR)
         drop = Drop(ca, cb)
         if drop.db > DROP_DB:  # inf - finite = inf: an exact round trip that no longer is
             found.append(drop)
