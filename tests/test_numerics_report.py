@@ -103,8 +103,11 @@ def _heatmaps(page: str) -> list[str]:
     return re.findall(rf'<img alt="({numerics_section.HEATMAP_ALT}[^"]*)"', page)
 
 
-def test_the_roles_are_the_training_hooks_roles():
+def test_the_roles_are_the_training_hooks_roles_and_the_marks_the_whatif_tables():
+    from suite.cli import numerics as whatif_command
+
     assert nt.ROLES == training_numerics.ROLES  # reporting keeps a copy so that it never imports torch
+    assert nt.UNDERFLOW_MARK == nt.SATURATION_MARK == whatif_command.MARK  # the picture marks what the table does
 
 
 def test_a_whatif_record_gets_the_section_and_one_heatmap_per_format(tmp_path):

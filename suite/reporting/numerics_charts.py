@@ -25,7 +25,7 @@ MISSING_GREY = "0.88"
 EXACT, ALL_ZERO, NOT_RECORDED = "exact", "n/a", "-"
 LEGEND = (
     f"Colour: SQNR in dB on a fixed {SQNR_SCALE_DB[0]:g}-{SQNR_SCALE_DB[1]:g} dB scale (above it: the top "
-    f"colour). {EXACT}: a lossless round trip (inf dB). U: over {UNDERFLOW_MARK:.0%} of the nonzero elements "
+    f"colour). {EXACT}: a lossless round trip (inf dB). U: over {UNDERFLOW_MARK:.1%} of the nonzero elements "
     f"flush to zero; S: over {SATURATION_MARK:.1%} of the elements saturate. {ALL_ZERO}: an all-zero "
     f"tensor; {NOT_RECORDED}: not recorded or not measured."
 )

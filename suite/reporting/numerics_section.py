@@ -120,10 +120,11 @@ def _whatif(part: _Part, stem: str, heading: str, r: dict[str, Any], cells: list
     step = nt.last_step(cells)
     last = nt.at_step(cells, step)
     layers, roles = nt.layers(cells), nt.roles(cells)
-    part.heading(f"{heading}: what-if, every format on {r.get('mode')}'s tensors of step {step}")
+    mode = r.get("mode")  # `step`: the step of the weights whose next step's tensors were taken
+    part.heading(f"{heading}: what-if, every format on the tensors of {mode}'s weights after step {step}")
     made = []
     for fmt in nt.formats(last):
-        title = f"{HEATMAP_ALT}: {fmt}, what-if on step {step}"
+        title = f"{HEATMAP_ALT}: {fmt}, what-if, {mode} weights after step {step}"
         mine = [c for c in last if c.format == fmt]
         path = charts.heatmap(part.out_dir / f"{stem}-{slug(fmt)}.png", title, layers, roles, roles, _grid(mine))
         made.append((path, f"{title} (layers down, roles across)"))
