@@ -18,7 +18,8 @@ from suite.reporting.charts import MIN_FONT_PT, TITLE_CHARS, new_figure, save
 from suite.reporting.numerics_table import SATURATION_MARK, UNDERFLOW_MARK, Cell
 
 # 0 dB: noise as strong as the signal; 80 dB: beyond fp16's ~74 dB, the most any format short of fp32
-# keeps. Four-bit formats sit near 10-20 dB, float8 near 20-35, bf16 near 55, fp16 and tf32 near 74.
+# keeps. Medians on the tiny GPT (results/numerics-example): MXFP4 19, NVFP4 20, e5m2 26, MXFP8 30,
+# e4m3 32, int8 rowwise 44, bf16 56, fp16 and tf32 74 dB.
 SQNR_SCALE_DB = (0.0, 80.0)
 COLOURMAP = "viridis"  # perceptually even and readable with colour-blindness: dark = low SQNR, yellow = high
 MISSING_GREY = "0.88"
