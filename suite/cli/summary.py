@@ -18,6 +18,7 @@ from suite.cli.progress import STYLE
 from suite.records.cases import pair_key
 from suite.records.checks import suspect_fields
 from suite.records.noise import NOISY_SPREAD, noisy_step
+from suite.reporting import numerics_table
 from suite.reporting.convergence import REFERENCE, TOLERANCES
 from suite.reporting.seeds import SEEDS_CAP, ModeVerdict, judge, noise_floors
 from suite.text import Fit, fit_table, fmt, show
@@ -77,7 +78,8 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
         rows = [[row[0], str(r.get("seed")), *row[1:]] for row, r in zip(rows, records, strict=True)]
         header, right = [HEADER[0], "seed", *HEADER[1:]], {1} | {i + 1 for i in right}
     fit = fit_table(rows, header, width, drop=drop, prose=["reason"], right=right, ascii=ascii)
-    return fit, _notes(records, rows, fit, width) + convergence_block(records, width, ascii)
+    notes = _notes(records, rows, fit, width) + convergence_block(records, width, ascii)
+    return fit, notes + numerics_block(records, width, ascii)
 
 
 CONVERGENCE_HEADER = ["mode", "model", "seeds", "mean delta", "95% interval", "sd", "tol", "verdict"]
@@ -118,6 +120,32 @@ def convergence_block(records: list[dict], width: int | None, ascii: bool = True
         "(paired deltas' sd: the median over modes.) An interval that holds 0: no difference from fp32 shows on "
         "these seeds. Each verdict's detail and tolerance: mpbench check RECORDS"
     )
+    return lines
+
+
+NUMERICS_HEADER = ["mode", "layer", "role", "format", "SQNR dB", "step"]
+
+
+def numerics_block(records: list[dict], width: int | None, ascii: bool = True) -> list[str]:
+    """Per mode run with --numerics: the three (layer, role) with the worst finite SQNR in the mode's own
+    format at its last sampled step, worst first; [] when no record has numerics (or none can be read)."""
+    seeds, rows = _several_seeds(records), []
+    for r in records:
+        cells, _ = numerics_table.read(r, "numerics")  # a field that cannot be read: the report says why
+        for i, c in enumerate(numerics_table.worst(cells)):
+            rows.append([_label(r, seeds) if i == 0 else "", c.layer, c.role, c.format, f"{c.sqnr_db:.1f}",
+                         str(c.step)])  # fmt: skip
+    if not rows:
+        return []
+    fit = fit_table(rows, NUMERICS_HEADER, width, drop=["step", "format"], right={4, 5}, ascii=ascii)
+    lines = [
+        "",
+        "numerics: the 3 worst SQNR (dB) per mode, in its own format, last sampled step",
+        "(higher is better; exact round trips left out; every tensor: mpbench report)",
+    ]
+    lines += _lines(fit, width)
+    if fit.left_out:
+        lines.append(f"left out at {width} columns: {', '.join(fit.left_out)}")
     return lines
 
 

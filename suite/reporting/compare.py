@@ -10,7 +10,8 @@ verdict "suspect": never a clean regression or improvement, and it does not chan
 emulated kernels (either side) is judged on memory, loss and fidelity only: its timings are not speeds.
 
 A noise-allowed metric (step time, energy per step) whose runs are too noisy to judge gets the verdict
-"inconclusive" instead of "same" (see `NOISY_SPREAD`); `exit_code` gives it its own code, 3.
+"inconclusive" instead of "same" (see `NOISY_SPREAD`); `exit_code` gives it its own code, 3. A tensor whose
+SQNR fell by more than a bound (numerics_compare) is "changed": shown, never a failed gate.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Comparison:
     ratio: float | None  # b / a
     allowed: float | None  # the largest B that is not a regression
     verdict: str  # "regressed", "improved", "same", "inconclusive" (noise past NOISY_SPREAD), "info", "unmatched",
-    # "suspect" (a figure broke a self-check)
+    # "suspect" (a figure broke a self-check), "changed" (a tensor's SQNR fell: shown, not failed)
     message: str
 
 
@@ -139,6 +140,9 @@ def _metric_rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
         )
         rows.append(Comparison(model, mode, f.metric, f.old, f.new, ratio, f.allowed, verdict, message))
     rows += _fidelity_rows(ra, rb)
+    from suite.reporting import numerics_compare  # here: it builds on this module's Comparison
+
+    rows += numerics_compare.rows(ra, rb)
     emulated = bool(ra.get("emulated") or rb.get("emulated"))
     for metric in INFO_METRICS:
         if emulated and metric in SPEED_METRICS:
@@ -284,10 +288,10 @@ def format_comparison(rows: list[Comparison]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    verdicts = ("regressed", "improved", "same", "inconclusive", "info", "unmatched", "suspect")
+    verdicts = ("regressed", "improved", "same", "inconclusive", "info", "unmatched", "suspect", "changed")
     counts = {v: sum(r.verdict == v for r in rows) for v in verdicts}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
-    shown = ("regressed", "inconclusive", "unmatched", "suspect")
+    shown = ("regressed", "inconclusive", "unmatched", "suspect", "changed")
     lines += [r.message for r in rows if r.verdict in shown or r.metric in ("status", SEEDS_METRIC)]
     return "\n".join(lines)
 

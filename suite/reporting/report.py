@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from suite.records.cases import latest
-from suite.reporting import glance, procurement, seed_groups, seeds_section
+from suite.reporting import glance, numerics_section, procurement, seed_groups, seeds_section
 from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
 from suite.reporting.convergence import Tolerances
@@ -299,6 +299,12 @@ def build_report(
         for g, group in enumerate(groups.values(), start=1):
             seeded = all(id(r) in in_sets for r in group)
             doc.group(machine, f"m{m}-g{g}-{slug(str(group[0].get('model')))}", group, seeded)
+    numerics = [(f"{machine}: {_group_title(g[0])}", r) for machine, groups in machines.items()
+                for g in groups.values() for r in g]  # fmt: skip
+    numerics_html, numerics_md, pngs = numerics_section.section(numerics, out_dir, _img)
+    doc.page.append(numerics_html)  # after every group: where each mode's format loses what it loses
+    doc.md += ["", numerics_md] if numerics_md else []
+    doc.written |= pngs
     if prices or target_loss is not None:
         section_html, section_md = procurement.section(df, prices, target_loss)
         doc.page.append(section_html)
