@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas
@@ -103,11 +104,17 @@ def _heatmaps(page: str) -> list[str]:
     return re.findall(rf'<img alt="({numerics_section.HEATMAP_ALT}[^"]*)"', page)
 
 
-def test_the_roles_are_the_training_hooks_roles_and_the_marks_the_whatif_tables():
+def test_the_records_reader_imports_no_torch_and_shares_the_roles_and_marks():
+    """Roles and columns live in the record schema, marks in the reader: one definition each, and reading
+    records (a report on a machine without torch's CUDA build) never imports torch."""
     from suite.cli import numerics as whatif_command
 
-    assert nt.ROLES == training_numerics.ROLES  # reporting keeps a copy so that it never imports torch
-    assert nt.UNDERFLOW_MARK == nt.SATURATION_MARK == whatif_command.MARK  # the picture marks what the table does
+    assert nt.ROLES is training_numerics.ROLES
+    assert whatif_command.UNDERFLOW_MARK is nt.UNDERFLOW_MARK  # the picture marks what the table does
+    code = "import sys, suite.reporting.numerics_table; print('torch' in sys.modules)"
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert out.stdout.strip() == "False"
 
 
 def test_a_whatif_record_gets_the_section_and_one_heatmap_per_format(tmp_path):
@@ -271,6 +278,17 @@ def test_compare_shows_a_6_db_drop_and_an_exact_tensor_that_no_longer_is_but_not
     text = format_comparison(rows)
     assert "2 tensor(s) fell more than 3 dB" in text and "40.0 -> 34.0 dB, down 6.0 dB" in text
     assert "lm_head" not in text and "1 changed" not in text and "2 changed" in text
+
+
+def test_mpbench_compare_exits_0_and_its_last_line_counts_the_drops(tmp_path, capsys):
+    from suite.cli.main import main
+
+    a, b = _planted({(6, "blocks.0.mlp.c_fc"): 40.0}), _planted({(6, "blocks.0.mlp.c_fc"): 34.0})
+    append(tmp_path / "a.jsonl", _record("bf16", numerics=a))
+    append(tmp_path / "b.jsonl", _record("bf16", numerics=b))
+    assert main(["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "0 regression(s)" in last and "1 line(s) of SQNR drops shown" in last
 
 
 def test_compare_reads_whatif_records_and_ignores_a_one_sided_field():

@@ -72,8 +72,9 @@ def test_layers_prints_a_grid_whose_marks_follow_the_record(tmp_path, capsys):
         for role, cell in zip(ROLES, _cells(cells), strict=True):
             row = df.loc[("fp16", layer, role)]
             assert cell[0] == f"{row['sqnr_db']:.1f}", (layer, role, cell)
-            assert ("U" in cell) == (row["underflow"] > numerics.MARK), (layer, role, cell)
-    assert _frame(r).query("format == 'fp16'")["underflow"].max() > numerics.MARK  # some U shown: fp16's gradients
+            assert ("U" in cell) == (row["underflow"] > numerics.UNDERFLOW_MARK), (layer, role, cell)
+    fp16 = _frame(r).query("format == 'fp16'")
+    assert fp16["underflow"].max() > numerics.UNDERFLOW_MARK  # some U shown: fp16's gradients
 
 
 def _cells(text: str) -> list[list[str]]:

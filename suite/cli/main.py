@@ -81,6 +81,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeded = sum(r.metric == SEEDS_METRIC for r in rows)  # modes both runs have on 2+ seeds
     why = "too noisy to judge" + (", or a verdict over seeds got worse within their spread" if seeded else "")
     over_seeds = f"; {seeded} mode(s) compared over seeds (mean delta vs fp32, 95% interval)" if seeded else ""
+    changed = sum(r.verdict == "changed" for r in rows)  # a tensor's SQNR fell: shown, never a failed gate
+    over_seeds += f"; {changed} line(s) of SQNR drops shown (numerics changed: not a failure)" if changed else ""
     print(f"\n{len(regressed)} regression(s), {doubtful} inconclusive ({why}){over_seeds}"
           + (":\n" + "\n".join(regressed) if regressed else ""))  # fmt: skip
     return compare_exit_code(rows)

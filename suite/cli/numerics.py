@@ -33,6 +33,8 @@ from suite.hardware import DeviceInfo, environment, on_device, resolve_device
 from suite.modes import get_mode
 from suite.modes.formats import FORMATS, WHATIF_FORMATS, TensorStats, check_format, format_unavailable, tensor_stats
 from suite.records import outputs, store
+from suite.records.store import NUMERICS_COLUMNS as COLUMNS
+from suite.reporting.numerics_table import SATURATION_MARK, UNDERFLOW_MARK
 from suite.running.execute import case_fields, failure_reason, out_of_memory
 from suite.text import fmt, render, rich_table
 from suite.training.case import Case
@@ -42,10 +44,7 @@ from suite.training.train import train_step
 
 # fp32 steps before the tensors are taken: enough to move off the initial weights' uniform statistics
 DEFAULT_STEPS = {"cpu": 20, "cuda": 100}
-# A cell of the --layers grid is marked U (S) when more than this share of its elements underflow (saturate).
-MARK = 1e-3
 WIDTH = 100  # the legend's lines, as the tables: a terminal of 100 columns shows them whole
-COLUMNS = ("step", "layer", "role", "format", "amax", "underflow", "saturation", "sqnr_db", "scale")
 Log = Callable[[str], None]
 
 
@@ -208,7 +207,7 @@ def _share(v: float) -> str:
 
 
 def _marks(r: dict[str, Any]) -> str:
-    return ("U" if r["underflow"] > MARK else "") + ("S" if r["saturation"] > MARK else "")
+    return ("U" if r["underflow"] > UNDERFLOW_MARK else "") + ("S" if r["saturation"] > SATURATION_MARK else "")
 
 
 def summary(cols: dict[str, list]) -> str:
@@ -253,8 +252,8 @@ def legend(k: int, layers: bool) -> list[str]:
     lines = [
         "SQNR: dB of each tensor's round trip, 10 log10(sum x^2 / sum (x - q(x))^2); inf: exact"
         + ("." if layers else "; median, worst: over the layers; worst layer: where the worst is."),
-        f"U: more than {MARK:.1%} of the tensor's nonzero elements flush to zero; S: more than {MARK:.1%} of its "
-        "elements lie above the format's largest value after its scaling"
+        f"U: more than {UNDERFLOW_MARK:.1%} of the tensor's nonzero elements flush to zero; S: more than "
+        f"{SATURATION_MARK:.1%} of its elements lie above the format's largest value after its scaling"
         + ("." if layers else " (U, S: layers so marked; max U, max S: the largest shares over the layers)."),
         f"tensors: fp32's of step {k + 1}, after {k} fp32 step(s).",
     ]

@@ -98,6 +98,12 @@ FIELDS: tuple[str, ...] = (
 )
 # fmt: on
 
+# The columns of the numerics fields (`numerics`, `numerics_whatif`), one row per step, layer, tensor role
+# and format, and the roles: a Linear's input and weight (the forward GEMM's operands), the gradient of its
+# output (the input-gradient GEMM's) and of its weight (the weight-gradient GEMM's result).
+NUMERICS_COLUMNS = ("step", "layer", "role", "format", "amax", "underflow", "saturation", "sqnr_db", "scale")
+NUMERICS_ROLES = ("input", "weight", "grad_output", "grad_weight")
+
 # The fidelity figures that are null, with `fidelity_reason`, when not compared or not comparable
 # (fidelity_loss_scale is null for modes without loss scaling: that needs no reason).
 FIDELITY_FIGURES = (

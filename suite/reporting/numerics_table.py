@@ -14,14 +14,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from suite.records.store import NUMERICS_ROLES as ROLES
+
 FIELDS = ("numerics", "numerics_whatif")
-# suite.training.numerics.ROLES, copied: reporting reads records only and must not import torch to do it
-# (a test holds the two equal)
-ROLES = ("input", "weight", "grad_output", "grad_weight")
 TEXT_COLUMNS = ("layer", "role", "format")
 NUMBER_COLUMNS = ("amax", "underflow", "saturation", "sqnr_db")
-# A cell is marked U or S in the heatmaps past these shares: the marks of `mpbench numerics`' table
-# (suite/cli/numerics.py MARK; a test holds them equal), so the picture and the table mark the same tensors.
+# A cell is marked U or S in the heatmaps and in `mpbench numerics`' table past these shares, so the
+# picture and the table mark the same tensors.
 # A thousandth of the elements lost to underflow or clipped by saturation is already visible in SQNR.
 UNDERFLOW_MARK = 0.001  # share of the nonzero elements flushed to zero
 SATURATION_MARK = 0.001  # share of the elements above the format's largest finite value after its scaling

@@ -24,8 +24,9 @@ from torch.nn.utils import parametrize
 from suite.metrics.fidelity import plain
 from suite.modes.formats import TensorStats, format_unavailable, tensor_stats
 from suite.modes.torchao_calls import master_weight
+from suite.records.store import NUMERICS_COLUMNS as COLUMNS
+from suite.records.store import NUMERICS_ROLES as ROLES
 
-ROLES: tuple[str, ...] = ("input", "weight", "grad_output", "grad_weight")
 # on_tensor(layer, role, tensor): called inside the hooks with the live tensor; it must not modify it
 OnTensor = Callable[[str, str, torch.Tensor], None]
 
@@ -77,8 +78,6 @@ def watch(model: nn.Module, layers: list[str], on_tensor: OnTensor) -> Iterator[
             handle.remove()
 
 
-# `mpbench run --numerics`: the columns of the record's `numerics` field, one row per (step, layer, role)
-COLUMNS: tuple[str, ...] = ("step", "layer", "role", "format", "amax", "underflow", "saturation", "sqnr_db", "scale")
 STATS: tuple[str, ...] = COLUMNS[4:]  # TensorStats' fields, null in a row whose statistics failed
 NOT_REQUESTED = "not requested (mpbench run --numerics)"
 
