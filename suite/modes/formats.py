@@ -10,7 +10,7 @@ does (its scaling included) and dequantizes back to fp32; `tensor_stats(x, fmt)`
   largest finite one, so a saturating cast clamps it and a plain cast such as fp16's gives inf. (A value
   just above the largest finite one that rounds down to it anyway is a rounding error, not saturation.)
 - sqnr_db: signal to quantization-noise ratio, 10 log10(sum x^2 / sum (x - q(x))^2); inf when the round
-  trip is exact, nan for an all-zero tensor;
+  trip is exact, nan for an all-zero tensor and for one holding inf or nan (its amax is then inf or nan);
 - scale: the one tensor-level multiplier applied before the cast (tensorwise float8's amax scale, fp16's
   power-of-two loss scale), 1.0 for a plain cast, None for per-row and per-block formats (NVFP4's fp32
   per-tensor scale, amax / (448 * 6), follows from amax and is not repeated).
