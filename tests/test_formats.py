@@ -181,6 +181,28 @@ def test_float8_formats_equal_torchaos_float8_training_cast(fmt):
 
 
 @needs_torchao
+def test_mxfp8_rceil_is_the_mxfp8_training_linears_cast_and_does_not_saturate():
+    """The mxfp8 mode's MXFP8Linear scales with RCEIL (its default scale_calculation_mode): a block whose
+    amax is 1.9 x 2^k saturates under FLOOR (1.9 x 256 = 486 > 464) and not under RCEIL (scaled to <= 448)."""
+    from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+    from torchao.prototype.mx_formats.mx_tensor import MXTensor
+
+    assert MXFP8Linear(32, 32).scale_calculation_mode == ScaleCalculationMode.RCEIL
+    x = torch.ones(4, 64)
+    x[:, ::32] = 1.9
+    assert roundtrip(x, "mxfp8")[1].any()
+    q, saturated = roundtrip(x, "mxfp8-rceil")
+    assert not saturated.any() and tensor_stats(x, "mxfp8-rceil").saturation == 0
+    for lo, hi in ((-40, 40), (-3, 3), (-140, -120)):
+        x = wide((32, 128), lo, hi, seed=hi)
+        ref = MXTensor.to_mx(x, torch.float8_e4m3fn, 32, ScaleCalculationMode.RCEIL).dequantize(torch.float32)
+        assert torch.equal(bits(roundtrip(x, "mxfp8-rceil")[0]), bits(ref)), lo
+    x[0, 0] = 3.4e38  # fp32's largest: ceil(log2(3.4e38 / 448)) = 120, within e8m0; still no saturation
+    assert not roundtrip(x, "mxfp8-rceil")[1].any()
+
+
+@needs_torchao
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4", "nvfp4"])
 def test_block_formats_equal_torchaos_tensors_and_padding_crops_back(fmt):
     from torchao.prototype.mx_formats.mx_tensor import MXTensor

@@ -130,7 +130,9 @@ def test_a_whatif_record_gets_the_section_and_one_heatmap_per_format(tmp_path):
 def test_a_heatmap_cell_says_exact_and_marks_underflow_and_saturation():
     cell = nt.Cell(1, "l", "input", "fp16", 1.0, 0.0, 0.0, math.inf, 1.0)
     assert numerics_charts.cell_text(cell) == "exact"
-    assert numerics_charts.cell_text(dataclasses.replace(cell, sqnr_db=math.nan)) == "n/a"
+    assert numerics_charts.cell_text(dataclasses.replace(cell, sqnr_db=math.nan, amax=0.0)) == "n/a"
+    # a tensor holding inf (an overflowed gradient) has a nan SQNR as an all-zero one does: it is not all zero
+    assert numerics_charts.cell_text(dataclasses.replace(cell, sqnr_db=math.nan, amax=math.inf)) == "inf/nan"
     assert numerics_charts.cell_text(None) == "-"
     unmeasured = nt.Cell(1, "l", "input", "fp16", None, None, None, None, None)  # a null row: not measured
     assert numerics_charts.cell_text(unmeasured) == "-" and math.isnan(numerics_charts._value(unmeasured))

@@ -180,7 +180,7 @@ EXPECTED = {
     "int8-mixed": ("int8-rowwise", "int8-rowwise", "int8-rowwise", "fp32"),
     "fp8-tensorwise": ("e4m3-tensorwise", "e4m3-tensorwise", "e5m2-tensorwise", "bf16"),
     "fp8-rowwise": ("e4m3-rowwise-pow2", "e4m3-rowwise-pow2", "e4m3-rowwise-pow2", "bf16"),
-    "mxfp8": ("mxfp8", "mxfp8", "mxfp8", "bf16"),
+    "mxfp8": ("mxfp8-rceil", "mxfp8-rceil", "mxfp8-rceil", "bf16"),
 }
 
 

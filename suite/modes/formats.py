@@ -10,7 +10,7 @@ does (its scaling included) and dequantizes back to fp32; `tensor_stats(x, fmt)`
   largest finite one, so a saturating cast clamps it and a plain cast such as fp16's gives inf. (A value
   just above the largest finite one that rounds down to it anyway is a rounding error, not saturation.)
 - sqnr_db: signal to quantization-noise ratio, 10 log10(sum x^2 / sum (x - q(x))^2); inf when the round
-  trip is exact, nan for an all-zero tensor;
+  trip is exact, nan for an all-zero tensor and for one holding inf or nan (its amax is then inf or nan);
 - scale: the one tensor-level multiplier applied before the cast (tensorwise float8's amax scale, fp16's
   power-of-two loss scale), 1.0 for a plain cast, None for per-row and per-block formats (NVFP4's fp32
   per-tensor scale, amax / (448 * 6), follows from amax and is not repeated).
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 FORMATS: tuple[str, ...] = (
     "fp32", "tf32", "fp16", "fp16-scaled", "bf16",
     "e4m3-tensorwise", "e4m3-rowwise", "e4m3-rowwise-pow2", "e5m2-tensorwise", "e5m2-rowwise",
-    "int8-rowwise", "mxfp8", "mxfp4", "nvfp4",
+    "int8-rowwise", "mxfp8", "mxfp8-rceil", "mxfp4", "nvfp4",
 )  # fmt: skip
 # What `mpbench numerics` compares by default (issue 24): fp16 without and with loss scaling, bf16, float8
 # e4m3 and e5m2 with tensorwise and rowwise scales, MXFP8, MXFP4, NVFP4.
@@ -58,6 +58,7 @@ _TENSOR_SCALED = {"fp32", "tf32", "fp16", "bf16", "fp16-scaled", "e4m3-tensorwis
 _NEEDS = {
     **{f: "torchao.float8.float8_utils" for f in FORMATS if f.startswith(("e4m3", "e5m2"))},
     "mxfp8": "torchao.prototype.mx_formats.mx_tensor",
+    "mxfp8-rceil": "torchao.prototype.mx_formats.mx_tensor",
     "mxfp4": "torchao.prototype.mx_formats.mx_tensor",
     "nvfp4": "torchao.prototype.mx_formats.nvfp4_tensor",
 }
@@ -108,7 +109,11 @@ def format_unavailable(name: str) -> str | None:
 
 
 def _ao(fmt: str) -> ModuleType:
-    module, why = _import(_NEEDS[fmt])
+    return _ao_module(_NEEDS[fmt], fmt)
+
+
+def _ao_module(name: str, fmt: str) -> ModuleType:
+    module, why = _import(name)
     if module is None:
         raise RuntimeError(f"format {fmt!r} cannot be computed here: {why}")
     return module
@@ -180,18 +185,29 @@ def _padded(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _mx(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchao's MXTensor.to_mx (32-element blocks, e8m0 scale, default FLOOR scale mode) and its
-    dequantize. FLOOR takes 2^(floor(log2 block amax) - emax of the element format), so the block's amax
-    scales to [256, 512) in e4m3 (max 448) and [4, 8) in e2m1 (max 6): the largest elements can saturate."""
+    """torchao's MXTensor.to_mx (32-element blocks, e8m0 scale) and its dequantize. "mxfp8" and "mxfp4": the
+    OCP spec's FLOOR scale (to_mx's default), 2^(floor(log2 block amax) - emax of the element format), so the
+    block's amax scales to [256, 512) in e4m3 (max 448) and [4, 8) in e2m1 (max 6): the largest elements can
+    saturate. "mxfp8-rceil": RCEIL, 2^ceil(log2(block amax / 448)), what torchao's MXFP8 training Linear
+    (prototype/moe_training/mxfp8_linear.py, MXFP8Linear's default scale_calculation_mode) and its Blackwell
+    cast kernels use: the amax scales to at most 448, so no finite fp32 element saturates."""
     mx = _ao(fmt)
-    elem = torch.float8_e4m3fn if fmt == "mxfp8" else torch.float4_e2m1fn_x2
+    elem = torch.float4_e2m1fn_x2 if fmt == "mxfp4" else torch.float8_e4m3fn
     xp = _padded(x, 32)
-    t = mx.MXTensor.to_mx(xp, elem, 32)
+    if fmt == "mxfp8-rceil":
+        modes = _ao_module("torchao.prototype.mx_formats.config", fmt).ScaleCalculationMode
+        t = mx.MXTensor.to_mx(xp, elem, 32, modes.RCEIL)
+        # the multiplier _to_mx_rceil applied: 2^(127 - e), or 1.0 for e = 0 (as torchao sets it)
+        e = t.scale.view(torch.uint8).to(torch.int32)
+        rcp = torch.where(e == 0, 1.0, torch.exp2(127.0 - e.float()))
+        scaled = xp.view(*rcp.shape, 32) * rcp.unsqueeze(-1)
+    else:
+        t = mx.MXTensor.to_mx(xp, elem, 32)
+        # the scale to_mx divided by: e8m0 bits as an fp32 exponent, raised to fp32's smallest normal as it does
+        scale = (t.scale.view(torch.uint8).to(torch.int32) << 23).view(torch.float32).clamp(min=2.0**-126)
+        scaled = xp.view(*scale.shape, 32) / scale.unsqueeze(-1)
     q = t.dequantize(torch.float32)
-    # the scale to_mx divided by: e8m0 bits as an fp32 exponent, raised to fp32's smallest normal as it does
-    scale = (t.scale.view(torch.uint8).to(torch.int32) << 23).view(torch.float32).clamp(min=2.0**-126)
-    scaled = xp.view(*scale.shape, 32) / scale.unsqueeze(-1)
-    saturated = _beyond(scaled, elem if fmt == "mxfp8" else "e2m1").view(xp.shape)
+    saturated = _beyond(scaled, "e2m1" if fmt == "mxfp4" else elem).view(xp.shape)
     k = x.shape[-1]
     return q[:, :k], saturated[:, :k] & torch.isfinite(x)
 

@@ -73,9 +73,11 @@ class MXFP8(SwappedLinearsMode):
     def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
         # MXFP8Linear quantizes input, weight (its bf16 view) and grad_output to MXFP8 (e4m3 elements, one
         # e8m0 scale per 32) for all three GEMMs; the weight-gradient GEMM returns bf16 (the weight's dtype as
-        # the parametrization presents it), which the cast's backward hands to the fp32 master's .grad
-        return self.kept_formats(layer) or {"input": "mxfp8", "weight": "mxfp8", "grad_output": "mxfp8",
-                                            "grad_weight": "bf16"}  # fmt: skip
+        # the parametrization presents it), which the cast's backward hands to the fp32 master's .grad. Its
+        # scales are RCEIL (MXFP8Linear's default scale_calculation_mode, torchao 0.18 prototype/moe_training/
+        # mxfp8_linear.py), not to_mx's FLOOR: FLOOR would report saturation the mode never has
+        return self.kept_formats(layer) or {"input": "mxfp8-rceil", "weight": "mxfp8-rceil",
+                                            "grad_output": "mxfp8-rceil", "grad_weight": "bf16"}  # fmt: skip
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:

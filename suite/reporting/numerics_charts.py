@@ -24,20 +24,26 @@ SQNR_SCALE_DB = (0.0, 80.0)
 COLOURMAP = "viridis"  # perceptually even and readable with colour-blindness: dark = low SQNR, yellow = high
 MISSING_GREY = "0.88"
 EXACT, ALL_ZERO, NOT_RECORDED = "exact", "n/a", "-"
+# a tensor holding inf or nan (amax inf/nan: an overflowed loss-scaled gradient, say) has a nan SQNR too: it is
+# no all-zero tensor, and says so
+NON_FINITE = "inf/nan"
 LEGEND = (
     f"Colour: SQNR in dB on a fixed {SQNR_SCALE_DB[0]:g}-{SQNR_SCALE_DB[1]:g} dB scale (above it: the top "
     f"colour). {EXACT}: a lossless round trip (inf dB). U: over {UNDERFLOW_MARK:.1%} of the nonzero elements "
     f"flush to zero; S: over {SATURATION_MARK:.1%} of the elements saturate. {ALL_ZERO}: an all-zero "
-    f"tensor; {NOT_RECORDED}: not recorded or not measured."
+    f"tensor; {NON_FINITE}: a tensor holding inf or nan; {NOT_RECORDED}: not recorded or not measured."
 )
 LAYER_LEGEND_MAX = 12  # more layers than this: colour by depth, named by the first and the last
 
 
 def cell_text(c: Cell | None) -> str:
-    """What a heatmap cell says: the SQNR (or exact / n/a / -) and its U / S marks."""
+    """What a heatmap cell says: the SQNR (or exact / n/a / inf/nan / -) and its U / S marks."""
     if c is None or c.sqnr_db is None:
         return NOT_RECORDED
-    text = EXACT if c.sqnr_db == math.inf else ALL_ZERO if math.isnan(c.sqnr_db) else f"{c.sqnr_db:.1f}"
+    if math.isnan(c.sqnr_db):
+        text = NON_FINITE if c.amax is not None and not math.isfinite(c.amax) else ALL_ZERO
+    else:
+        text = EXACT if c.sqnr_db == math.inf else f"{c.sqnr_db:.1f}"
     under = c.underflow is not None and c.underflow > UNDERFLOW_MARK
     marks = ("U" if under else "") + ("S" if c.saturation is not None and c.saturation > SATURATION_MARK else "")
     return f"{text} {marks}" if marks else text
