@@ -109,3 +109,30 @@ def test_an_amax_chart_of_many_layers_and_steps_and_odd_panels_is_drawn(tmp_path
     path = numerics_charts.over_steps(tmp_path / "amax.png", "amax over the sampled steps", "amax", layers, panels)
     with Image.open(path) as image:
         assert image.width > 0 and image.height > 0
+
+
+def test_a_tensor_that_overflowed_is_the_worst_and_a_change_to_show():
+    """A loss-scaled gradient holding inf has a nan SQNR, as an all-zero tensor has: it must not be passed
+    over as "nothing lost" by the summary or by compare."""
+    a = _planted({(6, "blocks.0.mlp.c_fc"): 40.0})
+    b = {k: list(v) for k, v in a.items()}
+    i = next(i for i, (s, layer, role) in enumerate(zip(b["step"], b["layer"], b["role"], strict=True))
+             if (s, layer, role) == (6, "blocks.1.mlp.c_fc", "input"))  # fmt: skip
+    b["sqnr_db"][i], b["amax"][i] = math.nan, math.inf
+    cells, _ = nt.read({"numerics": b}, "numerics")
+    top = nt.worst(cells)
+    assert (top[0].layer, nt.sqnr_text(top[0])) == ("blocks.1.mlp.c_fc", "inf/nan dB") and top[1].sqnr_db == 40.0
+    assert "inf/nan" in "\n".join(numerics_block([_record("bf16", numerics=b)], 100))
+    rows = [
+        r for r in compare_runs([_record("bf16", numerics=a)], [_record("bf16", numerics=b)]) if r.verdict == "changed"
+    ]
+    assert [r.metric for r in rows] == ["sqnr_db blocks.1.mlp.c_fc input bf16"]
+    assert "60.0 -> inf/nan dB, down inf dB" in rows[0].message
+
+
+def test_a_cell_that_arrived_in_its_format_says_so_in_the_heatmap():
+    from suite.reporting import numerics_charts
+
+    arrived = nt.Cell(6, "blocks.0.mlp.c_proj", "grad_output", "bf16", 0.01, None, None, None, None)
+    assert numerics_charts.cell_text(arrived) == numerics_charts.ARRIVED
+    assert nt.worst([arrived]) == [] and math.isnan(numerics_charts._value(arrived))

@@ -261,7 +261,7 @@ def test_the_summary_of_a_real_run_prints_the_block_under_the_table():
 
     _, notes = summary([_record("fp32"), _record("bf16", numerics=training("bf16"))], 80)
     block = notes[notes.index("") + 1 :] if "" in notes else []
-    assert block[0].startswith("numerics: the 3 worst SQNR") and len(block) == 7  # 2 lines, head, rule, 3 rows
+    assert block[0].startswith("numerics: the 3 worst SQNR") and len(block) == 8  # 3 lines, head, rule, 3 rows
     assert max(len(line) for line in block) <= 80
 
 

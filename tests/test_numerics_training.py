@@ -18,7 +18,7 @@ from suite.metrics.timing import StepTimer
 from suite.modes import MODES, get_mode
 from suite.modes.formats import format_unavailable
 from suite.records import store
-from suite.records.cases import case_key
+from suite.records.cases import CASE_KEY, case_key
 from suite.running.execute import train_in_process
 from suite.training import numerics as numerics_mod
 from suite.training import train as train_mod
@@ -50,6 +50,10 @@ def _train(case):
     batches = corpus.batches(case.steps, case.batch_size, case.seq_len, case.seed, "train")
     heldout = corpus.batches(case.eval_batches, case.batch_size, case.seq_len, case.seed, "heldout")
     return train_mod.run_case(case, CPU, corpus, batches, heldout)
+
+
+def drop(key: tuple, i: int) -> tuple:
+    return key[:i] + key[i + 1 :]
 
 
 def test_the_schedule_is_the_first_step_every_nth_and_the_last():
@@ -151,20 +155,26 @@ def test_the_record_has_equal_columns_of_layers_x_roles_x_steps(tmp_path):
         assert list(n) == list(COLUMNS) and {len(v) for v in n.values()} == {len(LAYERS) * len(ROLES) * 3}
         df = pd.DataFrame(n)
         assert sorted(set(df.step)) == r["numerics_steps"] == [1, 3, 6] and set(df.role) == set(ROLES)
-        assert set(df.layer) == set(LAYERS) and r["numerics_reason"] is None
-        assert df[["amax", "underflow", "saturation", "sqnr_db"]].notna().all().all()
-        assert (df.amax > 0).all() and df.underflow.between(0, 1).all() and df.saturation.between(0, 1).all()
+        assert set(df.layer) == set(LAYERS) and df.amax.notna().all() and (df.amax > 0).all()
+        measured = df[df.sqnr_db.notna()]  # the rest arrived in the format (bf16's gradients): amax only
+        assert measured[["underflow", "saturation"]].notna().all().all()
+        assert measured.underflow.between(0, 1).all() and measured.saturation.between(0, 1).all()
+    assert records[0]["numerics_reason"] is None  # fp32: every tensor measured (lossless: inf)
+    assert records[1]["numerics_reason"].startswith(numerics_mod.ARRIVED + " (grad_output, grad_weight, input)")
     bf16 = pd.DataFrame(records[1]["numerics"])
     assert set(bf16[bf16.role == "input"].format) == {"bf16"} and records[1]["numerics_formats"]["weight"] == "bf16"
     # the weights in bf16 lose something (finite SQNR); fp32's round trip of fp32 tensors is exact (inf)
     assert (bf16[bf16.role == "weight"].sqnr_db < 100).all()
     assert (pd.DataFrame(records[0]["numerics"]).sqnr_db == float("inf")).all()
-    # pandas reads the file directly too; the case is the same case as without --numerics
+    # pandas reads the file directly too; the case differs from the one without --numerics in numerics_every
+    # alone (its timed window lost the sampled steps, and a --resume with --numerics must run it)
     assert len(pd.read_json(out, lines=True)) == 2
     again = tmp_path / "plain.jsonl"
     assert main([*args[:-3], "--out", str(again), "--quiet"]) == 0
     plain = store.read(again)
-    assert [case_key(r) for r in plain] == [case_key(r) for r in records]
+    every = CASE_KEY.index("numerics_every")
+    assert [case_key(r)[every] for r in plain] == [0, 0] and [case_key(r)[every] for r in records] == [3, 3]
+    assert [drop(case_key(r), every) for r in plain] == [drop(case_key(r), every) for r in records]
     assert plain[0]["numerics"] is None and plain[0]["numerics_reason"] == NOT_REQUESTED
 
 
@@ -176,12 +186,22 @@ EXPECTED = {
     "pure-fp16": ("fp16", "fp16", "fp16", "fp16"),
     "pure-bf16": ("bf16", "bf16", "bf16", "bf16"),
     "pure-bf16-sr": ("bf16", "bf16", "bf16", "bf16"),
-    "int8-weight": ("bf16", "int8-rowwise", "bf16", "bf16"),
+    "int8-weight": ("bf16", "bf16", "bf16", "bf16"),  # the weight's GEMM operand: int8 x scale in bf16
     "int8-mixed": ("int8-rowwise", "int8-rowwise", "int8-rowwise", "fp32"),
     "fp8-tensorwise": ("e4m3-tensorwise", "e4m3-tensorwise", "e5m2-tensorwise", "bf16"),
     "fp8-rowwise": ("e4m3-rowwise-pow2", "e4m3-rowwise-pow2", "e4m3-rowwise-pow2", "bf16"),
     "mxfp8": ("mxfp8-rceil", "mxfp8-rceil", "mxfp8-rceil", "bf16"),
 }
+
+
+# The roles of the blocks' Linears that reach their hooks already in the mode's format (so only their amax is
+# recorded, ARRIVED): what each mode's own statistics cannot see, and `mpbench numerics` measures from fp32.
+# Autocast: the outputs of bf16/fp16 ops (attention's and GELU's, the inputs of c_proj) and every gradient; the
+# pure modes: everything; the 8-bit modes: the weight-gradient GEMM's high-precision result only.
+AUTOCAST = {"input", "grad_output", "grad_weight"}
+ARRIVES = {"fp32": set(), "amp-fp16": AUTOCAST, "bf16": AUTOCAST, "pure-fp16": set(ROLES), "pure-bf16": set(ROLES),
+           "pure-bf16-sr": set(ROLES), "int8-weight": set(ROLES), "int8-mixed": set(),
+           "fp8-tensorwise": {"grad_weight"}, "fp8-rowwise": {"grad_weight"}, "mxfp8": {"grad_weight"}}  # fmt: skip
 
 
 def test_every_mode_is_covered():
@@ -206,14 +226,21 @@ def test_every_mode_records_its_statistics_in_its_own_formats(every_mode, mode):
         # the LM head: the modes that convert only the blocks' Linears run it as a plain Linear in bf16 autocast
         kept = layer == "lm_head" and mode in ("int8-weight", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8")
         assert formats == dict(zip(ROLES, ("bf16",) * 4 if kept else EXPECTED[mode], strict=True)), layer
-    # every role was seen and every format computed: no null statistic, no reason (a format unavailable here
-    # would give null rows naming it, never a crash)
+    # every role was seen and every format computed: amax everywhere; null statistics only where the tensor
+    # arrived in its format, and the reason says so (a format unavailable here would give null rows naming it,
+    # never a crash)
     unavailable = {fmt: format_unavailable(fmt) for fmt in set(df.format)}
+    arrived = df[df.sqnr_db.isna()]
+    assert set(arrived[arrived.layer != "lm_head"].role) == ARRIVES[mode]
+    assert df.amax.notna().all() and arrived[list(COLUMNS[5:8])].isna().all().all()
     if not any(unavailable.values()):
-        assert values["numerics_reason"] is None and df[list(COLUMNS[4:8])].notna().all().all()
+        assert (values["numerics_reason"] is None) == arrived.empty
+        assert arrived.empty or values["numerics_reason"].startswith(numerics_mod.ARRIVED)
+        assert df[~df.sqnr_db.isna()][list(COLUMNS[4:8])].notna().all().all()
     for fmt in {fmt for fmt, why in unavailable.items() if why}:
         assert f"format {fmt!r} cannot be computed here" in values["numerics_reason"]
-    assert (df.amax > 0).all() and df.underflow.between(0, 1).all() and df.saturation.between(0, 1).all()
+    measured = df[df.sqnr_db.notna()]
+    assert (df.amax > 0).all() and measured.underflow.between(0, 1).all() and measured.saturation.between(0, 1).all()
 
 
 def test_the_fp8_formats_are_torchaos_recipes():

@@ -127,21 +127,23 @@ NUMERICS_HEADER = ["mode", "layer", "role", "format", "SQNR dB", "step"]
 
 
 def numerics_block(records: list[dict], width: int | None, ascii: bool = True) -> list[str]:
-    """Per mode run with --numerics: the three (layer, role) with the worst finite SQNR in the mode's own
+    """Per mode run with --numerics: the three (layer, role) with the worst SQNR (a tensor holding inf or nan
+    first, then the lowest finite) in the mode's own
     format at its last sampled step, worst first; [] when no record has numerics (or none can be read)."""
     seeds, rows = _several_seeds(records), []
     for r in records:
         cells, _ = numerics_table.read(r, "numerics")  # a field that cannot be read: the report says why
         for i, c in enumerate(numerics_table.worst(cells)):
-            rows.append([_label(r, seeds) if i == 0 else "", c.layer, c.role, c.format, f"{c.sqnr_db:.1f}",
-                         str(c.step)])  # fmt: skip
+            sqnr = numerics_table.sqnr_text(c).removesuffix(" dB")
+            rows.append([_label(r, seeds) if i == 0 else "", c.layer, c.role, c.format, sqnr, str(c.step)])
     if not rows:
         return []
     fit = fit_table(rows, NUMERICS_HEADER, width, drop=["step", "format"], right={4, 5}, ascii=ascii)
     lines = [
         "",
         "numerics: the 3 worst SQNR (dB) per mode, in its own format, last sampled step",
-        "(higher is better; exact round trips left out; every tensor: mpbench report)",
+        "(higher is better; inf/nan: the tensor overflowed; left out: exact round trips",
+        "and tensors that arrived in their format; every tensor: mpbench report)",
     ]
     lines += _lines(fit, width)
     if fit.left_out:

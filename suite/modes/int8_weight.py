@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import ADAM_BETAS, CAST_FORMATS, PrecisionMode, cast_formats, decay_groups
+from suite.modes.base import ADAM_BETAS, PrecisionMode, cast_formats, decay_groups
 from suite.modes.torchao_calls import fp32_copy, to_weight_dtype
 
 
@@ -102,15 +102,14 @@ class Int8Weight(PrecisionMode):
         return model
 
     def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
-        # The quantized Linears: the weight stored in int8 with one scale per output row (int8-rowwise); input,
-        # grad_output and the weight-gradient GEMM's result in the compute dtype. That is the autocast dtype on
-        # every device: the layers themselves are cast to it (bf16 on a CPU as on a GPU; see the module
-        # docstring), so the answer does not depend on self.device. The LM head (kept in fp32) runs as a plain
-        # Linear under the same autocast.
-        compute = CAST_FORMATS[self.autocast_dtype]
-        if layer is not None and layer not in self._quantized:
-            return cast_formats(self.autocast_dtype)
-        return {"input": compute, "weight": "int8-rowwise", "grad_output": compute, "grad_weight": compute}
+        # Every role in the compute dtype, the autocast dtype on every device: the layers themselves are cast to
+        # it (bf16 on a CPU as on a GPU; see the module docstring), so the answer does not depend on
+        # self.device. The weight is stored in int8 with one scale per output row, but its GEMM operand is that
+        # int8 x scale dequantized in the compute dtype: the int8 rounding happens when the optimizer step
+        # requantizes it, with no higher-precision weight left to compare with (there is no master), so a
+        # per-step round trip through int8 of the dequantized weight would measure the compute dtype's rounding,
+        # not int8's. The LM head (kept in fp32) runs as a plain Linear under the same autocast.
+        return cast_formats(self.autocast_dtype)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The dequantized int8 weights in plain fp32 Linears: the held-out loss in strict fp32."""

@@ -37,7 +37,7 @@ FIELDS: tuple[str, ...] = (
     # the case
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
     "compile", "data", "data_sha256", "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay",
-    "eval_batches", "eval_every", "world_size", "grad_comm", "parallel",
+    "eval_batches", "eval_every", "numerics_every", "world_size", "grad_comm", "parallel",
     # outcome
     "status", "reason", "elapsed_s",
     # self-check (suite/records/checks.py): rules the figures break, [] when none

@@ -15,7 +15,7 @@ REQUIRED = ("model", "mode", "status")  # every command groups, matches or filte
 # fmt: off
 NUMBERS = frozenset((
     "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "lr_warmup_steps", "lr_floor", "weight_decay",
-    "eval_batches", "eval_every",
+    "eval_batches", "eval_every", "numerics_every",
     "world_size", "elapsed_s", "params", "flops_per_token", "flops_per_step", "tokens_per_step", "timed_steps",
     "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv", "tokens_per_s", "achieved_flops",
     "peak_flops", "mfu", "mfu_bf16", "mode_dtype_flops_share", "peak_flops_blended", "mfu_blended", "mamf",

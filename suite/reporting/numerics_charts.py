@@ -24,6 +24,9 @@ SQNR_SCALE_DB = (0.0, 80.0)
 COLOURMAP = "viridis"  # perceptually even and readable with colour-blindness: dark = low SQNR, yellow = high
 MISSING_GREY = "0.88"
 EXACT, ALL_ZERO, NOT_RECORDED = "exact", "n/a", "-"
+# a training run's tensor that reached its hook already in its format (amax recorded, the rest null: the
+# rounding happened where it was produced; suite.training.numerics.ARRIVED)
+ARRIVED = "arrived"
 # a tensor holding inf or nan (amax inf/nan: an overflowed loss-scaled gradient, say) has a nan SQNR too: it is
 # no all-zero tensor, and says so
 NON_FINITE = "inf/nan"
@@ -31,13 +34,16 @@ LEGEND = (
     f"Colour: SQNR in dB on a fixed {SQNR_SCALE_DB[0]:g}-{SQNR_SCALE_DB[1]:g} dB scale (above it: the top "
     f"colour). {EXACT}: a lossless round trip (inf dB). U: over {UNDERFLOW_MARK:.1%} of the nonzero elements "
     f"flush to zero; S: over {SATURATION_MARK:.1%} of the elements saturate. {ALL_ZERO}: an all-zero "
-    f"tensor; {NON_FINITE}: a tensor holding inf or nan; {NOT_RECORDED}: not recorded or not measured."
+    f"tensor; {NON_FINITE}: a tensor holding inf or nan; {ARRIVED}: already in the format when seen (its "
+    f"rounding happened where it was produced: see mpbench numerics); {NOT_RECORDED}: not recorded or not measured."
 )
 LAYER_LEGEND_MAX = 12  # more layers than this: colour by depth, named by the first and the last
 
 
 def cell_text(c: Cell | None) -> str:
-    """What a heatmap cell says: the SQNR (or exact / n/a / inf/nan / -) and its U / S marks."""
+    """What a heatmap cell says: the SQNR (or exact / n/a / inf/nan / arrived / -) and its U / S marks."""
+    if c is not None and c.sqnr_db is None and c.amax is not None and c.underflow is None:
+        return ARRIVED
     if c is None or c.sqnr_db is None:
         return NOT_RECORDED
     if math.isnan(c.sqnr_db):

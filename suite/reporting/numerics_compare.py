@@ -37,7 +37,7 @@ def rows(ra: dict[str, Any], rb: dict[str, Any]) -> list[Comparison]:
             count = f"; {len(found)} tensor(s) fell more than {nt.DROP_DB:g} dB, the worst shown" if i == 0 else ""
             metric = f"{label} {d.b.layer} {d.b.role} {d.b.format}"
             message = (
-                f"{model}/{mode} {metric} at step {step}: {d.a.sqnr_db:.1f} -> {d.b.sqnr_db:.1f} dB, down "
+                f"{model}/{mode} {metric} at step {step}: {d.a.sqnr_db:.1f} -> {nt.sqnr_text(d.b)}, down "
                 f"{d.db:.1f} dB (bound {nt.DROP_DB:g} dB){count}: {CHANGED}"
             )
             allowed = d.a.sqnr_db - nt.DROP_DB  # the lowest B that is no change (inf for an exact A)

@@ -139,12 +139,24 @@ def at_step(cells: list[Cell], step: int | None) -> list[Cell]:
     return [c for c in cells if c.step == step]
 
 
+def overflowed(c: Cell) -> bool:
+    """Whether the tensor held inf or nan (its amax is not finite; its SQNR is nan, as an all-zero one's)."""
+    return c.amax is not None and not math.isfinite(c.amax)
+
+
 def worst(cells: list[Cell], n: int = 3) -> list[Cell]:
-    """The `n` cells with the lowest finite SQNR at the last sampled step, lowest first (an exact round trip,
-    inf, and an all-zero tensor, nan, lose nothing worth naming); ties in the model's order."""
-    last = [c for c in at_step(cells, last_step(cells)) if c.sqnr_db is not None and math.isfinite(c.sqnr_db)]
+    """The `n` worst cells at the last sampled step: tensors holding inf or nan first, then the lowest finite
+    SQNR (an exact round trip, inf, and an all-zero tensor, nan, lose nothing worth naming); ties in the
+    model's order."""
+    last = [c for c in at_step(cells, last_step(cells))
+            if overflowed(c) or (c.sqnr_db is not None and math.isfinite(c.sqnr_db))]  # fmt: skip
     order = {layer: i for i, layer in enumerate(layers(cells))}
-    return sorted(last, key=lambda c: (c.sqnr_db, order[c.layer]))[:n]
+    return sorted(last, key=lambda c: (not overflowed(c), 0.0 if overflowed(c) else c.sqnr_db, order[c.layer]))[:n]
+
+
+def sqnr_text(c: Cell) -> str:
+    """The SQNR as the summary and compare print it: "31.3 dB", or "inf/nan dB" for a tensor holding inf or nan."""
+    return "inf/nan dB" if overflowed(c) else f"{c.sqnr_db:.1f} dB"
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,8 @@ class Drop:
 
     @property
     def db(self) -> float:
+        if overflowed(self.b):  # B's tensor holds inf or nan: as far down as it goes
+            return math.inf
         return self.a.sqnr_db - self.b.sqnr_db  # inf when A's round trip was exact and B's is not
 
 
@@ -170,10 +184,13 @@ def drops(a: list[Cell], b: list[Cell]) -> tuple[list[Drop], int | None]:
     found = []
     for cb in at_step(b, step):
         ca = before.get((cb.layer, cb.role, cb.format))
-        if ca is None or ca.sqnr_db is None or cb.sqnr_db is None or math.isnan(ca.sqnr_db):
-            continue  # nothing to compare: a tensor only one side has, or a statistic not measured
-        if not math.isfinite(cb.sqnr_db):
-            continue  # B exact (no drop) or all-zero (not an SQNR)
+        if ca is None or ca.sqnr_db is None or math.isnan(ca.sqnr_db):
+            continue  # nothing to compare: a tensor only one side has, a statistic not measured, A all zero
+        if overflowed(cb):  # A finite, B holding inf or nan: an overflow B did not have, a change to show
+            found.append(Drop(ca, cb))
+            continue
+        if cb.sqnr_db is None or not math.isfinite(cb.sqnr_db):
+            continue  # B not measured, exact (no drop) or all-zero (not an SQNR)
         drop = Drop(ca, cb)
         if drop.db > DROP_DB:  # inf - finite = inf: an exact round trip that no longer is
             found.append(drop)

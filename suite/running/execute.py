@@ -71,6 +71,7 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "lr_floor": case.schedule.floor,
         "eval_batches": case.eval_batches,
         "eval_every": case.eval_every,
+        "numerics_every": case.numerics_every,
         "world_size": case.nproc,
         "grad_comm": case.grad_comm if case.data_parallel else None,
         "parallel": case.data_parallel,

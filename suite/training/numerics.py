@@ -4,7 +4,8 @@ The roles of a Linear y = x W^T + b in its three GEMMs: forward (input x, weight
 (grad_output dL/dy, W) and weight gradient (grad_output, x), whose result is grad_weight dL/dW.
 
 - input: the Linear's first argument as it arrives (before autocast casts it inside F.linear);
-- weight: the weight the mode steps (fp32 master, pure-16-bit storage, int8 dequantized);
+- weight: the weight as the module presents it to its GEMM: the fp32 master, a dtype parametrization's view
+  of it (mxfp8's bf16), pure-16-bit storage, an int8 weight dequantized;
 - grad_output: dL/dy as backward hands it to the Linear (scaled by the loss scale in loss-scaled modes);
 - grad_weight: the parameter's .grad once backward has accumulated it (still scaled in loss-scaled
   modes; for a weight tied to another module, the sum of both modules' contributions).
@@ -15,6 +16,7 @@ An unsampled step runs with no hook at all: `watch` registers them on entry and 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -23,7 +25,6 @@ from torch.nn.utils import parametrize
 
 from suite.metrics.fidelity import plain
 from suite.modes.formats import TensorStats, format_unavailable, tensor_stats
-from suite.modes.torchao_calls import master_weight
 from suite.records.store import NUMERICS_COLUMNS as COLUMNS
 from suite.records.store import NUMERICS_ROLES as ROLES
 
@@ -53,7 +54,7 @@ def watch(model: nn.Module, layers: list[str], on_tensor: OnTensor) -> Iterator[
     def forward_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             on_tensor(name, "input", args[0].detach())
-            on_tensor(name, "weight", plain(master_weight(module)))
+            on_tensor(name, "weight", plain(module.weight))  # as the module presents it to its GEMM
             if torch.is_tensor(output) and output.requires_grad:
                 output.register_hook(lambda g: on_tensor(name, "grad_output", g.detach()))
 
@@ -79,6 +80,14 @@ def watch(model: nn.Module, layers: list[str], on_tensor: OnTensor) -> Iterator[
 
 
 STATS: tuple[str, ...] = COLUMNS[4:]  # TensorStats' fields, null in a row whose statistics failed
+# A tensor that reaches its hook already representable in its format (a bf16 autocast op's output gradient,
+# a 16-bit GEMM's weight gradient, pure-16-bit storage) round-trips exactly: whatever the format cost it was
+# lost where it was produced, which the hooks cannot see. Its amax is recorded, its other statistics are null
+# rather than "exact" (a non-fp32 tensor of training size is never representable by chance).
+ARRIVED = (
+    "arrived already in its format (produced in it): the rounding happened before the hook, so only amax is "
+    "recorded; `mpbench numerics` measures the format's cost from fp32's tensors"
+)
 NOT_REQUESTED = "not requested (mpbench run --numerics)"
 
 
@@ -155,9 +164,14 @@ class Sampler:
             self._problem(self._blocked[fmt], role)
             return
         try:  # activations and their gradients as the GEMM operand, (tokens, features), as `mpbench numerics`
-            self._seen[(layer, role)] = _stats(tensor.flatten(0, -2) if tensor.dim() > 2 else tensor, fmt)
+            stats = _stats(tensor.flatten(0, -2) if tensor.dim() > 2 else tensor, fmt)
         except Exception as exc:  # NotImplementedError of a format not written yet, or anything else
             self._problem(f"tensor_stats in format {fmt!r} failed: {type(exc).__name__}: {exc}", role)
+            return
+        if fmt != "fp32" and stats.sqnr_db == math.inf:  # see ARRIVED: "exact" would read as good news
+            stats = TensorStats(stats.amax, None, None, None, stats.scale)
+            self._problem(ARRIVED, role)
+        self._seen[(layer, role)] = stats
 
     def _finish(self, step: int) -> None:
         self.sampled.append(step)
