@@ -30,6 +30,25 @@ CPU_SKIP = (
 )
 
 
+def _order(medians: dict[bool, list[float]]) -> tuple[bool, bool]:
+    """Which side runs first this round, alternated: a steady drift (a GPU warming against its power cap) would
+    otherwise always land on the second, the measured side, and read as overhead."""
+    return (False, True) if sum(map(len, medians.values())) % 4 == 0 else (True, False)
+
+
+def _measure_ab(benchmark, device, measure_both, medians: dict[bool, list[float]], extra: dict) -> tuple[float, float]:
+    """Run `measure_both` ROUNDS times; (the True side's median step ms, the False side's), saved with `extra`
+    and the overhead of the one over the other in the benchmark's extra_info."""
+    try:
+        benchmark.pedantic(measure_both, rounds=ROUNDS, iterations=1)
+    finally:
+        empty_cache(device.torch_device)  # nothing cached of this test's sits beside later cases
+    on, off = statistics.median(medians[True]), statistics.median(medians[False])
+    benchmark.extra_info |= {"device": device.describe(), **extra, "step_ms_on": on, "step_ms_off": off,
+                             "overhead_fraction": on / off - 1, "rounds": ROUNDS}  # fmt: skip
+    return on, off
+
+
 def _case(device: str) -> Case:
     """The device is the one the run resolved once (--mpbench-device), not whatever torch sees."""
     if resolve_device(device).type == "cuda":
@@ -46,27 +65,13 @@ def test_tracker_overhead(benchmark, bench_config, pytestconfig):
     medians: dict[bool, list[float]] = {True: [], False: []}
 
     def measure_both() -> None:
-        # alternate which goes first: a steady drift (a GPU warming against its power cap) would
-        # otherwise always land on the second, the tracked run, and read as overhead
-        order = (False, True) if sum(map(len, medians.values())) % 4 == 0 else (True, False)
-        for trackers in order:
+        for trackers in _order(medians):
             result = run_case(case, device, corpus, train, heldout, trackers=trackers)
             medians[trackers].append(result.timing.median_ms)
 
-    try:
-        benchmark.pedantic(measure_both, rounds=ROUNDS, iterations=1)
-    finally:
-        empty_cache(device.torch_device)  # nothing cached of this test's sits beside later cases
-    on, off = statistics.median(medians[True]), statistics.median(medians[False])
+    what = {"case": f"{case.model} {case.mode} b{case.batch_size}x{case.seq_len}", "on": "with trackers"}
+    on, off = _measure_ab(benchmark, device, measure_both, medians, what)
     overhead = on / off - 1
-    benchmark.extra_info |= {
-        "device": device.describe(),
-        "case": f"{case.model} {case.mode} b{case.batch_size}x{case.seq_len}",
-        "step_ms_with_trackers": on,
-        "step_ms_without_trackers": off,
-        "overhead_fraction": overhead,
-        "rounds": ROUNDS,
-    }
     print(f"\ntracker overhead on {device.describe()}: {on:.3f} ms vs {off:.3f} ms = {overhead:+.2%}")
     if device.type == "cuda":  # on a CPU the figure is only reported (see the module docstring)
         assert overhead < 0.01, f"trackers cost {overhead:.2%} of a step (goal < 1%)"
@@ -95,9 +100,8 @@ def test_numerics_costs_unsampled_steps_nothing(benchmark, bench_config, pytestc
     medians: dict[bool, list[float]] = {True: [], False: []}
 
     def measure_both() -> None:
-        order = (False, True) if sum(map(len, medians.values())) % 4 == 0 else (True, False)
         times = {}
-        for on in order:
+        for on in _order(medians):
             result = run_case(sampled if on else plain, device, corpus, train, heldout)
             assert not on or result.numerics["numerics_steps"] == sampled_steps(NUMERICS_EVERY, plain.steps)
             times[on] = _unsampled(result.timing.times_ms, plain, NUMERICS_EVERY if on else 0)
@@ -105,20 +109,10 @@ def test_numerics_costs_unsampled_steps_nothing(benchmark, bench_config, pytestc
         for on in (True, False):
             medians[on].append(statistics.median(times[on][s] for s in steps))
 
-    try:
-        benchmark.pedantic(measure_both, rounds=ROUNDS, iterations=1)
-    finally:
-        empty_cache(device.torch_device)
-    on, off = statistics.median(medians[True]), statistics.median(medians[False])
+    what = {"case": f"{plain.model} {plain.mode} b{plain.batch_size}x{plain.seq_len}",
+            "on": f"--numerics-every {NUMERICS_EVERY}, its unsampled steps"}  # fmt: skip
+    on, off = _measure_ab(benchmark, device, measure_both, medians, what)
     overhead = on / off - 1
-    benchmark.extra_info |= {
-        "device": device.describe(),
-        "case": f"{plain.model} {plain.mode} b{plain.batch_size}x{plain.seq_len}, --numerics-every {NUMERICS_EVERY}",
-        "unsampled_step_ms_with_numerics": on,
-        "step_ms_without_numerics": off,
-        "overhead_fraction": overhead,
-        "rounds": ROUNDS,
-    }
     print(f"\nnumerics on unsampled steps, {device.describe()}: {on:.3f} ms vs {off:.3f} ms = {overhead:+.2%}")
     if device.type == "cuda":  # on a CPU the figure is only reported (see the module docstring)
         assert abs(overhead) < 0.01, f"unsampled steps differ by {overhead:.2%} with --numerics (goal: within 1%)"

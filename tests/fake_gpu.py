@@ -70,3 +70,28 @@ class FakeGpus:
             yield
         finally:
             self.current = previous
+
+
+class FakeGpuWindow:
+    """A GPU's measured window (stands in for suite.metrics.window.MeasuredWindow): it keeps 3 steps after the
+    timed window for the profiler; GPM gave `gpm_figure`, or (None) no figure, so those steps are profiled."""
+
+    def __init__(self, device, gpm_figure=None) -> None:
+        self.gpm_figure = gpm_figure
+
+    def profiler_steps(self, steps_after_warmup: int) -> int:
+        return 3
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def paused(self):
+        return contextlib.nullcontext()
+
+    def fields(self, timed_steps, tokens_per_step):
+        if self.gpm_figure is None:
+            return {"tensor_core_util_reason": "GPM read failed: Unknown Error (NVMLError_Unknown)"}
+        return {"tensor_core_util": self.gpm_figure, "tensor_core_util_source": "nvml-gpm"}

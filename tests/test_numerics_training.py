@@ -33,6 +33,7 @@ from suite.training.numerics import (
     sampled_steps,
     stepped_weight,
 )
+from tests.fake_gpu import FakeGpuWindow
 from tests.helpers import error_line, small_case
 
 CPU = resolve_device("cpu")
@@ -347,28 +348,6 @@ def test_numerics_in_a_config_file_and_its_default(tmp_path):
     assert json.loads(json.dumps(NOT_REQUESTED)) == "not requested (mpbench run --numerics)"
 
 
-class _GpuWindow:
-    """A GPU's window whose GPM gave no figure: 3 steps are kept after it for the profiler."""
-
-    def __init__(self, device) -> None:
-        pass
-
-    def profiler_steps(self, steps_after_warmup: int) -> int:
-        return 3
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def paused(self):
-        return contextlib.nullcontext()
-
-    def fields(self, timed_steps, tokens_per_step):
-        return {"tensor_core_util_reason": "GPM not supported"}
-
-
 class _Profiler:
     active = False
 
@@ -390,7 +369,7 @@ def test_the_profiler_never_sees_a_sampled_step(monkeypatch, every, profiled):
     # steps 10, warm-up 2: window 3..7, steps 8, 9, 10 kept for the profiler; the profiler gets the first unbroken
     # run of unsampled ones among them (every 3: 9 and 10 are sampled; every 4 and 2: 8 and 10; without
     # --numerics: all three)
-    monkeypatch.setattr(train_mod, "MeasuredWindow", _GpuWindow)
+    monkeypatch.setattr(train_mod, "MeasuredWindow", FakeGpuWindow)
     monkeypatch.setattr(train_mod, "ProfilerTensorCores", _Profiler)
     real = train_mod.train_step
 

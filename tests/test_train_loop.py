@@ -17,6 +17,7 @@ from suite.modes import get_mode
 from suite.training import train as train_mod
 from suite.training.data import make_corpus
 from suite.training.train import run_case, train_step
+from tests.fake_gpu import FakeGpuWindow
 from tests.helpers import small_case
 
 CPU = resolve_device("cpu")
@@ -112,30 +113,6 @@ def test_amp_fp16_step_has_only_the_scalers_own_host_sync(monkeypatch):
     assert extra == 1
 
 
-class _FakeWindow:
-    """A GPU window whose GPM gave no figure, so the reserved steps should go to the profiler."""
-
-    def __init__(self, device, gpm_figure=None) -> None:
-        self.gpm_figure = gpm_figure
-
-    def profiler_steps(self, steps_after_warmup: int) -> int:
-        return 3
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def paused(self):
-        return contextlib.nullcontext()
-
-    def fields(self, timed_steps, tokens_per_step):
-        if self.gpm_figure is None:
-            return {"tensor_core_util_reason": "GPM read failed: Unknown Error (NVMLError_Unknown)"}
-        return {"tensor_core_util": self.gpm_figure, "tensor_core_util_source": "nvml-gpm"}
-
-
 class _FakeProfiler:
     entered = 0
 
@@ -152,7 +129,7 @@ class _FakeProfiler:
 
 @pytest.mark.parametrize("gpm_figure", [None, 0.6])
 def test_gpm_that_fails_at_run_time_falls_back_to_the_profiler(monkeypatch, gpm_figure):
-    monkeypatch.setattr(train_mod, "MeasuredWindow", lambda device: _FakeWindow(device, gpm_figure))
+    monkeypatch.setattr(train_mod, "MeasuredWindow", lambda device: FakeGpuWindow(device, gpm_figure))
     monkeypatch.setattr(train_mod, "ProfilerTensorCores", _FakeProfiler)
     _FakeProfiler.entered = 0
     r = _train(small_case(steps=10, warmup=2))
