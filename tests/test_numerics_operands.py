@@ -73,12 +73,12 @@ _FLOAT8 = (
     Operand("grad_output", DGRAD, False, True), Operand("weight", DGRAD, True, True),
     Operand("grad_output", WGRAD, False, False), Operand("input", WGRAD, False, False),
 )  # fmt: skip
-# prototype/moe_training/mxfp8_linear.py mx_mm: MXTensor.to_mx(input), (W); backward: (grad_output),
-# (W^T contiguous, emulated); the weight-gradient GEMM's casts go through utils' module-level to_mx (the dim1
-# kernel wrapper), not MXTensor.to_mx: not captured here.
+# prototype/moe_training/mxfp8_linear.py mx_mm: to_mx(input), (W); backward: (grad_output), (W^T contiguous,
+# emulated), then the dim1 wrapper's to_mx(grad_output^T), (input^T) for the weight-gradient GEMM.
 _MXFP8 = (
     Operand("input", FWD, False, True), Operand("weight", FWD, False, True),
     Operand("grad_output", DGRAD, False, True), Operand("weight", DGRAD, True, True),
+    Operand("grad_output", WGRAD, True, True), Operand("input", WGRAD, True, True),
 )  # fmt: skip
 # prototype/quantized_training/int8_mixed_precision.py _dynamic_int8_mm(A, B) quantizes A and B^T row-wise:
 # forward (input, W^T) -> input, W; grad_input (grad_output, W) -> grad_output, W^T; grad_weight
@@ -122,16 +122,20 @@ def _spy(mode: str, monkeypatch: pytest.MonkeyPatch, record) -> None:
 
         monkeypatch.setattr(float8_linear, "hp_tensor_to_float8_dynamic", float8)
     elif mode == "mxfp8":
-        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+        from torchao.prototype.mx_formats import mx_tensor
 
-        real = MXTensor.to_mx
+        real = mx_tensor.to_mx
 
-        def to_mx(data_hp, *args, **kwargs):
-            out = real(data_hp, *args, **kwargs)
-            record(data_hp, out.dequantize(torch.float32))  # elements x 2^e: exact in fp32 (and in bf16)
-            return out
+        def to_mx(data_hp, elem_dtype, block_size, *args, **kwargs):
+            # the module-level cast: MXTensor.to_mx calls it on the emulated path, and the weight-gradient GEMM's
+            # dim1 wrapper (utils._to_mxfp8_dim1_kernel_wrapper, EMULATED) calls it directly on the transpose
+            scale, data = real(data_hp, elem_dtype, block_size, *args, **kwargs)
+            # to_dtype: what MXTensor.dequantize calls; elements x 2^e, exact in fp32 (and in bf16)
+            deq = mx_tensor.to_dtype(data, scale, elem_dtype, block_size, torch.float32)
+            record(data_hp, deq.reshape(data_hp.shape))
+            return scale, data
 
-        monkeypatch.setattr(MXTensor, "to_mx", staticmethod(to_mx))
+        monkeypatch.setattr(mx_tensor, "to_mx", to_mx)
     else:
         from torchao.prototype.quantized_training import int8_mixed_precision
 
