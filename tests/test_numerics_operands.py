@@ -261,32 +261,20 @@ def _as_torchao(tensor: torch.Tensor, op: Operand, cast: Cast) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_watch_hands_over_the_tensors_torchao_quantizes(mode):
     """The record's statistics are taken of `watch`'s tensors: they are torchao's high-precision operands (the
-    same values once cast to the dtype torchao got: the weight's bf16 view in mxfp8; for the others the dtype is
-    already the same)."""
+    same values and dtype: mxfp8's weight is its bf16 view, as the parametrization presents it)."""
     step = one_step(mode)
     for layer in step.casts:
         for role in RECORDED:
             op, cast = _first(mode, layer, role)
             mine = step.watched[layer][role]
             assert torch.equal(_as_torchao(mine, op, cast).to(cast.hp.dtype), cast.hp), f"{mode} {layer} {role}"
-            if not (mode == "mxfp8" and role == "weight"):  # the fp32 master, presented to torchao as bf16
-                assert mine.dtype == cast.hp.dtype, f"{mode} {layer} {role}: {mine.dtype} vs torchao's {cast.hp.dtype}"
+            assert mine.dtype == cast.hp.dtype, f"{mode} {layer} {role}: {mine.dtype} vs torchao's {cast.hp.dtype}"
 
 
-# The record takes mxfp8's weight statistics of the fp32 master (`watch`'s weight, as its docstring says), while
-# MXFP8Linear quantizes the bf16 view the mode's parametrization presents: fp32 -> bf16 -> e4m3 rounds twice,
-# and ~3% of the elements land one e4m3 step away (a bf16 value on the midpoint, ties to even), a few blocks get
-# another RCEIL scale. formats.py's round trip and the format name are right (the bf16 view round-trips exactly).
-MXFP8_WEIGHT = (
-    "mxfp8's weight is recorded from the fp32 master, torchao quantizes its bf16 view: double rounding, "
-    "~3% of the elements one e4m3 step apart (suite/training/numerics.py watch / Sampler, not formats.py)"
-)
-END_TO_END = [
-    pytest.param(m, r, marks=pytest.mark.xfail(strict=True, reason=MXFP8_WEIGHT)) if (m, r) == ("mxfp8", "weight")
-    else (m, r)
-    for m in MODES
-    for r in RECORDED
-]  # fmt: skip
+# Every recorded role, mxfp8's weight included: `watch` hands over the weight as the module presents it to its GEMM
+# (mxfp8's bf16 view of the fp32 master), so the record rounds it once, as torchao does (taking the fp32 master
+# rounded twice: ~3% of the elements landed one e4m3 step away, a bf16 midpoint tied to even).
+END_TO_END = [(m, r) for m in MODES for r in RECORDED]
 
 
 @pytest.mark.parametrize(("mode", "role"), END_TO_END)
