@@ -392,3 +392,101 @@ def test_stats_read_the_device_once_and_sqnr_is_the_docstrings_formula(monkeypat
     for fmt in ("bf16", "int8-rowwise"):
         q = roundtrip(x, fmt)[0].double().numpy()
         assert many[fmt].sqnr_db == pytest.approx(10 * np.log10((a**2).sum() / ((a - q) ** 2).sum()), rel=1e-12)
+
+
+# ---- chunks of rows: bounded memory, the whole tensor's answers ---------------------------------------------
+
+
+def chunked(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """x's round trip as tensor_stats_many takes it, chunk by chunk, put back together (q, saturated, the
+    tensor-level scale each chunk used)."""
+    rows = x.reshape(-1, x.shape[-1])
+    whole = formats._whole(rows, [fmt])
+    parts = [formats._roundtrip(c, fmt, x.dtype, whole) for c in formats._chunks(rows)]
+    q, saturated = (torch.cat([p[i] for p in parts]).reshape(x.shape) for i in (0, 1))
+    return q, saturated, [p[2] for p in parts]
+
+
+def unchunked_stats(x: torch.Tensor, fmt: str) -> tuple[float, float, float, float]:
+    """amax, underflow, saturation, SQNR as tensor_stats computed them before chunks: the whole tensor's round
+    trip, torchao's compute_error on fp64 copies of it."""
+    xf = x.float()
+    q, saturated = roundtrip(x, fmt)
+    nonzero = xf != 0
+    under = (nonzero & (q == 0)).sum().double() / nonzero.sum().clamp(min=1)
+    sat = saturated.sum().double() / max(x.numel(), 1)
+    return xf.abs().amax().item(), under.item(), sat.item(), formats._sqnr(xf.double(), q.double()).item()
+
+
+def with_outlier(inf_first: bool = False) -> torch.Tensor:
+    """(4, 3, 50): 12 rows of 50 columns (not a multiple of 16 or 32), an outlier of 2^20 in the last row."""
+    x = wide((4, 3, 50), -8, 8, seed=3)
+    x[-1, -1, 7] = 2.0**20
+    if inf_first:  # fp16-scaled's loss scale comes from the finite amax, in another chunk than the inf
+        x[0, 0, 3] = float("inf")
+    return x
+
+
+@needs_torchao
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 5])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunks_round_trip_bit_for_bit_as_the_whole_tensor(fmt, rows_per_chunk, monkeypatch):
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", rows_per_chunk * 50 + 7)  # 12 / 3 rows: 4 chunks; 5: 3
+    for x in (with_outlier(), with_outlier(inf_first=True), with_outlier().bfloat16()):
+        q, saturated, scales = chunked(x, fmt)
+        q_whole, sat_whole, scale_whole = formats._roundtrip(x.float().contiguous(), fmt, x.dtype)
+        assert torch.equal(bits(q), bits(q_whole)) and torch.equal(saturated, sat_whole), (fmt, x.dtype)
+        assert len(scales) == -(-12 // rows_per_chunk)
+        for scale in scales:  # every chunk used the whole tensor's scale
+            assert (scale is None) == (scale_whole is None) and (scale is None or torch.equal(scale, scale_whole))
+
+
+@needs_torchao
+@pytest.mark.parametrize("fmt", ["e4m3-tensorwise", "e5m2-tensorwise", "fp16-scaled", "nvfp4"])
+def test_the_first_chunk_underflows_under_the_last_chunks_outlier_as_in_the_whole_tensor(fmt, monkeypatch):
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 3 * 50)
+    x = with_outlier() * 2.0**-10  # values 2^-18 to 2^-2
+    x[-1, -1, 7] = 2.0**30  # amax / smallest ~2^48: beyond e5m2's 2^32 range too
+    first = x[0]  # the first chunk: 3 rows
+    lost = ((first != 0) & (chunked(x, fmt)[0][0] == 0)).sum()
+    alone = ((first != 0) & (roundtrip(first, fmt)[0] == 0)).sum()
+    assert lost > alone, (fmt, lost, alone)  # its own amax would have kept more of them
+    assert tensor_stats(x, fmt).underflow == unchunked_stats(x, fmt)[1]
+
+
+@needs_torchao
+@pytest.mark.parametrize("chunk", [7, 150, 2**22])
+def test_chunked_statistics_equal_the_unchunked_ones_in_every_format(chunk, monkeypatch):
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", chunk)  # 7: a row per chunk; 150: 3 rows; 2^22: one chunk
+    for x in (with_outlier(), with_outlier(inf_first=True), with_outlier().bfloat16(), torch.zeros(5, 40)):
+        many = tensor_stats_many(x, FORMATS)
+        for fmt in FORMATS:
+            amax, under, sat, sqnr = unchunked_stats(x, fmt)
+            s = many[fmt]
+            assert (s.amax, s.underflow, s.saturation) == (amax, under, sat), (fmt, x.dtype)
+            # the sums' order differs: fp64 rounding, here within 1e-12 relative
+            assert s.sqnr_db == pytest.approx(sqnr, rel=1e-12, nan_ok=True), (fmt, x.dtype)
+
+
+def test_the_memory_a_big_tensors_statistics_take_is_bounded_by_the_chunk(tmp_path):
+    # a fresh process: its peak resident memory (maxrss) is its own, whatever else the machine runs. 1 MiB
+    # chunks of fp32: the round trips' temporaries stay ~15 chunk sizes; before chunks (the whole tensor
+    # copied to fp64, padded, scaled, masked) they took 7.5 to 11x the 49 MiB tensor
+    script = """
+import resource, sys, torch
+from suite.modes import formats
+formats.CHUNK_ELEMENTS = 2**18
+fmts = ["fp16", "e4m3-tensorwise", "mxfp4", "nvfp4"]
+fmts = [f for f in fmts if formats.format_unavailable(f) is None]
+formats.tensor_stats_many(torch.randn(4, 100), fmts)  # imports and first calls, before x
+x = torch.randn(256, 50257, generator=torch.Generator().manual_seed(0))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+formats.tensor_stats_many(x, fmts)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / x.nbytes)
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    growth = float(done.stdout.split()[-1])
+    assert growth < 1.0, f"maxrss grew by {growth:.2f}x the tensor"

@@ -4,8 +4,9 @@ The GPT is built from the seed in strict fp32 (the fp32 mode: TF32 off) and trai
 THE train step (`train.train_step`), the fp32 mode's AdamW and the case's learning-rate schedule; the case
 has K + 1 steps, so the state and the tensors are those of `mpbench run --modes fp32 --steps K+1` at its
 last step. Step K + 1 then runs inside `numerics.watch`: each Linear's input, weight, grad_output and
-grad_weight are taken through every format's round trip (`formats.tensor_stats`) as the hooks hand them
-over, before the optimizer applies the step; nothing is copied, so the memory is that of a training step.
+grad_weight are taken through every format's round trip (`formats.tensor_stats_many`: all formats in one
+pass over the tensor's chunks of rows) as the hooks hand them over, before the optimizer applies the step;
+the tensors are not copied whole, only chunk by chunk, so the memory is a training step's plus a few chunks.
 
 A format that cannot run here (`format_unavailable`) or fails on some tensor (not written yet, an error) is
 left out whole, with why, in `numerics_skipped`; the others still run.
@@ -31,7 +32,15 @@ from models import GPT
 from suite.cli.fidelity import given_sizes
 from suite.hardware import DeviceInfo, environment, on_device, resolve_device
 from suite.modes import get_mode
-from suite.modes.formats import FORMATS, WHATIF_FORMATS, TensorStats, check_format, format_unavailable, tensor_stats
+from suite.modes.formats import (
+    FORMATS,
+    WHATIF_FORMATS,
+    TensorStats,
+    check_format,
+    format_unavailable,
+    tensor_stats,
+    tensor_stats_many,
+)
 from suite.records import outputs, store
 from suite.records.store import NUMERICS_COLUMNS as COLUMNS
 from suite.reporting.numerics_table import SATURATION_MARK, UNDERFLOW_MARK
@@ -109,9 +118,15 @@ class Whatif:
         # (B, T, features) activations and their gradients as (tokens, features), the GEMM's operand: no
         # statistic changes (rows and blocks run along the last dimension), and every format sees 2-D
         t = t.flatten(0, -2) if t.dim() > 2 else t
+        live = [f for f in formats if f not in self.skipped]
         with torch.no_grad():
-            for f in formats:
-                if f in self.skipped:
+            try:  # every format in one pass: the tensor's chunks are read and converted once, not per format
+                many: dict[str, TensorStats] | None = tensor_stats_many(t, live)
+            except Exception:  # some format fails on this tensor: each on its own below, only that one skipped
+                many = None
+            for f in live:
+                if many is not None:
+                    self.stats[f, layer, role] = many[f]
                     continue
                 try:
                     self.stats[f, layer, role] = tensor_stats(t, f)

@@ -18,8 +18,20 @@ does (its scaling included) and dequantizes back to fp32; `tensor_stats(x, fmt)`
 Per-row and per-block scales run along the LAST dimension of the tensor (a Linear's input (tokens, in) and
 weight (out, in): the forward GEMM's reduction dimension); leading dimensions are flattened into rows. A
 last dimension that is not a multiple of the block size is padded with zeros for the round trip and cropped
-back (zeros change no amax and are never counted as underflow). Statistics are computed in fp32 (SQNR in
-fp64) on the tensor's device, one host transfer per tensor; nothing draws from torch's random generator.
+back (zeros change no amax and are never counted as underflow). Statistics are computed on the tensor's
+device, one host transfer per tensor; nothing draws from torch's random generator.
+
+Memory: `tensor_stats_many` runs over chunks of whole rows of at most CHUNK_ELEMENTS (2^22) elements,
+summing counts, amax and the signal and noise powers (in fp64, per chunk: the squares are exact, and x - q is
+taken in fp64 as before, since fp32 rounds it where q is far from x). Tensor-level scales (tensorwise float8,
+fp16-scaled, NVFP4's per-tensor scale) come from the whole tensor's amax, one reduction, so every chunk rounds
+exactly as in `roundtrip(x)`; the statistics equal the unchunked ones but for the SQNR sums' order (fp64
+rounding: ~1e-12 relative against the unchunked torch.linalg.vector_norm, whose own error that is; the
+chunked sums match an exact math.fsum to all printed digits). On a 1024 x 50257 fp32 CPU tensor (196 MiB),
+WHATIF_FORMATS in one call, maxrss growth in a fresh process: 2593 MiB (13.2x the tensor) unchunked, ~295
+MiB (1.5x: ~18 chunks of fp32, glibc's free lists included; ~190 MiB with MALLOC_MMAP_THRESHOLD_=65536),
+time 15-16 s -> 8-9 s on 2 CPU cores. On a GPU the extra is as many chunks, not 12-17 GiB for gpt2-small's
+8192 x 50257 lm_head grad_output.
 
 torchao's primitives are used for the formats it has (float8 scales and saturated casts, MX and NVFP4
 tensors, SQNR); `format_unavailable` says why a format cannot run here (torchao missing or broken). tf32,
@@ -29,7 +41,7 @@ fp16-scaled and int8-rowwise are written here and tested bit for bit against tor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -67,6 +79,10 @@ _NEEDS = {
 # e4m3fn 448 = 1.110b x 2^8 (even: 464 rounds down), e5m2 57344 = 1.11b x 2^15 (odd: 61440 overflows),
 # e2m1 6 = 1.1b x 2^2 (odd: 7 rounds to 8).
 _BEYOND = {torch.float8_e4m3fn: (464.0, False), torch.float8_e5m2: (61440.0, True), "e2m1": (7.0, True)}
+# Statistics run over chunks of whole rows of at most this many elements (one row when a row is longer):
+# a round trip's temporaries (scaled copies, padding, masks, the fp64 difference) then scale with a chunk,
+# 16 MiB of fp32 here, not with the tensor (gpt2-small's lm_head grad_output is 1.57 GiB in fp32).
+CHUNK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,15 @@ class TensorStats:
     saturation: float
     sqnr_db: float
     scale: float | None
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """What tensor-level scales take from the whole tensor when its rows are round-tripped chunk by chunk
+    (fp32, 0-d, on its device)."""
+
+    amax: torch.Tensor  # max |x|; nan when x holds a nan (float8 tensorwise, nvfp4's per-tensor scale)
+    finite_amax: torch.Tensor | None  # max |x| over its finite elements (fp16-scaled's loss scale)
 
 
 def check_format(name: str) -> None:
@@ -135,31 +160,42 @@ def _tf32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), rounded.view(torch.float32), x)
 
 
-def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
+def _finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite elements (0 when there is none), fp32."""
+    mag = x.abs().float()
+    return torch.where(torch.isfinite(mag), mag, 0).amax()
+
+
+def _fp16_scale(finite_amax: torch.Tensor) -> torch.Tensor:
     """The largest 2^k with amax * 2^k <= 65504 (what dynamic loss scaling settles on), k within fp32's
     normal exponents (the scale is an fp32 number); amax from the finite elements (a loss scaler skips
     inf/nan steps and keeps its scale); 1.0 for a tensor with no finite nonzero element."""
-    mag = x.abs()
-    amax = torch.where(torch.isfinite(mag), mag, 0).amax().double()
+    amax = finite_amax.double()
     # exact in fp64 for an fp32 amax: the quotient is either exactly 2^j or at least ~2^-24 (relative) away
     # from it, far beyond fp64's rounding of the division and the log
     k = torch.floor(torch.log2(_FP16_MAX / amax))
     return torch.exp2(torch.where(amax > 0, k, 0).clamp(-126, 127)).float()
 
 
-def _float8(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _float8(
+    x: torch.Tensor, fmt: str, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torchao's float8 training cast: amax scale (per tensor, or per row along the last dim), x * scale,
-    saturated cast; dequantized as Float8TrainingTensor does (fp8 / scale)."""
+    saturated cast; dequantized as Float8TrainingTensor does (fp8 / scale). `amax`: the whole tensor's, for
+    a tensorwise scale of rows that are part of it (tensor_to_scale is amax_to_scale of x's own amax)."""
     fu = _ao(fmt)
     dtype = _F8[fmt[:4]]
     rowwise = "rowwise" in fmt
-    scale = fu.tensor_to_scale(
-        x,
-        dtype,
-        scaling_granularity=fu.ScalingGranularity.AXISWISE if rowwise else fu.ScalingGranularity.TENSORWISE,
-        axiswise_dim=-1 if rowwise else None,
-        round_scales_to_power_of_2=fmt.endswith("pow2"),
-    )
+    if amax is not None and not rowwise:
+        scale = fu.amax_to_scale(amax, dtype, round_scales_to_power_of_2=fmt.endswith("pow2"))
+    else:
+        scale = fu.tensor_to_scale(
+            x,
+            dtype,
+            scaling_granularity=fu.ScalingGranularity.AXISWISE if rowwise else fu.ScalingGranularity.TENSORWISE,
+            axiswise_dim=-1 if rowwise else None,
+            round_scales_to_power_of_2=fmt.endswith("pow2"),
+        )
     scaled = x * scale
     q = fu.to_fp8_saturated(scaled, dtype).float() / scale
     return q, _beyond(scaled, dtype) & torch.isfinite(x), scale
@@ -212,12 +248,13 @@ def _mx(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return q[:, :k], saturated[:, :k] & torch.isfinite(x)
 
 
-def _nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _nvfp4(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torchao's NVFP4Tensor.to_nvfp4: 16-element blocks, e4m3 block scales under an fp32 per-tensor scale
-    from the tensor's amax (per_tensor_amax_to_scale), e2m1 elements; its dequantize."""
+    from the tensor's amax (per_tensor_amax_to_scale), e2m1 elements; its dequantize. `amax`: the whole
+    tensor's, for rows that are part of it (the blocks are within rows, the per-tensor scale is not)."""
     nv = _ao("nvfp4")
     xp = _padded(x, 16)
-    amax = x.abs().amax()
+    amax = x.abs().amax() if amax is None else amax
     per_tensor = nv.per_tensor_amax_to_scale(amax)
     t = nv.NVFP4Tensor.to_nvfp4(xp, 16, per_tensor_scale=per_tensor)
     # an all-zero tensor gets a per-tensor scale of 0 and torchao's round trip turns it into NaN: it is 0
@@ -230,10 +267,12 @@ def _nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _roundtrip(
-    x: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32
+    x: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32, whole: _Whole | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(q, saturated, tensor-level scale or None) for a contiguous fp32 x of any shape (`dtype`: the one it
-    arrived in; only int8-rowwise's scale depends on it, the other formats see its values exactly in fp32)."""
+    arrived in; only int8-rowwise's scale depends on it, the other formats see its values exactly in fp32).
+    `whole`: x is some rows of a larger tensor, and these are its amaxes: tensor-level scales come from them,
+    so the rows round exactly as they do in the whole tensor's round trip."""
     one = x.new_ones(())
     if x.numel() == 0:
         return x.clone(), torch.zeros_like(x, dtype=torch.bool), one if fmt in _TENSOR_SCALED else None
@@ -244,17 +283,17 @@ def _roundtrip(
         q = _tf32(x)
         return q, torch.isinf(q) & torch.isfinite(x), one
     if fmt == "fp16-scaled":
-        scale = _fp16_scale(x)
+        scale = _fp16_scale(_finite_amax(x) if whole is None else whole.finite_amax)
         h = (x * scale).half()
         return h.float() / scale, torch.isinf(h) & torch.isfinite(x), scale
     rows = x.reshape(1, 1) if x.dim() == 0 else x.reshape(-1, x.shape[-1])
     if fmt.startswith(("e4m3", "e5m2")):
-        q, saturated, scale = _float8(rows, fmt)
+        q, saturated, scale = _float8(rows, fmt, None if whole is None else whole.amax)
         scale = scale if fmt in _TENSOR_SCALED else None
     elif fmt == "int8-rowwise":
         (q, saturated), scale = _int8_rowwise(rows, dtype), None
     elif fmt == "nvfp4":
-        (q, saturated), scale = _nvfp4(rows), None
+        (q, saturated), scale = _nvfp4(rows, None if whole is None else whole.amax), None
     else:
         (q, saturated), scale = _mx(rows, fmt), None
     return q.reshape(x.shape), saturated.reshape(x.shape), scale
@@ -276,30 +315,68 @@ def _sqnr(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 20 * torch.log10(torch.linalg.vector_norm(x) / torch.linalg.vector_norm(x - q))
 
 
+def _chunks(rows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """2-D `rows` in chunks of whole rows of at most CHUNK_ELEMENTS elements (one row at least), fp32 and
+    contiguous: a view of an fp32 tensor, a chunk-sized copy of any other."""
+    step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for i in range(0, rows.shape[0], step):
+        yield rows[i : i + step].float().contiguous()
+
+
+def _whole(rows: torch.Tensor, fmts: list[str]) -> _Whole:
+    """The whole tensor's amaxes: max |x| in one reduction that copies nothing (max(-min, max); abs turns
+    -0.0 into 0.0, a nan propagates); the finite max only for fp16-scaled, chunk by chunk."""
+    lo, hi = torch.aminmax(rows)
+    amax = torch.maximum(-lo, hi).abs().float()
+    finite = None
+    if "fp16-scaled" in fmts:
+        finite = amax.new_zeros(())
+        for chunk in _chunks(rows):
+            finite = torch.maximum(finite, _finite_amax(chunk))
+    return _Whole(amax, finite)
+
+
 def tensor_stats_many(x: torch.Tensor, fmts: Iterable[str]) -> dict[str, TensorStats]:
-    """`tensor_stats` of one tensor in several formats, sharing its fp32/fp64 copies; one host transfer.
+    """`tensor_stats` of one tensor in several formats, chunk by chunk of rows (CHUNK_ELEMENTS), the formats
+    sharing each chunk's fp32/fp64 copies; one host transfer.
     RuntimeError for a format that cannot be computed here: ask `format_unavailable` first."""
     fmts = list(dict.fromkeys(fmts))
     for fmt in fmts:
         check_format(fmt)
-    dtype, x = x.dtype, x.detach().float().contiguous()
-    xd = x.double()
-    nonzero = x != 0
-    n_nonzero = nonzero.sum().clamp(min=1).double()
-    rows = [x.abs().amax().double() if x.numel() else xd.new_zeros(())]
-    for fmt in fmts:
-        q, saturated, scale = _roundtrip(x, fmt, dtype)
-        rows += [
-            (nonzero & (q == 0)).sum().double() / n_nonzero,
-            saturated.sum().double() / max(x.numel(), 1),
-            _sqnr(xd, q.double()),
-            xd.new_zeros(()) if scale is None else scale,
-        ]
-    values = torch.stack([r.double() for r in rows]).tolist()  # the one host transfer
+    dtype, x = x.dtype, x.detach()
+    rows = x.reshape(1, 1) if x.dim() == 0 else x.reshape(-1, x.shape[-1])  # a view of a contiguous x
+    # sums over the chunks in fp64 (counts are exact to 2^53): x's nonzero elements and signal power sum x^2,
+    # then per format its underflowed and saturated elements and its noise power sum (x - q)^2
+    sums = torch.zeros(2 + 3 * len(fmts), dtype=torch.float64, device=x.device)
+    one = sums.new_ones((), dtype=torch.float32)
+    scales: list[torch.Tensor | None] = [one if fmt in _TENSOR_SCALED else None for fmt in fmts]
+    whole = _whole(rows, fmts) if rows.numel() else None
+    for xc in _chunks(rows) if whole is not None else ():
+        # fp64 per chunk, for the exact squares and the difference the unchunked code took: x - q in fp32 is
+        # not exact where q is far from x (Sterbenz needs q/2 <= x <= 2q), e.g. a value clamped far below x.
+        # Sums by torch.sum (pairwise on a CPU: ~1e-16 relative; torch.dot and vector_norm drift to ~1e-13)
+        xd = xc.double()
+        nonzero = xc != 0
+        sums[0] += nonzero.sum()
+        sums[1] += xd.square().sum()
+        for i, fmt in enumerate(fmts):
+            q, saturated, scales[i] = _roundtrip(xc, fmt, dtype, whole)
+            noise = q.double().sub_(xd)  # q - x: the same square
+            sums[2 + 3 * i] += (nonzero & (q == 0)).sum()
+            sums[3 + 3 * i] += saturated.sum()
+            sums[4 + 3 * i] += noise.square_().sum()
+            del q, saturated, noise  # before the next format's round trip: one format's temporaries at a time
+    nonzero_count, n = sums[0].clamp(min=1), max(rows.numel(), 1)
+    values = [sums.new_zeros(()) if whole is None else whole.amax.double()]
+    for i, scale in enumerate(scales):
+        # 10 log10(signal / noise): inf for an exact round trip, nan (0/0) for all zeros, nan for inf/nan in x
+        sqnr = 10 * torch.log10(sums[1] / sums[4 + 3 * i])
+        values += [sums[2 + 3 * i] / nonzero_count, sums[3 + 3 * i] / n, sqnr, one if scale is None else scale]
+    got = torch.stack([v.double() for v in values]).tolist()  # the one host transfer
     out = {}
     for i, fmt in enumerate(fmts):
-        under, sat, sqnr, scale = values[1 + 4 * i : 5 + 4 * i]
-        out[fmt] = TensorStats(values[0], under, sat, sqnr, scale if fmt in _TENSOR_SCALED else None)
+        under, sat, sqnr, scale = got[1 + 4 * i : 5 + 4 * i]
+        out[fmt] = TensorStats(got[0], under, sat, sqnr, scale if fmt in _TENSOR_SCALED else None)
     return out
 
 
