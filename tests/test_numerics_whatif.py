@@ -95,11 +95,13 @@ def test_a_format_that_cannot_run_is_skipped_with_why_and_the_rest_runs(tmp_path
         if fmt == "bf16":
             raise NotImplementedError("format 'bf16': not written yet")
         calls.append(fmt)
-        if fmt == "fp32" and calls.count("fp32") == 10:  # the tenth tensor, after nine went well
+        if fmt == "fp32" and calls.count("fp32") >= 10:  # from the tenth tensor on, after nine went well
             raise RuntimeError("deliberately broken")
         return stats(x, fmt)
 
     monkeypatch.setattr(numerics, "tensor_stats", patched)
+    # all formats of a tensor in one call; when it raises, each format on its own (tensor_stats)
+    monkeypatch.setattr(numerics, "tensor_stats_many", lambda x, fmts: {f: patched(x, f) for f in fmts})
     monkeypatch.setattr(numerics, "format_unavailable", lambda f: "torchao is missing (test)" if f == "tf32" else None)
     code, r = _run(tmp_path, "--steps", "0", "--formats", "tf32,bf16,fp32,fp16")
     assert code == 0 and r["status"] == "ok"
@@ -174,6 +176,7 @@ def test_it_leaves_the_globals_as_it_found_them(tmp_path, monkeypatch):
         return stats(x, f)
 
     monkeypatch.setattr(numerics, "tensor_stats", spy)
+    monkeypatch.setattr(numerics, "tensor_stats_many", lambda x, fmts: {f: spy(x, f) for f in fmts})
     with tf32_matmuls(True):  # a caller that allows TF32 (restored exactly on exit): fp32 must still be strict
         before, rng = numerics_globals(), torch.get_rng_state()
         code, _ = _run(tmp_path, "--steps", "1", "--formats", "bf16")
@@ -276,3 +279,12 @@ def test_tensors_the_hooks_never_handed_over_are_an_error_not_a_short_table(tmp_
     monkeypatch.setattr(numerics, "watch", no_grad_weight)
     code, r = _run(tmp_path, "--steps", "0", "--formats", "fp32")
     assert code == 1 and r["status"] == "error" and "handed over 27 of 36 tensors" in r["reason"]
+
+
+def test_each_tensor_takes_every_format_in_one_call(tmp_path, monkeypatch):
+    many, calls = numerics.tensor_stats_many, []
+    monkeypatch.setattr(numerics, "tensor_stats_many", lambda x, fmts: calls.append(list(fmts)) or many(x, fmts))
+    monkeypatch.setattr(numerics, "tensor_stats", lambda x, f: pytest.fail(f"a call for {f} alone"))
+    code, r = _run(tmp_path, "--steps", "0", "--formats", "fp16,bf16")
+    assert code == 0 and calls == [["fp16", "bf16"]] * (len(LAYERS) * 4)  # one pass over each tensor
+    assert len(_frame(r)) == 2 * len(LAYERS) * 4
