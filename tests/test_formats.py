@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from suite.modes import formats
-from suite.modes.formats import FORMATS, roundtrip, tensor_stats, tensor_stats_many
+from suite.modes import format_stats, formats
+from suite.modes.format_stats import tensor_stats, tensor_stats_many
+from suite.modes.formats import FORMATS, roundtrip
 
 TORCHAO = [f for f in FORMATS if formats.format_unavailable(f) is None]
 needs_torchao = pytest.mark.skipif(len(TORCHAO) < len(FORMATS), reason="torchao is not importable here")
@@ -116,8 +117,8 @@ def test_an_outlier_flushes_other_rows_under_tensorwise_scaling_and_not_under_ro
     # overall: rowwise flushes only within the outlier's own row (1/8 of the tensor)
     assert tw.underflow > 0.1 and 0 < rw.underflow <= 1 / 8
     for row in range(1, 8):  # every row without the outlier
-        sqnr_tw = formats._sqnr(x[row].double(), q_tw[row].double())
-        sqnr_rw = formats._sqnr(x[row].double(), q_rw[row].double())
+        sqnr_tw = format_stats._sqnr(x[row].double(), q_tw[row].double())
+        sqnr_rw = format_stats._sqnr(x[row].double(), q_rw[row].double())
         assert sqnr_tw < sqnr_rw - 10, row
     assert tw.scale == pytest.approx(448 / 1e5) and rw.scale is None
 
@@ -401,8 +402,8 @@ def chunked(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, list
     """x's round trip as tensor_stats_many takes it, chunk by chunk, put back together (q, saturated, the
     tensor-level scale each chunk used)."""
     rows = x.reshape(-1, x.shape[-1])
-    whole = formats._whole(rows, [fmt])
-    parts = [formats._roundtrip(c, fmt, x.dtype, whole) for c in formats._chunks(rows)]
+    whole = format_stats._whole(rows, [fmt])
+    parts = [formats._roundtrip(c, fmt, x.dtype, whole) for c in format_stats._chunks(rows)]
     q, saturated = (torch.cat([p[i] for p in parts]).reshape(x.shape) for i in (0, 1))
     return q, saturated, [p[2] for p in parts]
 
@@ -415,7 +416,7 @@ def unchunked_stats(x: torch.Tensor, fmt: str) -> tuple[float, float, float, flo
     nonzero = xf != 0
     under = (nonzero & (q == 0)).sum().double() / nonzero.sum().clamp(min=1)
     sat = saturated.sum().double() / max(x.numel(), 1)
-    return xf.abs().amax().item(), under.item(), sat.item(), formats._sqnr(xf.double(), q.double()).item()
+    return xf.abs().amax().item(), under.item(), sat.item(), format_stats._sqnr(xf.double(), q.double()).item()
 
 
 def with_outlier(inf_first: bool = False) -> torch.Tensor:
@@ -431,7 +432,7 @@ def with_outlier(inf_first: bool = False) -> torch.Tensor:
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 5])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_chunks_round_trip_bit_for_bit_as_the_whole_tensor(fmt, rows_per_chunk, monkeypatch):
-    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", rows_per_chunk * 50 + 7)  # 12 / 3 rows: 4 chunks; 5: 3
+    monkeypatch.setattr(format_stats, "CHUNK_ELEMENTS", rows_per_chunk * 50 + 7)  # 12 / 3 rows: 4 chunks; 5: 3
     for x in (with_outlier(), with_outlier(inf_first=True), with_outlier().bfloat16()):
         q, saturated, scales = chunked(x, fmt)
         q_whole, sat_whole, scale_whole = formats._roundtrip(x.float().contiguous(), fmt, x.dtype)
@@ -444,7 +445,7 @@ def test_chunks_round_trip_bit_for_bit_as_the_whole_tensor(fmt, rows_per_chunk, 
 @needs_torchao
 @pytest.mark.parametrize("fmt", ["e4m3-tensorwise", "e5m2-tensorwise", "fp16-scaled", "nvfp4"])
 def test_the_first_chunk_underflows_under_the_last_chunks_outlier_as_in_the_whole_tensor(fmt, monkeypatch):
-    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(format_stats, "CHUNK_ELEMENTS", 3 * 50)
     x = with_outlier() * 2.0**-10  # values 2^-18 to 2^-2
     x[-1, -1, 7] = 2.0**30  # amax / smallest ~2^48: beyond e5m2's 2^32 range too
     first = x[0]  # the first chunk: 3 rows
@@ -457,7 +458,7 @@ def test_the_first_chunk_underflows_under_the_last_chunks_outlier_as_in_the_whol
 @needs_torchao
 @pytest.mark.parametrize("chunk", [7, 150, 2**22])
 def test_chunked_statistics_equal_the_unchunked_ones_in_every_format(chunk, monkeypatch):
-    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", chunk)  # 7: a row per chunk; 150: 3 rows; 2^22: one chunk
+    monkeypatch.setattr(format_stats, "CHUNK_ELEMENTS", chunk)  # 7: a row per chunk; 150: 3 rows; 2^22: one chunk
     for x in (with_outlier(), with_outlier(inf_first=True), with_outlier().bfloat16(), torch.zeros(5, 40)):
         many = tensor_stats_many(x, FORMATS)
         for fmt in FORMATS:
@@ -474,14 +475,14 @@ def test_the_memory_a_big_tensors_statistics_take_is_bounded_by_the_chunk(tmp_pa
     # copied to fp64, padded, scaled, masked) they took 7.5 to 11x the 49 MiB tensor
     script = """
 import resource, sys, torch
-from suite.modes import formats
-formats.CHUNK_ELEMENTS = 2**18
+from suite.modes import format_stats, formats
+format_stats.CHUNK_ELEMENTS = 2**18
 fmts = ["fp16", "e4m3-tensorwise", "mxfp4", "nvfp4"]
 fmts = [f for f in fmts if formats.format_unavailable(f) is None]
-formats.tensor_stats_many(torch.randn(4, 100), fmts)  # imports and first calls, before x
+format_stats.tensor_stats_many(torch.randn(4, 100), fmts)  # imports and first calls, before x
 x = torch.randn(256, 50257, generator=torch.Generator().manual_seed(0))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-formats.tensor_stats_many(x, fmts)
+format_stats.tensor_stats_many(x, fmts)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / x.nbytes)
 """
     import subprocess

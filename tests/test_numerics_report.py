@@ -1,6 +1,6 @@
 """The numerics in the report, the run summary and compare, on records of real statistics: the tiny GPT's
 Linears watched (suite.training.numerics.watch) over a few training steps, each tensor's statistics taken
-with suite.modes.formats.tensor_stats in fp32, fp16 and bf16."""
+with suite.modes.format_stats.tensor_stats in fp32, fp16 and bf16."""
 
 import dataclasses
 import functools
@@ -21,7 +21,7 @@ from PIL import Image
 
 from models import GPT, GPTConfig
 from suite.cli.summary import numerics_block
-from suite.modes.formats import tensor_stats
+from suite.modes.format_stats import tensor_stats
 from suite.records import store
 from suite.records.store import append, make_record
 from suite.reporting import charts, numerics_charts, numerics_section, report

@@ -4,7 +4,7 @@ The GPT is built from the seed in strict fp32 (the fp32 mode: TF32 off) and trai
 THE train step (`train.train_step`), the fp32 mode's AdamW and the case's learning-rate schedule; the case
 has K + 1 steps, so the state and the tensors are those of `mpbench run --modes fp32 --steps K+1` at its
 last step. Step K + 1 then runs inside `numerics.watch`: each Linear's input, weight, grad_output and
-grad_weight are taken through every format's round trip (`formats.tensor_stats_many`: all formats in one
+grad_weight are taken through every format's round trip (`format_stats.tensor_stats_many`: all formats in one
 pass over the tensor's chunks of rows) as the hooks hand them over, before the optimizer applies the step;
 the tensors are not copied whole, only chunk by chunk, so the memory is a training step's plus a few chunks.
 
@@ -32,15 +32,8 @@ from models import GPT
 from suite.cli.fidelity import given_sizes
 from suite.hardware import DeviceInfo, environment, on_device, resolve_device
 from suite.modes import get_mode
-from suite.modes.formats import (
-    FORMATS,
-    WHATIF_FORMATS,
-    TensorStats,
-    check_format,
-    format_unavailable,
-    tensor_stats,
-    tensor_stats_many,
-)
+from suite.modes.format_stats import TensorStats, tensor_stats, tensor_stats_many
+from suite.modes.formats import FORMATS, WHATIF_FORMATS, check_format, format_unavailable
 from suite.records import outputs, store
 from suite.records.store import NUMERICS_COLUMNS as COLUMNS
 from suite.reporting.numerics_table import SATURATION_MARK, UNDERFLOW_MARK

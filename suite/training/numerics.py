@@ -24,7 +24,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from suite.metrics.fidelity import plain
-from suite.modes.formats import TensorStats, format_unavailable, tensor_stats
+from suite.modes.format_stats import TensorStats, tensor_stats
+from suite.modes.formats import format_unavailable
 from suite.records.store import NUMERICS_COLUMNS as COLUMNS
 from suite.records.store import NUMERICS_ROLES as ROLES
 
