@@ -13,6 +13,15 @@ from suite.modes import format_stats, formats
 from suite.modes.format_stats import tensor_stats, tensor_stats_many
 from suite.modes.formats import FORMATS, roundtrip
 
+
+def _sqnr(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The library's SQNR of whole tensors, torchao's compute_error (20 log10(|x| / |x - q|)): what the chunked
+    statistics must equal (they cannot call it: it takes whole tensors, and their fp64 copies)."""
+    from torchao.float8.float8_utils import compute_error
+
+    return compute_error(x, q)
+
+
 TORCHAO = [f for f in FORMATS if formats.format_unavailable(f) is None]
 needs_torchao = pytest.mark.skipif(len(TORCHAO) < len(FORMATS), reason="torchao is not importable here")
 
@@ -117,8 +126,8 @@ def test_an_outlier_flushes_other_rows_under_tensorwise_scaling_and_not_under_ro
     # overall: rowwise flushes only within the outlier's own row (1/8 of the tensor)
     assert tw.underflow > 0.1 and 0 < rw.underflow <= 1 / 8
     for row in range(1, 8):  # every row without the outlier
-        sqnr_tw = format_stats._sqnr(x[row].double(), q_tw[row].double())
-        sqnr_rw = format_stats._sqnr(x[row].double(), q_rw[row].double())
+        sqnr_tw = _sqnr(x[row].double(), q_tw[row].double())
+        sqnr_rw = _sqnr(x[row].double(), q_rw[row].double())
         assert sqnr_tw < sqnr_rw - 10, row
     assert tw.scale == pytest.approx(448 / 1e5) and rw.scale is None
 
@@ -416,7 +425,7 @@ def unchunked_stats(x: torch.Tensor, fmt: str) -> tuple[float, float, float, flo
     nonzero = xf != 0
     under = (nonzero & (q == 0)).sum().double() / nonzero.sum().clamp(min=1)
     sat = saturated.sum().double() / max(x.numel(), 1)
-    return xf.abs().amax().item(), under.item(), sat.item(), format_stats._sqnr(xf.double(), q.double()).item()
+    return xf.abs().amax().item(), under.item(), sat.item(), _sqnr(xf.double(), q.double()).item()
 
 
 def with_outlier(inf_first: bool = False) -> torch.Tensor:

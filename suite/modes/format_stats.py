@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.modes.formats import _TENSOR_SCALED, _finite_amax, _import, _roundtrip, _Whole, check_format
+from suite.modes.formats import _TENSOR_SCALED, _finite_amax, _roundtrip, _Whole, check_format
 
 # Statistics run over chunks of whole rows of at most this many elements (one row when a row is longer):
 # a round trip's temporaries (scaled copies, padding, masks, the fp64 difference) then scale with a chunk,
@@ -40,15 +40,6 @@ class TensorStats:
     saturation: float
     sqnr_db: float
     scale: float | None
-
-
-def _sqnr(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """SQNR in dB in fp64 (an fp32 sum of squares overflows past |x| ~ 1e19): torchao's compute_error,
-    whose 20 log10(|x| / |x - q|) is already inf for an exact round trip and nan (0/0) for all zeros."""
-    fu, _ = _import("torchao.float8.float8_utils")
-    if fu is not None:
-        return fu.compute_error(x, q)
-    return 20 * torch.log10(torch.linalg.vector_norm(x) / torch.linalg.vector_norm(x - q))
 
 
 def _chunks(rows: torch.Tensor) -> Iterator[torch.Tensor]:
