@@ -10,6 +10,8 @@
 #   doctor     mpbench doctor
 #   eager      mpbench run, every mode, gpt2-small 8 x 512, 8 steps (3 warm-up)      -> records.jsonl
 #   fidelity   mpbench fidelity, every mode, tiny 4 x 64                              -> fidelity.jsonl
+#   numerics   mpbench numerics, every format on fp32's tensors, gpt2-small 8 x 512, 20 steps (the
+#              statistics' CUDA path: hooks, torchao's casts, chunked sums)            -> numerics.jsonl
 #   ddp-1rank  bf16 on a one-rank torchrun job under DDP    (--nproc 1 --parallel ddp)  -> records.jsonl
 #   fsdp-1rank bf16 on a one-rank torchrun job under FSDP2  (--nproc 1 --parallel fsdp) -> records.jsonl
 #   compiled   mpbench run --compile, every mode (tf32, bf16 and the torchao modes first), same sizes
@@ -17,7 +19,7 @@
 # the summary says so. Each step runs under `timeout` (at most 10 minutes, and never past the
 # budget); each case of a run has --case-timeout, so one hang costs one case. The folder holds
 # at most 8 files (what the device tool brings back): summary.txt, steps.tsv, run.log (every
-# step's output), env.json, modes.txt, records.jsonl, fidelity.jsonl. summary.txt is rewritten
+# step's output), env.json, modes.txt, records.jsonl, fidelity.jsonl, numerics.jsonl. summary.txt is rewritten
 # as each step starts and ends, so a kill at any moment leaves it current; SIGTERM or SIGINT
 # stops the step in flight (mpbench keeps its finished records), runs nothing more, writes the
 # summary and exits 143 or 130. Otherwise the exit code is 1 when a step failed, else 0.
@@ -51,7 +53,7 @@ DEADLINE=$((START + BUDGET_S))
 STOPPED='' CHILD='' FAILED=0
 # the env step decides the folder when none was given: until then, a staging folder
 DIR=${FOLDER:-$(mktemp -d "${TMPDIR:-/tmp}/first-contact.XXXXXX")}
-touch "$DIR/run.log" "$DIR/steps.tsv" "$DIR/records.jsonl" "$DIR/fidelity.jsonl"
+touch "$DIR/run.log" "$DIR/steps.tsv" "$DIR/records.jsonl" "$DIR/fidelity.jsonl" "$DIR/numerics.jsonl"
 
 # shellcheck disable=SC2317  # called by the traps below
 on_signal() {  # stop the step in flight (timeout passes SIGTERM on to its command's group); run nothing more
@@ -140,10 +142,14 @@ summary
 if [ "$DEVICE" = cuda ]; then
     SIZES=(--model gpt2-small --batch-size 8 --seq-len 512 --steps 8 --warmup 3)
     SIZE_TEXT="gpt2-small 8x512, 8 steps"
+    WHATIF=(--model gpt2-small --batch-size 8 --seq-len 512 --steps 20)
+    WHATIF_TEXT="gpt2-small 8x512, 20 fp32 steps"
     COMPILE_FIRST=fp32,tf32,bf16,fp8-tensorwise,int8-mixed,amp-fp16,fp8-rowwise,mxfp8,pure-bf16-sr,pure-bf16,pure-fp16
 else
     SIZES=(--model tiny --batch-size 2 --seq-len 32 --steps 4 --warmup 2)
     SIZE_TEXT="tiny 2x32, 4 steps"
+    WHATIF=(--model tiny --batch-size 2 --seq-len 32 --steps 4)
+    WHATIF_TEXT="tiny 2x32, 4 fp32 steps"
     not_run gpu-sizes "gpt2-small 8x512, eager and compiled" "no GPU: tiny sizes instead"
     COMPILE_FIRST=bf16
 fi
@@ -166,6 +172,8 @@ step eager 240 "mpbench run, every mode, $SIZE_TEXT" records.jsonl "$MODES" "" -
     "${MPB[@]}" run --modes "$EAGER" "${SIZES[@]}" --case-timeout 60 --out "$DIR/records.jsonl"
 step fidelity 120 "mpbench fidelity, every mode, tiny 4x64" fidelity.jsonl "$MODES" "" -- \
     "${MPB[@]}" fidelity --model tiny --batch-size 4 --seq-len 64 --out "$DIR/fidelity.jsonl"
+step numerics 120 "mpbench numerics, every format, $WHATIF_TEXT" numerics.jsonl fp32 "" -- \
+    "${MPB[@]}" numerics "${WHATIF[@]}" --out "$DIR/numerics.jsonl"
 for parallel in ddp fsdp; do
     step "$parallel-1rank" 150 "one-rank torchrun ${parallel^^}, bf16, $SIZE_TEXT" records.jsonl bf16 "" -- \
         "${MPB[@]}" run --modes bf16 --nproc 1 --parallel "$parallel" "${SIZES[@]}" --case-timeout 120 \
