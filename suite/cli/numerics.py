@@ -108,9 +108,6 @@ class Whatif:
     def take(self, layer: str, role: str, t: torch.Tensor, formats: list[str]) -> None:
         """Every format's statistics of one tensor; a format that fails is skipped from here on."""
         self.tensors += 1
-        # (B, T, features) activations and their gradients as (tokens, features), the GEMM's operand: no
-        # statistic changes (rows and blocks run along the last dimension), and every format sees 2-D
-        t = t.flatten(0, -2) if t.dim() > 2 else t
         live = [f for f in formats if f not in self.skipped]
         with torch.no_grad():
             try:  # every format in one pass: the tensor's chunks are read and converted once, not per format

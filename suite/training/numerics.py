@@ -46,18 +46,25 @@ def stepped_weight(layer: nn.Module) -> torch.Tensor:
     return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
 
 
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, features) as (B * T, features), a view; a 2-D tensor as it is."""
+    return t.flatten(0, -2) if t.dim() > 2 else t
+
+
 @contextlib.contextmanager
 def watch(model: nn.Module, layers: list[str], on_tensor: OnTensor) -> Iterator[None]:
     """Call `on_tensor` with each named layer's input, weight, grad_output and grad_weight of the steps run
-    inside; every hook is removed on exit, exceptions included."""
+    inside; every hook is removed on exit, exceptions included. Activations and their gradients come as the
+    GEMM's 2-D operand, (tokens, features): no statistic changes (rows and blocks run along the last
+    dimension), and every format sees a matrix."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def forward_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            on_tensor(name, "input", args[0].detach())
+            on_tensor(name, "input", _tokens(args[0].detach()))
             on_tensor(name, "weight", plain(module.weight))  # as the module presents it to its GEMM
             if torch.is_tensor(output) and output.requires_grad:
-                output.register_hook(lambda g: on_tensor(name, "grad_output", g.detach()))
+                output.register_hook(lambda g: on_tensor(name, "grad_output", _tokens(g.detach())))
 
         return hook
 
@@ -164,8 +171,8 @@ class Sampler:
         if fmt in self._blocked:
             self._problem(self._blocked[fmt], role)
             return
-        try:  # activations and their gradients as the GEMM operand, (tokens, features), as `mpbench numerics`
-            stats = _stats(tensor.flatten(0, -2) if tensor.dim() > 2 else tensor, fmt)
+        try:
+            stats = _stats(tensor, fmt)
         except Exception as exc:  # NotImplementedError of a format not written yet, or anything else
             self._problem(f"tensor_stats in format {fmt!r} failed: {type(exc).__name__}: {exc}", role)
             return
