@@ -122,7 +122,7 @@ def test_the_timer_measures_only_unsampled_steps_and_the_window_pauses_for_sampl
     model = GPT(case.model_config, seed=0)
     sampler = Sampler(model, LAYERS, {fqn: mode.tensor_formats(fqn) for fqn in LAYERS}, [1, 3, 6],
                       mode.tensor_formats())  # fmt: skip
-    loop = train_mod._Loop(model, mode, mode.make_optimizer(model, 1e-3, 0.1), CPU.torch_device, STEPS, None,
+    loop = train_mod.TrainLoop(model, mode, mode.make_optimizer(model, 1e-3, 0.1), CPU.torch_device, STEPS, None,
                            sampler=sampler)  # fmt: skip
     batches = make_corpus(None, case.model_config.vocab_size).batches(STEPS, 2, 32, 0, "train")
     paused_at: list[int] = []

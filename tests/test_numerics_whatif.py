@@ -16,6 +16,7 @@ from suite.modes import get_mode
 from suite.modes.base import tf32_enabled, tf32_matmuls
 from suite.modes.formats import WHATIF_FORMATS
 from suite.records import store
+from suite.training import train as train_mod
 from suite.training.case import Case
 from suite.training.data import make_corpus
 from suite.training.numerics import ROLES, linear_layers, watch
@@ -235,14 +236,14 @@ def test_the_subcommand_is_wired_with_its_flags(capsys):
 
 
 def test_fp32_that_diverges_is_a_diverged_record_and_exit_1(tmp_path, capsys, monkeypatch):
-    step, calls = numerics.train_step, []
+    step, calls = train_mod.train_step, []
 
     def nan_at_2(model, mode, opt, batch):
         calls.append(1)
         loss, stepped = step(model, mode, opt, batch)
         return (loss * math.nan if len(calls) == 2 else loss), stepped
 
-    monkeypatch.setattr(numerics, "train_step", nan_at_2)
+    monkeypatch.setattr(train_mod, "train_step", nan_at_2)
     code, r = _run(tmp_path, "--steps", "3", "--formats", "fp32")
     assert code == 1 and r["status"] == "diverged" and r["diverged_at_step"] == 2 and r["numerics_whatif"] is None
     assert "fp32 diverged: the loss of step 2 is nan" in r["reason"]
@@ -261,7 +262,7 @@ def test_a_training_that_fails_is_a_record_saying_why_and_exit_1(exc, status, tm
     def fail(*args):
         raise exc
 
-    monkeypatch.setattr(numerics, "train_step", fail)
+    monkeypatch.setattr(train_mod, "train_step", fail)
     code, r = _run(tmp_path, "--steps", "1", "--formats", "fp32")
     assert code == 1 and r["status"] == status and str(exc) in r["reason"] and r["numerics_whatif"] is None
 

@@ -43,7 +43,7 @@ def test_memory_stays_flat_and_the_peak_does_not_depend_on_run_length():
     short = _train(small_case(batch_size=8, seq_len=128, steps=40, warmup=2)).measurements["peak_mem_mb"]
     rss: dict[int, float] = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod._Loop, "__init__", _checking_every(40, train_mod._Loop.__init__))
+        mp.setattr(train_mod.TrainLoop, "__init__", _checking_every(40, train_mod.TrainLoop.__init__))
         case = small_case(batch_size=8, seq_len=128, steps=400, warmup=2)
         long = _train(case, lambda done, steps, loss: rss.setdefault(done, _rss_mib()))
     assert len(long.loss_curve) == 400 and long.loss_curve[-1] < long.loss_curve[0]
@@ -64,9 +64,9 @@ def _checking_every(n: int, init):
 def test_loop_keeps_one_preallocated_tensor_per_series():
     mode = get_mode("amp-fp16")(CPU)
     model = torch.nn.Linear(4, 4)
-    loop = train_mod._Loop(model, mode, torch.optim.SGD(model.parameters(), lr=0.1), CPU.torch_device, 7, None)
+    loop = train_mod.TrainLoop(model, mode, torch.optim.SGD(model.parameters(), lr=0.1), CPU.torch_device, 7, None)
     assert loop.losses.shape == (7,) and loop.applied.shape == (7,) and loop.scales.shape == (7,)
-    fp32 = train_mod._Loop(model, get_mode("fp32")(CPU), None, CPU.torch_device, 7, None)
+    fp32 = train_mod.TrainLoop(model, get_mode("fp32")(CPU), None, CPU.torch_device, 7, None)
     assert fp32.scales is None  # no loss scaling: no series
 
 

@@ -42,7 +42,7 @@ from suite.text import fmt, render, rich_table
 from suite.training.case import Case
 from suite.training.data import digest, make_corpus
 from suite.training.numerics import ROLES, linear_layers, watch
-from suite.training.train import train_step
+from suite.training.train import TrainLoop
 
 # fp32 steps before the tensors are taken: enough to move off the initial weights' uniform statistics
 DEFAULT_STEPS = {"cpu": 20, "cuda": 100}
@@ -152,33 +152,23 @@ def measure(case: Case, device: DeviceInfo, batches: torch.Tensor, formats: list
         want = len(out.layers) * len(ROLES)
         model = mode.prepare(model.to(dev))
         optimizer = mode.make_optimizer(model, case.learning_rate, case.weight_decay)
-        losses = torch.full((k + 1,), math.nan, device=dev)  # (K + 1,): no host sync per step
 
-        def step(i: int) -> None:
-            case.schedule.apply(optimizer, i)
-            loss, _ = train_step(model, mode, optimizer, batches[i].to(dev, non_blocking=True))
-            losses[i] = loss  # a device copy: no sync
-
-        def check(done: int) -> None:
-            curve = losses[:done].tolist()
-            bad = next((i for i, v in enumerate(curve, start=1) if not math.isfinite(v)), None)
-            if bad is not None:
-                raise Diverged(bad, curve[bad - 1])
-
-        for i in range(k):
-            step(i)
-            if (i + 1) % max(1, k // 4) == 0 or i + 1 == k:
-                log(f"  fp32 step {i + 1}/{k}: loss {losses[i].item():.4f}")
+        def progress(done: int, steps: int, loss: float) -> None:
+            if done <= k:  # the watched step says how far its tensors got instead
+                log(f"  fp32 step {done}/{k}: loss {loss:.4f}")
 
         def on_tensor(layer: str, role: str, t: torch.Tensor) -> None:
             out.take(layer, role, t, live)
             if out.tensors % max(1, want // 4) == 0 or out.tensors == want:
                 log(f"  step {k + 1}: {out.tensors}/{want} tensors through {len(live)} format(s)")
 
-        check(k)  # before the watched step: NaN tensors would say nothing of a format
+        # the run's own loop (its rate schedule, its NaN/inf check points), K + 1 steps, the last one watched
+        loop = TrainLoop(model, mode, optimizer, dev, k + 1, progress, schedule=case.schedule)
+        loop.run(batches[:k])
         with watch(model, out.layers, on_tensor):
-            step(k)  # the optimizer applies it after every hook has run: the statistics see step K + 1's own
-        check(k + 1)
+            loop.run(batches[k:])  # the optimizer applies it after every hook has run: step K + 1's own tensors
+        if loop.diverged_at is not None:  # the statistics of NaN tensors say nothing of a format
+            raise Diverged(loop.diverged_at, loop.curves()[0][loop.diverged_at - 1])
     if out.tensors != want:
         raise RuntimeError(f"the hooks handed over {out.tensors} of {want} tensors ({len(out.layers)} Linears x 4)")
     return out

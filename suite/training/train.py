@@ -93,8 +93,9 @@ class CaseResult:
     numerics: dict[str, Any] = field(default_factory=dict)  # the numerics_* record fields (mpbench run --numerics)
 
 
-class _Loop:
-    """Runs train steps over batches and stops at the first NaN/inf loss.
+class TrainLoop:
+    """Runs train steps over batches and stops at the first NaN/inf loss: `run_case`'s loop, and the fp32 steps
+    `mpbench numerics` trains before it takes its tensors.
 
     Per-step values live in tensors preallocated on the device, one per series (loss, whether
     the step applied, loss scale), written without a host sync and read only at the few check
@@ -227,7 +228,7 @@ def run_case(
             return evaluate(mode.eval_model(unshard(model) if unshard else model), heldout_batches, dev)
 
         sampler, numerics = _sampler(case, mode, model, layers)
-        loop = _Loop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss, agree,
+        loop = TrainLoop(step_fn, mode, optimizer, dev, case.steps, progress, case.eval_every, held_out_loss, agree,
                      case.schedule, sampler)  # fmt: skip
         timing, measurements = _train_measured(case, device, loop, train_batches, trackers)
         final = None
@@ -269,7 +270,7 @@ def _sampler(
 
 
 def _train_measured(
-    case: Case, device: DeviceInfo, loop: _Loop, batches: torch.Tensor, trackers: bool
+    case: Case, device: DeviceInfo, loop: TrainLoop, batches: torch.Tensor, trackers: bool
 ) -> tuple[TimingStats | None, dict[str, Any]]:
     """All steps, in phases: warm-up (not measured); the timed window (step timer inside,
     memory/energy/GPM trackers around it, paused for held-out evaluation); then, on a GPU, a
