@@ -29,6 +29,8 @@ Keys (all optional; command-line flags override them):
     emulate = false                   # fp8/MXFP8 on emulated kernels below their GPU capability
     numerics = false                  # tensor statistics on sampled steps (mpbench run --numerics)
     numerics_every = 10               # sample every N-th step, the first and the last (implies numerics)
+    vocab_multiple = 64               # pad the vocabulary (embedding, LM head) to a multiple of this
+    energy_protocol = false           # idle GPU before each case, shuffled order, repeats (docs/energy.md)
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ KEYS: dict[str, tuple[type, ...]] = {
     "weight_decay": (float, int), "eval_every": (int,), "compile": (bool,), "data": (str,), "out": (str,),
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
     "parallel": (str,),
-    "emulate": (bool,), "numerics": (bool,), "numerics_every": (int,),
+    "emulate": (bool,), "numerics": (bool,), "numerics_every": (int,), "vocab_multiple": (int,),
+    "energy_protocol": (bool,),
 }  # fmt: skip
 
 

@@ -75,7 +75,8 @@ def default_help(key: str) -> str:
 OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "seed", "seeds", "lr", "lr_schedule",
              "lr_warmup", "lr_floor", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
-             "scaling", "fidelity", "parallel", "emulate", "numerics", "numerics_every")  # fmt: skip
+             "scaling", "fidelity", "parallel", "emulate", "numerics", "numerics_every", "vocab_multiple",
+             "energy_protocol")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -142,6 +143,19 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         "formats) on sampled steps, untimed: the first, the last and every max(2, steps/4)-th",
     )
     add("--numerics-every", type=int_type, help="with --numerics: sample every N-th step instead (implies --numerics)")
+    add(
+        "--vocab-multiple",
+        type=int_type,
+        help="pad the vocabulary (embedding and LM head rows) to a multiple of N, e.g. 64 for tensor cores "
+        "(default: 1, GPT-2's 50257)",
+    )
+    add(
+        "--energy-protocol",
+        action="store_true",
+        default=None,
+        help="measure energy under a protocol: idle GPU before each case, modes in shuffled order, repeats, "
+        "long enough windows (docs/energy.md)",
+    )
     add(
         "--parallel",
         help="ddp | fsdp (FSDP2 sharding), or both as ddp,fsdp (default: ddp with --nproc > 1); with --nproc 1, "
@@ -220,7 +234,8 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      lr_floor=opts.get("lr_floor", DEFAULT_FLOOR),
                      nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
                      fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)),
-                     numerics_every=_numerics_every(opts, steps))  # fmt: skip
+                     numerics_every=_numerics_every(opts, steps),
+                     vocab_multiple=opts.get("vocab_multiple", 1))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
 

@@ -181,3 +181,8 @@ def ceiling(device: DeviceInfo, compute: str) -> tuple[float | None, str | None]
     if entry.get("flops") is None:
         return None, f"calibration {path} could not time {compute}: {entry.get('reason')}"
     return float(entry["flops"]), None
+
+
+def bandwidth(device: DeviceInfo) -> tuple[float | None, str | None]:
+    """This machine's measured memory bandwidth in bytes/s (`mpbench calibrate`), or (None, why not)."""
+    return None, "memory bandwidth not calibrated: `mpbench calibrate` does not measure it yet"

@@ -18,10 +18,13 @@ from typing import Any
 # file is another; records written before the digest existed fall back to the path as given.
 CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
             "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay", "eval_batches", "eval_every",
-            "numerics_every", "world_size", "grad_comm", "parallel")  # fmt: skip
+            "numerics_every", "world_size", "grad_comm", "parallel", "vocab_multiple", "repeat")  # fmt: skip
 # Records written before the schedule existed trained at a constant rate: read as such, they stay one
 # case with a constant-rate record written today.
 CONSTANT_RATE = {"lr_schedule": "constant", "lr_warmup_steps": 0, "lr_floor": 1.0}
+# Settings added later, as a record written before them ran: none sampled (--numerics), the vocabulary
+# unpadded, not a repeat of the energy protocol.
+UNSET = {"numerics_every": 0, "vocab_multiple": 1, "repeat": 0}
 
 
 def _value(values: dict[str, Any], field: str) -> Any:
@@ -29,8 +32,8 @@ def _value(values: dict[str, Any], field: str) -> Any:
         return values.get("data_sha256") or values.get("data")
     if field in CONSTANT_RATE and values.get("lr_schedule") is None:
         return CONSTANT_RATE[field]
-    if field == "numerics_every" and values.get(field) is None:  # written before --numerics: none sampled
-        return 0
+    if field in UNSET and values.get(field) is None:  # written before the setting existed
+        return UNSET[field]
     return values.get(field)
 
 

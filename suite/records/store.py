@@ -37,7 +37,8 @@ FIELDS: tuple[str, ...] = (
     # the case
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
     "compile", "data", "data_sha256", "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay",
-    "eval_batches", "eval_every", "numerics_every", "world_size", "grad_comm", "parallel",
+    "eval_batches", "eval_every", "numerics_every", "world_size", "grad_comm", "parallel", "vocab_multiple",
+    "repeat",
     # outcome
     "status", "reason", "elapsed_s",
     # self-check (suite/records/checks.py): rules the figures break, [] when none
@@ -56,6 +57,13 @@ FIELDS: tuple[str, ...] = (
     # MFU against the peak of that mix of dtypes (the rest at the bf16 peak)
     "mode_dtype_flops_share", "peak_flops_blended", "mfu_blended",
     "mamf", "mamf_flops", "mamf_reason",
+    # roofline (suite/metrics/roofline.py): the least step time the case's GEMMs, casts and memory-bound rest
+    # allow at this device's peaks and bandwidth (datasheet on a GPU, `mpbench calibrate` on a CPU), the
+    # speed-ups those bounds predict against bf16 and fp32, and what went in (ceilings, their sources, totals)
+    "predicted_step_ms", "predicted_gemm_ms", "predicted_cast_ms", "predicted_rest_ms",
+    "predicted_speedup_vs_bf16", "predicted_speedup_vs_fp32", "roofline_inputs", "roofline_reason",
+    # the optimizer that ran: "torch AdamW (fused)", "(foreach)", "(for-loop)", or a mode's own
+    "optimizer_impl",
     "tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma", "tensor_core_util_source",
     "tensor_core_util_reason", "tensor_core_top_kernels",
     # memory (MiB)
@@ -65,6 +73,9 @@ FIELDS: tuple[str, ...] = (
     "energy_j_per_step", "avg_power_w", "tokens_per_joule", "energy_reason", "sm_clock_mhz",
     "temperature_c_max", "throttled", "throttle_reasons", "nvml_samples", "power_limit_w", "gpu_shared_with",
     "sampler_stalled", "nvml_reason",
+    # energy protocol (mpbench run --energy-protocol): its settings, the wait for the idle GPU before this case
+    # (how long, whether temperature and power settled) and where they started
+    "energy_protocol", "cooldown_s", "cooldown_settled", "start_temperature_c", "start_power_w", "cooldown_reason",
     # the measured window: seconds of timed steps (held-out evaluation excluded)
     "window_s",
     # data parallel (world_size > 1): per-rank step times, memory and devices, hosts, efficiency vs 1 process
@@ -116,6 +127,17 @@ FIDELITY_FIGURES = (
 REASON_FIELDS: dict[str, str] = {
     **dict.fromkeys(("peak_flops", "mfu", "mfu_bf16", "peak_flops_blended", "mfu_blended"), "mfu_reason"),
     **dict.fromkeys(("mamf", "mamf_flops"), "mamf_reason"),
+    **dict.fromkeys(
+        (
+            "predicted_step_ms",
+            "predicted_gemm_ms",
+            "predicted_cast_ms",
+            "predicted_rest_ms",
+            "predicted_speedup_vs_bf16",
+            "predicted_speedup_vs_fp32",
+        ),
+        "roofline_reason",
+    ),  # fmt: skip
     **dict.fromkeys(
         ("tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma", "tensor_core_util_source"),
         "tensor_core_util_reason",

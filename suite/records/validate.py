@@ -15,7 +15,10 @@ REQUIRED = ("model", "mode", "status")  # every command groups, matches or filte
 # fmt: off
 NUMBERS = frozenset((
     "batch_size", "seq_len", "steps", "warmup", "seed", "lr", "lr_warmup_steps", "lr_floor", "weight_decay",
-    "eval_batches", "eval_every", "numerics_every",
+    "eval_batches", "eval_every", "numerics_every", "vocab_multiple", "repeat",
+    # roofline and energy protocol
+    "predicted_step_ms", "predicted_gemm_ms", "predicted_cast_ms", "predicted_rest_ms", "predicted_speedup_vs_bf16",
+    "predicted_speedup_vs_fp32", "cooldown_s", "start_temperature_c", "start_power_w",
     "world_size", "elapsed_s", "params", "flops_per_token", "flops_per_step", "tokens_per_step", "timed_steps",
     "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv", "tokens_per_s", "achieved_flops",
     "peak_flops", "mfu", "mfu_bf16", "mode_dtype_flops_share", "peak_flops_blended", "mfu_blended", "mamf",
@@ -37,9 +40,10 @@ LISTS = frozenset((
     "fidelity_steps", "tensor_core_top_kernels", "throttle_reasons", "max_batch_tries", "rank_devices", "hosts",
     "gpu_shared_with", "numerics_steps",
 ))
-DICTS = frozenset(("numerics", "numerics_formats", "numerics_whatif", "numerics_skipped"))
+DICTS = frozenset(("numerics", "numerics_formats", "numerics_whatif", "numerics_skipped", "roofline_inputs",
+                   "energy_protocol"))
 BOOLS = frozenset(("git_dirty", "compile", "emulated", "throttled", "sampler_stalled", "cpu_bf16_native",
-                   "cpu_fp16_native"))
+                   "cpu_fp16_native", "cooldown_settled"))
 TEXT = frozenset((
     "run_id", "timestamp", "git_commit", "model", "mode", "device", "data", "data_sha256", "grad_comm", "parallel",
     "lr_schedule", "status",
@@ -49,6 +53,7 @@ TEXT = frozenset((
     "mem_saving_reason", "max_batch_reason", "loss_delta_reason", "fidelity_reason", "gpu_name", "gpu_capability",
     "driver", "cuda", "torch", "python", "cpu", "hostname", "platform",
     "curve_reason", "seconds_to_target_reason", "excess_fraction_reason", "numerics_reason",
+    "roofline_reason", "optimizer_impl", "cooldown_reason",
 ))
 # fmt: on
 

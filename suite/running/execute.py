@@ -72,6 +72,8 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "eval_batches": case.eval_batches,
         "eval_every": case.eval_every,
         "numerics_every": case.numerics_every,
+        "vocab_multiple": case.vocab_multiple,
+        "repeat": case.repeat,
         "world_size": case.nproc,
         "grad_comm": case.grad_comm if case.data_parallel else None,
         "parallel": case.data_parallel,

@@ -58,6 +58,11 @@ class Case:
     # tensor statistics every N steps (plus the first and the last), untimed (mpbench run --numerics); 0: off.
     # Not in the case key: a sampled step trains exactly as an unsampled one (tests prove it)
     numerics_every: int = 0
+    # round the vocabulary (embedding and LM head rows) up to a multiple of this (64 suits tensor cores);
+    # 1: GPT-2's 50257 as published (mpbench run --vocab-multiple)
+    vocab_multiple: int = 1
+    # which repeat of the energy protocol this case is (1, 2, ...; mpbench run --energy-protocol); 0: not one
+    repeat: int = 0
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():
@@ -73,9 +78,11 @@ class Case:
             raise ValueError(f"grad_comm={self.grad_comm!r} is unknown; choose one of {', '.join(GRAD_COMM)}")
         if self.parallel is not None and self.parallel not in PARALLEL:
             raise ValueError(f"parallel={self.parallel!r} is unknown; choose one of {', '.join(PARALLEL)}")
-        for name in ("batch_size", "seq_len", "steps", "eval_batches", "nproc"):
+        for name in ("batch_size", "seq_len", "steps", "eval_batches", "nproc", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.repeat < 0:
+            raise ValueError(f"repeat={self.repeat}: must be 0 (not an energy-protocol repeat) or 1, 2, ...")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every}: must be 0 (only at the end) or a positive step count")
         if not 0 <= self.warmup < self.steps:
@@ -151,7 +158,7 @@ class Case:
 
     @property
     def model_config(self) -> GPTConfig:
-        return GPTConfig.preset(self.model)
+        return GPTConfig.preset(self.model, vocab_multiple=self.vocab_multiple)
 
     @property
     def learning_rate(self) -> float:
