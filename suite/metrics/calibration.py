@@ -168,21 +168,36 @@ def ceiling(device: DeviceInfo, compute: str) -> tuple[float | None, str | None]
     """This machine's measured matmul FLOP/s for `compute`, or (None, why not)."""
     if compute in NO_CEILING:
         return None, NO_CEILING[compute]
+    entry, why = _entry(device, compute, compute, f"mpbench calibrate --dtypes {compute}")
+    if entry is None:
+        return None, why
+    if entry.get("flops") is None:
+        return None, f"calibration {calibration_path(device)} could not time {compute}: {entry.get('reason')}"
+    return float(entry["flops"]), None
+
+
+def _entry(device: DeviceInfo, key: str, what: str, fix: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The calibration file's results[key] (or its top-level `bandwidth`), or (None, why not)."""
     path = calibration_path(device)
     if not path.is_file():
         return None, f"not calibrated on this machine: run `mpbench calibrate` (looked for {path})"
     try:
         data = json.loads(path.read_text())
-        entry = data["results"].get(compute)
+        entry = data.get("bandwidth") if key == "bandwidth" else data["results"].get(key)
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         return None, f"unreadable calibration {path}: {exc}"
-    if not entry:
-        return None, f"calibration {path} has no {compute} figure; rerun `mpbench calibrate --dtypes {compute}`"
-    if entry.get("flops") is None:
-        return None, f"calibration {path} could not time {compute}: {entry.get('reason')}"
-    return float(entry["flops"]), None
+    if not isinstance(entry, dict):
+        return None, f"calibration {path} has no {what} figure; rerun `{fix}`"
+    return entry, None
 
 
 def bandwidth(device: DeviceInfo) -> tuple[float | None, str | None]:
-    """This machine's measured memory bandwidth in bytes/s (`mpbench calibrate`), or (None, why not)."""
-    return None, "memory bandwidth not calibrated: `mpbench calibrate` does not measure it yet"
+    """This machine's measured memory bandwidth in bytes/s (`mpbench calibrate` stores it as
+    {"bandwidth": {"bytes_per_s": ..., ...}}), or (None, why not)."""
+    entry, why = _entry(device, "bandwidth", "memory bandwidth", "mpbench calibrate")
+    if entry is None:
+        return None, why
+    value = entry.get("bytes_per_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None, f"calibration {calibration_path(device)} could not measure memory bandwidth: {entry.get('reason')}"
+    return float(value), None
