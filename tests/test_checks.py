@@ -56,6 +56,10 @@ def test_a_cpu_record_without_gpu_figures_breaks_no_rule():
     assert checks.check(r) == []
 
 
+ROOFLINE_INPUTS = {"flops_per_s": {"bf16": 9.895e14}, "bandwidth_bytes_per_s": 3.35e12,
+                   "source": "datasheet: NVIDIA H100 datasheet, SXM5 column"}  # fmt: skip
+
+
 # (rule, overrides that break it, the value and the limit the entry must carry)
 BROKEN = [
     ("percentiles_ordered", dict(step_time_p10_ms=101.0), 101.0, STEP_MS),
@@ -76,6 +80,8 @@ BROKEN = [
     ("tensor_core_util_in_range", dict(tensor_core_util_hmma=-0.1), -0.1, 0.0),
     ("not_throttled", dict(throttled=True, throttle_reasons=["sw_power_cap"]), True, False),
     ("gpu_not_shared", dict(gpu_shared_with=[4242]), [4242], []),
+    # a measured step faster than the roofline's lower bound by more than 5%: 100 ms against a 110 ms bound
+    ("roofline_bound", dict(predicted_step_ms=110.0, roofline_inputs=ROOFLINE_INPUTS), STEP_MS, 110.0 / 1.05),
 ]  # fmt: skip
 
 
@@ -190,3 +196,15 @@ def test_compare_never_counts_a_suspect_figure_as_a_regression():
     rows = compare_runs([slow], [a])
     step = next(r for r in rows if r.metric == "step_time_ms")
     assert step.verdict == "suspect" and "would be improved" in step.message and "A: clocks" in step.message
+
+
+def test_roofline_bound_fires_only_more_than_5_percent_below_the_bound_and_names_the_ceilings():
+    at_bound = sound(predicted_step_ms=STEP_MS, roofline_inputs=ROOFLINE_INPUTS)
+    assert rules(at_bound) == []  # measured == predicted: clean
+    assert rules(sound(predicted_step_ms=STEP_MS * 1.05, roofline_inputs=ROOFLINE_INPUTS)) == []  # on the slack
+    assert rules(sound(predicted_step_ms=None, roofline_reason="not calibrated")) == []  # no bound: not applied
+    faster = checks.check(sound(predicted_step_ms=STEP_MS * 1.06, roofline_inputs=ROOFLINE_INPUTS))
+    assert [s["rule"] for s in faster] == ["roofline_bound"]
+    assert faster[0]["fields"] == ["step_time_ms", "tokens_per_s"]
+    note = faster[0]["note"]
+    assert "106 ms" in note and "bf16 9.895e+14 FLOP/s" in note and "3.35e+12 B/s" in note and "H100" in note

@@ -42,6 +42,9 @@ COUNTER_QUANTUM_J = 1e-3
 # Average power may pass the enforced limit for milliseconds (the limit is a running average);
 # over a timed window the overshoot is at most a few percent.
 POWER_OVERSHOOT = 0.05
+# The roofline's predicted step is a lower bound (suite.metrics.roofline_predict); a measured step may beat
+# the ceilings it is computed from by noise, not by 5%.
+ROOFLINE_SLACK = 1.05
 # CUDA events resolve about 0.5 us (cudaEventElapsedTime); perf_counter far better. 1 ms plus 0.1%
 # covers both and the float sum over thousands of steps.
 WINDOW_SLACK_MS, WINDOW_SLACK_REL = 1.0, 1e-3
@@ -197,6 +200,22 @@ def _window(r: dict[str, Any]) -> Iterator[Suspect]:
                     f"events timed something else (another device or stream)")  # fmt: skip
 
 
+def _roofline(r: dict[str, Any]) -> Iterator[Suspect]:
+    """step_time_ms x 1.05 >= predicted_step_ms: no step beats the roofline's lower bound by more than 5%."""
+    step, bound = _num(r.get("step_time_ms")), _num(r.get("predicted_step_ms"))
+    if step is None or not bound:
+        return
+    if step * ROOFLINE_SLACK < bound:
+        inputs = r.get("roofline_inputs") if isinstance(r.get("roofline_inputs"), dict) else {}
+        peaks = ", ".join(f"{k} {v:.4g} FLOP/s" for k, v in (inputs.get("flops_per_s") or {}).items() if _num(v))
+        bw = _num(inputs.get("bandwidth_bytes_per_s"))
+        ceilings = f"{peaks or 'peaks not recorded'}, bandwidth {f'{bw:.4g} B/s' if bw else 'not recorded'}"
+        yield _flag("roofline_bound", ["step_time_ms", "tokens_per_s"], step, bound / ROOFLINE_SLACK,
+                    f"step {step:.4g} ms is more than {ROOFLINE_SLACK - 1:.0%} below the roofline's lower bound "
+                    f"{bound:.4g} ms (ceilings: {ceilings}; from {inputs.get('source') or 'an unrecorded source'}): "
+                    "a ceiling too low, a step the model misses, or a wrong timer")  # fmt: skip
+
+
 def _tensor_cores(r: dict[str, Any]) -> Iterator[Suspect]:
     """tensor_core_util* within [0, 1]."""
     for key in ("tensor_core_util", "tensor_core_util_hmma", "tensor_core_util_imma"):
@@ -233,6 +252,7 @@ RULES: dict[str, Callable[[dict[str, Any]], Iterator[Suspect]]] = {
     "tokens_per_s": _tokens_per_s,
     "mfu_in_range": _mfu,
     "mamf_ceiling": _mamf,
+    "roofline_bound": _roofline,
     "nvml_peak_ge_reserved": _memory,
     "power_in_range": _power,
     "energy_consistent": _energy,
