@@ -175,3 +175,20 @@ def test_mxfp8_only_on_blackwell():
     value, reason = peak_flops("NVIDIA H100 80GB HBM3", "mxfp8")
     assert value is None and "H100" in reason and "mxfp8" in reason
     assert [k for k, row in PEAKS.items() if row.mxfp8 is not None] == ["B200"]
+
+
+def test_memory_bandwidth_from_the_datasheet_or_a_reason():
+    from suite.metrics.peaks import peak_bandwidth
+
+    assert peak_bandwidth("NVIDIA H100 80GB HBM3") == (3.35e12, None)
+    assert peak_bandwidth("NVIDIA H100 PCIe") == (2.0e12, None)
+    assert peak_bandwidth("NVIDIA H200") == (4.8e12, None)
+    assert peak_bandwidth("NVIDIA A100-SXM4-80GB") == (2.039e12, None)
+    value, reason = peak_bandwidth("NVIDIA A10G")  # no datasheet figure confirmed: no figure
+    assert value is None and "A10G" in reason and "600" in reason
+    value, reason = peak_bandwidth("NVIDIA GeForce RTX 3060")
+    assert value is None and "RTX 3060" in reason
+    for key, row in PEAKS.items():  # every row: a figure with its source, or None with why
+        assert row.bandwidth_note, key
+        assert row.bandwidth is None or row.bandwidth > 100, key
+    assert peak_row("NVIDIA L40S")["bandwidth_gb_s"] == 864.0

@@ -16,6 +16,7 @@ import torch
 
 from models import GPT
 from suite.hardware import DeviceInfo, empty_cache, resolve_device
+from suite.metrics import roofline_predict as roofline
 from suite.metrics.flops import mode_dtype_share, utilization_fields
 from suite.modes import get_mode
 from suite.running.progress import Event, Sink, step_events
@@ -114,7 +115,19 @@ def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step:
         share = mode_dtype_share(case.model_config, case.seq_len, r.storage.get("converted_layers"))
         fields |= utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device, share)
         fields |= emulated_speed_fields(get_mode(case.mode).emulation_reason(device))
+        fields |= roofline_fields(case, device, r.storage.get("converted_layers"))
     return fields
+
+
+def roofline_fields(case: Case, device: DeviceInfo, converted: list[str] | None) -> dict[str, Any]:
+    """The predicted lower bound on the step and the speed-ups it predicts (suite.metrics.roofline_predict),
+    per GPU under data parallelism (batch_size is per process); a failure to predict is a reason, never the
+    case's failure."""
+    try:
+        return roofline.record_fields(case.model_config, case.batch_size, case.seq_len, case.mode, device,
+                                      converted, case.nproc, case.data_parallel)  # fmt: skip
+    except Exception as exc:
+        return {"roofline_reason": f"the roofline could not be computed: {type(exc).__name__}: {exc}"}
 
 
 def emulated_speed_fields(why: str | None) -> dict[str, Any]:
