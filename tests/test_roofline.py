@@ -172,3 +172,35 @@ def test_a_cpu_run_records_the_bound_and_a_faster_step_is_suspect(tmp_path, monk
     slow = run_cases([small_case(mode="fp32", steps=3, warmup=1)], log=None, isolate=False)[0]
     assert slow["predicted_step_ms"] > slow["step_time_ms"]
     assert "roofline_bound" in [s["rule"] for s in slow["suspect"]]
+
+
+def summary_records() -> list[dict]:
+    """fp32, bf16 and fp8 records of one H100 case with their roofline fields: fp8 measured 1.30x bf16 where
+    the roofline allows 1.10x (marked), bf16 faster than its bound (suspect)."""
+    from suite.records import checks
+    from tests.test_narrow_terminal import ok
+
+    recs = [ok("fp32", 1000.0, 990.0, 1010.0, 0.0, predicted_step_ms=800.0, predicted_speedup_vs_bf16=0.2),
+            ok("bf16", 130.0, 129.0, 131.0, 0.001, predicted_step_ms=140.0, predicted_speedup_vs_bf16=1.0),
+            ok("fp8-tensorwise", 100.0, 99.0, 101.0, 0.002, predicted_step_ms=95.0,
+               predicted_speedup_vs_bf16=1.1)]  # fmt: skip
+    return [r | {"suspect": checks.check(r)} for r in recs]
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_summary_shows_measured_over_predicted_and_the_speed_up_beside_the_roofline(width):
+    from tests.test_narrow_terminal import printed
+
+    text = printed(width, summary_records())
+    lines = text.splitlines()
+    assert "…" not in text and all(len(line.rstrip()) <= width for line in lines), text
+    if width < 160:  # narrow: the roofline columns go before the step time, and the note says so
+        assert "left out at" in text and "meas/pred" in text.split("left out at")[1]
+        return
+    row = {
+        line.split()[0]: line.split() for line in lines if line.split()[:1] in (["fp32"], ["bf16"], ["fp8-tensorwise"])
+    }
+    assert "1.05" in row["fp8-tensorwise"] and "1.25" in row["fp32"]  # 100 / 95 and 1000 / 800
+    assert "0.93!" in row["bf16"]  # 130 ms against a 140 ms bound: below it by more than 5%, suspect
+    assert "1.30!" in row["fp8-tensorwise"] and "(1.10)" in row["fp8-tensorwise"]  # 130 / 100 > 1.05 x 1.10
+    assert "meas/pred: measured step / the roofline's lower bound" in " ".join(text.split())

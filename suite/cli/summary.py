@@ -23,11 +23,31 @@ from suite.reporting.convergence import REFERENCE, TOLERANCES
 from suite.reporting.seeds import SEEDS_CAP, ModeVerdict, judge, noise_floors
 from suite.text import Fit, fit_table, fmt, show
 
-HEADER = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "MFU", "peak MiB",
-          "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip
+HEADER = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "meas/pred", "x bf16 (pred)",
+          "MFU", "peak MiB", "final loss", "vs fp32", "suspect (!)", "reason"]  # fmt: skip
 # Left out first to last on a narrow terminal; mode, status, step ms, x fp32 and vs fp32 always stay.
 # The model goes early only when every row has the same one (it is then said under the table).
-DROP = ["reason", "suspect (!)", "p10-p90 ms", "MFU", "tokens/s", "peak MiB", "final loss"]
+DROP = ["reason", "x bf16 (pred)", "suspect (!)", "p10-p90 ms", "meas/pred", "MFU", "tokens/s", "peak MiB",
+        "final loss"]  # fmt: skip
+ROOFLINE_SLACK = 1.05  # a measured speed-up above 1.05 x the roofline's is marked, as checks' roofline_bound
+
+
+def _versus_roofline(r: dict, bf16: dict | None) -> tuple[str, str]:
+    """("meas/pred": the measured step over the roofline's lower bound, "!" when the self-check found it
+    below the bound; "x bf16 (pred)": the measured speed-up vs the run's bf16 record of the same case beside
+    the one the roofline predicts, "!" when the measured one exceeds 1.05 x the predicted)."""
+    step, bound = r.get("step_time_ms"), r.get("predicted_step_ms")
+    ratio = "-"
+    if r["status"] == "ok" and step and bound and not r.get("emulated"):
+        below = any(s.get("rule") == "roofline_bound" for s in r.get("suspect") or [])
+        ratio = f"{step / bound:.2f}" + ("!" if below else "")
+    predicted = r.get("predicted_speedup_vs_bf16")
+    ok = r["status"] == "ok" and bf16 is not None and step and not r.get("emulated")
+    measured = bf16["step_time_ms"] / step if ok else None
+    if measured is None and predicted is None:
+        return ratio, "-"
+    mark = "!" if measured and predicted and measured > ROOFLINE_SLACK * predicted else ""
+    return ratio, f"{fmt(measured, '.2f')}{mark} ({fmt(predicted, '.2f')})"
 
 
 def _label(r: dict, seeds: bool = False) -> str:
@@ -53,6 +73,7 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
     """The table fitted to `width` (None: every column), and the lines to print under it."""
     # fp32 of the same case and seed, for the speed-up (the delta is in the record)
     ref = {pair_key(r): r for r in records if r["mode"] == REFERENCE and r["status"] == "ok"}
+    bf16 = {pair_key(r): r for r in records if r["mode"] == "bf16" and r["status"] == "ok"}
     seeds = _several_seeds(records)
     rows = []
     for r in records:
@@ -61,11 +82,13 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
         speedup = base["step_time_ms"] / r["step_time_ms"] if ok and base and not r.get("emulated") else None
         spread = f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f}" if ok else "-"
         bad = suspect_fields(r)  # a suspect figure reads "12.34!"; its rule is in the suspect column
+        ratio, vs_bf16 = _versus_roofline(r, bf16.get(pair_key(r)))
         rows.append([
             _label(r), r["model"], Text(r["status"], style=STYLE.get(r["status"], "")),
             _mark(bad, _noisy(fmt(r["step_time_ms"], ".2f"), r), "step_time_ms"),
             _mark(bad, spread, "step_time_p10_ms", "step_time_p90_ms"),
             _mark(bad, fmt(r["tokens_per_s"], ",.0f"), "tokens_per_s"), _noisy(fmt(speedup, ".2f"), r, base),
+            ratio, vs_bf16,
             _mark(bad, fmt(r["mfu"], ".1%"), "mfu"), _mark(bad, fmt(r["peak_mem_mb"], ",.0f"), "peak_mem_mb"),
             fmt(r["final_loss"], ".4f"), fmt(r["loss_delta_vs_fp32"], "+.4f"),
             ",".join(dict.fromkeys(s["rule"] for s in r.get("suspect") or [])) or "-",
@@ -73,12 +96,16 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
         ])  # fmt: skip
     models = list(dict.fromkeys(r["model"] for r in records))
     drop = DROP[:3] + ["model"] + DROP[3:] if len(models) == 1 else DROP
-    header, right = HEADER, set(range(3, 11))
+    header, right = HEADER, set(range(3, 13))
+    roofline = any(row[7] != "-" or row[8] != "-" for row in rows)
+    if not roofline:  # no record has a roofline: its columns would say nothing
+        header, right = [h for i, h in enumerate(HEADER) if i not in (7, 8)], set(range(3, 11))
+        rows = [row[:7] + row[9:] for row in rows]
     if seeds:  # which seed a row is: a column of its own, after the mode, never left out
         rows = [[row[0], str(r.get("seed")), *row[1:]] for row, r in zip(rows, records, strict=True)]
         header, right = [HEADER[0], "seed", *HEADER[1:]], {1} | {i + 1 for i in right}
     fit = fit_table(rows, header, width, drop=drop, prose=["reason"], right=right, ascii=ascii)
-    notes = _notes(records, rows, fit, width) + convergence_block(records, width, ascii)
+    notes = _notes(records, rows, fit, width, roofline) + convergence_block(records, width, ascii)
     return fit, notes + numerics_block(records, width, ascii)
 
 
@@ -158,9 +185,13 @@ def _lines(fit: Fit, width: int | None) -> list[str]:
     return [line.rstrip() for line in buf.getvalue().splitlines()]
 
 
-def _notes(records: list[dict], rows: list[list], fit: Fit, width: int | None) -> list[str]:
+def _notes(records: list[dict], rows: list[list], fit: Fit, width: int | None, roofline: bool = False) -> list[str]:
     """The legend of the marks shown, and what a narrow terminal left out."""
     notes = []
+    if roofline and not {"meas/pred", "x bf16 (pred)"} <= set(fit.left_out):
+        notes.append("meas/pred: measured step / the roofline's lower bound (1.00 = at the bound; below 1 with ! is "
+                     "suspect); x bf16 (pred): measured speed-up vs bf16 (predicted), ! above 1.05 x the predicted; "
+                     "see docs/roofline.md")  # fmt: skip
     several = len({r["model"] for r in records}) > 1
     seeds = _several_seeds(records)
     noisy = {_label(r, seeds) + (f" {r['model']}" if several else ""): s for r in records if (s := noisy_step(r))}
