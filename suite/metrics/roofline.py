@@ -2,9 +2,10 @@
 
 A GEMM cannot run faster than its FLOPs at the peak of its arithmetic, nor than its operands and
 result moved once at the memory bandwidth: its time is at least the larger of the two. Summed over
-the step's GEMMs (and, in the rest of this module, the cast kernels a mode adds and the memory-bound
-rest of the step), that is a lower bound on the step time: a measured step faster than it means a
-wrong peak, a wrong model of the step, or a wrong timer.
+the step's GEMMs (with the cast kernels a mode adds and the memory-bound rest of the step:
+`suite.metrics.roofline_step`; the bound and its record fields: `suite.metrics.roofline_predict`),
+that is a lower bound on the step time: a measured step faster than it means a wrong peak, a wrong
+model of the step, or a wrong timer (docs/roofline.md).
 
 The GEMMs of one Linear (in -> out features, M = batch x seq_len tokens), as autograd runs them:
 
