@@ -204,3 +204,14 @@ def test_summary_shows_measured_over_predicted_and_the_speed_up_beside_the_roofl
     assert "0.93!" in row["bf16"]  # 130 ms against a 140 ms bound: below it by more than 5%, suspect
     assert "1.30!" in row["fp8-tensorwise"] and "(1.10)" in row["fp8-tensorwise"]  # 130 / 100 > 1.05 x 1.10
     assert "meas/pred: measured step / the roofline's lower bound" in " ".join(text.split())
+
+
+def test_a_roofline_that_fails_is_a_reason_not_a_failed_case(monkeypatch):
+    from suite.running import execute
+
+    def broken(*args, **kwargs):
+        raise KeyError("fp4")
+
+    monkeypatch.setattr(execute.roofline, "record_fields", broken)
+    fields = execute.roofline_fields(small_case(mode="fp32"), CPU, None)
+    assert fields == {"roofline_reason": "the roofline could not be computed: KeyError: 'fp4'"}
