@@ -1,0 +1,313 @@
+"""The energy protocol of `mpbench run --energy-protocol`: idle GPU before each case, shuffled repeats, long windows.
+
+Energy per token depends on the protocol as much as on the GPU: a mode run right after another starts on a
+hotter GPU (more leakage, lower clocks), and NVML's power samples cover only part of the runtime on A100/H100
+(Yang et al., SC24) while its energy counter updates every 20-100 ms, so a short window is mostly edges.
+Here: an idle baseline read once before any case; before each case a wait until temperature and power are
+back near it (with a time limit, recorded); every mode `repeats` times in a seeded shuffled order; and each
+group's steps extended so that every window holds enough power samples and seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from suite.hardware import DeviceInfo
+from suite.metrics.window import PROFILED_STEPS, nvml_device
+from suite.reporting.convergence import REFERENCE
+from suite.training.case import Case
+
+Note = Callable[[str], None]
+NOTE_EVERY_S = 10.0  # one progress line per this many seconds of waiting
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What the protocol waits for, repeats and measures; every field lands in each record's `energy_protocol`."""
+
+    repeats: int = 3  # each mode this many times (Case.repeat 1..repeats)
+    min_window_s: float = 5.0  # each measured window at least this long ...
+    min_power_samples: int = 60  # ... and holding at least this many NVML power samples
+    sample_interval_s: float = 0.05  # the NVML sampler's interval (suite.metrics.nvml_sampler)
+    temp_tolerance_c: float = 3.0  # settled: within this of the idle temperature ...
+    temp_floor_c: float = 40.0  # ... or at or below this, whatever the idle reading
+    power_tolerance: float = 0.10  # settled: within this fraction of the idle power ...
+    power_tolerance_w: float = 10.0  # ... or this many watts of it, whichever is larger
+    max_wait_s: float = 120.0  # give up waiting after this; the case runs, cooldown_settled false
+    poll_s: float = 1.0  # seconds between readings while waiting
+    call_timeout_s: float = 2.0  # an NVML call that has not answered by then counts as stalled
+    idle_reads: int = 3  # readings (poll_s apart) whose medians make the idle baseline
+    spread_bound: float = 0.05  # (max - min) / median of a mode's repeats above this: the figure is suspect
+    sizing_steps: int = 10  # timed steps of the unrecorded run that sizes each mode's window
+    margin: float = 1.1  # timed steps sized for this much more than the window, against a slower repeat
+    order_seed: int | None = None  # None: drawn at the start of the run (and recorded)
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "min_power_samples", "idle_reads", "sizing_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"energy_protocol.{name}={getattr(self, name)}: must be at least 1")
+        for name in ("min_window_s", "temp_tolerance_c", "power_tolerance", "power_tolerance_w", "max_wait_s",
+                     "spread_bound"):  # fmt: skip
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"energy_protocol.{name}={getattr(self, name)}: must be 0 or more")
+        for name in ("sample_interval_s", "poll_s", "call_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"energy_protocol.{name}={getattr(self, name)}: must be positive")
+        if not self.margin >= 1:
+            raise ValueError(f"energy_protocol.margin={self.margin}: must be 1 or more")
+
+    @property
+    def window_s(self) -> float:
+        """The shortest window the protocol accepts: its seconds, or its power samples at the sampler's rate."""
+        return max(self.min_window_s, self.min_power_samples * self.sample_interval_s)
+
+
+def order(cases: Sequence[Case], repeats: int, seed: int) -> list[Case]:
+    """Every case `repeats` times (repeat 1..N), round by round, each round shuffled by `seed`.
+
+    Round-major, so that slow drift (room temperature, a neighbour's load) touches every mode alike. Within a
+    round, each group's fp32 is moved just before the first of its modes: their loss deltas are computed against
+    the fp32 of the same repeat when their records are written. The cooldown before every case, not the order,
+    removes the heat one case leaves for the next."""
+    rng = random.Random(seed)
+    out: list[Case] = []
+    for r in range(1, repeats + 1):
+        round_ = [replace(c, repeat=r) for c in cases]
+        rng.shuffle(round_)
+        present, placed = set(round_), set()
+        for c in round_:
+            ref = replace(c, mode=REFERENCE)
+            for x in (ref, c) if ref in present else (c,):
+                if x not in placed:
+                    placed.add(x)
+                    out.append(x)
+    return out
+
+
+def timed_steps_needed(step_ms: float, settings: ProtocolSettings) -> int:
+    """Timed steps whose window lasts `settings.window_s` at `step_ms` per step, with the margin."""
+    return max(1, math.ceil(settings.window_s * settings.margin / (step_ms / 1e3)))
+
+
+def reserved_steps(case: Case, device: DeviceInfo) -> int:
+    """Steps trained after the window (the GPU's profiler steps): not in the window, so added on top."""
+    return PROFILED_STEPS if device.type == "cuda" else 0
+
+
+def sized_steps(case: Case, step_ms: dict[str, float], device: DeviceInfo, settings: ProtocolSettings) -> int:
+    """A group's steps: its own, or more so that the slowest-to-fill window (the fastest mode) is long enough.
+
+    One figure for the whole group (every mode, every repeat): the modes stay comparable, and each keeps its fp32."""
+    if not step_ms:
+        return case.steps
+    timed = timed_steps_needed(min(step_ms.values()), settings)
+    return max(case.steps, case.warmup + timed + reserved_steps(case, device))
+
+
+def sizing_case(case: Case, settings: ProtocolSettings, device: DeviceInfo) -> Case:
+    """The short unrecorded run that measures a mode's step time: the case's warm-up, then `sizing_steps` timed."""
+    steps = case.warmup + settings.sizing_steps + reserved_steps(case, device)
+    return replace(case, steps=steps, lr_warmup=None, eval_every=0, numerics_every=0, fidelity=False, repeat=0)
+
+
+def windows_apply(device: DeviceInfo) -> str | None:
+    """None where windows hold NVML power samples (a CUDA GPU NVML can read), else why extending them is moot."""
+    if device.type != "cuda":
+        return f"{device.type.upper()}: no NVML power samples or energy counter, so windows are not extended"
+    _, _, why = nvml_device(device.index)
+    return f"NVML unavailable ({why}): no power samples, so windows are not extended" if why else None
+
+
+def nvml_for(device: DeviceInfo) -> tuple[Any, Any, str | None]:
+    """(nvml, handle, reason) to read the device's temperature and power; tests put a fake NVML here."""
+    if device.type != "cuda":
+        return None, None, f"{device.type.upper()}: no NVML temperature or power to wait on; the wait is skipped"
+    nvml, handle, why = nvml_device(device.index)
+    return (nvml, handle, None) if nvml is not None else (None, None, f"NVML unavailable ({why}); no wait")
+
+
+class NvmlUnavailable(Exception):
+    """A temperature or power reading failed or stalled; the message says which and how."""
+
+
+class Cooldown:
+    """Waits before each case until one GPU's temperature and power are back near the idle baseline.
+
+    Each NVML call runs in a daemon thread and is abandoned after `call_timeout_s`: a stalled driver (GPU reset,
+    Xid) can hold only that thread. After a stall NVML is not called again in this run."""
+
+    def __init__(
+        self, nvml: Any, handle: Any, settings: ProtocolSettings, clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:  # fmt: skip
+        self.nvml, self.handle, self.s = nvml, handle, settings
+        self.clock, self.sleep = clock, sleep
+        self.stalled: str | None = None
+        self.idle_c: float | None = None
+        self.idle_w: float | None = None
+        self.idle_reason: str | None = None
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self.stalled:
+            raise NvmlUnavailable(f"NVML stalled earlier in this run ({self.stalled}); not called again")
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = getattr(self.nvml, name)(self.handle, *args)
+            except Exception as exc:  # NotSupported, GpuIsLost, ...: the wait ends, the run goes on
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"cooldown-{name}", daemon=True)
+        thread.start()
+        thread.join(self.s.call_timeout_s)
+        if thread.is_alive():
+            self.stalled = f"{name} did not answer within {self.s.call_timeout_s:g} s"
+            raise NvmlUnavailable(self.stalled)
+        if "error" in box:
+            raise NvmlUnavailable(f"{name} failed: {box['error']} ({type(box['error']).__name__})")
+        return box["value"]
+
+    def read(self) -> tuple[float, float]:
+        """(temperature in C, power in W) now."""
+        temp = float(self._call("nvmlDeviceGetTemperature", self.nvml.NVML_TEMPERATURE_GPU))
+        return temp, self._call("nvmlDeviceGetPowerUsage") / 1e3  # mW -> W
+
+    def measure_idle(self) -> None:
+        """The idle baseline: medians of `idle_reads` readings, `poll_s` apart, before any case runs."""
+        temps, watts = [], []
+        try:
+            for i in range(self.s.idle_reads):
+                if i:
+                    self.sleep(self.s.poll_s)
+                t, w = self.read()
+                temps.append(t)
+                watts.append(w)
+        except NvmlUnavailable as exc:
+            self.idle_reason = f"idle baseline unreadable: {exc}"
+            return
+        self.idle_c, self.idle_w = statistics.median(temps), statistics.median(watts)
+
+    def limits(self) -> tuple[float, float]:
+        """(highest settled temperature, highest settled power)."""
+        assert self.idle_c is not None and self.idle_w is not None
+        temp = max(self.idle_c + self.s.temp_tolerance_c, self.s.temp_floor_c)
+        return temp, self.idle_w + max(self.idle_w * self.s.power_tolerance, self.s.power_tolerance_w)
+
+    def wait(self, note: Note) -> dict[str, Any]:
+        """Block until settled or `max_wait_s`; the record's cooldown fields. Never raises for NVML's sake."""
+        if self.idle_c is None:
+            return no_wait(self.idle_reason or "no idle baseline")
+        t_max, w_max = self.limits()
+        t0 = self.clock()
+        last_note = -math.inf
+        temp = watts = None
+        while True:
+            elapsed = self.clock() - t0
+            try:
+                temp, watts = self.read()
+            except NvmlUnavailable as exc:
+                return self._fields(elapsed, False, temp, watts, f"stopped waiting: {exc}")
+            if temp <= t_max and watts <= w_max:
+                return self._fields(elapsed, True, temp, watts, None)
+            if elapsed >= self.s.max_wait_s:
+                why = (f"not back to idle within {self.s.max_wait_s:g} s: {temp:g} C (settled at <= {t_max:g} C), "
+                       f"{watts:.0f} W (settled at <= {w_max:.0f} W); the case ran anyway")  # fmt: skip
+                return self._fields(elapsed, False, temp, watts, why)
+            if elapsed - last_note >= NOTE_EVERY_S:
+                last_note = elapsed
+                note(f"waiting for the GPU to cool: {temp:g} C -> idle {self.idle_c:g} C, {watts:.0f} W -> idle "
+                     f"{self.idle_w:.0f} W, {elapsed:.0f} s of {self.s.max_wait_s:g} s")  # fmt: skip
+            self.sleep(min(self.s.poll_s, self.s.max_wait_s - elapsed))
+
+    @staticmethod
+    def _fields(elapsed: float, settled: bool, temp: float | None, watts: float | None, why: str | None) -> dict:
+        return {"cooldown_s": round(elapsed, 3), "cooldown_settled": settled, "start_temperature_c": temp,
+                "start_power_w": watts, "cooldown_reason": why}  # fmt: skip
+
+
+def no_wait(reason: str) -> dict[str, Any]:
+    """The cooldown fields of a case that did not wait: nothing measured, and why."""
+    return {"cooldown_s": None, "cooldown_settled": None, "start_temperature_c": None, "start_power_w": None,
+            "cooldown_reason": reason}  # fmt: skip
+
+
+class Protocol:
+    """One run under the protocol: its seed, each GPU's cooldown (idle baseline read on creation), the plan."""
+
+    def __init__(
+        self, settings: ProtocolSettings, devices: dict[str, DeviceInfo], existing: Sequence[dict[str, Any]] = (),
+        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+    ) -> None:  # fmt: skip
+        self.s = settings
+        # a resumed run keeps the order it started with
+        earlier = [r["energy_protocol"].get("order_seed") for r in existing if r.get("energy_protocol")]
+        seed = settings.order_seed if settings.order_seed is not None else next(iter(earlier), None)
+        self.seed = seed if seed is not None else secrets.randbelow(2**31)
+        self.cooldowns: dict[str, Cooldown | str] = {}  # device -> its cooldown, or why there is none
+        for name, device in devices.items():
+            nvml, handle, why = nvml_for(device)
+            if why:
+                self.cooldowns[name] = why
+                continue
+            cool = Cooldown(nvml, handle, settings, clock, sleep)
+            cool.measure_idle()  # before any case (and before the sizing runs): the GPU as the run found it
+            self.cooldowns[name] = cool
+        self.sizing: dict[Case, dict[str, Any]] = {}  # group (its fp32 case) -> what sizing found
+
+    def plan(
+        self, cases: Sequence[Case], devices: dict[str, DeviceInfo], measure: Callable[[Case], float | None],
+        note: Note,
+    ) -> list[Case]:  # fmt: skip
+        """Size each group's window (unrecorded runs through `measure`: step ms or None), then order the repeats."""
+        groups: dict[Case, list[Case]] = {}
+        for c in cases:
+            groups.setdefault(replace(c, mode=REFERENCE), []).append(c)
+        steps_of: dict[Case, int] = {}
+        for group, members in groups.items():
+            device = devices[group.device]
+            why = windows_apply(device)
+            info: dict[str, Any] = {"asked_steps": group.steps}
+            if why:
+                info["window_reason"] = why
+                steps_of[group] = group.steps
+            else:
+                note(f"energy protocol: sizing {group.model} b{group.batch_size}x{group.seq_len}'s windows "
+                     f"({self.s.sizing_steps} unrecorded timed steps per mode)")  # fmt: skip
+                times = {c.mode: measure(sizing_case(c, self.s, device)) for c in members}
+                step_ms = {m: t for m, t in times.items() if t}
+                steps_of[group] = sized_steps(group, step_ms, device, self.s)
+                info["sizing_step_ms"] = step_ms
+                if steps_of[group] > group.steps:
+                    note(f"energy protocol: {group.model}: steps {group.steps} -> {steps_of[group]} for every mode "
+                         f"and repeat, so the fastest mode's window ({min(step_ms.values()):.1f} ms/step) lasts "
+                         f">= {self.s.window_s:g} s (>= {self.s.min_power_samples} power samples)")  # fmt: skip
+            info["extended"] = steps_of[group] > group.steps
+            self.sizing[group] = info
+        sized = [replace(c, steps=steps_of[replace(c, mode=REFERENCE)]) for c in cases]
+        self.sizing |= {replace(c, mode=REFERENCE): self.sizing[replace(o, mode=REFERENCE)]
+                        for c, o in zip(sized, cases, strict=True)}  # fmt: skip
+        return order(sized, self.s.repeats, self.seed)
+
+    def settings_dict(self, case: Case) -> dict[str, Any]:
+        """The record's `energy_protocol`: the settings, the seed, its GPU's idle baseline and its group's sizing."""
+        out = asdict(self.s) | {"order_seed": self.seed, "window_s": self.s.window_s}
+        cool = self.cooldowns.get(case.device)
+        if isinstance(cool, Cooldown):
+            out |= {"idle_temperature_c": cool.idle_c, "idle_power_w": cool.idle_w, "idle_reason": cool.idle_reason}
+        else:
+            out |= {"idle_temperature_c": None, "idle_power_w": None, "idle_reason": cool}
+        return out | self.sizing.get(replace(case, mode=REFERENCE, repeat=0), {})
+
+    def before(self, case: Case, note: Note) -> dict[str, Any]:
+        """Wait for the case's GPU to idle; its cooldown fields."""
+        cool = self.cooldowns.get(case.device)
+        return cool.wait(note) if isinstance(cool, Cooldown) else no_wait(cool or "no GPU to wait on")
