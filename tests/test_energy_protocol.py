@@ -223,3 +223,20 @@ def test_mpbench_run_energy_protocol_repeats_and_prints_the_pooled_figures(tmp_p
     printed = capsys.readouterr()
     assert "x 3 repeats (energy protocol" in printed.err
     assert "energy per token under the energy protocol" in printed.out and "energy n/a" in printed.out
+
+
+def test_a_resumed_run_keeps_the_steps_its_sizing_gave(monkeypatch, tmp_path):
+    """Sizing again could give other steps, hence other cases: a resume reuses the recorded ones, and only the
+    cases without a record run."""
+    monkeypatch.setattr(ep, "windows_apply", lambda device: None)
+    s = ProtocolSettings(repeats=2, order_seed=1, min_window_s=0.0, min_power_samples=1, sizing_steps=1)
+    out = tmp_path / "r.jsonl"
+    cases = [small_case(mode="fp32")]
+    first = run_cases(cases, out=out, log=None, isolate=False, energy_protocol=s)
+    assert [r["repeat"] for r in first] == [1, 2] and first[0]["energy_protocol"]["sizing_step_ms"]
+    out.write_text(out.read_text().splitlines()[0] + "\n")  # the last case's record lost: an interrupted run
+    measured: list = []
+    monkeypatch.setattr(ep, "sized_steps", lambda *a: measured.append(a) or 99)  # a resized run would differ
+    again = run_cases(cases, out=out, log=None, isolate=False, energy_protocol=s, resume=True)
+    assert not measured and [(r["mode"], r["repeat"], r["steps"]) for r in again] == [("fp32", 2, first[0]["steps"])]
+    assert again[0]["energy_protocol"]["sizing_reason"] == "steps as sized by the run this one resumes"

@@ -22,6 +22,7 @@ from typing import Any
 
 from suite.hardware import DeviceInfo
 from suite.metrics.window import PROFILED_STEPS, nvml_device
+from suite.records.cases import case_key
 from suite.reporting.convergence import REFERENCE
 from suite.training.case import Case
 
@@ -247,7 +248,7 @@ class Protocol:
         self, settings: ProtocolSettings, devices: dict[str, DeviceInfo], existing: Sequence[dict[str, Any]] = (),
         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
     ) -> None:  # fmt: skip
-        self.s = settings
+        self.s, self.existing = settings, [r for r in existing if r.get("energy_protocol")]
         # a resumed run keeps the order it started with
         earlier = [r["energy_protocol"].get("order_seed") for r in existing if r.get("energy_protocol")]
         seed = settings.order_seed if settings.order_seed is not None else next(iter(earlier), None)
@@ -279,6 +280,12 @@ class Protocol:
             if why:
                 info["window_reason"] = why
                 steps_of[group] = group.steps
+            elif earlier := self._earlier(group, device):  # a resumed run keeps its steps: the same cases
+                steps_of[group] = earlier["steps"]
+                info["sizing_step_ms"] = earlier["energy_protocol"].get("sizing_step_ms")
+                info["sizing_reason"] = "steps as sized by the run this one resumes"
+                note(f"energy protocol: {group.model}: steps {group.steps} -> {earlier['steps']}, as sized before "
+                     "the resume")  # fmt: skip
             else:
                 note(f"energy protocol: sizing {group.model} b{group.batch_size}x{group.seq_len}'s windows "
                      f"({self.s.sizing_steps} unrecorded timed steps per mode)")  # fmt: skip
@@ -296,6 +303,21 @@ class Protocol:
         self.sizing |= {replace(c, mode=REFERENCE): self.sizing[replace(o, mode=REFERENCE)]
                         for c, o in zip(sized, cases, strict=True)}  # fmt: skip
         return order(sized, self.s.repeats, self.seed)
+
+    def _earlier(self, group: Case, device: DeviceInfo) -> dict[str, Any] | None:
+        """An earlier record of this group under the protocol (a resumed run): its steps are the group's."""
+        from suite.running.execute import case_fields  # torch and the model: only when resuming
+
+        for r in self.existing:
+            if r["energy_protocol"].get("asked_steps") != group.steps or r.get("steps") is None:
+                continue
+            try:
+                twin = replace(group, steps=r["steps"], mode=r["mode"], repeat=r.get("repeat") or 0)
+            except ValueError:  # a mode this version no longer has: not this group
+                continue
+            if case_key(case_fields(twin, device)) == case_key(r):
+                return r
+        return None
 
     def settings_dict(self, case: Case) -> dict[str, Any]:
         """The record's `energy_protocol`: the settings, the seed, its GPU's idle baseline and its group's sizing."""
