@@ -16,7 +16,8 @@ from suite.records.store import make_record
 from suite.reporting import energy
 from suite.reporting.procurement import procurement_table
 from suite.running import energy_protocol as ep
-from suite.running.energy_protocol import Cooldown, Protocol, ProtocolSettings
+from suite.running.cooldown import Cooldown, no_wait
+from suite.running.energy_protocol import Protocol, ProtocolSettings
 from suite.running.runner import run_cases
 from tests.fake_nvml import FakeClock, FakeHandle, NVMLError_GpuIsLost, make_fake, settling
 from tests.helpers import small_case
@@ -69,7 +70,7 @@ def test_a_failing_nvml_call_ends_the_wait_with_its_reason():
     )
     broken, _, _ = _cooldown(unsupported={"nvmlDeviceGetPowerUsage"})  # no baseline: every case says so
     assert broken.idle_c is None and "idle baseline unreadable" in broken.idle_reason
-    assert broken.wait(lambda line: None) == ep.no_wait(broken.idle_reason)
+    assert broken.wait(lambda line: None) == no_wait(broken.idle_reason)
 
 
 def test_a_stalled_nvml_call_is_abandoned_and_never_made_again():
@@ -201,11 +202,13 @@ def test_the_runner_waits_and_sizes_through_nvml(monkeypatch, tmp_path):
     fake, _ = make_fake(1, temperature_c=[35], power_mw=[60_000])
     monkeypatch.setattr(ep, "nvml_for", lambda device: (fake, FakeHandle(0), None))
     monkeypatch.setattr(ep, "windows_apply", lambda device: None)
-    s = ProtocolSettings(repeats=2, poll_s=0.001, min_window_s=0.2, min_power_samples=1, sizing_steps=2)
+    # the rule itself is tested above; here a fixed answer, so a loaded machine's step times cannot change it
+    monkeypatch.setattr(ep, "timed_steps_needed", lambda step_ms, settings: 4)
+    s = ProtocolSettings(repeats=2, poll_s=0.001, sizing_steps=2)
     lines: list[str] = []
     records = run_cases([small_case(mode="fp32"), small_case(mode="bf16")], log=lines.append, isolate=False,
                         energy_protocol=s)  # fmt: skip
-    assert len(records) == 4 and len({r["steps"] for r in records}) == 1 and records[0]["steps"] > 3
+    assert len(records) == 4 and {r["steps"] for r in records} == {1 + 4}  # warm-up + the window's steps
     assert any("(not recorded)" in line and line.startswith("sizing") for line in lines)
     for r in records:
         assert r["cooldown_settled"] is True and r["start_temperature_c"] == 35 and r["start_power_w"] == 60
@@ -240,3 +243,12 @@ def test_a_resumed_run_keeps_the_steps_its_sizing_gave(monkeypatch, tmp_path):
     again = run_cases(cases, out=out, log=None, isolate=False, energy_protocol=s, resume=True)
     assert not measured and [(r["mode"], r["repeat"], r["steps"]) for r in again] == [("fp32", 2, first[0]["steps"])]
     assert again[0]["energy_protocol"]["sizing_reason"] == "steps as sized by the run this one resumes"
+
+
+def test_the_protocol_is_refused_under_the_users_torchrun(monkeypatch):
+    from suite.cli import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="energy_protocol: not available under torchrun"):
+        run._run_as_rank({"energy_protocol": True})

@@ -376,6 +376,8 @@ def _run_as_rank(opts: dict[str, Any]) -> int:
     """Under the user's torchrun (one node or many): every rank runs every case together with
     the others; rank 0 writes the records and prints the table."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if opts.get("energy_protocol"):  # its waits and repeats are the parent's, which torchrun's ranks have not
+        raise ValueError("energy_protocol: not available under torchrun; run mpbench run --energy-protocol --nproc N")
     if opts.get("nproc") not in (None, world) or opts.get("scaling"):
         raise ValueError(f"nproc/scaling: under torchrun the world size ({world}) is the process count; drop them")
     cases = cases_from_options(opts | {"nproc": world})

@@ -24,8 +24,9 @@ from suite.records import checks, outputs, store
 from suite.records.cases import alike, case_key, machine, outcomes, pair_key
 from suite.reporting import convergence
 from suite.running import faults
+from suite.running.cooldown import no_wait
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
-from suite.running.energy_protocol import Protocol, ProtocolSettings, no_wait
+from suite.running.energy_protocol import Protocol, ProtocolSettings
 from suite.running.execute import Batches, case_fields, train_in_process
 from suite.running.max_batch import check_searchable, find_max_batch
 from suite.running.progress import Event, PlainLines, Sink, ignore
