@@ -252,3 +252,21 @@ def test_the_protocol_is_refused_under_the_users_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="energy_protocol: not available under torchrun"):
         run._run_as_rank({"energy_protocol": True})
+
+
+def test_an_interrupt_while_sizing_stops_the_run_with_nothing_written(monkeypatch, tmp_path):
+    import signal
+
+    from suite.running.runner import RunInterrupted
+    from suite.running.worker import Interrupted
+
+    def interrupted(*args):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(ep, "windows_apply", lambda device: None)
+    monkeypatch.setattr(ep, "sizing_case", interrupted)
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(RunInterrupted) as stop:
+        run_cases([small_case(mode="fp32")], out=out, log=None, isolate=False, energy_protocol=ProtocolSettings())
+    assert stop.value.signum == signal.SIGTERM and stop.value.done == [] and len(stop.value.not_run) == 1
+    assert not out.exists() or out.read_text() == ""

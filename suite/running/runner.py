@@ -252,7 +252,12 @@ def run_cases(
             note(f"{label}: {_summary(r)} (not recorded)")
             return r.get("step_time_ms")
 
-        cases = protocol.plan(cases, devices, measure, note)
+        try:  # an interrupt while sizing stops the run as one between cases does: nothing of it is written
+            with _interrupts():
+                cases = protocol.plan(cases, devices, measure, note)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            raise RunInterrupted(signum, [], [_describe(c) for c in cases]) from None
     recorded = {case_key(r): r for r in existing}  # the latest record of each case
     have = {k for k, r in recorded.items() if not (retry_failed and r["status"] != "ok")}
     # each mode's fp32: the same case but the mode, on this machine (a resumed file may hold fp32s trained
