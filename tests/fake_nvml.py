@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -97,6 +99,8 @@ class FakeDevice:
     gpm_supported: bool = False
     gpm_metrics: dict[int, float] = field(default_factory=dict)  # metric id -> percent
     gpm_returns: dict[int, int] = field(default_factory=dict)  # metric id -> per-metric nvmlReturn
+    # script name -> a reading that changes over time (e.g. `settling` on a FakeClock): replaces that script
+    curves: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = ("processes", "mem_used", "power_mw", "energy_mj", "sm_clock_mhz", "temperature_c", "event_reasons")
@@ -178,6 +182,8 @@ class FakeNvml:
     def _next(self, name: str, handle: FakeHandle, script: str) -> Any:
         """The next scripted value of `script` for the device behind `handle`."""
         device = self._device(name, handle)
+        if script in device.curves:
+            return device.curves[script]()
         with self._lock:
             return device.scripts[script].next()
 
@@ -315,3 +321,30 @@ def make_fake(n_devices: int = 3, **overrides: Any) -> tuple[FakeNvml, list[Fake
     fake = FakeNvml(devices)
     fake.nvmlInit()
     return fake, devices
+
+
+class FakeClock:
+    """A monotonic clock that moves only when slept on: waits measured without waiting."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now, self.slept = now, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def settling(clock: Callable[[], float], start: float, idle: float, tau_s: float) -> Callable[[], int]:
+    """A reading that decays from `start` towards `idle` with time constant `tau_s` from the clock's first
+    call (Newton's cooling), as the integer NVML returns (C, or mW). tau_s inf: it never moves."""
+    t0: list[float] = []
+
+    def reading() -> int:
+        t = clock()
+        t0[:] = t0 or [t]
+        return round(idle + (start - idle) * math.exp(-(t - t0[0]) / tau_s))
+
+    return reading

@@ -20,8 +20,10 @@ from suite.modes import MODES
 from suite.records import outputs, store
 from suite.records.cases import case_key, locked, outcomes
 from suite.records.store import FAILED
+from suite.reporting import energy
 from suite.reporting.plots import plot_loss_curves
 from suite.running.distributed import launched_by_torchrun
+from suite.running.energy_protocol import ProtocolSettings
 from suite.running.max_batch import check_searchable
 from suite.running.runner import RecordNotWritten, RunInterrupted, recorded_cases, run_cases, validate
 from suite.running.worker import check_timeout, ignore_interrupts
@@ -296,8 +298,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _, why = run_defaults(devices[cases[0].device].type)
     if why and not {"batch_size", "seq_len", "steps"} <= opts.keys() and not args.quiet:
         print(f"mpbench: {why} (flags override them)", file=sys.stderr)
+    protocol = ProtocolSettings() if opts.get("energy_protocol") else None
     if not args.quiet:
-        print(f"mpbench: {len(cases)} case(s), records go to {out}", file=sys.stderr)
+        times = f" x {protocol.repeats} repeats (energy protocol, docs/energy.md)" if protocol else ""
+        print(f"mpbench: {len(cases)} case(s){times}, records go to {out}", file=sys.stderr)
     # a terminal gets live bars; a pipe or a CI log the plain lines; --quiet nothing until the summary
     live = LiveBars() if not args.quiet and LiveBars.available() else None
     try:
@@ -307,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             done = run_cases(cases, out=out, run_id=run_id, case_timeout=opts.get("case_timeout"),
                              fail_fast=bool(opts.get("fail_fast")), resume=bool(args.resume), max_batch=search,
                              log=None if args.quiet else log_to_stderr, progress=live,
-                             retry_failed=args.retry_failed)  # fmt: skip
+                             retry_failed=args.retry_failed, energy_protocol=protocol)  # fmt: skip
     except RunInterrupted as stop:
         ignore_interrupts()  # a second Ctrl-C must not cut this message or the exit short
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; a log still gets the line
@@ -327,10 +331,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return store.EXIT_NOT_WRITTEN
     # a resumed run's table is the whole run's: the speed-ups need the fp32 case recorded before
-    whole = recorded_cases(cases, devices, store.read(out)) if args.resume else done
+    whole = done
+    if args.resume:  # the protocol's cases (repeats, sized steps) are the run's, not `cases`: read them back
+        whole = (
+            _protocol_records(store.read(out), done) if protocol else recorded_cases(cases, devices, store.read(out))
+        )
     if args.resume and not done:
         print("nothing to run: every case already has a record")
     print_summary(whole)
+    if protocol:
+        print("\nenergy per token under the energy protocol (median over the repeats):")
+        print("\n".join(f"  {line}" for line in energy.lines(whole)) or "  no ok case under the protocol")
     print(f"\nrecords: {shown(out)} ({len(done)} written)")
     if args.plot and whole:
         print(f"loss curves: {plot_loss_curves(whole, out.with_suffix('.png'))}")
@@ -343,6 +354,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"mpbench: {len(kept)} case(s) failed before this resume and were not run again ({outcomes(kept)}); "
               f"rerun them with --resume {out} --retry-failed", file=sys.stderr)  # fmt: skip
     return 1 if any(r["status"] in FAILED for r in whole) else 0
+
+
+def _protocol_records(records: list[dict[str, Any]], done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A resumed protocol run's whole table: the latest record of each protocol case of the resumed run (its id)."""
+    run_id = done[0]["run_id"] if done else next((r["run_id"] for r in reversed(records)), None)
+    latest = {case_key(r): r for r in records if r.get("run_id") == run_id and r.get("energy_protocol")}
+    return list(latest.values())
 
 
 def _check_fidelity(cases: list[Case], devices: dict[str, DeviceInfo]) -> None:
@@ -358,6 +376,8 @@ def _run_as_rank(opts: dict[str, Any]) -> int:
     """Under the user's torchrun (one node or many): every rank runs every case together with
     the others; rank 0 writes the records and prints the table."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if opts.get("energy_protocol"):  # its waits and repeats are the parent's, which torchrun's ranks have not
+        raise ValueError("energy_protocol: not available under torchrun; run mpbench run --energy-protocol --nproc N")
     if opts.get("nproc") not in (None, world) or opts.get("scaling"):
         raise ValueError(f"nproc/scaling: under torchrun the world size ({world}) is the process count; drop them")
     cases = cases_from_options(opts | {"nproc": world})

@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from suite.metrics.peaks import canonical_gpu
+from suite.reporting import energy
 from suite.reporting.convergence import time_to_loss  # one time-to-loss for procurement and the seeds' verdicts
 
 if TYPE_CHECKING:
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
 CPU_REASON = "CPU run: no GPU price applies"
 COLUMNS = (
     "gpu", "mode", "model", "tokens_per_s", "price_per_hour", "tokens_per_dollar", "tokens_per_kj",
-    "time_to_target_s", "cost_to_target_usd", "gpu_memory_mb", "peak_mem_mb", "memory_headroom_mb",
+    "energy_spread", "start_temperature_c", "energy_protocol", "time_to_target_s", "cost_to_target_usd",
+    "gpu_memory_mb", "peak_mem_mb", "memory_headroom_mb",
     "max_batch", "notes",
 )  # fmt: skip
 PROCUREMENT_HEADERS = {
     "gpu": "GPU", "mode": "mode", "model": "model", "tokens_per_s": "tokens/s",
     "price_per_hour": "price (USD/GPU-h)", "tokens_per_dollar": "tokens per USD", "tokens_per_kj": "tokens per kJ",
+    "energy_spread": "energy spread", "start_temperature_c": "start temp. (C)", "energy_protocol": "energy protocol",
     "time_to_target_s": "time to target (s)", "cost_to_target_usd": "cost to target (USD)",
     "gpu_memory_mb": "GPU memory (MiB)", "peak_mem_mb": "peak memory (MiB)",
     "memory_headroom_mb": "memory headroom (MiB)", "max_batch": "max batch", "notes": "notes",
@@ -119,6 +122,8 @@ def _row(r: dict[str, Any], prices: dict[str, float], target_loss: float | None)
     tpj = None if emulated else r.get("tokens_per_joule")
     if tpj is None and not emulated:
         why(f"energy not measured: {r.get('energy_reason') or 'no reason recorded'}")
+    elif tpj is not None and not r.get("energy_protocol"):
+        why(f"tokens per kJ {energy.NOT_UNDER}")
     seconds = None
     if target_loss is None:
         why("no target loss given")
@@ -148,6 +153,9 @@ def _row(r: dict[str, Any], prices: dict[str, float], target_loss: float | None)
         "price_per_hour": price,
         "tokens_per_dollar": per_dollar,
         "tokens_per_kj": tpj * 1000 if tpj is not None else None,
+        "energy_spread": None,
+        "start_temperature_c": r.get("start_temperature_c"),
+        "energy_protocol": "no",
         "time_to_target_s": seconds,
         "cost_to_target_usd": seconds / 3600 * price if seconds is not None and price else None,
         "gpu_memory_mb": gpu_mem,
@@ -158,11 +166,40 @@ def _row(r: dict[str, Any], prices: dict[str, float], target_loss: float | None)
     }
 
 
+def _protocol_row(f: energy.EnergyFigure, prices: dict[str, float], target_loss: float | None) -> dict[str, Any]:
+    """One row for a case's repeats under the energy protocol: medians over them, spread and start temperatures."""
+    times = [r["step_time_ms"] for r in f.records if r.get("step_time_ms") is not None]
+    pooled = f.first | {
+        "tokens_per_s": f.tokens_per_s,
+        "tokens_per_joule": 1 / f.j_per_token if f.j_per_token else None,
+        "step_time_ms": sorted(times)[len(times) // 2] if times else None,  # a measured one: the upper median
+    }
+    row = _row(pooled, prices, target_loss)
+    temps = [t for t in f.start_temperatures_c if t is not None]
+    row |= {
+        "energy_spread": f.spread,
+        "start_temperature_c": f"{min(temps):g}-{max(temps):g}" if temps else None,
+        "energy_protocol": f.describe(),
+    }
+    if f.suspect:
+        row["notes"] = "; ".join(filter(None, [f"SUSPECT: {f.suspect}", row["notes"]]))
+    return row
+
+
 def procurement_table(df: pandas.DataFrame, prices: dict[str, float], target_loss: float | None) -> pandas.DataFrame:
-    """One row per ok record: throughput per dollar and per kJ, time and cost to `target_loss`, memory."""
+    """One row per ok record (per case for the repeats of the energy protocol, pooled): throughput per dollar and
+    per kJ, time and cost to `target_loss`, memory. Tokens per kJ measured outside the protocol say so."""
     import pandas
 
-    rows = [_row(r, prices or {}, target_loss) for r in records_of(df) if r.get("status") == "ok"]
+    ok = [r for r in records_of(df) if r.get("status") == "ok"]
+    pooled = energy.figures(ok)
+    rows, seen = [], set()
+    for r in ok:
+        if not r.get("energy_protocol"):
+            rows.append(_row(r, prices or {}, target_loss))
+        elif (key := energy.group_of(r)) not in seen:  # a case's repeats: one row, at its first repeat
+            seen.add(key)
+            rows.append(_protocol_row(pooled[key], prices or {}, target_loss))
     # object dtype keeps None as None (not NaN) so a missing figure stays visibly missing
     table = pandas.DataFrame(rows, columns=list(COLUMNS)).astype(object)
     return table.where(table.notna(), None)
@@ -174,6 +211,8 @@ def _fmt(value: Any, key: str) -> str:
         return "n/a"
     if isinstance(value, str):
         return value
+    if key == "energy_spread":
+        return f"{value:.1%}"
     if key in ("price_per_hour", "cost_to_target_usd"):
         return f"{value:.4g}"
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
@@ -186,7 +225,10 @@ def section(df: pandas.DataFrame, prices: dict[str, float] | None, target: float
     about = (
         f"Prices: {priced}. Target loss: {f'{target:g} nats/token' if target is not None else 'none given'}. "
         "Time to target = first step at which the mean training loss of the last 5 steps is at or below the target, "
-        "times the median step time: warm-up and compilation time are not included. n/a: see notes."
+        "times the median step time: warm-up and compilation time are not included. Tokens per kJ: under "
+        "`mpbench run --energy-protocol`, the median over a case's repeats (energy spread = (max - min) / median, "
+        "start temperatures beside it); a figure from a plain run says it was not measured under the protocol. "
+        "n/a: see notes."
     )
     heads = [PROCUREMENT_HEADERS[c] for c in t.columns]
     records = t.to_dict(orient="records")

@@ -9,6 +9,7 @@ finished and `resume=True` runs only what has no record yet.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,9 @@ from suite.records import checks, outputs, store
 from suite.records.cases import alike, case_key, machine, outcomes, pair_key
 from suite.reporting import convergence
 from suite.running import faults
+from suite.running.cooldown import no_wait
 from suite.running.distributed import launched_by_torchrun, local_world_size, train_distributed, train_here
+from suite.running.energy_protocol import Protocol, ProtocolSettings
 from suite.running.execute import Batches, case_fields, train_in_process
 from suite.running.max_batch import check_searchable, find_max_batch
 from suite.running.progress import Event, PlainLines, Sink, ignore
@@ -199,6 +202,7 @@ def run_cases(
     max_batch: dict[str, Any] | None = None,
     progress: Sink | None = None,
     retry_failed: bool = False,
+    energy_protocol: ProtocolSettings | None = None,
 ) -> list[dict[str, Any]]:
     """Run each case (each group's fp32 first); return the new records, appending each to `out`.
 
@@ -211,6 +215,10 @@ def run_cases(
     max_batch: search each runnable case's largest batch first, with these `find_max_batch`
     arguments (e.g. {"memory_limit_mb": 2048}). progress: where the run's events go (the command
     line's live bars); by default each becomes a plain line to `log` (None: nothing is shown).
+    energy_protocol: run under the energy protocol (suite.running.energy_protocol, docs/energy.md): the idle
+    baseline first, each group's steps extended for long enough energy windows (unrecorded sizing runs), every
+    case `repeats` times in a seeded shuffled order, a wait for the idle GPU before each; the cases' records carry
+    `repeat`, the cooldown fields and `energy_protocol`.
     Raises RunInterrupted on SIGINT, SIGTERM or SIGHUP, RecordNotWritten when a record cannot be written.
     """
     sink = progress or (PlainLines(log) if log else ignore)
@@ -232,6 +240,24 @@ def run_cases(
         _, _, why = nvml_device(device.index)
         if why:
             note(f"mpbench: NVML unavailable ({why}); NVML memory, energy and GPM figures will be null")
+    protocol = None
+    if energy_protocol is not None:
+        protocol = Protocol(energy_protocol, devices, existing)
+        batches_ = Batches()
+
+        def measure(sizing: Case) -> float | None:  # an unrecorded short run: its median step time
+            label = f"sizing {sizing.mode:<11} {sizing.model} b{sizing.batch_size}x{sizing.seq_len}"
+            sink(Event("case", label, 0, sizing.steps))
+            r = _run_one(sizing, devices[sizing.device], label, run_id, sink, batches_, isolate, case_timeout)
+            note(f"{label}: {_summary(r)} (not recorded)")
+            return r.get("step_time_ms")
+
+        try:  # an interrupt while sizing stops the run as one between cases does: nothing of it is written
+            with _interrupts():
+                cases = protocol.plan(cases, devices, measure, note)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            raise RunInterrupted(signum, [], [_describe(c) for c in cases]) from None
     recorded = {case_key(r): r for r in existing}  # the latest record of each case
     have = {k for k, r in recorded.items() if not (retry_failed and r["status"] != "ok")}
     # each mode's fp32: the same case but the mode, on this machine (a resumed file may hold fp32s trained
@@ -240,7 +266,8 @@ def run_cases(
     singles = {_scaling_group(r): r for r in existing if (r.get("world_size") or 1) == 1}
     ddps = {_ddp_twin(r): r for r in existing if r.get("parallel") == "ddp"}
     keys = {c: _key(c, devices) for c in cases}  # once per case: a data file's key reads (hashes) the whole file
-    todo = [c for c in reference_first(cases) if keys[c] not in have]
+    # the protocol's order already runs each repeat's fp32 before the modes compared with it
+    todo = [c for c in (cases if protocol else reference_first(cases)) if keys[c] not in have]
     if resume:  # a failed case is not run again unless asked: say so, or say it is
         failed = [r for r in recorded_cases(cases, devices, existing) if r["status"] in store.FAILED]
         again = "run again" if retry_failed else "not run again (--retry-failed reruns them)"
@@ -257,7 +284,10 @@ def run_cases(
             label = f"[{i}/{len(todo)}] {case.mode:<11} {case.model} b{case.batch_size}x{case.seq_len}"
             sink(Event("case", label, 0, case.steps))
             try:
+                cooled = _cool(protocol, case, devices[case.device], functools.partial(_prefixed, note, label))
                 record = _run_one(case, devices[case.device], label, run_id, sink, batches, isolate, case_timeout)
+                if protocol:
+                    record |= cooled | {"energy_protocol": protocol.settings_dict(case)}
                 if max_batch is not None and record["status"] != "skipped":
                     note(f"{label}: searching the largest batch that fits")
                     record |= find_max_batch(case, timeout_s=case_timeout, progress=sink, **max_batch)
@@ -287,6 +317,19 @@ def run_cases(
                 note(f"mpbench: --fail-fast: stopping after {_describe(case)} ended as {record['status']}")
                 break
     return records
+
+
+def _prefixed(note: Log, label: str, line: str) -> None:
+    note(f"{label}: {line}")
+
+
+def _cool(protocol: Protocol | None, case: Case, device: DeviceInfo, note: Log) -> dict[str, Any]:
+    """The protocol's wait before a case (none for a case its mode cannot run here): its cooldown fields."""
+    if protocol is None:
+        return {}
+    if decide(get_mode(case.mode), device, case.emulate)[0]:
+        return no_wait("the mode does not run here (skipped): no wait")
+    return protocol.before(case, note)
 
 
 def _reference_key(record: dict[str, Any]) -> tuple:
