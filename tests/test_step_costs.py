@@ -5,6 +5,7 @@ kernel, which has the GPU kernel's math."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -211,3 +212,46 @@ def test_amp_fp16_under_fsdp_keeps_torchs_default_since_fused_refuses_the_sharde
     opt = mode.make_optimizer(model, 1e-3, 0.0)
     assert opt.defaults["fused"] is None and not any(g["fused"] for g in opt.param_groups)
     assert not getattr(opt, "_step_supports_amp_scaling", False)
+
+
+def test_fsdp2_shards_are_fused_as_torch_itself_would_fuse_them(tmp_path):
+    # FSDP2's parameters are DTensors, which torch.distributed.tensor registers as foreach/fused-capable
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        base, grad = torch.randn(8, 4), torch.randn(8, 4)
+        mesh = init_device_mesh("cpu", (1,))
+        shard = torch.nn.Parameter(distribute_tensor(base.clone(), mesh, [Shard(0)]))
+        shard.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        assert fused_refusal(shard, H100) is None and fused_refusal(shard, CPU) is None
+        assert _default_to_fused_or_foreach([shard], differentiable=False, use_fused=True)[0]
+        opt = adamw([{"params": [shard]}], CPU, lr=1e-2, betas=ADAM_BETAS, eps=1e-8)
+        plain = torch.nn.Parameter(base.clone())
+        plain.grad = grad.clone()
+        ref = torch.optim.AdamW([plain], lr=1e-2, betas=ADAM_BETAS, foreach=False)
+        for _ in range(3):
+            opt.step()
+            ref.step()
+        assert optimizer_impl(opt) == "torch AdamW (fused)"
+        torch.testing.assert_close(shard.full_tensor(), plain.detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_vocab_multiple_flag_reaches_the_record_and_resume_keeps_padded_cases_apart(tmp_path):
+    from suite.cli.main import main
+
+    out = tmp_path / "cli.jsonl"
+    sizes = ["--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "32"]
+    flags = ["--vocab-multiple", "64", "--quiet", "--out", str(out)]
+    assert main(["run", "--device", "cpu", "--model", "tiny", "--modes", "fp32", *sizes, *flags]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["status"] == "ok" and record["vocab_multiple"] == 64 and record["params"] == 478_720  # 512 rows
+    store = tmp_path / "r.jsonl"
+    assert len(run_cases([small_case()], out=store, log=None, isolate=False)) == 1
+    padded = small_case(vocab_multiple=64)
+    assert len(run_cases([padded], out=store, log=None, isolate=False, resume=True)) == 1  # not the unpadded one
+    assert run_cases([padded], out=store, log=None, isolate=False, resume=True) == []  # now it has its record
