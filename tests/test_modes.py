@@ -56,6 +56,22 @@ def test_storage_dtypes_per_mode(cpu_records, mode):
     )
 
 
+# The AdamW each mode's record says ran on a CPU (suite.modes.optimizer; the same on CUDA): fused where every
+# parameter allows; torchao's int8 weights are tensor subclasses that fused and foreach refuse.
+EXPECTED_OPTIMIZER = {
+    "fp32": "torch AdamW (fused)",
+    "amp-fp16": "torch AdamW (fused)",
+    "bf16": "torch AdamW (fused)",
+    "pure-fp16": "torch AdamW (fused)",
+    "int8-weight": "torch AdamW (fused: 20 tensors; for-loop: 8 tensors)",
+}
+
+
+@pytest.mark.parametrize("mode", EXPECTED_STORAGE)
+def test_optimizer_impl_per_mode(cpu_records, mode):
+    assert cpu_records[mode]["optimizer_impl"] == EXPECTED_OPTIMIZER[mode]
+
+
 def test_all_modes_start_from_the_same_weights_and_batches(cpu_records):
     assert len({r["init_digest"] for r in cpu_records.values()}) == 1
     assert len({r["data_digest"] for r in cpu_records.values()}) == 1

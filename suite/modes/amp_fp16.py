@@ -20,6 +20,7 @@ class AmpFP16(PrecisionMode):
         self.compute = "fp16"
         self.autocast_dtype = torch.float16
         self.scaler = torch.amp.GradScaler(device.type)
+        self._sharded = False  # use_fsdp: FSDP2's ShardedGradScaler, which fused AdamW cannot take
 
     def tensor_formats(self, layer: str | None = None) -> dict[str, str]:
         # fp16 autocast: every Linear's GEMM operands are cast to fp16 and its weight-gradient GEMM returns
@@ -35,7 +36,12 @@ class AmpFP16(PrecisionMode):
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         self.scaler.scale(loss).backward()  # creates the scale tensor on the first step
         before = self._scale_tensor().clone()  # update() changes it in place
-        self.scaler.step(optimizer)  # skips the step if any grad is inf/NaN (its one host sync)
+        # Unscale here rather than leave it to a fused AdamW's kernel (`_step_supports_amp_scaling`): the same
+        # one pass over the gradients either way (GradScaler's inf check runs it with scale 1 otherwise), but an
+        # optimizer pre-hook (mpbench fidelity) then sees the true gradients; and FSDP2's ShardedGradScaler
+        # all-reduces the inf verdict only in unscale_ (so ranks skip a step together).
+        self.scaler.unscale_(optimizer)
+        self.scaler.step(optimizer)  # skips the step if any grad is inf/NaN (non-fused: its one host sync)
         self.scaler.update()  # ... and then backs the scale off
         return self._scale_tensor() >= before  # 0-dim bool on the device: read at check points
 
@@ -44,8 +50,17 @@ class AmpFP16(PrecisionMode):
         scale = self._scale_tensor()
         return self.scaler.get_scale() if scale is None else scale  # before any step: the initial float
 
+    def no_fused_adamw(self) -> str | None:
+        if self._sharded:
+            return (
+                "FSDP2's ShardedGradScaler hands torch 2.13's fused Adam a (1,)-shaped found_inf that it cannot "
+                "subtract from its ()-shaped step counters"
+            )
+        return None
+
     def use_fsdp(self, plan: FsdpPlan) -> None:
         super().use_fsdp(plan)
+        self._sharded = True
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         # GradScaler would find inf/NaN in this rank's gradient shard only, and ranks would

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
+from suite.modes.optimizer import adamw
 
 ADAM_BETAS = (0.9, 0.95)  # GPT-2 / nanoGPT
 # --grad-comm names -> the dtype gradients are communicated in
@@ -229,7 +230,15 @@ class PrecisionMode:
         return {"input": operand, "weight": operand, "grad_output": operand, "grad_weight": "fp32"}
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
+        """torch AdamW, fused where every parameter of a group allows it on this device (suite.modes.optimizer);
+        the record's `optimizer_impl` says which implementation the built optimizer runs."""
+        groups = decay_groups(model, weight_decay)
+        fused = self.no_fused_adamw() is None
+        return adamw(groups, self.device, lr=lr, betas=ADAM_BETAS, eps=self.adam_eps, fused=fused)
+
+    def no_fused_adamw(self) -> str | None:
+        """Why this mode, as set up now (after `use_fsdp`), must not use torch's fused AdamW; None: it may."""
+        return None
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The model to evaluate in strict fp32 (held-out loss); fp32-master modes use it as is."""

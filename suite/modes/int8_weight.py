@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from suite.hardware import DeviceInfo
 from suite.modes.base import ADAM_BETAS, PrecisionMode, cast_formats, decay_groups
+from suite.modes.optimizer import adamw
 from suite.modes.torchao_calls import fp32_copy, to_weight_dtype
 
 
@@ -120,7 +121,10 @@ class Int8Weight(PrecisionMode):
         int8 = [p for p in groups[0]["params"] if is_int8_weight(p)]
         groups[0]["params"] = [p for p in groups[0]["params"] if not is_int8_weight(p)]
         groups.append({"params": int8, "weight_decay": 0.0, "int8_decay": weight_decay})
-        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
+        # the int8 weights are torchao tensor subclasses: torch's fused and foreach AdamW raise on them
+        # (NotImplementedError for aten._fused_adamw_ / _foreach_addcdiv_), so their group runs the for-loop;
+        # the other groups (fp32 embeddings and LM head, norms, biases) are fused where the device allows
+        return adamw(groups, self.device, lr=lr, betas=ADAM_BETAS, eps=self.adam_eps)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
         loss.backward()

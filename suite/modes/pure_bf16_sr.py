@@ -44,6 +44,8 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """AdamW for bf16 parameters with a stochastically rounded weight update."""
 
+    impl = "StochasticRoundingAdamW (mpbench, for-loop)"  # the record's optimizer_impl: one tensor at a time
+
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = ADAM_BETAS, eps: float = 1e-8,
                  weight_decay: float = 0.0, seed: int = 0) -> None:  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))

@@ -19,6 +19,7 @@ from suite.metrics.timing import StepTimer, TimingStats
 from suite.metrics.window import MeasuredWindow, profiler_fields
 from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import tf32_matmuls
+from suite.modes.optimizer import optimizer_impl
 from suite.training.case import Case
 from suite.training.data import Corpus, digest
 from suite.training.numerics import NOT_REQUESTED, Sampler, linear_layers, sampled_steps
@@ -88,7 +89,7 @@ class CaseResult:
     diverged_at: int | None  # first step (counted from 1) whose loss was NaN/inf
     compute: str
     init_digest: str
-    storage: dict[str, list[str]] = field(default_factory=dict)
+    storage: dict[str, Any] = field(default_factory=dict)  # dtypes, converted layers, optimizer_impl
     measurements: dict[str, Any] = field(default_factory=dict)  # tracker fields for the record
     numerics: dict[str, Any] = field(default_factory=dict)  # the numerics_* record fields (mpbench run --numerics)
 
@@ -235,7 +236,8 @@ def run_case(
         if loop.diverged_at is None:
             final = held_out_loss()
             loop.eval_curve.append([case.steps, final])
-        storage = storage_dtypes(model, optimizer) | mode.layer_fields()  # grads of the last step are still there
+        # grads of the last step are still there; the optimizer that ran, from the optimizer object itself
+        storage = storage_dtypes(model, optimizer) | mode.layer_fields() | {"optimizer_impl": optimizer_impl(optimizer)}
         loss_curve, skipped, scales = loop.curves()
         numerics = sampler.fields() if sampler else numerics
     return CaseResult(
