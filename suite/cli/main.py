@@ -183,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     path = Path(args.out) if args.out else calibration.calibration_path(device)
     outputs.check_replaced(path, "calibration", ("device", "results"))
     store.check_writable(path.with_suffix(".tmp"))
-    print(f"mpbench: calibrating matmul FLOP/s on {device.describe()}", file=sys.stderr)
+    print(f"mpbench: calibrating matmul FLOP/s and memory bandwidth on {device.describe()}", file=sys.stderr)
     result = calibration.measure(device, dtypes, log=lambda line: print(line, file=sys.stderr))
     calibration.save(result, path)
     rows = []
@@ -198,6 +198,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for dtype, entry in result["results"].items():
         if entry["flops"] is None:
             print(f"{dtype}: not timed: {entry['reason']}")
+    copied = result["bandwidth"]
+    if copied["bytes_per_s"]:
+        print(f"memory bandwidth: {copied['bytes_per_s'] / 1e9:.1f} GB/s ({copied['method']})")
+    else:
+        print(f"memory bandwidth: not measured: {copied['reason']}")
     print(f"\ncalibration: {shown(path)}")
     return 0
 
@@ -262,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--emulate", action="store_true", help="as `mpbench run --emulate`: emulate below capability")
     modes.add_argument("--verbose", "-v", action="store_true", help="also say what each mode is and what it needs")
     modes.set_defaults(func=cmd_modes)
-    cal = sub.add_parser("calibrate", help="measure this machine's best matmul FLOP/s per dtype (for mamf)")
+    cal = sub.add_parser(
+        "calibrate", help="measure this machine's best matmul FLOP/s per dtype (for mamf) and its memory bandwidth"
+    )
     cal.add_argument("--device", default="auto")
     cal.add_argument(
         "--dtypes", help="comma-separated from fp32, tf32, fp16, bf16, fp8, int8 (default: what the device has)"

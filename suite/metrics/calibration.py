@@ -10,6 +10,10 @@ operands, one fp32 scale each, bf16 output: torchao's tensorwise recipe), "int8"
 (int32 output). A device without them (fp8 before compute capability 8.9) gets a reason instead of a
 figure. "mxfp8" has no ceiling: its block-scaled matmuls (e8m0 scales per 32 elements, Blackwell) are
 not timed here, and `ceiling` says so rather than pointing at a command that would refuse.
+
+`gemm` builds one product of any (m, k, n) shape in any arithmetic of ARITHMETICS (fp8-rowwise: per-row
+scales; mxfp8: e8m0 block scales, Blackwell only) for `mpbench gemms`; `time_call` is the one timer. The
+memory bandwidth (`measure_bandwidth`, a large device copy) is stored beside the ceilings for the roofline.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from suite.text import slug
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp8": torch.float8_e4m3fn, "int8": torch.int8}  # fmt: skip
+# Every arithmetic a mode's GEMMs run in (`mpbench gemms`); DTYPES are those `mpbench calibrate` times.
+ARITHMETICS = ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise", "int8", "mxfp8")
 NO_CEILING = {
     "mxfp8": "no mxfp8 ceiling: `mpbench calibrate` does not time block-scaled MX matmuls (Blackwell); mamf is null"
 }
@@ -61,44 +67,84 @@ def default_dtypes(device: DeviceInfo) -> list[str]:
 
 def _matmul(device: DeviceInfo, name: str, n: int) -> Callable[[], torch.Tensor]:
     """One (n x n) @ (n x n) product in `name`'s dtype, as the modes compute it, ready to call."""
-    gen = torch.Generator(device=device.torch_device).manual_seed(0)
-    a, b = (torch.randn(n, n, device=device.torch_device, generator=gen) for _ in range(2))
+    return gemm(device, name, n, n, n)
+
+
+def gemm(device: DeviceInfo, name: str, m: int, k: int, n: int) -> Callable[[], torch.Tensor]:
+    """One (m x k) @ (k x n) product in arithmetic `name` (ARITHMETICS), as the modes compute it, ready to call.
+    The operands' values do not matter for the time: randn, cast to the arithmetic's formats, unit scales."""
+    if name == "mxfp8" and (why := _no_mx(device)):
+        raise NotImplementedError(why)
+    dev = device.torch_device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a, b = torch.randn(m, k, device=dev, generator=gen), torch.randn(k, n, device=dev, generator=gen)
     if name == "int8":  # int8 x int8 -> int32 (torch._int_mm: on CUDA M > 16, K and N multiples of 8)
         # mat2 column-major, as torchao's int8 matmuls hand it over: cuBLAS 13 has no int8 kernel for two
         # row-major operands (torch's test__int_mm skips that case on CUDA 13), so cu130 builds would refuse
         a, b = ((t * 32).clamp(-128, 127).to(torch.int8) for t in (a, b))
         b = b.t().contiguous().t()
         return lambda: torch._int_mm(a, b)
-    if name == "fp8":  # e4m3 x e4m3 (the second column-major), fp32 scales, bf16 out: dims multiples of 16
-        one = torch.ones((), device=device.torch_device)
-        a, b = a.to(DTYPES[name]), b.to(DTYPES[name]).t().contiguous().t()
-        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    if name in ("fp8", "fp8-rowwise", "mxfp8"):  # e4m3 x e4m3 (the second column-major), bf16 out
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+        scale_a, scale_b = _scales(name, m, k, n, dev)
+        return lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
     a, b = a.to(DTYPES[name]), b.to(DTYPES[name])
     return lambda: a @ b
 
 
+def _scales(name: str, m: int, k: int, n: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch._scaled_mm`'s scales for arithmetic `name` (torch/_meta_registrations.py _check_scaled_mm_sizes):
+    fp8 one fp32 each (torchao's tensorwise); fp8-rowwise fp32 (m, 1) and (1, n), contiguous (torchao's
+    rowwise: one per row of A, one per column of B); mxfp8 one e8m0 per 32 elements along K, in cuBLAS's
+    swizzled block layout of 128 rows x 4 blocks (torchao mx_formats/utils.py to_blocked). All ones (e8m0
+    byte 127 = 2^0): with equal scales the swizzle is a no-op, so only the padded size matters."""
+    if name == "fp8":
+        one = torch.ones((), device=dev)
+        return one, one
+    if name == "fp8-rowwise":
+        return torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    k_blocks = _round_up(_round_up(k, 32) // 32, 4)  # ceil(k / 32) blocks, padded to a multiple of 4
+
+    def unit(rows: int) -> torch.Tensor:  # rows padded to a multiple of 128
+        return torch.full((_round_up(rows, 128) * k_blocks,), 127, dtype=torch.uint8, device=dev)
+
+    return unit(m).view(torch.float8_e8m0fnu), unit(n).view(torch.float8_e8m0fnu)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _no_mx(device: DeviceInfo) -> str | None:
+    """Why block-scaled MXFP8 matmuls cannot run on `device` (they need compute capability 10.0), or None."""
+    if device.type == "cuda" and device.capability and device.capability >= (10, 0):
+        return None
+    return f"mxfp8 matmuls need a GPU of compute capability >= 10.0 (Blackwell); this is {device.describe()}"
+
+
 def unavailable(device: DeviceInfo, name: str) -> str | None:
     """Why `name`'s matmul cannot run on `device` (its kernel refuses a small product), or None."""
+    if name == "mxfp8" and (why := _no_mx(device)):
+        return why
     try:
-        _matmul(device, name, 32)()
-    except (RuntimeError, NotImplementedError) as exc:
+        gemm(device, name, 32, 32, 32)()
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
         return f"{name} matmuls do not run on {device.describe()}: {type(exc).__name__}: {str(exc)[:160]}"
     return None
 
 
-def _time_matmul(device: DeviceInfo, name: str, n: int, repeats: int) -> float:
-    """Seconds per (n x n) @ (n x n) matmul in `name`'s dtype, warm, median of `repeats` timed batches."""
-    product = _matmul(device, name, n)
-    inner = 10 if device.type == "cuda" else 2
-    for _ in range(3):  # warm-up: cuBLAS heuristics, clocks, caches
-        product()
+def time_call(device: DeviceInfo, call: Callable[[], object], repeats: int, inner: int, warmup: int = 3) -> list[float]:
+    """Seconds per `call()`, one figure per timed batch of `inner` calls, after `warmup` calls: CUDA events on
+    the device's stream on a GPU, perf_counter after a sync on a CPU. The one timer of this module."""
+    for _ in range(warmup):  # cuBLAS heuristics, clocks, caches, first-touch pages
+        call()
     times = []
     events = CudaEvents(device.torch_device) if device.type == "cuda" else None
     for _ in range(repeats):
         if events is not None:  # events on the calibrated device's stream, not the current device's
             start = events.mark()
             for _ in range(inner):
-                product()
+                call()
             end = events.mark()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / inner)
@@ -106,9 +152,18 @@ def _time_matmul(device: DeviceInfo, name: str, n: int, repeats: int) -> float:
             synchronize(device.torch_device)
             t0 = time.perf_counter()
             for _ in range(inner):
-                product()
+                call()
             times.append((time.perf_counter() - t0) / inner)
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _time_matmul(device: DeviceInfo, name: str, n: int, repeats: int) -> float:
+    """Seconds per (n x n) @ (n x n) matmul in `name`'s dtype, warm, median of `repeats` timed batches."""
+    return median(time_call(device, _matmul(device, name, n), repeats, 10 if device.type == "cuda" else 2))
 
 
 def measure(
@@ -117,8 +172,10 @@ def measure(
     sizes: tuple[int, ...] | None = None,
     repeats: int = 5,
     log: Callable[[str], None] | None = None,
+    copy_nbytes: int | None = None,
 ) -> dict[str, Any]:
-    """Best square-matmul FLOP/s per dtype over `sizes`; a dict ready to save as JSON."""
+    """Best square-matmul FLOP/s per dtype over `sizes` and the memory bandwidth (a copy of `copy_nbytes`,
+    default `copy_bytes(device)`); a dict ready to save as JSON."""
     dtypes = dtypes or default_dtypes(device)
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     results: dict[str, Any] = {}
@@ -139,6 +196,10 @@ def measure(
                     log(f"calibrate {name:<4} n={n:<5} {tries[-1]['flops'] / 1e12:8.2f} TFLOP/s")
         best = max(tries, key=lambda t: t["flops"])
         results[name] = {"flops": best["flops"], "n": best["n"], "tries": tries}
+    copied = measure_bandwidth(device, copy_nbytes, repeats)
+    if log:
+        got = copied["bytes_per_s"]
+        log(f"calibrate bandwidth {got / 1e9:.1f} GB/s" if got else f"calibrate bandwidth skipped: {copied['reason']}")
     return {
         "device": device.name,
         "host": socket.gethostname(),
@@ -146,6 +207,69 @@ def measure(
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "method": f"best over square matmuls n in {list(sizes)}; median of {repeats} warm timed batches",
         "results": results,
+        "bandwidth": copied,
+    }
+
+
+GPU_COPY_BYTES = 256 * 2**20  # far beyond any GPU's L2 (H100: 50 MB, B200: 126 MB)
+MIN_COPY_BYTES = 256 * 2**20
+
+
+def copy_bytes(device: DeviceInfo) -> int:
+    """Bytes of the tensor the bandwidth copy reads (and writes again): on a GPU 256 MiB; on a CPU 4 x its
+    last-level cache (at least 256 MiB), so the copy streams from DRAM, but at most 1/8 of the free memory
+    (source and destination: a quarter), as other processes share the machine."""
+    if device.type == "cuda":
+        return GPU_COPY_BYTES
+    wanted = max(MIN_COPY_BYTES, 4 * (_last_level_cache() or 0))
+    free = _available_memory()
+    return min(wanted, free // 8) if free else wanted
+
+
+def _last_level_cache() -> int | None:
+    """Bytes of CPU 0's highest-level cache, from sysfs (what `lscpu` reads), or None off Linux."""
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        value = int(size.rstrip("KMG")) * scale
+        best = max(best or (level, value), (level, value))
+    return best[1] if best else None
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def measure_bandwidth(device: DeviceInfo, nbytes: int | None = None, repeats: int = 5) -> dict[str, Any]:
+    """Memory bandwidth: a device copy of `nbytes` of fp32 into a preallocated tensor, (read + write bytes) /
+    seconds, median of `repeats`; {"bytes_per_s": None, "reason": ...} when the copy cannot run."""
+    nbytes = nbytes or copy_bytes(device)
+    numel = nbytes // 4
+    try:
+        with on_device(device.torch_device):
+            src = torch.ones(numel, device=device.torch_device)  # written: its pages are mapped, not lazy zeros
+            dst = torch.zeros_like(src)
+            times = time_call(device, lambda: dst.copy_(src), repeats, inner=1, warmup=1)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        return {"bytes_per_s": None, "reason": f"the {nbytes / 2**20:.0f} MiB copy failed: {type(exc).__name__}: "
+                f"{str(exc)[:160]}"}  # fmt: skip
+    moved = 2 * numel * 4  # read once, written once
+    tries = [{"bytes": moved, "seconds": t, "bytes_per_s": moved / t} for t in times]
+    return {
+        "bytes_per_s": moved / median(times),
+        "method": f"copy of a {numel * 4 / 2**20:.0f} MiB fp32 tensor into a preallocated one, (read + write "
+        f"bytes) / seconds, median of {repeats}",
+        "tries": tries,
     }
 
 
