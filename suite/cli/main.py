@@ -1,4 +1,4 @@
-"""The `mpbench` command: run | fidelity | numerics | check | report | compare | baseline | models | modes |
+"""The `mpbench` command: run | fidelity | numerics | gemms | check | report | compare | baseline | models | modes |
 calibrate | env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
@@ -10,6 +10,7 @@ timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT /
 3 nothing regressed but some verdict is inconclusive (its runs' noise is past records.noise.NOISY_SPREAD).
 `numerics`: 0 statistics computed (formats that cannot run here are named in the record's numerics_skipped),
 1 nothing could be computed (training failed or no format ran), 2 bad input, 74 the record could not be written.
+`gemms`: 0 the table was printed (arithmetics that cannot run here skipped with reasons), 2 bad input.
 `doctor`: 0 no check failed (pass, warn or cannot check), 1 a check failed, 2 bad input.
 """
 
@@ -31,6 +32,8 @@ from suite.cli.check import add_arguments as add_check_arguments
 from suite.cli.check import cmd_check
 from suite.cli.fidelity import add_arguments as add_fidelity_arguments
 from suite.cli.fidelity import cmd_fidelity
+from suite.cli.gemms import add_arguments as add_gemms_arguments
+from suite.cli.gemms import cmd_gemms
 from suite.cli.numerics import add_arguments as add_numerics_arguments
 from suite.cli.numerics import cmd_numerics
 from suite.cli.run import add_arguments as add_run_arguments
@@ -238,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     num = sub.add_parser("numerics", help="what each number format would lose on fp32's tensors, per layer and role")
     add_numerics_arguments(num, _int)
     num.set_defaults(func=cmd_numerics)
+
+    gem = sub.add_parser("gemms", help="the model's GEMMs one by one in each mode's arithmetic, measured vs predicted")
+    add_gemms_arguments(gem, _int)
+    gem.set_defaults(func=cmd_gemms)
 
     chk = sub.add_parser(
         "check", help="convergence gate over seeds: exit 1 if a mode's loss drifted from fp32, 3 if inconclusive"

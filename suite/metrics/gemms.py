@@ -1,0 +1,238 @@
+"""The GEMMs of a training step one by one, in each mode's arithmetic, measured and predicted (`mpbench gemms`).
+
+Each mode's Linears run three GEMMs (forward, grad_input, grad_weight: suite.metrics.roofline) on operands
+in the mode's formats. Rows group the GEMMs of Linears of one kind ("attn.c_attn", "mlp.c_fc", "lm_head")
+that share a shape and an arithmetic; each distinct (arithmetic, m, k, n) is timed once per run (a cache),
+whichever modes share it. Beside it, the cost of casting its 8-bit operands from bf16 (`cast`), and the
+roofline's least time (`roofline.gemm_seconds`) with this device's ceilings.
+
+Attention's batched GEMMs are left out: the step runs them inside fused SDPA/flash kernels with the
+softmax, so a bare bmm would time a kernel the step never launches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models import GPT, GPTConfig
+from suite.hardware import DeviceInfo, on_device
+from suite.metrics import calibration, peaks, roofline
+from suite.metrics.timing import TimingStats
+from suite.modes import MODES
+from suite.modes.base import tf32_matmuls
+
+# A CPU has no matrix units for these: torch's CPU _scaled_mm runs (tests/test_gemms.py checks its numbers)
+# but as a reference kernel, so its time would be no fp8 speed. TF32 does not exist on a CPU.
+_NO_FP8 = ("a CPU has no fp8 matrix arithmetic: torch's CPU _scaled_mm is a reference kernel whose time is not "
+           "an fp8 speed; time it on a GPU of compute capability >= 8.9")  # fmt: skip
+CPU_SKIP = {"tf32": "a CPU has no TF32: its tf32 matmuls run in fp32 (the fp32 mode's rows time those)",
+            "fp8": _NO_FP8, "fp8-rowwise": _NO_FP8}  # fmt: skip
+TARGET_S = {"cpu": 0.005, "cuda": 0.001}  # each timed batch of calls lasts about this long
+LEFT_OUT = "attention's batched GEMMs: the step runs them fused in SDPA kernels, not as bare GEMMs"
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+
+
+def arithmetic(gemm: roofline.Gemm) -> str | None:
+    """The calibration arithmetic (calibration.ARITHMETICS) a GEMM runs in: its peak column, fp8 split into
+    tensorwise and rowwise by its operands' formats; None for a format with no column (4-bit)."""
+    compute = gemm.compute
+    if compute == "fp8" and "rowwise" in gemm.a + gemm.b:
+        return "fp8-rowwise"
+    return compute
+
+
+def layer_kind(fqn: str) -> str:
+    """'blocks.3.mlp.c_fc' -> 'mlp.c_fc': the same Linear in every block."""
+    return re.sub(r"^blocks\.\d+\.", "", fqn)
+
+
+def mode_gemms(mode_name: str, device: DeviceInfo, config: GPTConfig, batch: int, seq_len: int) -> list[roofline.Gemm]:
+    """The Linears' GEMMs of one step of `mode_name` (the mode prepared on a meta-device model, so its layer
+    selection is the one a run makes, with no weights allocated)."""
+    mode = MODES[mode_name](device)
+    with torch.device("meta"):
+        model = GPT(config)
+    mode.prepare(model)
+    converted = mode.layer_fields().get("converted_layers")
+    formats_of, attention = roofline.mode_formats(mode, converted)
+    every = roofline.model_gemms(config, batch, seq_len, formats_of, attention)
+    return [g for g in every if g.kind in roofline.KINDS]
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """FLOP/s per peak column and the memory bandwidth the prediction uses, with why a figure is missing."""
+
+    flops: dict[str, float | None]
+    flops_reason: dict[str, str | None]
+    bandwidth: float | None
+    bandwidth_reason: str | None
+    source: str
+
+
+def ceilings(device: DeviceInfo) -> Ceilings:
+    """On a GPU the datasheet peaks (suite.metrics.peaks); on a CPU the calibrated ceilings and bandwidth."""
+    flops, why = {}, {}
+    if device.type == "cuda":
+        for dtype in peaks.DTYPES:
+            flops[dtype], why[dtype] = peaks.peak_flops(device.name, dtype)
+        bw, bw_why = _datasheet_bandwidth(device)
+        return Ceilings(flops, why, bw, bw_why, "datasheet peaks (suite.metrics.peaks)")
+    for dtype in peaks.DTYPES:
+        flops[dtype], why[dtype] = calibration.ceiling(device, dtype)
+    bw, bw_why = calibration.bandwidth(device)
+    return Ceilings(flops, why, bw, bw_why, f"calibration {calibration.calibration_path(device)}")
+
+
+def _datasheet_bandwidth(device: DeviceInfo) -> tuple[float | None, str | None]:
+    """peaks.peak_bandwidth where this build has it (the roofline work adds it), else None and why."""
+    lookup = getattr(peaks, "peak_bandwidth", None)
+    if lookup is None:
+        return None, "this build has no datasheet memory bandwidth table (suite.metrics.peaks.peak_bandwidth)"
+    try:
+        memory_mb = torch.cuda.get_device_properties(device.index).total_memory / 2**20
+        return lookup(device.name, memory_mb=memory_mb)
+    except Exception as exc:  # a table or driver that fails must not end the GEMM table
+        return None, f"datasheet memory bandwidth unavailable: {type(exc).__name__}: {exc}"
+
+
+def skip_reason(device: DeviceInfo, arith: str | None) -> str | None:
+    """Why GEMMs in `arith` are not timed on `device`, or None."""
+    if arith is None:
+        return "a 4-bit format: no arithmetic of ours times it"
+    if device.type == "cpu" and arith in CPU_SKIP:
+        return CPU_SKIP[arith]
+    return calibration.unavailable(device, arith)
+
+
+def cast(fmt: str, rows: int, cols: int, device: DeviceInfo) -> Callable[[], object] | None:
+    """The cast of a bf16 (rows x cols) operand into 8-bit format `fmt`, scaled along cols (the GEMM's K), in
+    plain eager torch ops doing what torchao's cast does: fp8 tensorwise amax + scale + saturated cast;
+    rowwise one amax per row (-pow2: the scale rounded down to a power of 2); int8-rowwise absmax / 127 and
+    round; mxfp8 one e8m0 exponent per 32 elements. None for a format that needs no cast (16/32-bit)."""
+    if roofline.FORMAT_BYTES.get(fmt, 2.0) > 1.5:
+        return None
+    x = torch.randn(rows, cols, device=device.torch_device).to(torch.bfloat16)
+    if fmt == "int8-rowwise":
+        return lambda: (x / (x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127)).round().clamp(
+            -128, 127).to(torch.int8)  # fmt: skip
+    if fmt.startswith("mxfp8"):
+        blocks = x.view(rows, -1, 32) if cols % 32 == 0 else None
+        if blocks is None:
+            return None
+        rceil = fmt.endswith("rceil")
+
+        def mx() -> object:
+            amax = blocks.abs().amax(dim=2, keepdim=True).float().clamp(min=2**-127)
+            exp = torch.ceil(torch.log2(amax / 448.0)) if rceil else torch.floor(torch.log2(amax)) - 8
+            return (blocks.float() * torch.exp2(-exp)).clamp(-448, 448).to(torch.float8_e4m3fn), (exp + 127).to(
+                torch.uint8)  # fmt: skip
+
+        return mx
+    name, _, scaling = fmt.partition("-")
+    target = torch.float8_e4m3fn if name == "e4m3" else torch.float8_e5m2
+    top = FP8_MAX[name]
+
+    def fp8() -> object:
+        amax = x.abs().amax(dim=1, keepdim=True) if scaling.startswith("rowwise") else x.abs().max()
+        scale = top / amax.float().clamp(min=1e-12)
+        if scaling.endswith("pow2"):
+            scale = torch.exp2(torch.floor(torch.log2(scale)))
+        return (x.float() * scale).clamp(-top, top).to(target), scale
+
+    return fp8
+
+
+class Timer:
+    """Each distinct GEMM (arithmetic, m, k, n) and cast (format, rows, cols) timed once: the cache of a run."""
+
+    def __init__(self, device: DeviceInfo, repeats: int, log: Callable[[str], None] | None = None) -> None:
+        self.device, self.repeats, self.log = device, repeats, log
+        self.gemms: dict[tuple[str, int, int, int], TimingStats] = {}
+        self.casts: dict[tuple[str, int, int], TimingStats | None] = {}
+        self.skips: dict[str | None, str | None] = {}
+
+    def skip(self, arith: str | None) -> str | None:
+        """skip_reason, asked once per arithmetic (it runs a small product to see whether the kernel runs)."""
+        if arith not in self.skips:
+            self.skips[arith] = skip_reason(self.device, arith)
+        return self.skips[arith]
+
+    def _time(self, call: Callable[[], object]) -> TimingStats:
+        once = calibration.time_call(self.device, call, repeats=1, inner=1, warmup=1)[0]
+        inner = max(1, min(50, round(TARGET_S[self.device.type] / max(once, 1e-9))))
+        seconds = calibration.time_call(self.device, call, self.repeats, inner, warmup=1)
+        return TimingStats.from_times([s * 1e3 for s in seconds])
+
+    def gemm(self, arith: str, m: int, k: int, n: int) -> TimingStats:
+        key = (arith, m, k, n)
+        if key not in self.gemms:
+            if self.log:
+                self.log(f"gemms: timing {arith} {m} x {k} x {n} ({len(self.gemms) + 1} distinct so far)")
+            with on_device(self.device.torch_device), tf32_matmuls(arith == "tf32"):
+                self.gemms[key] = self._time(calibration.gemm(self.device, arith, m, k, n))
+        return self.gemms[key]
+
+    def cast(self, fmt: str, rows: int, cols: int) -> TimingStats | None:
+        key = (fmt, rows, cols)
+        if key not in self.casts:
+            with on_device(self.device.torch_device):
+                call = cast(fmt, rows, cols, self.device)
+                self.casts[key] = self._time(call) if call else None
+        return self.casts[key]
+
+
+def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceilings) -> list[dict[str, Any]]:
+    """One row per (layer kind, GEMM kind, shape, arithmetic, formats) of a mode: its count in the step, the
+    measured time (median, p10-p90), FLOP/s, the prediction and the 8-bit operands' cast time."""
+    groups: dict[tuple, list[roofline.Gemm]] = {}
+    for g in gemms:
+        groups.setdefault((layer_kind(g.layer), g.kind, g.shape, arithmetic(g), g.a, g.b), []).append(g)
+    rows = []
+    for (layer, kind, (m, k, n), arith, a, b), same in groups.items():
+        g = same[0]
+        row: dict[str, Any] = {"mode": mode_name, "layer": layer, "gemm": kind, "m": m, "k": k, "n": n,
+                               "count": len(same), "arithmetic": arith, "a": a, "b": b, "out": g.out,
+                               "flops": g.flops}  # fmt: skip
+        predicted = roofline.gemm_seconds(g, ceil.flops, ceil.bandwidth)
+        row["predicted_ms"] = None if predicted is None else predicted * 1e3
+        row["predicted_reason"] = None if predicted is not None else (
+            (g.compute and ceil.flops_reason.get(g.compute)) or ceil.bandwidth_reason or "no ceiling")  # fmt: skip
+        why = timer.skip(arith)
+        row["skipped_reason"] = why
+        if why:
+            rows.append({**row, "measured_ms": None, "p10_ms": None, "p90_ms": None, "tflops": None,
+                         "measured_over_predicted": None, "cast_ms": None, "casts": []})  # fmt: skip
+            continue
+        stats = timer.gemm(arith, m, k, n)  # type: ignore[arg-type]
+        casts = []  # operand a is (m x k), b is (k x n) scaled per column: cast as its (n x k) transpose
+        for fmt, rows_, cols in ((a, m, k), (b, n, k)):
+            timed = timer.cast(fmt, rows_, cols)
+            if timed is not None:
+                casts.append({"format": fmt, "rows": rows_, "cols": cols, "ms": timed.median_ms})
+        row.update(measured_ms=stats.median_ms, p10_ms=stats.p10_ms, p90_ms=stats.p90_ms,
+                   tflops=g.flops / (stats.median_ms / 1e3) / 1e12,
+                   measured_over_predicted=stats.median_ms / row["predicted_ms"] if row["predicted_ms"] else None,
+                   cast_ms=sum(c["ms"] for c in casts) if casts else None, casts=casts)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def biggest(rows: list[dict[str, Any]], device: DeviceInfo) -> list[dict[str, Any]]:
+    """Per measured arithmetic, its biggest GEMM (most FLOPs) against the calibrated matmul ceiling (square
+    matmuls, `mpbench calibrate`; fp8-rowwise against the tensorwise fp8 ceiling)."""
+    out = []
+    for arith in dict.fromkeys(r["arithmetic"] for r in rows if r["measured_ms"]):
+        top = max((r for r in rows if r["arithmetic"] == arith and r["measured_ms"]), key=lambda r: r["flops"])
+        dtype = "fp8" if arith == "fp8-rowwise" else arith
+        flops, why = calibration.ceiling(device, dtype)
+        ratio = top["tflops"] * 1e12 / flops if flops else None
+        out.append({"mode": top["mode"], "arithmetic": arith, "layer": top["layer"], "gemm": top["gemm"],
+                    "shape": [top["m"], top["k"], top["n"]], "tflops": top["tflops"],
+                    "ceiling_tflops": flops / 1e12 if flops else None, "of_ceiling": ratio, "reason": why})  # fmt: skip
+    return out
