@@ -156,6 +156,25 @@ def test_fp8_and_mxfp8_are_skipped_on_a_cpu_with_reasons(quick, capsys):
     assert "left out: attention's batched GEMMs" in printed
 
 
+def test_a_shape_the_kernel_refuses_is_skipped_with_why_and_the_rest_still_timed(quick, monkeypatch):
+    """On CUDA `_scaled_mm` refuses dimensions that are not multiples of 16 (an odd --seq-len makes K of the
+    weight-gradient GEMM one): that row says so; the command and the other rows go on."""
+    real = calibration.gemm
+
+    def picky(device, name, m, k, n):
+        if (m, k, n) == (256, 128, 512):
+            raise RuntimeError("Expected self.size(1) to be divisible by 16")
+        return real(device, name, m, k, n)
+
+    monkeypatch.setattr(calibration, "gemm", picky)
+    out = quick / "g.json"
+    assert main(["gemms", *FAST, "--modes", "bf16", "--out", str(out)]) == 0
+    rows = _rows(out)["rows"]
+    refused = [r for r in rows if (r["m"], r["k"], r["n"]) == (256, 128, 512)]
+    assert refused and all("refused 256 x 128 x 512: RuntimeError: Expected" in r["skipped_reason"] for r in refused)
+    assert all(r["measured_ms"] is not None for r in rows if r not in refused)
+
+
 def test_predictions_need_a_calibration_and_say_why_without(quick, capsys):
     out = quick / "g.json"
     assert main(["gemms", *FAST, "--modes", "fp32", "--out", str(out)]) == 0

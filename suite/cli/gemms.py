@@ -130,6 +130,7 @@ def _print_mode(name: str, rows: list[dict[str, Any]], top: list[dict[str, Any]]
         print(
             f"total: GEMMs {gemm_ms:.3f} ms + casts {cast_ms:.3f} ms per step; predicted GEMMs "
             + (f"{sum(pred):.3f} ms (measured / predicted {gemm_ms / sum(pred):.2f})" if whole and pred else "-")
+            + (f"; {len(rows) - len(timed)} row(s) not timed, not in the totals" if len(timed) < len(rows) else "")
         )
     for t in top:
         shape = "x".join(map(str, t["shape"]))

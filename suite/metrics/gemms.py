@@ -153,7 +153,7 @@ class Timer:
 
     def __init__(self, device: DeviceInfo, repeats: int, log: Callable[[str], None] | None = None) -> None:
         self.device, self.repeats, self.log = device, repeats, log
-        self.gemms: dict[tuple[str, int, int, int], TimingStats] = {}
+        self.gemms: dict[tuple[str, int, int, int], TimingStats | str] = {}
         self.casts: dict[tuple[str, int, int], TimingStats | None] = {}
         self.skips: dict[str | None, str | None] = {}
 
@@ -169,13 +169,17 @@ class Timer:
         seconds = calibration.time_call(self.device, call, self.repeats, inner, warmup=1)
         return TimingStats.from_times([s * 1e3 for s in seconds])
 
-    def gemm(self, arith: str, m: int, k: int, n: int) -> TimingStats:
+    def gemm(self, arith: str, m: int, k: int, n: int) -> TimingStats | str:
+        """The GEMM's timings, or why its kernel refused to run it (one shape's failure ends nothing else)."""
         key = (arith, m, k, n)
         if key not in self.gemms:
             if self.log:
                 self.log(f"gemms: timing {arith} {m} x {k} x {n} ({len(self.gemms) + 1} distinct so far)")
-            with on_device(self.device.torch_device), tf32_matmuls(arith == "tf32"):
-                self.gemms[key] = self._time(calibration.gemm(self.device, arith, m, k, n))
+            try:
+                with on_device(self.device.torch_device), tf32_matmuls(arith == "tf32"):
+                    self.gemms[key] = self._time(calibration.gemm(self.device, arith, m, k, n))
+            except (RuntimeError, ValueError, NotImplementedError) as exc:  # torch.OutOfMemoryError included
+                self.gemms[key] = f"the {arith} kernel refused {m} x {k} x {n}: {type(exc).__name__}: {str(exc)[:160]}"
         return self.gemms[key]
 
     def cast(self, fmt: str, rows: int, cols: int) -> TimingStats | None:
@@ -204,12 +208,14 @@ def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceil
         row["predicted_reason"] = None if predicted is not None else (
             (g.compute and ceil.flops_reason.get(g.compute)) or ceil.bandwidth_reason or "no ceiling")  # fmt: skip
         why = timer.skip(arith)
+        stats = None if why else timer.gemm(arith, m, k, n)  # type: ignore[arg-type]
+        if isinstance(stats, str):  # the kernel refused this shape (CUDA's multiples of 16), or memory ran out
+            why, stats = stats, None
         row["skipped_reason"] = why
-        if why:
+        if why or stats is None:
             rows.append({**row, "measured_ms": None, "p10_ms": None, "p90_ms": None, "tflops": None,
                          "measured_over_predicted": None, "cast_ms": None, "casts": []})  # fmt: skip
             continue
-        stats = timer.gemm(arith, m, k, n)  # type: ignore[arg-type]
         casts = []  # operand a is (m x k), b is (k x n) scaled per column: cast as its (n x k) transpose
         for fmt, rows_, cols in ((a, m, k), (b, n, k)):
             timed = timer.cast(fmt, rows_, cols)
