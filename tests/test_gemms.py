@@ -264,3 +264,25 @@ def test_copy_size_is_beyond_the_cache_and_within_memory(monkeypatch):
     monkeypatch.setattr(calibration, "_last_level_cache", lambda: None)
     assert calibration.copy_bytes(CPU) == 256 * 2**20
     assert calibration.copy_bytes(DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))) == 256 * 2**20
+
+
+def test_a_gpu_predicts_with_the_datasheet_peaks_and_bandwidth_where_the_table_has_it(monkeypatch):
+    """On a GPU the ceilings are peaks.peak_flops per dtype and peaks.peak_bandwidth (the roofline work adds
+    it): absent, the bandwidth is null with why; present, it is asked with the GPU's memory; failing, why."""
+    from types import SimpleNamespace
+
+    from suite.metrics import peaks
+
+    h100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.delattr(peaks, "peak_bandwidth", raising=False)
+    got = gemms_mod.ceilings(h100)
+    assert got.flops["bf16"] == peaks.peak_flops(h100.name, "bf16")[0] and got.flops["bf16"] > 0
+    assert got.bandwidth is None and "peak_bandwidth" in got.bandwidth_reason and "datasheet" in got.source
+    asked = []
+    table = lambda name, memory_mb=None: asked.append(memory_mb) or (3.35e12, None)  # noqa: E731
+    monkeypatch.setattr(peaks, "peak_bandwidth", table, raising=False)
+    assert gemms_mod.ceilings(h100).bandwidth == 3.35e12 and asked == [80 * 1024]
+    monkeypatch.setattr(peaks, "peak_bandwidth", lambda *a, **k: 1 / 0, raising=False)
+    got = gemms_mod.ceilings(h100)
+    assert got.bandwidth is None and "ZeroDivisionError" in got.bandwidth_reason
