@@ -266,23 +266,18 @@ def test_copy_size_is_beyond_the_cache_and_within_memory(monkeypatch):
     assert calibration.copy_bytes(DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))) == 256 * 2**20
 
 
-def test_a_gpu_predicts_with_the_datasheet_peaks_and_bandwidth_where_the_table_has_it(monkeypatch):
-    """On a GPU the ceilings are peaks.peak_flops per dtype and peaks.peak_bandwidth (the roofline work adds
-    it): absent, the bandwidth is null with why; present, it is asked with the GPU's memory; failing, why."""
-    from types import SimpleNamespace
-
+def test_a_gpu_predicts_with_the_datasheet_peaks_and_bandwidth_the_records_use():
+    """On a GPU the rows' ceilings are the roofline's (roofline_predict.ceilings): the datasheet peak of each
+    arithmetic and the datasheet bandwidth; an unknown GPU's rows say why they have no prediction."""
     from suite.metrics import peaks
 
     h100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
-    monkeypatch.delattr(peaks, "peak_bandwidth", raising=False)
-    got = gemms_mod.ceilings(h100)
-    assert got.flops["bf16"] == peaks.peak_flops(h100.name, "bf16")[0] and got.flops["bf16"] > 0
-    assert got.bandwidth is None and "peak_bandwidth" in got.bandwidth_reason and "datasheet" in got.source
-    asked = []
-    table = lambda name, memory_mb=None: asked.append(memory_mb) or (3.35e12, None)  # noqa: E731
-    monkeypatch.setattr(peaks, "peak_bandwidth", table, raising=False)
-    assert gemms_mod.ceilings(h100).bandwidth == 3.35e12 and asked == [80 * 1024]
-    monkeypatch.setattr(peaks, "peak_bandwidth", lambda *a, **k: 1 / 0, raising=False)
-    got = gemms_mod.ceilings(h100)
-    assert got.bandwidth is None and "ZeroDivisionError" in got.bandwidth_reason
+    ceil = gemms_mod.Ceilings(h100)
+    assert ceil.bandwidth == peaks.peak_bandwidth(h100.name)[0] > 0 and ceil.source.startswith("datasheet")
+    assert ceil.of("bf16").flops_per_s["bf16"] == peaks.peak_flops(h100.name, "bf16")[0] > 0
+    unknown = gemms_mod.Ceilings(DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", (8, 6)))
+    assert "NVIDIA GeForce RTX 3060" in unknown.of("bf16").missing
+    gemm = roofline.Gemm("lm_head", "forward", 8192, 768, 50304, "bf16", "bf16", "bf16")
+    rows = gemms_mod.rows_of("bf16", [gemm], gemms_mod.Timer(h100, 1), unknown)
+    assert rows[0]["skipped_reason"]  # no CUDA here: the kernel cannot run, and the row says so
+    assert rows[0]["predicted_ms"] is None and "RTX 3060" in rows[0]["predicted_reason"]

@@ -77,7 +77,7 @@ def cmd_gemms(args: argparse.Namespace) -> int:
     busy = cpu_load(Host()) if device.type == "cpu" else None
     if busy is not None and busy.status == WARN:  # torch's threads wait for cores: stalls of a time slice
         log_to_stderr(f"mpbench gemms: warning: {busy.detail}")
-    ceil = gemms.ceilings(device)
+    ceil = gemms.Ceilings(device)
     timer = gemms.Timer(device, args.repeats, log=log_to_stderr)
     rows, failed = [], {}
     for name in names:

@@ -4,7 +4,8 @@ Each mode's Linears run three GEMMs (forward, grad_input, grad_weight: suite.met
 in the mode's formats. Rows group the GEMMs of Linears of one kind ("attn.c_attn", "mlp.c_fc", "lm_head")
 that share a shape and an arithmetic; each distinct (arithmetic, m, k, n) is timed once per run (a cache),
 whichever modes share it. Beside it, the cost of casting its 8-bit operands from bf16 (`cast`), and the
-roofline's least time (`roofline.gemm_seconds`) with this device's ceilings.
+roofline's least time (`roofline.gemm_seconds`) with the ceilings the records' roofline uses
+(`roofline_predict.ceilings`).
 
 Attention's batched GEMMs are left out: the step runs them inside fused SDPA/flash kernels with the
 softmax, so a bare bmm would time a kernel the step never launches.
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from models import GPT, GPTConfig
 from suite.hardware import DeviceInfo, on_device
-from suite.metrics import calibration, peaks, roofline
+from suite.metrics import calibration, roofline, roofline_predict
 from suite.metrics.timing import TimingStats
 from suite.modes import MODES
 from suite.modes.base import tf32_matmuls
@@ -64,41 +64,21 @@ def mode_gemms(mode_name: str, device: DeviceInfo, config: GPTConfig, batch: int
     return [g for g in every if g.kind in roofline.KINDS]
 
 
-@dataclass(frozen=True)
 class Ceilings:
-    """FLOP/s per peak column and the memory bandwidth the prediction uses, with why a figure is missing."""
+    """The roofline's ceilings (suite.metrics.roofline_predict.ceilings: datasheet peaks and bandwidth on a GPU,
+    calibrated ones on a CPU), asked once per arithmetic, so that a row's missing prediction says only what
+    its own arithmetic lacks."""
 
-    flops: dict[str, float | None]
-    flops_reason: dict[str, str | None]
-    bandwidth: float | None
-    bandwidth_reason: str | None
-    source: str
+    def __init__(self, device: DeviceInfo) -> None:
+        self.device = device
+        self.by_dtype: dict[str, roofline_predict.Ceilings] = {}
+        none = roofline_predict.ceilings(device, set())  # the bandwidth alone: where the figures come from
+        self.source, self.bandwidth, self.bandwidth_reason = none.source, none.bandwidth, none.missing
 
-
-def ceilings(device: DeviceInfo) -> Ceilings:
-    """On a GPU the datasheet peaks (suite.metrics.peaks); on a CPU the calibrated ceilings and bandwidth."""
-    flops, why = {}, {}
-    if device.type == "cuda":
-        for dtype in peaks.DTYPES:
-            flops[dtype], why[dtype] = peaks.peak_flops(device.name, dtype)
-        bw, bw_why = _datasheet_bandwidth(device)
-        return Ceilings(flops, why, bw, bw_why, "datasheet peaks (suite.metrics.peaks)")
-    for dtype in peaks.DTYPES:
-        flops[dtype], why[dtype] = calibration.ceiling(device, dtype)
-    bw, bw_why = calibration.bandwidth(device)
-    return Ceilings(flops, why, bw, bw_why, f"calibration {calibration.calibration_path(device)}")
-
-
-def _datasheet_bandwidth(device: DeviceInfo) -> tuple[float | None, str | None]:
-    """peaks.peak_bandwidth where this build has it (the roofline work adds it), else None and why."""
-    lookup = getattr(peaks, "peak_bandwidth", None)
-    if lookup is None:
-        return None, "this build has no datasheet memory bandwidth table (suite.metrics.peaks.peak_bandwidth)"
-    try:
-        memory_mb = torch.cuda.get_device_properties(device.index).total_memory / 2**20
-        return lookup(device.name, memory_mb=memory_mb)
-    except Exception as exc:  # a table or driver that fails must not end the GEMM table
-        return None, f"datasheet memory bandwidth unavailable: {type(exc).__name__}: {exc}"
+    def of(self, compute: str) -> roofline_predict.Ceilings:
+        if compute not in self.by_dtype:
+            self.by_dtype[compute] = roofline_predict.ceilings(self.device, {compute})
+        return self.by_dtype[compute]
 
 
 def skip_reason(device: DeviceInfo, arith: str | None) -> str | None:
@@ -203,10 +183,10 @@ def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceil
         row: dict[str, Any] = {"mode": mode_name, "layer": layer, "gemm": kind, "m": m, "k": k, "n": n,
                                "count": len(same), "arithmetic": arith, "a": a, "b": b, "out": g.out,
                                "flops": g.flops}  # fmt: skip
-        predicted = roofline.gemm_seconds(g, ceil.flops, ceil.bandwidth)
+        known = ceil.of(g.compute) if g.compute else None
+        predicted = roofline.gemm_seconds(g, known.flops_per_s, known.bandwidth) if known else None
         row["predicted_ms"] = None if predicted is None else predicted * 1e3
-        row["predicted_reason"] = None if predicted is not None else (
-            (g.compute and ceil.flops_reason.get(g.compute)) or ceil.bandwidth_reason or "no ceiling")  # fmt: skip
+        row["predicted_reason"] = None if predicted is not None else known.missing if known else "no peak column"
         why = timer.skip(arith)
         stats = None if why else timer.gemm(arith, m, k, n)  # type: ignore[arg-type]
         if isinstance(stats, str):  # the kernel refused this shape (CUDA's multiples of 16), or memory ran out
