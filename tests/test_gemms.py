@@ -281,3 +281,24 @@ def test_a_gpu_predicts_with_the_datasheet_peaks_and_bandwidth_the_records_use()
     rows = gemms_mod.rows_of("bf16", [gemm], gemms_mod.Timer(h100, 1), unknown)
     assert rows[0]["skipped_reason"]  # no CUDA here: the kernel cannot run, and the row says so
     assert rows[0]["predicted_ms"] is None and "RTX 3060" in rows[0]["predicted_reason"]
+
+
+def test_a_busy_cpu_is_warned_about_by_gemms_and_calibrate(quick, monkeypatch, capsys):
+    """A load average past doctor's bound makes CPU timings stall (a 0.05 ms GEMM read 10 ms on the 2-core VM
+    at load 5): both commands say so on stderr, and gemms's JSON keeps the line."""
+    from suite.cli import gemms as gemms_cli
+    from suite.cli.quiet_checks import Host
+
+    busy = Host(loadavg=lambda: (9.0, 9.0, 9.0), cpus=lambda: 2, usable=lambda: 2)
+    monkeypatch.setattr(gemms_cli, "Host", lambda: busy)
+    monkeypatch.setattr(calibration, "CPU_SIZES", (32,))
+    monkeypatch.setattr(calibration, "copy_bytes", lambda device: 1 << 20)
+    out = quick / "g.json"
+    assert main(["gemms", *FAST, "--modes", "fp32", "--out", str(out)]) == 0
+    assert main(["calibrate", "--device", "cpu", "--dtypes", "fp32", "--out", str(quick / "c.json")]) == 0
+    err = capsys.readouterr().err
+    assert "mpbench gemms: warning: 1-minute load average 9.00" in err and "mpbench calibrate: warning:" in err
+    assert "4.50 per CPU" in _rows(out)["cpu_load"]
+    quiet = Host(loadavg=lambda: (0.1, 0.1, 0.1), cpus=lambda: 2, usable=lambda: 2)
+    assert gemms_cli.load_warning(CPU, quiet) is None
+    assert gemms_cli.load_warning(DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0)), busy) is None

@@ -33,7 +33,7 @@ from suite.cli.check import cmd_check
 from suite.cli.fidelity import add_arguments as add_fidelity_arguments
 from suite.cli.fidelity import cmd_fidelity
 from suite.cli.gemms import add_arguments as add_gemms_arguments
-from suite.cli.gemms import cmd_gemms
+from suite.cli.gemms import cmd_gemms, load_warning
 from suite.cli.numerics import add_arguments as add_numerics_arguments
 from suite.cli.numerics import cmd_numerics
 from suite.cli.run import add_arguments as add_run_arguments
@@ -187,6 +187,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     outputs.check_replaced(path, "calibration", ("device", "results"))
     store.check_writable(path.with_suffix(".tmp"))
     print(f"mpbench: calibrating matmul FLOP/s and memory bandwidth on {device.describe()}", file=sys.stderr)
+    if busy := load_warning(device):  # a ceiling measured on a busy CPU is too low, and every mamf too high
+        print(f"mpbench calibrate: warning: {busy}", file=sys.stderr)
     result = calibration.measure(device, dtypes, log=lambda line: print(line, file=sys.stderr))
     calibration.save(result, path)
     rows = []
