@@ -302,3 +302,28 @@ def test_a_busy_cpu_is_warned_about_by_gemms_and_calibrate(quick, monkeypatch, c
     quiet = Host(loadavg=lambda: (0.1, 0.1, 0.1), cpus=lambda: 2, usable=lambda: 2)
     assert gemms_cli.load_warning(CPU, quiet) is None
     assert gemms_cli.load_warning(DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0)), busy) is None
+
+
+def test_a_mode_that_cannot_be_prepared_is_named_and_the_others_still_shown(quick, monkeypatch, capsys):
+    real = gemms_mod.mode_gemms
+
+    def broken(name, *args):
+        if name == "int8-mixed":
+            raise ImportError("needs torchao")
+        return real(name, *args)
+
+    monkeypatch.setattr(gemms_mod, "mode_gemms", broken)
+    out = quick / "g.json"
+    assert main(["gemms", *FAST, "--modes", "int8-mixed,fp32", "--out", str(out)]) == 0
+    assert "int8-mixed: not shown: ImportError: needs torchao" in capsys.readouterr().out
+    data = _rows(out)
+    assert data["not_shown"] == {"int8-mixed": "ImportError: needs torchao"} and {r["mode"] for r in data["rows"]} == {
+        "fp32"
+    }
+
+
+def test_out_refuses_a_file_that_is_not_a_gemms_table(quick, capsys):
+    other = quick / "records.json"
+    other.write_text('{"something": "else"}')
+    assert main(["gemms", *FAST, "--modes", "fp32", "--out", str(other)]) == 2
+    assert "mpbench gemms: error:" in capsys.readouterr().err and other.read_text() == '{"something": "else"}'
