@@ -36,20 +36,19 @@ def _bytes(row: dict) -> float:
     return sum(count * roofline.FORMAT_BYTES[fmt] for count, fmt in sizes)
 
 
-@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16", "int8", "fp8", "fp8-rowwise"])
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16", "int8", "fp8", "fp8-rowwise", "fp8-rowwise-rescaled"])
 def test_a_gemm_of_any_shape_in_each_arithmetic(name):
     out = calibration.gemm(CPU, name, 48, 32, 80)()
     assert out.shape == (48, 80)
-    assert out.dtype == {"int8": torch.int32, "fp8": torch.bfloat16, "fp8-rowwise": torch.bfloat16}.get(
-        name, calibration.DTYPES.get(name)
-    )
+    assert out.dtype == (torch.int32 if name == "int8" else torch.bfloat16 if name.startswith("fp8") else
+                         calibration.DTYPES[name])  # fmt: skip
 
 
 def test_the_square_calibration_still_builds_n_by_n(monkeypatch):
     seen = []
     real = calibration.gemm
     monkeypatch.setattr(
-        calibration, "gemm", lambda d, name, m, k, n: seen.append((name, m, k, n)) or real(d, name, m, k, n)
+        calibration, "gemm", lambda d, name, m, k, n, **kw: seen.append((name, m, k, n)) or real(d, name, m, k, n, **kw)
     )
     calibration._time_matmul(CPU, "fp32", 64, repeats=1)
     assert seen == [("fp32", 64, 64, 64)]
@@ -125,7 +124,9 @@ def test_each_distinct_gemm_is_timed_once(quick, monkeypatch):
     built = []
     real = calibration.gemm
     monkeypatch.setattr(
-        calibration, "gemm", lambda d, name, m, k, n: built.append((name, m, k, n)) or real(d, name, m, k, n)
+        calibration,
+        "gemm",
+        lambda d, name, m, k, n, **kw: built.append((name, m, k, n)) or real(d, name, m, k, n, **kw),
     )
     out = quick / "g.json"
     assert main(["gemms", *FAST, "--modes", "fp32,bf16,int8-mixed,bf16", "--out", str(out)]) == 0
@@ -147,7 +148,8 @@ def test_fp8_and_mxfp8_are_skipped_on_a_cpu_with_reasons(quick, capsys):
     out = quick / "g.json"
     assert main(["gemms", *FAST, "--modes", "fp8-tensorwise,fp8-rowwise,mxfp8", "--out", str(out)]) == 0
     rows = _rows(out)["rows"]
-    for arith, text in (("fp8", "no fp8 matrix"), ("fp8-rowwise", "no fp8 matrix"), ("mxfp8", ">= 10.0")):
+    for arith, text in (("fp8", "no fp8 matrix"), ("fp8-rowwise", "no fp8 matrix"),
+                        ("fp8-rowwise-rescaled", "no fp8 matrix"), ("mxfp8", ">= 10.0")):  # fmt: skip
         mine = [r for r in rows if r["arithmetic"] == arith]
         assert mine and all(r["measured_ms"] is None and text in r["skipped_reason"] for r in mine), arith
     assert all(r["measured_ms"] is not None for r in rows if r["layer"] == "lm_head")  # kept in bf16: timed
@@ -161,10 +163,10 @@ def test_a_shape_the_kernel_refuses_is_skipped_with_why_and_the_rest_still_timed
     weight-gradient GEMM one): that row says so; the command and the other rows go on."""
     real = calibration.gemm
 
-    def picky(device, name, m, k, n):
+    def picky(device, name, m, k, n, **kw):
         if (m, k, n) == (256, 128, 512):
             raise RuntimeError("Expected self.size(1) to be divisible by 16")
-        return real(device, name, m, k, n)
+        return real(device, name, m, k, n, **kw)
 
     monkeypatch.setattr(calibration, "gemm", picky)
     out = quick / "g.json"
@@ -327,3 +329,27 @@ def test_out_refuses_a_file_that_is_not_a_gemms_table(quick, capsys):
     other.write_text('{"something": "else"}')
     assert main(["gemms", *FAST, "--modes", "fp32", "--out", str(other)]) == 2
     assert "mpbench gemms: error:" in capsys.readouterr().err and other.read_text() == '{"something": "else"}'
+
+
+def test_fp8_gemms_run_as_torchao_runs_them(monkeypatch):
+    """torchao 0.18: the float8 forward GEMM with fast accumulation (gemm_config_output), the backward ones
+    without; rowwise's backward GEMMs as the tensorwise kernel with the row x column scales applied after
+    (float8_ops.py addmm_float8_unwrapped). The arithmetic per GEMM kind, and what reaches _scaled_mm."""
+    kinds = {}
+    for fmt in ("e4m3-tensorwise", "e4m3-rowwise-pow2"):
+        for kind in roofline.KINDS:
+            g = roofline.Gemm("x", kind, 64, 32, 48, fmt, fmt, "bf16")
+            kinds[fmt, kind] = (gemms_mod.arithmetic(g), gemms_mod.fast_accum(g))
+    assert kinds == {("e4m3-tensorwise", "forward"): ("fp8", True), ("e4m3-tensorwise", "grad_input"): ("fp8", False),
+                     ("e4m3-tensorwise", "grad_weight"): ("fp8", False),
+                     ("e4m3-rowwise-pow2", "forward"): ("fp8-rowwise", True),
+                     ("e4m3-rowwise-pow2", "grad_input"): ("fp8-rowwise-rescaled", False),
+                     ("e4m3-rowwise-pow2", "grad_weight"): ("fp8-rowwise-rescaled", False)}  # fmt: skip
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append(kw) or real(a, b, **kw))
+    calibration.gemm(CPU, "fp8-rowwise", 64, 32, 48, fast_accum=True)()
+    rescaled = calibration.gemm(CPU, "fp8-rowwise-rescaled", 64, 32, 48)()
+    assert calls[0]["use_fast_accum"] and calls[0]["scale_a"].shape == (64, 1) and calls[0]["scale_b"].shape == (1, 48)
+    assert calls[1]["scale_a"].numel() == 1 and "use_fast_accum" not in calls[1]  # the tensorwise kernel
+    torch.testing.assert_close(rescaled, calibration.gemm(CPU, "fp8", 64, 32, 48)())  # unit scales: the same

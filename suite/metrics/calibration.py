@@ -12,7 +12,8 @@ figure. "mxfp8" has no ceiling: its block-scaled matmuls (e8m0 scales per 32 ele
 not timed here, and `ceiling` says so rather than pointing at a command that would refuse.
 
 `gemm` builds one product of any (m, k, n) shape in any arithmetic of ARITHMETICS (fp8-rowwise: per-row
-scales; mxfp8: e8m0 block scales, Blackwell only) for `mpbench gemms`; `time_call` is the one timer. The
+scales; fp8-rowwise-rescaled: torchao's rowwise without fast accumulation, the tensorwise kernel and the
+scales applied after; mxfp8: e8m0 block scales, Blackwell only) for `mpbench gemms`; `time_call` is the one timer. The
 memory bandwidth (`measure_bandwidth`, a large device copy) is stored beside the ceilings for the roofline.
 """
 
@@ -37,7 +38,8 @@ from suite.text import slug
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp8": torch.float8_e4m3fn, "int8": torch.int8}  # fmt: skip
 # Every arithmetic a mode's GEMMs run in (`mpbench gemms`); DTYPES are those `mpbench calibrate` times.
-ARITHMETICS = ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise", "int8", "mxfp8")
+ARITHMETICS = ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise", "fp8-rowwise-rescaled", "int8", "mxfp8")
+FP8 = ("fp8", "fp8-rowwise", "fp8-rowwise-rescaled", "mxfp8")  # through torch._scaled_mm
 NO_CEILING = {
     "mxfp8": "no mxfp8 ceiling: `mpbench calibrate` does not time block-scaled MX matmuls (Blackwell); mamf is null"
 }
@@ -70,9 +72,10 @@ def _matmul(device: DeviceInfo, name: str, n: int) -> Callable[[], torch.Tensor]
     return gemm(device, name, n, n, n)
 
 
-def gemm(device: DeviceInfo, name: str, m: int, k: int, n: int) -> Callable[[], torch.Tensor]:
+def gemm(device: DeviceInfo, name: str, m: int, k: int, n: int, fast_accum: bool = False) -> Callable[[], torch.Tensor]:
     """One (m x k) @ (k x n) product in arithmetic `name` (ARITHMETICS), as the modes compute it, ready to call.
-    The operands' values do not matter for the time: randn, cast to the arithmetic's formats, unit scales."""
+    The operands' values do not matter for the time: randn, cast to the arithmetic's formats, unit scales.
+    `fast_accum`: `_scaled_mm`'s use_fast_accum (torchao's float8 forward GEMM sets it, its backward ones not)."""
     if name == "mxfp8" and (why := _no_mx(device)):
         raise NotImplementedError(why)
     dev = device.torch_device
@@ -84,10 +87,20 @@ def gemm(device: DeviceInfo, name: str, m: int, k: int, n: int) -> Callable[[], 
         a, b = ((t * 32).clamp(-128, 127).to(torch.int8) for t in (a, b))
         b = b.t().contiguous().t()
         return lambda: torch._int_mm(a, b)
-    if name in ("fp8", "fp8-rowwise", "mxfp8"):  # e4m3 x e4m3 (the second column-major), bf16 out
+    if name in FP8:  # e4m3 x e4m3 (the second column-major), bf16 out
         a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
         scale_a, scale_b = _scales(name, m, k, n, dev)
-        return lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        if name == "fp8-rowwise-rescaled":  # torchao 0.18's rowwise GEMM without fast accumulation: the
+            one = torch.ones((), device=dev)  # tensorwise kernel, then the row x column scales (float8_ops.py)
+
+            def rescaled() -> torch.Tensor:
+                out = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+                out *= scale_a * scale_b
+                return out
+
+            return rescaled
+        return lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast_accum)  # fmt: skip
     a, b = a.to(DTYPES[name]), b.to(DTYPES[name])
     return lambda: a @ b
 
@@ -101,7 +114,7 @@ def _scales(name: str, m: int, k: int, n: int, dev: torch.device) -> tuple[torch
     if name == "fp8":
         one = torch.ones((), device=dev)
         return one, one
-    if name == "fp8-rowwise":
+    if name in ("fp8-rowwise", "fp8-rowwise-rescaled"):
         return torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
     k_blocks = _round_up(_round_up(k, 32) // 32, 4)  # ceil(k / 32) blocks, padded to a multiple of 4
 

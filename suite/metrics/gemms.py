@@ -31,19 +31,27 @@ from suite.modes.base import tf32_matmuls
 _NO_FP8 = ("a CPU has no fp8 matrix arithmetic: torch's CPU _scaled_mm is a reference kernel whose time is not "
            "an fp8 speed; time it on a GPU of compute capability >= 8.9")  # fmt: skip
 CPU_SKIP = {"tf32": "a CPU has no TF32: its tf32 matmuls run in fp32 (the fp32 mode's rows time those)",
-            "fp8": _NO_FP8, "fp8-rowwise": _NO_FP8}  # fmt: skip
+            **dict.fromkeys(("fp8", "fp8-rowwise", "fp8-rowwise-rescaled"), _NO_FP8)}  # fmt: skip
 TARGET_S = {"cpu": 0.005, "cuda": 0.001}  # each timed batch of calls lasts about this long
 LEFT_OUT = "attention's batched GEMMs: the step runs them fused in SDPA kernels, not as bare GEMMs"
 FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 
 
 def arithmetic(gemm: roofline.Gemm) -> str | None:
-    """The calibration arithmetic (calibration.ARITHMETICS) a GEMM runs in: its peak column, fp8 split into
-    tensorwise and rowwise by its operands' formats; None for a format with no column (4-bit)."""
+    """The calibration arithmetic (calibration.ARITHMETICS) a GEMM runs in: its peak column; fp8 split as
+    torchao 0.18 runs it: tensorwise, rowwise in the forward (with fast accumulation), rowwise in the backward
+    as the tensorwise kernel with the scales applied after (float8_ops.py addmm_float8_unwrapped: the rowwise
+    kernel is "so slow" without fast accumulation); None for a format with no column (4-bit)."""
     compute = gemm.compute
     if compute == "fp8" and "rowwise" in gemm.a + gemm.b:
-        return "fp8-rowwise"
+        return "fp8-rowwise" if gemm.kind == "forward" else "fp8-rowwise-rescaled"
     return compute
+
+
+def fast_accum(gemm: roofline.Gemm) -> bool:
+    """Whether torchao runs the GEMM with `_scaled_mm`'s fast accumulation: the float8 forward only
+    (Float8LinearConfig's gemm_config_output; grad_input and grad_weight keep full accumulation)."""
+    return gemm.kind == "forward" and arithmetic(gemm) in ("fp8", "fp8-rowwise")
 
 
 def layer_kind(fqn: str) -> str:
@@ -133,7 +141,7 @@ class Timer:
 
     def __init__(self, device: DeviceInfo, repeats: int, log: Callable[[str], None] | None = None) -> None:
         self.device, self.repeats, self.log = device, repeats, log
-        self.gemms: dict[tuple[str, int, int, int], TimingStats | str] = {}
+        self.gemms: dict[tuple[str, int, int, int, bool], TimingStats | str] = {}
         self.casts: dict[tuple[str, int, int], TimingStats | None] = {}
         self.skips: dict[str | None, str | None] = {}
 
@@ -149,15 +157,16 @@ class Timer:
         seconds = calibration.time_call(self.device, call, self.repeats, inner, warmup=1)
         return TimingStats.from_times([s * 1e3 for s in seconds])
 
-    def gemm(self, arith: str, m: int, k: int, n: int) -> TimingStats | str:
+    def gemm(self, arith: str, m: int, k: int, n: int, fast: bool = False) -> TimingStats | str:
         """The GEMM's timings, or why its kernel refused to run it (one shape's failure ends nothing else)."""
-        key = (arith, m, k, n)
+        key = (arith, m, k, n, fast)
         if key not in self.gemms:
             if self.log:
-                self.log(f"gemms: timing {arith} {m} x {k} x {n} ({len(self.gemms) + 1} distinct so far)")
+                what = f"{arith}{' (fast accumulation)' if fast else ''} {m} x {k} x {n}"
+                self.log(f"gemms: timing {what} ({len(self.gemms) + 1} distinct so far)")
             try:
                 with on_device(self.device.torch_device), tf32_matmuls(arith == "tf32"):
-                    self.gemms[key] = self._time(calibration.gemm(self.device, arith, m, k, n))
+                    self.gemms[key] = self._time(calibration.gemm(self.device, arith, m, k, n, fast_accum=fast))
             except (RuntimeError, ValueError, NotImplementedError) as exc:  # torch.OutOfMemoryError included
                 self.gemms[key] = f"the {arith} kernel refused {m} x {k} x {n}: {type(exc).__name__}: {str(exc)[:160]}"
         return self.gemms[key]
@@ -188,7 +197,8 @@ def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceil
         row["predicted_ms"] = None if predicted is None else predicted * 1e3
         row["predicted_reason"] = None if predicted is not None else known.missing if known else "no peak column"
         why = timer.skip(arith)
-        stats = None if why else timer.gemm(arith, m, k, n)  # type: ignore[arg-type]
+        row["fast_accum"] = fast_accum(g)
+        stats = None if why else timer.gemm(arith, m, k, n, row["fast_accum"])  # type: ignore[arg-type]
         if isinstance(stats, str):  # the kernel refused this shape (CUDA's multiples of 16), or memory ran out
             why, stats = stats, None
         row["skipped_reason"] = why
@@ -213,9 +223,9 @@ def biggest(rows: list[dict[str, Any]], device: DeviceInfo) -> list[dict[str, An
     """Per measured arithmetic, its biggest GEMM (most FLOPs) against the calibrated matmul ceiling (square
     matmuls, `mpbench calibrate`; fp8-rowwise against the tensorwise fp8 ceiling)."""
     out = []
-    for arith in dict.fromkeys(r["arithmetic"] for r in rows if r["measured_ms"]):
+    for arith in dict.fromkeys(r["arithmetic"] for r in rows if r["measured_ms"]):  # fp8-*: the fp8 ceiling
         top = max((r for r in rows if r["arithmetic"] == arith and r["measured_ms"]), key=lambda r: r["flops"])
-        dtype = "fp8" if arith == "fp8-rowwise" else arith
+        dtype = "fp8" if arith.startswith("fp8") else arith
         flops, why = calibration.ceiling(device, dtype)
         ratio = top["tflops"] * 1e12 / flops if flops else None
         out.append({"mode": top["mode"], "arithmetic": arith, "layer": top["layer"], "gemm": top["gemm"],
