@@ -46,6 +46,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--mpbench-overhead", action="store_true", help="also time the tracker overhead on a CPU (reported, not gated)"
     )
+    group.addoption(
+        "--mpbench-gemms",
+        action="store_true",
+        help="also time the biggest GEMM against the calibrated ceiling on a CPU (reported, not gated)",
+    )
 
 
 @dataclass(frozen=True)

@@ -353,3 +353,9 @@ def test_fp8_gemms_run_as_torchao_runs_them(monkeypatch):
     assert calls[0]["use_fast_accum"] and calls[0]["scale_a"].shape == (64, 1) and calls[0]["scale_b"].shape == (1, 48)
     assert calls[1]["scale_a"].numel() == 1 and "use_fast_accum" not in calls[1]  # the tensorwise kernel
     torch.testing.assert_close(rescaled, calibration.gemm(CPU, "fp8", 64, 32, 48)())  # unit scales: the same
+
+
+def test_mx_needs_blackwell_and_whole_blocks():
+    b200 = DeviceInfo("cuda", "NVIDIA B200", (10, 0))
+    assert calibration._no_mx(b200) is None  # capability 10.0: the kernel is tried, not refused up front
+    assert gemms_mod.cast("mxfp8", 8, 48, CPU) is None  # K = 48 is no whole number of 32-element blocks
