@@ -12,8 +12,13 @@
 #   fidelity   mpbench fidelity, every mode, tiny 4 x 64                              -> fidelity.jsonl
 #   numerics   mpbench numerics, every format on fp32's tensors, gpt2-small 8 x 512, 20 steps (the
 #              statistics' CUDA path: hooks, torchao's casts, chunked sums)            -> numerics.jsonl
+#   gemms      mpbench gemms, every mode's GEMMs one by one (the _scaled_mm/_int_mm contracts at the
+#              model's shapes, measured vs the datasheet roofline)                       -> run.log
 #   ddp-1rank  bf16 on a one-rank torchrun job under DDP    (--nproc 1 --parallel ddp)  -> records.jsonl
 #   fsdp-1rank bf16 on a one-rank torchrun job under FSDP2  (--nproc 1 --parallel fsdp) -> records.jsonl
+#   energy     mpbench run --energy-protocol, bf16 and fp8-tensorwise, tiny 8 x 128: NVML's idle wait,
+#              the window sizing and the repeats on a real GPU (the step's limit may cut it short;
+#              finished records stay)                                                  -> records.jsonl
 #   compiled   mpbench run --compile, every mode (tf32, bf16 and the torchao modes first), same sizes
 # On a CPU every step runs at tiny sizes (2 x 32, 4 steps) and the compiled pass runs bf16 only;
 # the summary says so. Each step runs under `timeout` (at most 10 minutes, and never past the
@@ -144,12 +149,20 @@ if [ "$DEVICE" = cuda ]; then
     SIZE_TEXT="gpt2-small 8x512, 8 steps"
     WHATIF=(--model gpt2-small --batch-size 8 --seq-len 512 --steps 20)
     WHATIF_TEXT="gpt2-small 8x512, 20 fp32 steps"
+    GEMMS=(--model gpt2-small --batch-size 8 --seq-len 512)
+    GEMMS_TEXT="gpt2-small 8x512"
+    ENERGY=(--model tiny --batch-size 8 --seq-len 128 --steps 20 --warmup 5)
+    ENERGY_TEXT="tiny 8x128, 3 repeats"
     COMPILE_FIRST=fp32,tf32,bf16,fp8-tensorwise,int8-mixed,amp-fp16,fp8-rowwise,mxfp8,pure-bf16-sr,pure-bf16,pure-fp16
 else
     SIZES=(--model tiny --batch-size 2 --seq-len 32 --steps 4 --warmup 2)
     SIZE_TEXT="tiny 2x32, 4 steps"
     WHATIF=(--model tiny --batch-size 2 --seq-len 32 --steps 4)
     WHATIF_TEXT="tiny 2x32, 4 fp32 steps"
+    GEMMS=(--model tiny --batch-size 2 --seq-len 32 --repeats 2)
+    GEMMS_TEXT="tiny 2x32"
+    ENERGY=("${SIZES[@]}")
+    ENERGY_TEXT="$SIZE_TEXT, 3 repeats, no NVML"
     not_run gpu-sizes "gpt2-small 8x512, eager and compiled" "no GPU: tiny sizes instead"
     COMPILE_FIRST=bf16
 fi
@@ -174,11 +187,15 @@ step fidelity 120 "mpbench fidelity, every mode, tiny 4x64" fidelity.jsonl "$MOD
     "${MPB[@]}" fidelity --model tiny --batch-size 4 --seq-len 64 --out "$DIR/fidelity.jsonl"
 step numerics 120 "mpbench numerics, every format, $WHATIF_TEXT" numerics.jsonl fp32 "" -- \
     "${MPB[@]}" numerics "${WHATIF[@]}" --out "$DIR/numerics.jsonl"
+step gemms 90 "mpbench gemms, every mode, $GEMMS_TEXT" "" "" "" -- "${MPB[@]}" gemms --modes "$EAGER" "${GEMMS[@]}"
 for parallel in ddp fsdp; do
     step "$parallel-1rank" 150 "one-rank torchrun ${parallel^^}, bf16, $SIZE_TEXT" records.jsonl bf16 "" -- \
         "${MPB[@]}" run --modes bf16 --nproc 1 --parallel "$parallel" "${SIZES[@]}" --case-timeout 120 \
         --out "$DIR/records.jsonl"
 done
+step energy 150 "mpbench run --energy-protocol, bf16 and fp8-tensorwise, $ENERGY_TEXT" records.jsonl "" "" -- \
+    "${MPB[@]}" run --energy-protocol --modes bf16,fp8-tensorwise "${ENERGY[@]}" --case-timeout 60 \
+    --out "$DIR/records.jsonl"
 step compiled 585 "mpbench run --compile, $SIZE_TEXT" records.jsonl "${COMPILED#all}" "" -- \
     "${MPB[@]}" run --compile --modes "$COMPILED" "${SIZES[@]}" --case-timeout 150 --out "$DIR/records.jsonl"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "gpu-first-contact.sh"
-STEPS = ("env", "modes", "doctor", "eager", "fidelity", "numerics", "ddp-1rank", "fsdp-1rank", "compiled")
+STEPS = ("env", "modes", "doctor", "eager", "fidelity", "numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy",
+         "compiled")
 
 # The fake `mpbench`: env, modes and doctor print what the real ones print (shortened); run and
 # fidelity append one record per mode to --out. FAKE_ERROR=MODE makes that mode's fidelity record an error;
@@ -42,11 +43,14 @@ elif cmd == "numerics":  # the what-if: one fp32 record
     with open(opt("--out"), "a") as f:
         f.write(json.dumps({"mode": "fp32", "status": "ok", "reason": None, "model": opt("--model")}) + "\\n")
     print("format  role  median")
+elif cmd == "gemms":
+    print("mode  kind  shape  measured ms")
 elif cmd in ("run", "fidelity"):
     modes = opt("--modes", "fp32,bf16,mxfp8").split(",")
     parallel = opt("--parallel")
     step = "eager" if cmd == "run" else "fidelity"
     step = "compiled" if "--compile" in args else f"{parallel}-1rank" if parallel else step
+    step = "energy" if "--energy-protocol" in args else step
     for i, mode in enumerate(modes):
         error = mode == os.environ.get("FAKE_ERROR") and cmd == "fidelity"
         record = {"mode": mode, "status": "error" if error else "ok", "reason": "RuntimeError: boom" if error else None,
@@ -96,7 +100,7 @@ def test_a_failed_and_a_killed_step_are_reported_and_the_rest_still_run(tmp_path
     # fidelity: one mode failed, with its reason; the steps after it ran all the same
     assert _line(summary, "fidelity").split()[1] == "1" and "2 ok, 0 skipped, 1 failed" in summary
     assert "first error: bf16: error: RuntimeError: boom" in summary
-    for step in ("numerics", "ddp-1rank", "fsdp-1rank", "compiled"):
+    for step in ("numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
         assert _line(summary, step).split()[1] == "0", step
     assert "1 ok, 0 skipped, 0 failed" in _line(summary, "numerics")  # its one fp32 record
     whatif = json.loads((tmp_path / "out" / "numerics.jsonl").read_text())
@@ -125,7 +129,7 @@ def test_sigterm_stops_the_step_in_flight_and_leaves_the_summary(tmp_path):
     assert proc.returncode == 143, err
     summary = (out / "summary.txt").read_text()
     assert "stopped by SIGTERM" in summary and "1 ok, 0 skipped, 0 failed" in _line(summary, "eager")
-    for step in ("fidelity", "numerics", "ddp-1rank", "fsdp-1rank", "compiled"):
+    for step in ("fidelity", "numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
         assert "stopped by SIGTERM first" in _line(summary, step)
 
 
@@ -135,7 +139,7 @@ def test_steps_past_the_budget_are_listed_not_run(tmp_path):
     done, summary = _run(tmp_path, FAKE_HANG="doctor", FIRST_CONTACT_STEP_S="6", FIRST_CONTACT_BUDGET_S="40")
     assert done.returncode == 1
     assert _line(summary, "doctor").split()[1] == "124"
-    for step in ("eager", "fidelity", "numerics", "ddp-1rank", "fsdp-1rank", "compiled"):
+    for step in ("eager", "fidelity", "numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
         assert "budget was spent" in _line(summary, step), step
 
 
