@@ -17,8 +17,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "gpu-first-contact.sh"
-STEPS = ("env", "modes", "doctor", "eager", "fidelity", "numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy",
-         "compiled")
+STEPS = (
+    "env",
+    "modes",
+    "doctor",
+    "eager",
+    "fidelity",
+    "numerics",
+    "gemms",
+    "ddp-1rank",
+    "fsdp-1rank",
+    "energy",
+    "compiled",
+)
 
 # The fake `mpbench`: env, modes and doctor print what the real ones print (shortened); run and
 # fidelity append one record per mode to --out. FAKE_ERROR=MODE makes that mode's fidelity record an error;

@@ -126,14 +126,18 @@ def test_each_distinct_gemm_is_timed_once(quick, monkeypatch):
     monkeypatch.setattr(
         calibration,
         "gemm",
-        lambda d, name, m, k, n, **kw: built.append((name, m, k, n)) or real(d, name, m, k, n, **kw),
+        lambda d, name, m, k, n, **kw: (
+            built.append((name, m, k, n, kw.get("layout", "nn"))) or real(d, name, m, k, n, **kw)
+        ),
     )
     out = quick / "g.json"
     assert main(["gemms", *FAST, "--modes", "fp32,bf16,int8-mixed,bf16", "--out", str(out)]) == 0
     rows = _rows(out)["rows"]
-    timed = {(r["arithmetic"], r["m"], r["k"], r["n"]) for r in rows if r["measured_ms"] is not None}
-    probes = [b for b in built if b[1:] == (32, 32, 32)]  # `unavailable`: does the kernel run here? once each
-    assert sorted(probes) == sorted((a, 32, 32, 32) for a in ("fp32", "bf16", "int8"))
+    timed = {(r["arithmetic"], r["m"], r["k"], r["n"], r["layout"]) for r in rows if r["measured_ms"] is not None}
+    probes = [b for b in built if b[1:4] == (32, 32, 32)]  # `unavailable`: does the kernel run here? once each
+    assert sorted(probes) == sorted((a, 32, 32, 32, "nn") for a in ("fp32", "bf16", "int8"))
+    # a 16/32-bit GEMM in the layout autograd hands it over: x @ W^T, dy @ W, dy^T @ x
+    assert {r["gemm"]: r["layout"] for r in rows if r["arithmetic"] == "bf16"} == gemms_mod.LAYOUT
     assert sorted(b for b in built if b not in probes) == sorted(timed)  # each distinct GEMM timed once
     assert len(rows) > len(timed)  # shared: the lm_head's bf16 GEMMs in bf16 and int8-mixed, equal shapes
     assert {r["mode"] for r in rows} == {"fp32", "bf16", "int8-mixed"}

@@ -129,7 +129,8 @@ VARIANTS = {
     "grad_comm": ({"nproc": 2}, {"nproc": 2, "grad_comm": "bf16"}), "parallel": ({}, {"parallel": "fsdp"}),
     "device": ({}, {"device": "cuda:1"}), "lr_schedule": ({}, {"lr_schedule": "constant"}),
     "lr_warmup_steps": ({}, {"lr_warmup": 2}), "lr_floor": ({}, {"lr_floor": 0.5}),
-    "numerics_every": ({}, {"numerics_every": 2}),
+    "numerics_every": ({}, {"numerics_every": 2}), "vocab_multiple": ({}, {"vocab_multiple": 64}),
+    "repeat": ({}, {"repeat": 1}),
 }  # fmt: skip
 
 

@@ -72,10 +72,21 @@ def _matmul(device: DeviceInfo, name: str, n: int) -> Callable[[], torch.Tensor]
     return gemm(device, name, n, n, n)
 
 
-def gemm(device: DeviceInfo, name: str, m: int, k: int, n: int, fast_accum: bool = False) -> Callable[[], torch.Tensor]:
+LAYOUTS = ("nn", "nt", "tn")
+
+
+def gemm(
+    device: DeviceInfo, name: str, m: int, k: int, n: int, fast_accum: bool = False, layout: str = "nn"
+) -> Callable[[], torch.Tensor]:
     """One (m x k) @ (k x n) product in arithmetic `name` (ARITHMETICS), as the modes compute it, ready to call.
     The operands' values do not matter for the time: randn, cast to the arithmetic's formats, unit scales.
-    `fast_accum`: `_scaled_mm`'s use_fast_accum (torchao's float8 forward GEMM sets it, its backward ones not)."""
+    `fast_accum`: `_scaled_mm`'s use_fast_accum (torchao's float8 forward GEMM sets it, its backward ones not).
+    `layout` (16- and 32-bit `mm` only; the 8-bit kernels fix their own): which operand autograd hands over
+    transposed, column-major. "nt": b (a Linear's forward, x @ W^T), "tn": a (its weight gradient, dy^T @ x),
+    "nn": neither (its input gradient, dy @ W; calibration's square matmuls). cuBLAS picks its kernel by the
+    leading dimensions: an odd one (the LM head's 50257) in a layout the step never uses times another kernel."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; choose one of {', '.join(LAYOUTS)}")
     if name == "mxfp8" and (why := _no_mx(device)):
         raise NotImplementedError(why)
     dev = device.torch_device
@@ -102,6 +113,10 @@ def gemm(device: DeviceInfo, name: str, m: int, k: int, n: int, fast_accum: bool
         return lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
                                         use_fast_accum=fast_accum)  # fmt: skip
     a, b = a.to(DTYPES[name]), b.to(DTYPES[name])
+    if layout == "nt":
+        b = b.t().contiguous().t()
+    elif layout == "tn":
+        a = a.t().contiguous().t()
     return lambda: a @ b
 
 

@@ -157,16 +157,18 @@ class Timer:
         seconds = calibration.time_call(self.device, call, self.repeats, inner, warmup=1)
         return TimingStats.from_times([s * 1e3 for s in seconds])
 
-    def gemm(self, arith: str, m: int, k: int, n: int, fast: bool = False) -> TimingStats | str:
+    def gemm(self, arith: str, m: int, k: int, n: int, fast: bool = False, layout: str = "nn") -> TimingStats | str:
         """The GEMM's timings, or why its kernel refused to run it (one shape's failure ends nothing else)."""
-        key = (arith, m, k, n, fast)
+        layout = layout if arith in ("fp32", "tf32", "fp16", "bf16") else "nn"  # the 8-bit kernels fix their own
+        key = (arith, m, k, n, fast, layout)
         if key not in self.gemms:
             if self.log:
                 what = f"{arith}{' (fast accumulation)' if fast else ''} {m} x {k} x {n}"
                 self.log(f"gemms: timing {what} ({len(self.gemms) + 1} distinct so far)")
             try:
                 with on_device(self.device.torch_device), tf32_matmuls(arith == "tf32"):
-                    self.gemms[key] = self._time(calibration.gemm(self.device, arith, m, k, n, fast_accum=fast))
+                    call = calibration.gemm(self.device, arith, m, k, n, fast_accum=fast, layout=layout)
+                    self.gemms[key] = self._time(call)
             except (RuntimeError, ValueError, NotImplementedError) as exc:  # torch.OutOfMemoryError included
                 self.gemms[key] = f"the {arith} kernel refused {m} x {k} x {n}: {type(exc).__name__}: {str(exc)[:160]}"
         return self.gemms[key]
@@ -178,6 +180,10 @@ class Timer:
                 call = cast(fmt, rows, cols, self.device)
                 self.casts[key] = self._time(call) if call else None
         return self.casts[key]
+
+
+# The operand autograd hands each GEMM of a Linear transposed (calibration.gemm's `layout`)
+LAYOUT = {"forward": "nt", "grad_input": "nn", "grad_weight": "tn"}
 
 
 def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceilings) -> list[dict[str, Any]]:
@@ -198,7 +204,8 @@ def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceil
         row["predicted_reason"] = None if predicted is not None else known.missing if known else "no peak column"
         why = timer.skip(arith)
         row["fast_accum"] = fast_accum(g)
-        stats = None if why else timer.gemm(arith, m, k, n, row["fast_accum"])  # type: ignore[arg-type]
+        row["layout"] = LAYOUT.get(kind, "nn") if arith in ("fp32", "tf32", "fp16", "bf16") else "nn"
+        stats = None if why else timer.gemm(arith, m, k, n, row["fast_accum"], row["layout"])
         if isinstance(stats, str):  # the kernel refused this shape (CUDA's multiples of 16), or memory ran out
             why, stats = stats, None
         row["skipped_reason"] = why
@@ -219,12 +226,24 @@ def rows_of(mode_name: str, gemms: list[roofline.Gemm], timer: Timer, ceil: Ceil
     return rows
 
 
+def biggest_aligned(gemms: list[roofline.Gemm], multiple: int = 64) -> roofline.Gemm | None:
+    """The GEMM with the most FLOPs among those whose dimensions are all multiples of `multiple`, as the square
+    calibration's are (None: none is): the LM head's odd vocabulary (50257) runs other, slower cuBLAS kernels,
+    a cost of the model's shape that a comparison with the calibrated ceiling must not blame on the timer."""
+    aligned = [g for g in gemms if not any(d % multiple for d in g.shape)]
+    return max(aligned, key=lambda g: g.flops) if aligned else None
+
+
 def biggest(rows: list[dict[str, Any]], device: DeviceInfo) -> list[dict[str, Any]]:
     """Per measured arithmetic, its biggest GEMM (most FLOPs) against the calibrated matmul ceiling (square
     matmuls, `mpbench calibrate`; fp8-rowwise against the tensorwise fp8 ceiling)."""
     out = []
     for arith in dict.fromkeys(r["arithmetic"] for r in rows if r["measured_ms"]):  # fp8-*: the fp8 ceiling
-        top = max((r for r in rows if r["arithmetic"] == arith and r["measured_ms"]), key=lambda r: r["flops"])
+        # the ceiling was timed without fast accumulation: compare like with like (the float8 forward has it)
+        like = [r for r in rows if r["arithmetic"] == arith and r["measured_ms"] and not r.get("fast_accum")]
+        if not like:
+            continue
+        top = max(like, key=lambda r: r["flops"])
         dtype = "fp8" if arith.startswith("fp8") else arith
         flops, why = calibration.ceiling(device, dtype)
         ratio = top["tflops"] * 1e12 / flops if flops else None
