@@ -216,3 +216,16 @@ def test_a_roofline_that_fails_is_a_reason_not_a_failed_case(monkeypatch):
     monkeypatch.setattr(execute.roofline, "record_fields", broken)
     fields = execute.roofline_fields(small_case(mode="fp32"), CPU, None)
     assert fields == {"roofline_reason": "the roofline could not be computed: KeyError: 'fp4'"}
+
+
+def test_summary_of_several_seeds_with_and_without_a_roofline():
+    """The seed column goes in after the roofline columns were kept or dropped: every row as wide as the header."""
+    from tests.test_narrow_terminal import printed
+
+    with_roofline = summary_records()
+    seeds = [r | {"seed": s} for s in (0, 1) for r in with_roofline]
+    text = printed(240, seeds)
+    assert "meas/pred" in text and "seed" in text and "0.93!" in text
+    plain = [{k: v for k, v in r.items() if not k.startswith("predicted")} | {"suspect": []} for r in seeds]
+    text = printed(240, [r for r in plain if r["mode"] != "bf16"])  # no roofline, no bf16: both columns dropped
+    assert "meas/pred" not in text and "seed" in text

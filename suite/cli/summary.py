@@ -108,7 +108,7 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
         rows = [row[:7] + row[9:] for row in rows]
     if seeds:  # which seed a row is: a column of its own, after the mode, never left out
         rows = [[row[0], str(r.get("seed")), *row[1:]] for row, r in zip(rows, records, strict=True)]
-        header, right = [HEADER[0], "seed", *HEADER[1:]], {1} | {i + 1 for i in right}
+        header, right = [header[0], "seed", *header[1:]], {1} | {i + 1 for i in right}
     fit = fit_table(rows, header, width, drop=drop, prose=["reason"], right=right, ascii=ascii)
     notes = _notes(records, rows, fit, width, roofline) + convergence_block(records, width, ascii)
     return fit, notes + numerics_block(records, width, ascii)
