@@ -111,3 +111,23 @@ def test_no_mark_when_every_mode_is_above_its_own_bound():
     fast[0] |= {"suspect": checks.check(fast[0])}
     fp32 = next(line for line in printed(200, fast).splitlines() if line.split()[:1] == ["fp32"])
     assert "0.91!" in fp32 and "0.26! (0.13)" in fp32, fp32
+
+
+def test_listing_a_modes_gemms_leaves_no_process_wide_change_behind():
+    """mode_gemms prepares the mode (torchao's Float8Linear swap patches inductor's min/max codegen process-wide):
+    inside the mode's numerics(), so the patch and the TF32 flags are put back, as a training case puts them."""
+    from torch._inductor.codegen.triton import TritonOverrides
+
+    before = (
+        TritonOverrides.__dict__["minimum"],
+        TritonOverrides.__dict__["maximum"],
+        torch.get_float32_matmul_precision(),
+    )
+    for mode_name in ("fp8-tensorwise", "fp8-rowwise", "tf32"):
+        gemms.mode_gemms(mode_name, H100, GPTConfig.preset("tiny"), 2, 32)
+    after = (
+        TritonOverrides.__dict__["minimum"],
+        TritonOverrides.__dict__["maximum"],
+        torch.get_float32_matmul_precision(),
+    )
+    assert after == before

@@ -65,7 +65,8 @@ def mode_gemms(mode_name: str, device: DeviceInfo, config: GPTConfig, batch: int
     mode = MODES[mode_name](device)
     with torch.device("meta"):
         model = GPT(config)
-    mode.prepare(model)
+    with mode.numerics():  # what a mode changes process-wide (torchao's inductor patch, TF32 flags) is put back
+        mode.prepare(model)
     converted = mode.layer_fields().get("converted_layers")
     formats_of, attention = roofline.mode_formats(mode, converted)
     every = roofline.model_gemms(config, batch, seq_len, formats_of, attention)
