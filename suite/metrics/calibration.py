@@ -254,23 +254,30 @@ def copy_bytes(device: DeviceInfo) -> int:
     return min(wanted, free // 8) if free else wanted
 
 
-def _last_level_cache() -> int | None:
-    """Bytes of CPU 0's highest-level cache, from sysfs (what `lscpu` reads), or None off Linux."""
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # index0..N: level, size ("32K", "30720K")
+MEMINFO = Path("/proc/meminfo")
+
+
+def _last_level_cache(caches: Path = CPU_CACHES) -> int | None:
+    """Bytes of CPU 0's highest-level cache, from sysfs (what `lscpu` reads), or None off Linux. An index
+    that cannot be read or parsed (a VM's partial sysfs) is passed over, not fatal."""
     best: tuple[int, int] | None = None
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+    for index in caches.glob("index*"):
         try:
             level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+            value = int(size.rstrip("KMG")) * scale
         except (OSError, ValueError):
             continue
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
-        value = int(size.rstrip("KMG")) * scale
         best = max(best or (level, value), (level, value))
     return best[1] if best else None
 
 
-def _available_memory() -> int | None:
+def _available_memory(meminfo: Path = MEMINFO) -> int | None:
+    """Bytes the kernel estimates are free for a new process (MemAvailable), or None: no /proc (macOS), a
+    kernel before 3.14 (no such line), or a line that does not parse."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):

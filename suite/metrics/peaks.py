@@ -240,12 +240,6 @@ def peak_bandwidth(gpu_name: str, memory_mb: float | None = None) -> tuple[float
     return row.bandwidth * 1e9, None
 
 
-def bandwidth_source(gpu_name: str, memory_mb: float | None = None) -> str | None:
-    """Where the GPU's bandwidth figure comes from (its datasheet line), or None."""
-    key = canonical_gpu(gpu_name, memory_mb)
-    return PEAKS[key].bandwidth_note if key is not None else None
-
-
 def peak_row(gpu_name: str, *, memory_mb: float | None = None) -> dict[str, object] | None:
     """The GPU's table row for printing (TFLOP/s, int8 in TOP/s), or None if it is not in the table."""
     key = canonical_gpu(gpu_name, memory_mb)
