@@ -114,3 +114,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     cov = coverage.Coverage.current()
     if cov is not None:
         cov.save()  # the data so far; the exit saves again, to the same file, when it gets the time
+
+
+@pytest.fixture(autouse=True)
+def _small_bandwidth_copy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mpbench calibrate` measures the memory bandwidth with a copy of up to GiBs (`calibration.copy_bytes`):
+    in the tests, 1 MiB, so that a test of calibrate neither waits for nor keeps resident the GiBs (a later
+    test in the same worker reads its own RSS). The tests of the size rule itself carry `real_copy_bytes`."""
+    if request.node.get_closest_marker("real_copy_bytes") is None:
+        from suite.metrics import calibration  # here: only a test that runs imports torch through it
+
+        monkeypatch.setattr(calibration, "copy_bytes", lambda device: 1 << 20)

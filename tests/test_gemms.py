@@ -261,6 +261,7 @@ def test_a_copy_that_fails_stores_a_reason(monkeypatch, tmp_path):
     assert value is None and "out of memory" in why
 
 
+@pytest.mark.real_copy_bytes
 def test_copy_size_is_beyond_the_cache_and_within_memory(monkeypatch):
     monkeypatch.setattr(calibration, "_last_level_cache", lambda: 480 * 2**20)
     monkeypatch.setattr(calibration, "_available_memory", lambda: 64 * 2**30)

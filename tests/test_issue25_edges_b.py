@@ -52,6 +52,7 @@ def test_available_memory_is_none_without_a_readable_memavailable_line(tmp_path)
     assert calibration._available_memory(meminfo) == 1000000 * 1024
 
 
+@pytest.mark.real_copy_bytes
 def test_copy_bytes_reads_the_machines_files_and_needs_neither(monkeypatch, tmp_path):
     _cache_index(tmp_path / "cache", "index0", "3", "256M")
     (tmp_path / "meminfo").write_text("MemAvailable:   16777216 kB\n")  # 16 GiB free
