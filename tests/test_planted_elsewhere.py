@@ -70,8 +70,10 @@ def test_the_jobs_tokens_per_joule_is_the_global_batch_over_every_ranks_energy()
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc only")
 def test_rss_reading_is_the_resident_set_the_kernel_reports():
-    """Every RSS test fakes `_rss_bytes`; the real reading must be VmRSS (resident), far below VmSize here
-    (torch maps GiBs of address space it never touches), so reading the wrong statm field shows."""
+    """Every RSS test fakes `_rss_bytes`; the real reading must be VmRSS (resident), not VmSize (torch maps
+    GiBs of address space it never touches), so reading the wrong statm field shows. How far apart the two are
+    depends on what the worker ran before (a heap that kept freed pages resident): the check needs them only
+    to be told apart, by more than the reading's window."""
     from suite.metrics.memory import _rss_bytes
 
     def status_kib(key: str) -> int:
@@ -80,4 +82,4 @@ def test_rss_reading_is_the_resident_set_the_kernel_reports():
 
     before, got, after = status_kib("VmRSS"), _rss_bytes(), status_kib("VmRSS")
     assert min(before, after) * 1024 - 8 * MIB <= got <= max(before, after) * 1024 + 8 * MIB
-    assert got < status_kib("VmSize") * 1024 / 2
+    assert status_kib("VmSize") * 1024 - got > 64 * MIB  # VmSize is not what was read
