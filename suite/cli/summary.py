@@ -102,8 +102,8 @@ def summary(records: list[dict], width: int | None = None, ascii: bool = True) -
     models = list(dict.fromkeys(r["model"] for r in records))
     drop = DROP[:3] + ["model"] + DROP[3:] if len(models) == 1 else DROP
     header, right = HEADER, set(range(3, 13))
-    roofline = any(row[7] != "-" or row[8] != "-" for row in rows)
-    if not roofline:  # no record has a roofline: its columns would say nothing
+    roofline = any(r.get("predicted_step_ms") is not None for r in records)
+    if not roofline:  # no record has a roofline (not calibrated, say): its columns would say nothing
         header, right = [h for i, h in enumerate(HEADER) if i not in (7, 8)], set(range(3, 11))
         rows = [row[:7] + row[9:] for row in rows]
     if seeds:  # which seed a row is: a column of its own, after the mode, never left out
