@@ -97,6 +97,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_ram(meminfo: Path = MEMINFO) -> int | None:
+    """Bytes the kernel estimates are free for a new process (MemAvailable), or None: no /proc (macOS), a
+    kernel before 3.14 (no such line), or a line that does not parse."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @functools.cache
 def cpu_name() -> str:
     try:

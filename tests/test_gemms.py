@@ -264,9 +264,9 @@ def test_a_copy_that_fails_stores_a_reason(monkeypatch, tmp_path):
 @pytest.mark.real_copy_bytes
 def test_copy_size_is_beyond_the_cache_and_within_memory(monkeypatch):
     monkeypatch.setattr(calibration, "_last_level_cache", lambda: 480 * 2**20)
-    monkeypatch.setattr(calibration, "_available_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(calibration, "available_ram", lambda: 64 * 2**30)
     assert calibration.copy_bytes(CPU) == 4 * 480 * 2**20
-    monkeypatch.setattr(calibration, "_available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(calibration, "available_ram", lambda: 8 * 2**30)
     assert calibration.copy_bytes(CPU) == 2**30  # 1/8 of the free memory: source + destination a quarter
     monkeypatch.setattr(calibration, "_last_level_cache", lambda: None)
     assert calibration.copy_bytes(CPU) == 256 * 2**20

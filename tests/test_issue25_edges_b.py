@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.optim.adam as torch_adam
 
+from suite import hardware
 from suite.hardware import DeviceInfo
 from suite.metrics import calibration, roofline
 from suite.metrics import gemms as gemms_mod
@@ -41,26 +42,26 @@ def test_the_last_level_cache_skips_indexes_it_cannot_read_or_parse(tmp_path):
 
 def test_available_memory_is_none_without_a_readable_memavailable_line(tmp_path):
     meminfo = tmp_path / "meminfo"
-    assert calibration._available_memory(meminfo) is None  # no /proc (macOS): OSError
+    assert hardware.available_ram(meminfo) is None  # no /proc (macOS): OSError
     meminfo.write_text("MemTotal:       16000000 kB\nMemFree:         8000000 kB\n")
-    assert calibration._available_memory(meminfo) is None  # a kernel before 3.14: no MemAvailable
+    assert hardware.available_ram(meminfo) is None  # a kernel before 3.14: no MemAvailable
     meminfo.write_text("MemAvailable:\n")
-    assert calibration._available_memory(meminfo) is None  # IndexError
+    assert hardware.available_ram(meminfo) is None  # IndexError
     meminfo.write_text("MemAvailable:   many kB\n")
-    assert calibration._available_memory(meminfo) is None  # ValueError
+    assert hardware.available_ram(meminfo) is None  # ValueError
     meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    1000000 kB\n")
-    assert calibration._available_memory(meminfo) == 1000000 * 1024
+    assert hardware.available_ram(meminfo) == 1000000 * 1024
 
 
 @pytest.mark.real_copy_bytes
 def test_copy_bytes_reads_the_machines_files_and_needs_neither(monkeypatch, tmp_path):
     _cache_index(tmp_path / "cache", "index0", "3", "256M")
     (tmp_path / "meminfo").write_text("MemAvailable:   16777216 kB\n")  # 16 GiB free
-    real_cache, real_mem = calibration._last_level_cache, calibration._available_memory
+    real_cache, real_mem = calibration._last_level_cache, hardware.available_ram
     monkeypatch.setattr(calibration, "_last_level_cache", lambda: real_cache(tmp_path / "cache"))
-    monkeypatch.setattr(calibration, "_available_memory", lambda: real_mem(tmp_path / "meminfo"))
+    monkeypatch.setattr(calibration, "available_ram", lambda: real_mem(tmp_path / "meminfo"))
     assert calibration.copy_bytes(CPU) == 2**30  # 4 x 256 MiB of cache, under 1/8 of 16 GiB
-    monkeypatch.setattr(calibration, "_available_memory", lambda: real_mem(tmp_path / "absent"))
+    monkeypatch.setattr(calibration, "available_ram", lambda: real_mem(tmp_path / "absent"))
     monkeypatch.setattr(calibration, "_last_level_cache", lambda: real_cache(tmp_path / "absent"))
     assert calibration.copy_bytes(CPU) == calibration.MIN_COPY_BYTES  # nothing known: the floor, uncapped
 

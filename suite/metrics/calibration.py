@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from suite.hardware import DeviceInfo, on_device, synchronize
+from suite.hardware import DeviceInfo, available_ram, on_device, synchronize
 from suite.metrics.timing import CudaEvents
 from suite.modes.base import tf32_matmuls
 from suite.text import slug
@@ -250,12 +250,11 @@ def copy_bytes(device: DeviceInfo) -> int:
     if device.type == "cuda":
         return GPU_COPY_BYTES
     wanted = max(MIN_COPY_BYTES, 4 * (_last_level_cache() or 0))
-    free = _available_memory()
+    free = available_ram()
     return min(wanted, free // 8) if free else wanted
 
 
 CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # index0..N: level, size ("32K", "30720K")
-MEMINFO = Path("/proc/meminfo")
 
 
 def _last_level_cache(caches: Path = CPU_CACHES) -> int | None:
@@ -271,18 +270,6 @@ def _last_level_cache(caches: Path = CPU_CACHES) -> int | None:
             continue
         best = max(best or (level, value), (level, value))
     return best[1] if best else None
-
-
-def _available_memory(meminfo: Path = MEMINFO) -> int | None:
-    """Bytes the kernel estimates are free for a new process (MemAvailable), or None: no /proc (macOS), a
-    kernel before 3.14 (no such line), or a line that does not parse."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def measure_bandwidth(device: DeviceInfo, nbytes: int | None = None, repeats: int = 5) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models import GPT, GPTConfig
-from suite.hardware import DeviceInfo, on_device
+from suite.hardware import DeviceInfo, available_ram, on_device
 from suite.metrics.fidelity import F64, Comparison, Diff, fraction, json_number, lost, plain
 from suite.modes import PrecisionMode, get_mode
 from suite.modes.base import ADAM_BETAS, decay_groups, tf32_matmuls
@@ -89,12 +89,10 @@ def available_bytes(device: DeviceInfo) -> tuple[int, str]:
     """
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device.index).total_memory, f"the memory of {device.name}"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024, "available RAM"
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+    ram = available_ram()
+    if ram is not None:
+        return ram, "available RAM"
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
 
 
 def reference_bytes(cfg: GPTConfig, rows: int, seq_len: int) -> int:
