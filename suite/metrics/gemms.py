@@ -34,7 +34,6 @@ CPU_SKIP = {"tf32": "a CPU has no TF32: its tf32 matmuls run in fp32 (the fp32 m
             **dict.fromkeys(("fp8", "fp8-rowwise", "fp8-rowwise-rescaled"), _NO_FP8)}  # fmt: skip
 TARGET_S = {"cpu": 0.005, "cuda": 0.001}  # each timed batch of calls lasts about this long
 LEFT_OUT = "attention's batched GEMMs: the step runs them fused in SDPA kernels, not as bare GEMMs"
-FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 
 
 def arithmetic(gemm: roofline.Gemm) -> str | None:
@@ -125,7 +124,7 @@ def cast(fmt: str, rows: int, cols: int, device: DeviceInfo) -> Callable[[], obj
         return mx
     name, _, scaling = fmt.partition("-")
     target = torch.float8_e4m3fn if name == "e4m3" else torch.float8_e5m2
-    top = FP8_MAX[name]
+    top = torch.finfo(target).max  # 448 (e4m3fn), 57344 (e5m2)
 
     def fp8() -> object:
         amax = x.abs().amax(dim=1, keepdim=True) if scaling.startswith("rowwise") else x.abs().max()
@@ -142,7 +141,7 @@ class Timer:
 
     def __init__(self, device: DeviceInfo, repeats: int, log: Callable[[str], None] | None = None) -> None:
         self.device, self.repeats, self.log = device, repeats, log
-        self.gemms: dict[tuple[str, int, int, int, bool], TimingStats | str] = {}
+        self.gemms: dict[tuple[str, int, int, int, bool, str], TimingStats | str] = {}  # + fast accum, layout
         self.casts: dict[tuple[str, int, int], TimingStats | None] = {}
         self.skips: dict[str | None, str | None] = {}
 

@@ -68,8 +68,9 @@ def adamw(
     `fused=False` (a mode's `no_fused_adamw`): every group keeps torch's own default."""
     split: list[dict] = []
     for group in groups:
-        ok = [p for p in group["params"] if fused and fused_refusal(p, device) is None]
-        rest = [p for p in group["params"] if not fused or fused_refusal(p, device) is not None]
+        fusable = [fused and fused_refusal(p, device) is None for p in group["params"]]
+        ok = [p for p, f in zip(group["params"], fusable, strict=True) if f]
+        rest = [p for p, f in zip(group["params"], fusable, strict=True) if not f]
         split += [group | {"params": ps, "fused": f} for ps, f in ((ok, True), (rest, None)) if ps]
     fused_all = True if all(g["fused"] for g in split) else None
     return torch.optim.AdamW(split, lr=lr, betas=betas, eps=eps, fused=fused_all)

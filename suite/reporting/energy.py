@@ -44,8 +44,8 @@ class EnergyFigure:
         return f"energy protocol: median of {len(self.records)} repeats, {spread}, {start}"
 
 
-def _group(record: dict[str, Any]) -> tuple:
-    """A record's case without its repeat, on its machine: the repeats pooled into one figure."""
+def group_of(record: dict[str, Any]) -> tuple:
+    """A record's case without its repeat, on its machine: the repeats pooled into one figure (`figures`' key)."""
     key = case_key(record)
     return (machine(record), *key[:_REPEAT], *key[_REPEAT + 1 :])
 
@@ -75,17 +75,12 @@ def figure(repeats: Sequence[dict[str, Any]]) -> EnergyFigure:
 
 
 def figures(records: Sequence[dict[str, Any]]) -> dict[tuple, EnergyFigure]:
-    """The pooled figure of every case under the protocol (ok records only), by `_group`, in running order."""
+    """The pooled figure of every case under the protocol (ok records only), by `group_of`, in running order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("energy_protocol") and r.get("status") == "ok":
-            groups.setdefault(_group(r), []).append(r)
+            groups.setdefault(group_of(r), []).append(r)
     return {k: figure(v) for k, v in groups.items()}
-
-
-def group_of(record: dict[str, Any]) -> tuple:
-    """The key `figures` files a record under."""
-    return _group(record)
 
 
 def lines(records: Sequence[dict[str, Any]]) -> list[str]:
