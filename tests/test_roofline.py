@@ -11,8 +11,8 @@ import torch
 from models import GPT, GPTConfig
 from suite.hardware import DeviceInfo, resolve_device
 from suite.metrics import calibration
-from suite.metrics.roofline import Gemm, gemm_seconds, linear_gemms, mode_formats, model_gemms
-from suite.metrics.roofline_predict import default_converted, predict, record_fields
+from suite.metrics.roofline import Gemm, converted_layers, gemm_seconds, linear_gemms, mode_formats, model_gemms
+from suite.metrics.roofline_predict import predict, record_fields
 from suite.metrics.roofline_step import _operand_cast, cast_traffic, model_linears
 from suite.modes import get_mode
 from suite.running.runner import run_cases
@@ -25,7 +25,7 @@ TINY = GPTConfig.preset("tiny")
 
 def formats(mode: str, device: DeviceInfo = H100, config: GPTConfig = TINY):
     m = get_mode(mode)(device)
-    return mode_formats(m, default_converted(config, m))
+    return mode_formats(m, converted_layers(m, config))
 
 
 def plant(tmp_path, monkeypatch, flops: dict[str, float], bandwidth: float | None, device: DeviceInfo = CPU) -> None:

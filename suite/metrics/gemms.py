@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from models import GPT, GPTConfig
+from models import GPTConfig
 from suite.hardware import DeviceInfo, on_device
 from suite.metrics import calibration, roofline, roofline_predict
 from suite.metrics.timing import TimingStats
@@ -62,12 +62,7 @@ def mode_gemms(mode_name: str, device: DeviceInfo, config: GPTConfig, batch: int
     """The Linears' GEMMs of one step of `mode_name` (the mode prepared on a meta-device model, so its layer
     selection is the one a run makes, with no weights allocated)."""
     mode = MODES[mode_name](device)
-    with torch.device("meta"):
-        model = GPT(config)
-    with mode.numerics():  # what a mode changes process-wide (torchao's inductor patch, TF32 flags) is put back
-        mode.prepare(model)
-    converted = mode.layer_fields().get("converted_layers")
-    formats_of, attention = roofline.mode_formats(mode, converted)
+    formats_of, attention = roofline.mode_formats(mode, roofline.converted_layers(mode, config))
     every = roofline.model_gemms(config, batch, seq_len, formats_of, attention)
     return [g for g in every if g.kind in roofline.KINDS]
 

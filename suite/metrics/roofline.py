@@ -137,6 +137,19 @@ def model_gemms(
     return gemms
 
 
+def converted_layers(mode: object, config: GPTConfig) -> list[str] | None:
+    """The Linears `mode` (an instance) converts in `config`, as a run's `prepare` selects them: the mode prepared
+    on a meta-device model (no weights), inside its numerics() so that what it changes process-wide (torchao's
+    inductor patch, TF32 flags) is put back. None for a mode that runs every Linear alike."""
+    import torch  # here: importing this module stays light
+
+    with torch.device("meta"):
+        model = GPT(config)
+    with mode.numerics():  # type: ignore[attr-defined]
+        mode.prepare(model)  # type: ignore[attr-defined]
+    return mode.layer_fields().get("converted_layers")  # type: ignore[attr-defined]
+
+
 def mode_formats(mode: object, converted: list[str] | None) -> tuple[Callable[[str], dict[str, str]], str]:
     """(formats of each Linear, attention's format) for a mode instance: a converted Linear (every one when
     `converted` is None) in the mode's `tensor_formats()`, any other in `tensor_formats(fqn)` (the mode's

@@ -20,7 +20,14 @@ from typing import Any
 from models import GPTConfig
 from suite.hardware import DeviceInfo
 from suite.metrics import calibration, peaks
-from suite.metrics.roofline import FORMAT_BYTES, gemm_seconds, mode_formats, model_gemms, result_format
+from suite.metrics.roofline import (
+    FORMAT_BYTES,
+    converted_layers,
+    gemm_seconds,
+    mode_formats,
+    model_gemms,
+    result_format,
+)
 from suite.metrics.roofline_step import cast_traffic, gemm_totals, model_linears, rest_traffic
 from suite.modes import get_mode
 
@@ -72,15 +79,6 @@ class Prediction:
     reason: str | None
 
 
-def default_converted(config: GPTConfig, mode: object) -> list[str] | None:
-    """The Linears a layer-swapping mode converts when the caller does not know (the blocks' Linears: every
-    GPT-2 shape is a multiple of 32); None for a mode that runs every Linear alike."""
-    if not hasattr(mode, "kept_formats"):
-        return None
-    n = config.n_layer
-    return [f"blocks.{i}.{name}" for i in range(n) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-
-
 def predict(
     config: GPTConfig,
     batch: int,
@@ -94,8 +92,8 @@ def predict(
     """The lower bound on one training step of `mode_name` on `device`, per GPU (batch per process)."""
     cls = get_mode(mode_name)
     mode = cls(device)
-    if converted is None:
-        converted = default_converted(config, mode)
+    if converted is None:  # not known from a run: the Linears the mode's own prepare converts
+        converted = converted_layers(mode, config)
     formats_of, attention = mode_formats(mode, converted)
     gemms = model_gemms(config, batch, seq_len, formats_of, attention)
     linears, params = model_linears(config, mode_name, formats_of)
