@@ -131,6 +131,8 @@ VARIANTS = {
     "lr_warmup_steps": ({}, {"lr_warmup": 2}), "lr_floor": ({}, {"lr_floor": 0.5}),
     "numerics_every": ({}, {"numerics_every": 2}), "vocab_multiple": ({}, {"vocab_multiple": 64}),
     "repeat": ({}, {"repeat": 1}),
+    "keep_high": ({"mode": "fp8-tensorwise"}, {"mode": "fp8-tensorwise", "keep_high": "none"}),
+    "fp4_recipe": ({"mode": "nvfp4"}, {"mode": "nvfp4", "fp4_recipe": "none"}),
 }  # fmt: skip
 
 

@@ -31,6 +31,8 @@ Keys (all optional; command-line flags override them):
     numerics_every = 10               # sample every N-th step, the first and the last (implies numerics)
     vocab_multiple = 64               # pad the vocabulary (embedding, LM head) to a multiple of this
     energy_protocol = false           # idle GPU before each case, shuffled order, repeats (docs/energy.md)
+    keep_high = "last:2,lm_head"      # what the low-precision modes keep in bf16 (docs/layer-policy.md)
+    fp4_recipe = "sr,rht,2d"          # the 4-bit modes' switches on, or "none"
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ KEYS: dict[str, tuple[type, ...]] = {
     "case_timeout": (float, int), "fail_fast": (bool,), "nproc": (int,), "grad_comm": (str,), "scaling": (str,),
     "parallel": (str,),
     "emulate": (bool,), "numerics": (bool,), "numerics_every": (int,), "vocab_multiple": (int,),
-    "energy_protocol": (bool,),
+    "energy_protocol": (bool,), "keep_high": (str,), "fp4_recipe": (str,),
 }  # fmt: skip
 
 

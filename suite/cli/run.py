@@ -78,7 +78,7 @@ OVERRIDES = ("device", "modes", "batch_size", "seq_len", "steps", "warmup", "see
              "lr_warmup", "lr_floor", "weight_decay",
              "eval_every", "compile", "data", "out", "case_timeout", "fail_fast", "nproc", "grad_comm",
              "scaling", "fidelity", "parallel", "emulate", "numerics", "numerics_every", "vocab_multiple",
-             "energy_protocol")  # fmt: skip
+             "energy_protocol", "keep_high", "fp4_recipe")  # fmt: skip
 
 
 def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
@@ -150,6 +150,18 @@ def add_arguments(run: argparse.ArgumentParser, int_type: Any) -> None:
         type=int_type,
         help="pad the vocabulary (embedding and LM head rows) to a multiple of N, e.g. 64 for tensor cores "
         "(default: 1, GPT-2's 50257)",
+    )
+    add(
+        "--keep-high",
+        help="what the low-precision modes keep in bf16: first:K, last:K (a count or a share such as 15%%), "
+        "block:I, lm_head, forward, grad_input, grad_weight, comma-separated, or none (default: each mode's "
+        "published recipe; docs/layer-policy.md)",
+    )
+    add(
+        "--fp4-recipe",
+        help="the 4-bit modes' switches on: sr (stochastic rounding of gradients), rht (random Hadamard transform "
+        "on the weight-gradient GEMM), 2d (16 x 16 weight scales, nvfp4), comma-separated, or none (default: "
+        "nvfp4 sr,rht,2d; mxfp4 sr,rht)",
     )
     add(
         "--energy-protocol",
@@ -237,7 +249,8 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
                      nproc=nproc, grad_comm=opts.get("grad_comm", "fp32"), parallel=parallel,
                      fidelity=bool(opts.get("fidelity")), emulate=bool(opts.get("emulate", False)),
                      numerics_every=_numerics_every(opts, steps),
-                     vocab_multiple=opts.get("vocab_multiple", 1))  # fmt: skip
+                     vocab_multiple=opts.get("vocab_multiple", 1), keep_high=opts.get("keep_high", ""),
+                     fp4_recipe=opts.get("fp4_recipe", ""))  # fmt: skip
         cases += [Case(model=model, mode=mode, **fixed) for mode in modes]
     return cases
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from suite.hardware import DeviceInfo
 from suite.modes.amp_fp16 import AmpFP16
 from suite.modes.base import PrecisionMode
 from suite.modes.bf16 import BF16
@@ -30,4 +31,12 @@ def get_mode(name: str) -> type[PrecisionMode]:
     return MODES[name]
 
 
-__all__ = ["MODES", "PrecisionMode", "get_mode"]
+def build_mode(name: str, device: DeviceInfo, keep_high: str = "", fp4_recipe: str = "") -> PrecisionMode:
+    """The mode a case runs: its class on `device`, told the case's layer policy and 4-bit recipe (a Case holds
+    them resolved; "" here: the mode's defaults)."""
+    mode = get_mode(name)(device)
+    mode.configure(keep_high, fp4_recipe)
+    return mode
+
+
+__all__ = ["MODES", "PrecisionMode", "build_mode", "get_mode"]

@@ -209,6 +209,10 @@ class PrecisionMode:
         """Why this mode would run emulated on `device`; None when its kernels are native."""
         return None
 
+    def configure(self, keep_high: str, fp4_recipe: str) -> None:
+        """Before `prepare`: the case's layer policy and 4-bit recipe, resolved (suite/policy.py; "" where the
+        mode takes none). The modes that take them keep them; the others have nothing to keep high."""
+
     def numerics(self) -> contextlib.AbstractContextManager:
         """Globals for the whole case (TF32 flags); restored on exit."""
         return tf32_matmuls(self.allow_tf32)

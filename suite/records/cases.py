@@ -13,18 +13,21 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from suite.policy import legacy_keep_high
+
 # Every setting that changes what a case measures. A data file is keyed by its content
 # (`data_sha256`), so `d.txt`, `./d.txt` and its absolute path are one case, and an edited
 # file is another; records written before the digest existed fall back to the path as given.
 CASE_KEY = ("model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed", "compile", "data",
             "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay", "eval_batches", "eval_every",
-            "numerics_every", "world_size", "grad_comm", "parallel", "vocab_multiple", "repeat")  # fmt: skip
+            "numerics_every", "world_size", "grad_comm", "parallel", "vocab_multiple", "repeat",
+            "keep_high", "fp4_recipe")  # fmt: skip
 # Records written before the schedule existed trained at a constant rate: read as such, they stay one
 # case with a constant-rate record written today.
 CONSTANT_RATE = {"lr_schedule": "constant", "lr_warmup_steps": 0, "lr_floor": 1.0}
 # Settings added later, as a record written before them ran: none sampled (--numerics), the vocabulary
 # unpadded, not a repeat of the energy protocol.
-UNSET = {"numerics_every": 0, "vocab_multiple": 1, "repeat": 0}
+UNSET = {"numerics_every": 0, "vocab_multiple": 1, "repeat": 0, "fp4_recipe": ""}
 
 
 def _value(values: dict[str, Any], field: str) -> Any:
@@ -34,6 +37,8 @@ def _value(values: dict[str, Any], field: str) -> Any:
         return CONSTANT_RATE[field]
     if field in UNSET and values.get(field) is None:  # written before the setting existed
         return UNSET[field]
+    if field == "keep_high" and values.get(field) is None:  # before layer policies: the mode's default then
+        return legacy_keep_high(values.get("mode"))
     return values.get(field)
 
 

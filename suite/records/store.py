@@ -38,7 +38,7 @@ FIELDS: tuple[str, ...] = (
     "model", "mode", "device", "batch_size", "seq_len", "steps", "warmup", "seed",
     "compile", "data", "data_sha256", "lr", "lr_schedule", "lr_warmup_steps", "lr_floor", "weight_decay",
     "eval_batches", "eval_every", "numerics_every", "world_size", "grad_comm", "parallel", "vocab_multiple",
-    "repeat",
+    "repeat", "keep_high", "fp4_recipe",
     # outcome
     "status", "reason", "elapsed_s",
     # self-check (suite/records/checks.py): rules the figures break, [] when none
@@ -48,6 +48,8 @@ FIELDS: tuple[str, ...] = (
     "weight_dtypes", "grad_dtypes", "optimizer_state_dtypes", "init_digest", "data_digest",
     # emulated kernels (fp8/MXFP8 without the hardware): numerics real, timings not a speed
     "emulated", "emulated_reason", "converted_layers", "unconverted_layers",
+    # every Linear's GEMMs and the format each ran in: {fqn: {"forward": ..., "grad_input": ..., "grad_weight": ...}}
+    "layer_formats",
     # speed (ms; timed steps only)
     "timed_steps", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "step_time_cv",
     "step_times_ms", "tokens_per_s",

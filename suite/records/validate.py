@@ -41,7 +41,7 @@ LISTS = frozenset((
     "gpu_shared_with", "numerics_steps",
 ))
 DICTS = frozenset(("numerics", "numerics_formats", "numerics_whatif", "numerics_skipped", "roofline_inputs",
-                   "energy_protocol"))
+                   "energy_protocol", "layer_formats"))
 BOOLS = frozenset(("git_dirty", "compile", "emulated", "throttled", "sampler_stalled", "cpu_bf16_native",
                    "cpu_fp16_native", "cooldown_settled"))
 TEXT = frozenset((
@@ -53,7 +53,7 @@ TEXT = frozenset((
     "mem_saving_reason", "max_batch_reason", "loss_delta_reason", "fidelity_reason", "gpu_name", "gpu_capability",
     "driver", "cuda", "torch", "python", "cpu", "hostname", "platform",
     "curve_reason", "seconds_to_target_reason", "excess_fraction_reason", "numerics_reason",
-    "roofline_reason", "optimizer_impl", "cooldown_reason",
+    "roofline_reason", "optimizer_impl", "cooldown_reason", "keep_high", "fp4_recipe",
 ))
 # fmt: on
 

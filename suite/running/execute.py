@@ -75,6 +75,8 @@ def case_fields(case: Case, device: DeviceInfo) -> dict[str, Any]:
         "numerics_every": case.numerics_every,
         "vocab_multiple": case.vocab_multiple,
         "repeat": case.repeat,
+        "keep_high": case.keep_high,
+        "fp4_recipe": case.fp4_recipe,
         "world_size": case.nproc,
         "grad_comm": case.grad_comm if case.data_parallel else None,
         "parallel": case.data_parallel,

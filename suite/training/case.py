@@ -11,6 +11,7 @@ import torch
 from models import GPTConfig
 from suite.hardware import concrete_device
 from suite.modes import MODES
+from suite.policy import resolve_fp4_recipe, resolve_keep_high
 from suite.training.schedule import DEFAULT_FLOOR, DEFAULT_SCHEDULE, SCHEDULES, LRSchedule, default_warmup
 
 GRAD_COMM = ("fp32", "bf16", "fp16")
@@ -63,6 +64,12 @@ class Case:
     vocab_multiple: int = 1
     # which repeat of the energy protocol this case is (1, 2, ...; mpbench run --energy-protocol); 0: not one
     repeat: int = 0
+    # what a low-precision mode keeps in bf16 (suite/policy.py; mpbench run --keep-high): "" for the mode's
+    # default. Held resolved ("last:15%" of 12 blocks is "last:2"); "" for a mode that takes no policy
+    keep_high: str = ""
+    # the 4-bit modes' switches (suite/policy.py; mpbench run --fp4-recipe): "" for the mode's default; held
+    # resolved ("sr,rht,2d"); "" for every other mode
+    fp4_recipe: str = ""
 
     def __post_init__(self) -> None:
         if self.model not in GPTConfig.presets():
@@ -124,6 +131,10 @@ class Case:
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay={self.weight_decay}: must be zero or a positive finite number, such as 0.1")
         self._check_numerics()
+        # frozen: set once, here; ValueError naming the field for a policy or switch the case cannot have
+        n_layer = self.model_config.n_layer
+        object.__setattr__(self, "keep_high", resolve_keep_high(self.mode, self.keep_high, n_layer))
+        object.__setattr__(self, "fp4_recipe", resolve_fp4_recipe(self.mode, self.fp4_recipe))
 
     def _check_numerics(self) -> None:
         """--numerics: a step count, on one plain process, leaving some step of the timed window unsampled."""

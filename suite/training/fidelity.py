@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from models import GPT, GPTConfig
 from suite.hardware import DeviceInfo, available_ram, on_device
 from suite.metrics.fidelity import F64, Comparison, Diff, fraction, json_number, lost, plain
-from suite.modes import PrecisionMode, get_mode
+from suite.modes import PrecisionMode, build_mode
 from suite.modes.base import ADAM_BETAS, decay_groups, tf32_matmuls
 from suite.training.case import Case
 from suite.training.train import train_step
@@ -249,7 +249,7 @@ def _compare_step(k: int, mode: PrecisionMode, model: nn.Module, opt: torch.opti
 def measure(case: Case, device: DeviceInfo, batches: torch.Tensor) -> list[StepFidelity]:
     """Compare the mode's first len(batches) steps (K, B, T+1) from the case's seed with float64 ones."""
     plan = check_fits(case, device)  # in slices of rows where the whole batch's float64 step would not fit
-    mode = get_mode(case.mode)(device)
+    mode = build_mode(case.mode, device, case.keep_high, case.fp4_recipe)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # the fp32 model every mode starts from
     out = []

@@ -17,7 +17,7 @@ from suite.hardware import DeviceInfo, on_device
 from suite.metrics.tensor_cores import ProfilerTensorCores
 from suite.metrics.timing import StepTimer, TimingStats
 from suite.metrics.window import MeasuredWindow, profiler_fields
-from suite.modes import PrecisionMode, get_mode
+from suite.modes import PrecisionMode, build_mode
 from suite.modes.base import tf32_matmuls
 from suite.modes.optimizer import optimizer_impl
 from suite.training.case import Case
@@ -211,7 +211,7 @@ def run_case(
     FSDP2, which replaces them with shards); storage and evaluation see the model itself, or
     for a sharded one what `unshard` gathers.
     """
-    mode = get_mode(case.mode)(device)
+    mode = build_mode(case.mode, device, case.keep_high, case.fp4_recipe)
     dev = device.torch_device
     model = GPT(case.model_config, seed=case.seed)  # fp32 on the CPU: identical for every mode
     layers = linear_layers(model)  # before the mode swaps Linears: the names stay, the classes change
