@@ -30,6 +30,7 @@ so a compiled model runs it eagerly between compiled graphs (graph breaks, corre
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -66,16 +67,17 @@ class _Spec:
         return self.q(w) if reduce_dim == 1 else self.q(w.t()).t()
 
 
-def _no_autocast(t: torch.Tensor) -> torch.autocast:
-    """Autocast off: the emulated GEMMs are fp32 on purpose (and the high ones bf16 on purpose)."""
-    return torch.autocast(t.device.type, enabled=False)
+def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off: the emulated GEMMs are fp32 on purpose (and the high ones bf16 on purpose). A meta
+    tensor (a model built for its shapes) has no autocast to turn off."""
+    return contextlib.nullcontext() if t.device.type == "meta" else torch.autocast(t.device.type, enabled=False)
 
 
 class _FP4Matmul(torch.autograd.Function):
     """y = x @ w^T for a bf16 x (N, in) and w (out, in), each GEMM as the module docstring says."""
 
     @staticmethod
-    def forward(ctx, x, w, rht, generator, spec: _Spec):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, x, w, rht, generator, spec: _Spec):
         ctx.save_for_backward(x, w, rht)
         ctx.generator, ctx.spec = generator, spec
         with _no_autocast(x):
@@ -84,7 +86,7 @@ class _FP4Matmul(torch.autograd.Function):
             return (spec.q(x) @ spec.weight(w, 1).t()).to(torch.bfloat16)
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001, ANN205
+    def backward(ctx, dy):
         x, w, rht = ctx.saved_tensors
         spec, gen = ctx.spec, ctx.generator
         dy = dy.to(torch.bfloat16)  # (N, out)
