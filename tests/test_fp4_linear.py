@@ -149,10 +149,14 @@ def test_from_linear_keeps_the_parameters_and_a_tie() -> None:
     assert g is not None and g.dtype == torch.float32
     unused = sorted(set(range(50)) - set(idx.flatten().tolist()))
     assert g[unused].abs().sum() > 0  # the head's gradient reached the shared Parameter (rows not looked up)
-    layer, x, dy = _layer("nvfp4", "")
-    weight, bias = layer.weight, layer.bias
-    _, _, gw, gb = _run(layer, x, dy)
-    assert layer.weight is weight and gw.dtype == gb.dtype == torch.float32 and gw.abs().sum() > 0
+    old = nn.Linear(IN, OUT)
+    layer = FP4Linear.from_linear(old, "nvfp4", parse_fp4_recipe("nvfp4", ""), ())
+    assert layer.weight is old.weight and layer.bias is old.bias
+    assert list(layer.parameters()) == [old.weight, old.bias]
+    _, x, dy = _layer("nvfp4", "")
+    _run(layer, x, dy)
+    assert old.weight.grad.dtype == old.bias.grad.dtype == torch.float32 and old.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(old.bias.grad, dy.float().sum((0, 1)), rtol=1e-2, atol=1e-2)
     assert list(layer.state_dict()) == ["weight", "bias"]  # the RHT buffer is not persistent
 
 
