@@ -167,18 +167,24 @@ def legacy_keep_high(mode: str | None) -> str:
     return "" if "%" in default else default
 
 
-def policy_note(mode: str | None, keep_high: str | None, n_layer: int | None) -> str:
+def default_keep_high(mode: str | None, model: str | None) -> str:
+    """The policy a case of `mode` on the preset `model` holds by default, resolved ("" for a mode without one). A
+    share resolves against the preset's depth: only then is `models` (and with it torch) imported."""
+    default = DEFAULT_POLICY.get(mode or "", "")
+    if "%" not in default:
+        return default
+    from models import GPTConfig
+
+    return parse_policy(default, GPTConfig.preset(model).n_layer).text() if model in GPTConfig.presets() else default
+
+
+def policy_note(mode: str | None, keep_high: str | None, model: str | None) -> str:
     """What a table adds to a mode's name so that two policies of one mode are two rows: " [keep TEXT]" when the
-    record's policy is not its mode's default resolved against the model's `n_layer` blocks (None: unknown, then
-    compared as written), "" for the default, a mode without a policy, or a record written before policies."""
-    if not keep_high or mode not in DEFAULT_POLICY:
+    record's policy is not its mode's default on its model, "" for the default, a mode without a policy, or a
+    record written before policies."""
+    if not keep_high or mode not in DEFAULT_POLICY or keep_high == default_keep_high(mode, model):
         return ""
-    default = DEFAULT_POLICY[mode]
-    try:
-        default = parse_policy(default, n_layer).text() if n_layer else default
-    except ValueError:  # a depth the default cannot resolve against: show the record's policy
-        default = ""
-    return "" if keep_high == default else f" [keep {keep_high}]"
+    return f" [keep {keep_high}]"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from suite.policy import (
     policy_note,
     resolve_keep_high,
 )
-from suite.records.cases import case_key, pair_key
+from suite.records.cases import alike, case_key, pair_key
 from suite.reporting.table import mode_label
 from suite.running.execute import case_fields
 from tests.helpers import error_line, small_case
@@ -94,6 +94,14 @@ def test_two_policies_of_one_mode_are_two_cases_with_one_fp32_reference():
     assert pair_key(a) == pair_key(b) == pair_key(ref)
 
 
+def test_a_default_policy_is_judged_over_seeds_with_fp32_and_another_policy_apart():
+    ref, default, other = (case_key(fields(small_case(mode=m, keep_high=k)))
+                           for m, k in (("fp32", ""), ("int8-mixed", ""), ("int8-mixed", "none")))  # fmt: skip
+    assert alike(default) == alike(ref) != alike(other)
+    old = case_key(fields(small_case(mode="int8-mixed")) | {"keep_high": None})  # before policies: the default
+    assert alike(old) == alike(ref)
+
+
 def test_records_written_before_policies_read_as_their_modes_default_then():
     assert legacy_keep_high("fp8-rowwise") == "lm_head" and legacy_keep_high("fp32") == ""
     assert legacy_keep_high(None) == ""
@@ -109,11 +117,11 @@ def test_gemm_kinds_are_read_without_the_models_depth():
 
 
 def test_a_mode_is_labelled_with_its_policy_only_when_it_is_not_the_default():
-    assert policy_note("fp8-tensorwise", "lm_head", 2) == ""
-    assert policy_note("fp8-tensorwise", "last:1,lm_head", 2) == " [keep last:1,lm_head]"
-    assert policy_note("nvfp4", "last:1,lm_head", 2) == ""  # last:15% of 2 blocks: the default
-    assert policy_note("nvfp4", "last:1,lm_head", 12) == " [keep last:1,lm_head]"  # of 12 it is last:2
-    assert policy_note("fp32", "", 2) == policy_note("fp8-rowwise", None, 2) == ""
+    assert policy_note("fp8-tensorwise", "lm_head", "tiny") == ""
+    assert policy_note("fp8-tensorwise", "last:1,lm_head", "tiny") == " [keep last:1,lm_head]"
+    assert policy_note("nvfp4", "last:1,lm_head", "tiny") == ""  # last:15% of 2 blocks: the default
+    assert policy_note("nvfp4", "last:1,lm_head", "gpt2-small") == " [keep last:1,lm_head]"  # of 12: last:2
+    assert policy_note("fp32", "", "tiny") == policy_note("fp8-rowwise", None, "tiny") == ""
     rows = [{"mode": "fp8-tensorwise", "model": "tiny", "keep_high": k} for k in ("lm_head", "none")]
     assert [mode_label(r) for r in rows] == ["fp8-tensorwise", "fp8-tensorwise [keep none]"]
 
