@@ -92,6 +92,7 @@ def step_gemms(m: object, model: GPT) -> Counter:
         ("fp8-rowwise", "first:1,forward,grad_weight"),
         ("int8-mixed", "last:1"),
         ("int8-mixed", "lm_head,forward"),
+        ("int8-mixed", "forward"),  # the converted LM head has no bias: its kept forward must not return bf16
         ("int8-mixed", "grad_weight"),  # the backward kind torchao runs in fp32
         ("mxfp8", "block:1,grad_weight"),
     ],
@@ -132,7 +133,7 @@ def test_a_kept_gemm_kind_runs_high_while_the_others_stay_8_bit():
     c_attn = frozenset((64, 128, 384))
     assert seen[(c_attn, 64, "bfloat16")] == 2 and seen[(c_attn, 64, "float8")] == 0  # weight grads: bf16
     assert seen[(c_attn, 128, "float8")] == 2 and seen[(c_attn, 384, "float8")] == 2  # forward, grad_input
-    # int8-mixed: torchao's config leaves the kind to a plain matmul, outside autocast in the backward: fp32
+    # int8-mixed: torchao's config leaves the kind to a plain matmul on the fp32 operands of its int8 kernel
     m, _ = prepared("int8-mixed", "lm_head,grad_weight")
     assert m.layer_fields()["layer_formats"]["blocks.0.attn.c_attn"] == {
         "forward": "int8-rowwise",
@@ -188,3 +189,33 @@ def test_the_records_roofline_follows_the_cases_policy():
     a = predict(TINY, 2, 32, "fp8-tensorwise", H100, None, keep_high="lm_head")
     b = predict(TINY, 2, 32, "fp8-tensorwise", H100, None, keep_high="lm_head,grad_weight")
     assert a.inputs["gemm_bytes"] < b.inputs["gemm_bytes"]  # bf16 operands in the kept weight-gradient GEMMs
+
+
+@pytest.mark.parametrize(
+    "mode, keep_high",
+    [("fp8-tensorwise", "none"), ("fp8-rowwise", "none"), ("int8-mixed", "none"), ("mxfp8", "none"),
+     ("fp8-tensorwise", "grad_input"), ("int8-mixed", "forward,grad_weight"), ("mxfp8", "grad_weight")],
+)  # fmt: skip
+def test_the_gpu_kernels_contracts_hold_with_the_lm_head_converted_and_gemm_kinds_kept(mode, keep_high, monkeypatch):
+    """tests/test_kernel_contracts.py's spies (the dtypes, layouts and shapes torchao's GPU kernels accept) on the
+    CPU run of a policy: the converted LM head and the GEMMs around a kept kind keep them too."""
+    import torch.nn.functional as F
+
+    from tests.test_kernel_contracts import BATCH, PER_LAYER, KernelSpies
+
+    m = build_mode(mode, CPU, keep_high)
+    spies = KernelSpies(monkeypatch)
+    with m.numerics():
+        model = m.prepare(GPT(TINY, seed=0))
+        with m.forward_context():
+            loss = F.cross_entropy(model(BATCH[:, :-1]).float().flatten(0, 1), BATCH[:, 1:].flatten())
+        spies.phase = "backward"
+        loss.backward()
+    assert spies.broken == [], spies.broken[:5]
+    converted = m.layer_fields()["converted_layers"]
+    assert "lm_head" in converted
+    if keep_high == "none":  # every GEMM of every converted Linear through the checked kernel boundary
+        ((boundary, _),) = {(b, None) for b, _ in spies.calls}
+        forward, backward = PER_LAYER[boundary]
+        assert spies.count(boundary, "forward") == forward * len(converted) == forward * 9
+        assert spies.count(boundary, "backward") == backward * len(converted)

@@ -23,6 +23,7 @@ itself; a test counts the `aten._int_mm` calls to prove it ran.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
@@ -69,10 +70,10 @@ class Int8Mixed(SwappedLinearsMode):
 
     def kept_gemm_format(self, kind: str) -> str:
         # a GEMM kind torchao's config leaves out runs as `input @ weight.T` (or its backward twin) on the operands
-        # as they are: fp32 (the pre-hook's), the forward under the mode's bf16 autocast, which casts the matmul's
-        # operands to bf16, the backward outside it (the autograd Function's backward runs with autocast off), in
-        # fp32 (torchao 0.18 prototype/quantized_training/int8_mixed_precision.py; a test captures the dtypes)
-        return "bf16" if kind == "forward" else "fp32"
+        # the int8 kernel gets: fp32 (the pre-hook's), the backward outside autocast, the forward with autocast off
+        # around the layer (`_without_autocast`; torchao 0.18 prototype/quantized_training/int8_mixed_precision.py;
+        # a test captures the dtypes)
+        return "fp32"
 
     def prepare(self, model: nn.Module) -> nn.Module:
         qt, missing = import_torchao(_INT8)
@@ -90,7 +91,25 @@ class Int8Mixed(SwappedLinearsMode):
         if swapped != converted:  # torchao changed what module_swap does: say so, don't train fp32 silently
             raise RuntimeError(f"int8-mixed: torchao swapped {swapped}, expected {converted}")
         for fqn in converted:
-            model.get_submodule(fqn).register_forward_pre_hook(to_weight_dtype)  # fp32: the scales' dtypes agree
+            layer = model.get_submodule(fqn)
+            layer.register_forward_pre_hook(to_weight_dtype)  # fp32: the scales' dtypes agree
+            if "forward" in self.high_gemms:
+                _without_autocast(layer)
         check_tokens(model, INT8_MULTIPLE, self.name)
         self.keep_layers(converted, kept)
         return model
+
+
+def _without_autocast(layer: nn.Module) -> None:
+    """The layer's forward with autocast off. A kept forward GEMM is torchao's plain `input @ weight.T`: under bf16
+    autocast it would return bf16 where the layer has no bias to add in fp32 (the converted LM head), and its
+    backward would then meet a bf16 output gradient with fp32 operands (a dtype error on the CPU, mismatched scale
+    dtypes for the CUDA kernel). Off, the kept GEMM is fp32 like the kept backward ones; the int8 GEMMs are the
+    same (no autocast op in them)."""
+    forward = layer.forward
+
+    def fp32_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x)
+
+    layer.forward = fp32_forward  # type: ignore[method-assign]
