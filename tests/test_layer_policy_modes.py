@@ -70,7 +70,8 @@ def expected_gemms(model: GPT, layer_formats: dict[str, dict[str, str]]) -> Coun
 def prepared(mode: str, keep_high: str) -> tuple[object, GPT]:
     m = build_mode(mode, CPU, keep_high)
     torch.manual_seed(0)
-    return m, m.prepare(GPT(TINY, seed=0))
+    with m.numerics():  # torchao's process-wide inductor patch undone on exit, as a run does
+        return m, m.prepare(GPT(TINY, seed=0))
 
 
 def step_gemms(m: object, model: GPT) -> Counter:
