@@ -155,6 +155,7 @@ def _record(keep_high: str) -> dict:
         (["--keep-high", "last:5", "--model", "tiny"], "keep_high='last:5'"),  # the CPU default: no policy mode
         (["--keep-high", "last:5", "--modes", "fp8-tensorwise"], "keep_high='last:5': the model has 2 blocks"),
         (["--keep-high", "last:1", "--modes", "fp32"], "--keep-high given but none of the modes (fp32) takes a"),
+        (["--fp4-recipe", "sr", "--modes", "fp32,fp8-tensorwise"], "--fp4-recipe given but none of the modes"),
         (["--keep-high", "forward", "--modes", "fp32,mxfp8"], "mxfp8 cannot keep the forward GEMM in bf16"),
     ],
 )
@@ -162,7 +163,8 @@ def test_mpbench_run_refuses_a_bad_policy_in_one_line_with_exit_2(args, match, c
     out = tmp_path / "r.jsonl"
     assert main(["run", "--device", "cpu", "--model", "tiny", *args, "--out", str(out)]) == 2
     line = error_line(capsys)
-    assert line.startswith("mpbench run: error: keep_high=") and match in line
+    field = "fp4_recipe=" if "--fp4-recipe" in args else "keep_high="
+    assert line.startswith(f"mpbench run: error: {field}") and match in line
     assert not out.exists() or not out.read_text()
 
 

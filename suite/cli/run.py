@@ -17,7 +17,7 @@ from suite.cli.progress import LiveBars
 from suite.cli.summary import print_summary, summary_table  # noqa: F401 (summary_table: for the tests)
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
-from suite.policy import DEFAULT_POLICY
+from suite.policy import DEFAULT_POLICY, FP4_ALLOWED
 from suite.records import outputs, store
 from suite.records.cases import case_key, locked, outcomes
 from suite.records.store import FAILED
@@ -232,6 +232,11 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
         raise ValueError(
             f"keep_high={opts['keep_high']!r}: --keep-high given but none of the modes ({', '.join(modes)}) takes a "
             f"layer policy; add one of {', '.join(DEFAULT_POLICY)} to --modes, or drop --keep-high"
+        )
+    if opts.get("fp4_recipe") and not any(mode in FP4_ALLOWED for mode in modes):
+        raise ValueError(
+            f"fp4_recipe={opts['fp4_recipe']!r}: --fp4-recipe given but none of the modes ({', '.join(modes)}) is a "
+            f"4-bit one; add {' or '.join(FP4_ALLOWED)} to --modes, or drop --fp4-recipe"
         )
     models = _each_once("models", opts["models"], "tiny,gpt2-small") if "models" in opts else [defaults["model"]]
     steps = opts.get("steps", defaults["steps"])
