@@ -67,12 +67,14 @@ class FP8Tensorwise(SwappedLinearsMode):
         # rounding of scales. The float8 GEMMs return their operand's original dtype (bf16 here: the pre-hook
         # casts the input to the autocast dtype), so the weight gradient is produced in bf16 before autograd
         # casts it to the fp32 master's .grad (CPU emulation and _scaled_mm alike).
-        return self.kept_formats(layer) or {
-            "input": "e4m3-tensorwise",
-            "weight": "e4m3-tensorwise",
-            "grad_output": "e5m2-tensorwise",
-            "grad_weight": "bf16",
-        }
+        return self.kept_formats(layer) or self.with_high_gemms(
+            {
+                "input": "e4m3-tensorwise",
+                "weight": "e4m3-tensorwise",
+                "grad_output": "e5m2-tensorwise",
+                "grad_weight": "bf16",
+            }
+        )
 
     def config(self) -> object:
         """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated)."""
@@ -87,7 +89,7 @@ class FP8Tensorwise(SwappedLinearsMode):
         float8, missing = import_torchao("torchao.float8")
         if missing:
             raise RuntimeError(f"{self.name} {missing}")
-        converted, kept = select_linears(model, FLOAT8_MULTIPLE, "float8")
+        converted, kept = select_linears(model, FLOAT8_MULTIPLE, "float8", self.policy(model))
         chosen = set(converted)
         float8.convert_to_float8_training(
             model, module_filter_fn=lambda module, fqn: fqn in chosen, config=self.config()

@@ -63,15 +63,15 @@ class Int8Mixed(SwappedLinearsMode):
         # for the weight-gradient GEMM torchao scales along the token dimension instead). The int8 GEMMs
         # accumulate in int32 exactly and are rescaled into their fp32 operands' dtype (the pre-hook keeps the
         # inputs fp32), so the weight gradient is produced in fp32
-        return self.kept_formats(layer) or {"input": "int8-rowwise", "weight": "int8-rowwise",
-                                            "grad_output": "int8-rowwise", "grad_weight": "fp32"}  # fmt: skip
+        return self.kept_formats(layer) or self.with_high_gemms({"input": "int8-rowwise", "weight": "int8-rowwise",
+                                            "grad_output": "int8-rowwise", "grad_weight": "fp32"})  # fmt: skip
 
     def prepare(self, model: nn.Module) -> nn.Module:
         qt, missing = import_torchao(_INT8)
         quantization, missing_q = import_torchao(_QUANTIZE)
         if missing or missing_q:
             raise RuntimeError(f"int8-mixed {missing or missing_q}")
-        converted, kept = select_linears(model, INT8_MULTIPLE, "int8 matmul")
+        converted, kept = select_linears(model, INT8_MULTIPLE, "int8 matmul", self.policy(model))
         chosen = set(converted)
         config = qt.Int8MixedPrecisionTrainingConfig(module_swap=True)
         quantization.quantize_(model, config, filter_fn=lambda module, fqn: fqn in chosen)
