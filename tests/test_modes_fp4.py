@@ -182,3 +182,20 @@ def test_every_combination_of_the_fp4_modes_is_refused_or_runs_on_this_cpu():
         assert decide(get_mode(r["mode"]), resolve_device("cpu"), emulate=False)[0] is None
         assert r["status"] == "ok", f"{r['mode']} compile={r['compile']}: {r['reason']}"
         assert len(r["loss_curve"]) == 3 and all(map(math.isfinite, r["loss_curve"]))
+
+
+def test_fidelity_covers_the_fp4_modes():
+    """`mpbench fidelity` runs every registered mode (suite/cli/fidelity.py, --modes all): the 4-bit ones give
+    finite figures against float64, further from it than bf16 and still pointing the same way."""
+    from suite.training import fidelity
+    from suite.training.data import make_corpus
+    from tests.helpers import small_case
+
+    def grad_cos(mode: str) -> float:
+        case = small_case(mode=mode, steps=1, warmup=0, batch_size=2, seq_len=32)
+        batches = make_corpus(None, case.model_config.vocab_size).batches(1, 2, 32, case.seed)
+        return fidelity.record_fields(fidelity.measure(case, resolve_device("cpu"), batches))["grad_cos_vs_fp64"]
+
+    bf16 = grad_cos("bf16")
+    for name in FP4:
+        assert 0.9 < grad_cos(name) < bf16, name
