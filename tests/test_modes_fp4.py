@@ -199,3 +199,17 @@ def test_fidelity_covers_the_fp4_modes():
     bf16 = grad_cos("bf16")
     for name in FP4:
         assert 0.9 < grad_cos(name) < bf16, name
+
+
+def test_roofline_and_peaks_say_why_for_4_bit(native_b200):
+    """No bound where nothing models 4-bit GEMMs (a native B200 case) or the kernels are emulated; mfu's peak: the
+    B200 datasheet's dense FP4 rate for nvfp4, none confirmed for mxfp4, no FP4 tensor cores on a Hopper."""
+    from suite.metrics import peaks, roofline_predict
+
+    native = roofline_predict.predict(TINY, 8, 128, "nvfp4", native_b200)
+    assert native.step_ms is None and native.reason == f"nvfp4 GEMMs: {roofline_predict.NO_4BIT_ROOFLINE}"
+    emulated = roofline_predict.predict(TINY, 8, 128, "mxfp4", native_b200)
+    assert emulated.step_ms is None and "no MXFP4 training Linear" in emulated.reason
+    assert peaks.peak_flops(B200.name, "nvfp4") == (9000e12, None)
+    assert "no confirmed datasheet mxfp4 peak" in peaks.peak_flops(B200.name, "mxfp4")[1]
+    assert "no nvfp4 tensor cores" in peaks.peak_flops(H100.name, "nvfp4")[1]
