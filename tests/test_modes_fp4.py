@@ -213,3 +213,25 @@ def test_roofline_and_peaks_say_why_for_4_bit(native_b200):
     assert peaks.peak_flops(B200.name, "nvfp4") == (9000e12, None)
     assert "no confirmed datasheet mxfp4 peak" in peaks.peak_flops(B200.name, "mxfp4")[1]
     assert "no nvfp4 tensor cores" in peaks.peak_flops(H100.name, "nvfp4")[1]
+
+
+def test_the_4_bit_tolerances_are_what_their_committed_measurement_gives():
+    """convergence.MEASURED_4BIT re-derives from results/tolerances/tiny-cpu-8x64-fp4.jsonl by the table's rule."""
+    from pathlib import Path
+
+    from suite.records import store
+    from suite.reporting import tolerances
+    from suite.reporting.convergence import MEASURED_4BIT, TOLERANCES, tolerance_of
+
+    path = Path(__file__).resolve().parents[1] / "results" / "tolerances" / "tiny-cpu-8x64-fp4.jsonl"
+    records = store.read_all([str(path)])
+    derived = {d.mode: d for d in tolerances.derive(records)}
+    ((config, table),) = MEASURED_4BIT.items()
+    assert set(derived) == set(table) == set(FP4)
+    for mode, tol in table.items():
+        d = derived[mode]
+        assert d.config == config and d.n == 5 and tol.max_delta == pytest.approx(d.bound)
+        assert f"{d.mean:+.4f}" in tol.why and d.ci_high <= tol.max_delta and tol.expected_to_lag
+        assert d.mean > 0 and d.ci_high - 2 * (d.ci_high - d.mean) > 0  # lags: the interval excludes 0
+        record = next(r for r in records if r["mode"] == mode)
+        assert tolerance_of(TOLERANCES, record, mode) is tol
