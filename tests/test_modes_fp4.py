@@ -235,3 +235,13 @@ def test_the_4_bit_tolerances_are_what_their_committed_measurement_gives():
         assert d.mean > 0 and d.ci_high - 2 * (d.ci_high - d.mean) > 0  # lags: the interval excludes 0
         record = next(r for r in records if r["mode"] == mode)
         assert tolerance_of(TOLERANCES, record, mode) is tol
+
+
+def test_the_record_of_a_case_that_left_the_native_path_says_emulated_and_why(monkeypatch):
+    """Where the device has native NVFP4 kernels (faked here: the CPU run as if it had them) the runner records
+    `emulated: False` from the mode's class; a case outside torchao's contract overrides that from layer_fields."""
+    monkeypatch.setattr(nvfp4_mode.NVFP4, "emulation_reason", classmethod(lambda cls, device: None))
+    case = Case(mode="nvfp4", model="tiny", device="cpu", batch_size=2, seq_len=32, steps=3, warmup=2, fp4_recipe="sr")
+    (r,) = run_cases([case], log=None, isolate=False)
+    assert r["status"] == "ok", r["reason"]
+    assert r["emulated"] is True and r["emulated_reason"].startswith("torchao's NVFP4 Linear always runs sr,rht,2d")
