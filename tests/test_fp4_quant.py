@@ -153,6 +153,7 @@ def test_stochastic_rounding_follows_its_generator() -> None:
     assert (draw(7) - nvfp4_qdq(x)).abs().max() <= 2 * (x.abs().amax() / (448 * 6)) * 448
 
 
+@needs_torchao
 def test_rht_matrix_is_torchaos_and_orthogonal() -> None:
     from torchao.prototype.moe_training.nvfp4_training.hadamard_utils import get_rht_matrix
 

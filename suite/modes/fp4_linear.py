@@ -24,8 +24,9 @@ Randomness: the RHT signs and the SR seed are drawn from torch's global generato
 (deterministic under the case's seed, the same draws whatever the recipe); the SR draws come from a
 torch.Generator of the layer's own, made on the input's device at the first training forward. Its state is
 not in the state_dict: a run resumed from a checkpoint restarts the SR stream from the seed.
-torch.compile: the layer calls `torch._dynamo.disable` around its GEMMs (a torch.Generator cannot be traced),
-so a compiled model runs it eagerly between compiled graphs (graph breaks, correct numerics).
+torch.compile: the GEMMs are wrapped in `torch._dynamo.disable` (a torch.Generator argument cannot be traced),
+so a compiled model runs them eagerly between its compiled graphs: one graph break per FP4Linear, the same
+numbers as eager (tests/test_fp4_linear.py); `fullgraph=True` cannot compile it.
 """
 
 from __future__ import annotations
