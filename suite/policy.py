@@ -39,7 +39,7 @@ DEFAULT_POLICY: dict[str, str] = {
 # (prototype/moe_training/mxfp8_linear.py) has one such switch, wgrad_with_hp: its forward and input-gradient GEMMs
 # always quantize. Here, torch-free, so that a Case refuses such a policy before anything is built.
 KEEPABLE_GEMMS: dict[str, tuple[tuple[str, ...], str]] = {
-    "mxfp8": (("grad_weight",), "torchao's MXFP8Linear keeps only the weight-gradient GEMM high (wgrad_with_hp)"),
+    "mxfp8": (("grad_weight",), "torchao's MXFP8Linear has one per-GEMM switch, wgrad_with_hp, for grad_weight"),
 }
 # The 4-bit modes' recipe switches (`mpbench run --fp4-recipe`, `Case.fp4_recipe`), a comma-separated list of
 # those on, or `none`: sr = stochastic rounding of the gradients (the output gradient in both backward GEMMs,
@@ -165,6 +165,26 @@ def legacy_keep_high(mode: str | None) -> str:
     then, the LM head alone, which does not depend on the model's depth), "" for the others."""
     default = DEFAULT_POLICY.get(mode or "", "")
     return "" if "%" in default else default
+
+
+def default_keep_high(mode: str | None, model: str | None) -> str:
+    """The policy a case of `mode` on the preset `model` holds by default, resolved ("" for a mode without one). A
+    share resolves against the preset's depth: only then is `models` (and with it torch) imported."""
+    default = DEFAULT_POLICY.get(mode or "", "")
+    if "%" not in default:
+        return default
+    from models import GPTConfig
+
+    return parse_policy(default, GPTConfig.preset(model).n_layer).text() if model in GPTConfig.presets() else default
+
+
+def policy_note(mode: str | None, keep_high: str | None, model: str | None) -> str:
+    """What a table adds to a mode's name so that two policies of one mode are two rows: " [keep TEXT]" when the
+    record's policy is not its mode's default on its model, "" for the default, a mode without a policy, or a
+    record written before policies."""
+    if not keep_high or mode not in DEFAULT_POLICY or keep_high == default_keep_high(mode, model):
+        return ""
+    return f" [keep {keep_high}]"
 
 
 @dataclass(frozen=True)

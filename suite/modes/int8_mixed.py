@@ -23,6 +23,7 @@ itself; a test counts the `aten._int_mm` calls to prove it ran.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from suite.hardware import DeviceInfo
@@ -34,6 +35,7 @@ from suite.modes.torchao_calls import (
     select_linears,
     to_weight_dtype,
 )
+from suite.policy import GEMM_KINDS
 
 INT8_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8 (and M > 16)
 _INT8 = "torchao.prototype.quantized_training"
@@ -66,6 +68,13 @@ class Int8Mixed(SwappedLinearsMode):
         return self.kept_formats(layer) or self.with_high_gemms({"input": "int8-rowwise", "weight": "int8-rowwise",
                                             "grad_output": "int8-rowwise", "grad_weight": "fp32"})  # fmt: skip
 
+    def kept_gemm_format(self, kind: str) -> str:
+        # a GEMM kind torchao's config leaves out runs as `input @ weight.T` (or its backward twin) on the operands
+        # the int8 kernel gets: fp32 (the pre-hook's), the backward outside autocast, the forward with autocast off
+        # around the layer (`_without_autocast`; torchao 0.18 prototype/quantized_training/int8_mixed_precision.py;
+        # a test captures the dtypes)
+        return "fp32"
+
     def prepare(self, model: nn.Module) -> nn.Module:
         qt, missing = import_torchao(_INT8)
         quantization, missing_q = import_torchao(_QUANTIZE)
@@ -73,13 +82,34 @@ class Int8Mixed(SwappedLinearsMode):
             raise RuntimeError(f"int8-mixed {missing or missing_q}")
         converted, kept = select_linears(model, INT8_MULTIPLE, "int8 matmul", self.policy(model))
         chosen = set(converted)
-        config = qt.Int8MixedPrecisionTrainingConfig(module_swap=True)
+        low = {kind: kind not in self.high_gemms for kind in GEMM_KINDS}  # kept kinds: torchao's plain matmuls
+        config = qt.Int8MixedPrecisionTrainingConfig(
+            output=low["forward"], grad_input=low["grad_input"], grad_weight=low["grad_weight"], module_swap=True
+        )
         quantization.quantize_(model, config, filter_fn=lambda module, fqn: fqn in chosen)
         swapped = [f for f, m in model.named_modules() if isinstance(m, qt.Int8MixedPrecisionTrainingLinear)]
         if swapped != converted:  # torchao changed what module_swap does: say so, don't train fp32 silently
             raise RuntimeError(f"int8-mixed: torchao swapped {swapped}, expected {converted}")
         for fqn in converted:
-            model.get_submodule(fqn).register_forward_pre_hook(to_weight_dtype)  # fp32: the scales' dtypes agree
+            layer = model.get_submodule(fqn)
+            layer.register_forward_pre_hook(to_weight_dtype)  # fp32: the scales' dtypes agree
+            if "forward" in self.high_gemms:
+                _without_autocast(layer)
         check_tokens(model, INT8_MULTIPLE, self.name)
         self.keep_layers(converted, kept)
         return model
+
+
+def _without_autocast(layer: nn.Module) -> None:
+    """The layer's forward with autocast off. A kept forward GEMM is torchao's plain `input @ weight.T`: under bf16
+    autocast it would return bf16 where the layer has no bias to add in fp32 (the converted LM head), and its
+    backward would then meet a bf16 output gradient with fp32 operands (a dtype error on the CPU, mismatched scale
+    dtypes for the CUDA kernel). Off, the kept GEMM is fp32 like the kept backward ones; the int8 GEMMs are the
+    same (no autocast op in them)."""
+    forward = layer.forward
+
+    def fp32_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x)
+
+    layer.forward = fp32_forward  # type: ignore[method-assign]

@@ -209,9 +209,9 @@ class SwappedLinearsMode(PrecisionMode):
     def configure(self, keep_high: str, fp4_recipe: str) -> None:
         """The case's layer policy ("": the mode's default, DEFAULT_POLICY) and 4-bit recipe, as text: the policy
         resolves against the model in `policy(model)`; its GEMM kinds are known now (they do not depend on it)."""
-        self.keep_high = keep_high
+        self.keep_high = keep_high or DEFAULT_POLICY.get(self.name, "")
         self.fp4_recipe = fp4_recipe
-        self.high_gemms = gemm_kinds(keep_high or DEFAULT_POLICY.get(self.name, ""))
+        self.high_gemms = gemm_kinds(self.keep_high)
 
     def policy(self, model: nn.Module) -> LayerPolicy:
         """The case's policy resolved against `model`'s depth; ValueError (field keep_high) for one the model or

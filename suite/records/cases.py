@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from suite.policy import legacy_keep_high
+from suite.policy import FP4_ALLOWED, default_keep_high, legacy_keep_high, resolve_fp4_recipe
 
 # Every setting that changes what a case measures. A data file is keyed by its content
 # (`data_sha256`), so `d.txt`, `./d.txt` and its absolute path are one case, and an edited
@@ -49,12 +49,21 @@ def case_key(values: dict[str, Any]) -> tuple:
 
 _MODE, _SEED = CASE_KEY.index("mode"), CASE_KEY.index("seed")
 # What only a mode has (its layer policy, its 4-bit recipe): the fp32 reference of every policy is one record
-_OF_MODE = {_MODE, CASE_KEY.index("keep_high"), CASE_KEY.index("fp4_recipe")}
+_KEEP, _RECIPE = CASE_KEY.index("keep_high"), CASE_KEY.index("fp4_recipe")
+_OF_MODE = {_MODE, _KEEP, _RECIPE}
 
 
 def alike(key: tuple) -> tuple:
-    """A case key without its mode and seed: the cases whose seeds are pooled into one verdict."""
-    return tuple(v for i, v in enumerate(key) if i not in (_MODE, _SEED))
+    """A case key without its mode and seed: the cases whose seeds are pooled into one verdict. A mode's own
+    settings (layer policy, 4-bit recipe) count only where they are not the mode's defaults: a default case sits
+    with fp32 (which has none), and each other policy of a mode is a set of its own, paired through its deltas."""
+    mode, model = key[_MODE], key[CASE_KEY.index("model")]
+    values = list(key)
+    if values[_KEEP] == default_keep_high(mode, model):
+        values[_KEEP] = ""
+    if mode in FP4_ALLOWED and values[_RECIPE] == resolve_fp4_recipe(mode, ""):
+        values[_RECIPE] = ""
+    return tuple(v for i, v in enumerate(values) if i not in (_MODE, _SEED))
 
 
 def pair_key(record: dict[str, Any]) -> tuple:
