@@ -23,7 +23,7 @@ CPU = DeviceInfo("cpu", "test cpu")
 B200 = DeviceInfo("cuda", "NVIDIA B200", (10, 0))  # every mode is native here: its GPU dtype flow
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # kernel boundary -> checked calls per converted layer (forward, backward)
-PER_LAYER = {"int8": (1, 2), "fp8": (1, 2), "mxfp8": (1, 1)}
+PER_LAYER = {"int8": (1, 2), "fp8": (1, 2), "mxfp8": (1, 1), "fp4": (1, 1)}
 
 
 class KernelSpies:
@@ -34,6 +34,8 @@ class KernelSpies:
         from torchao.prototype.moe_training import mxfp8_linear
         from torchao.prototype.quantized_training import int8_mixed_precision
 
+        from suite.modes import fp4_linear
+
         self.calls: list[tuple[str, str]] = []
         self.broken: list[str] = []
         self.phase = "forward"  # the test says which: grad mode is off inside autograd Functions either way
@@ -41,6 +43,7 @@ class KernelSpies:
             (int8_mixed_precision, "scaled_int8_mm", self._int8),
             (float8_ops, "preprocess_addmm", self._fp8),
             (mxfp8_linear, "_to_mxfp8_then_scaled_mm", self._mxfp8),
+            (fp4_linear, "_fp4_matmul", self._fp4),
         ):
             monkeypatch.setattr(module, name, spy(getattr(module, name)))
         monkeypatch.setattr(float8_linear, "matmul_with_hp_or_float8_args", self._fp8_entry(float8_linear))
@@ -123,6 +126,25 @@ class KernelSpies:
             return out
 
         return to_mxfp8_then_scaled_mm
+
+    def _fp4(self, real):
+        # the 4-bit modes' emulated GEMMs (FP4Linear, on a CPU and on a GPU without native kernels): bf16 autocast's
+        # dtype flow, 2-D bf16 operands and a bf16 output gradient, as torchao's NVFP4 Triton casts take on a
+        # Blackwell GPU (that path's own contract: tests/test_modes_fp4.py, on a fake B200)
+        def fp4_matmul(x, w, *args):
+            self.rule(x.dtype is w.dtype is torch.bfloat16 and x.dim() == w.dim() == 2, f"fp4 operands {x.dtype}")
+            self.calls.append(("fp4", self.phase))
+            out = real(x, w, *args)
+            if out.requires_grad:
+
+                def check_grad(grad: torch.Tensor) -> None:
+                    self.rule(grad.dtype is torch.bfloat16, f"fp4 output gradient {grad.dtype}")
+                    self.calls.append(("fp4", self.phase))
+
+                out.register_hook(check_grad)
+            return out
+
+        return fp4_matmul
 
 
 class MatmulDtypes(TorchDispatchMode):

@@ -28,7 +28,8 @@ EXPECTED_STORAGE = {
 
 def test_registry_names_match_classes():
     assert list(MODES) == ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight", "pure-bf16",
-                           "pure-bf16-sr", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8"]  # fmt: skip
+                           "pure-bf16-sr", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8", "nvfp4",
+                               "mxfp4"]  # fmt: skip
     for name, mode in MODES.items():
         assert mode.name == name and mode.summary
 

@@ -503,9 +503,9 @@ def test_mamf_hint_of_every_mode_names_a_command_that_runs(tmp_path, monkeypatch
             entry = json.loads(out.read_text())["results"][compute]
             assert entry["flops"] > 0 or entry["reason"]  # timed, or the device lacks the kernel and says so
         else:
-            assert "no mxfp8 ceiling" in reason and name == "mxfp8", (name, reason)
+            assert reason == calibration.NO_CEILING[compute] and name in ("mxfp8", "nvfp4", "mxfp4"), (name, reason)
             assert main(["calibrate", "--device", "cpu", "--dtypes", compute]) == 2
-            assert "no mxfp8 ceiling" in capsys.readouterr().err
+            assert f"no {compute} ceiling" in capsys.readouterr().err
 
 
 def test_calibrate_times_the_8_bit_kernels_the_modes_use(monkeypatch):

@@ -165,7 +165,7 @@ def test_new_rows_dense_figures():
     """Issue 12 item 11: B200 per GPU (HGX datasheet, sparse / 2), GH200, H800, H100 SXM5 variants."""
     b200 = {d: peak_flops("NVIDIA B200", d)[0] for d in DTYPES}
     assert b200 == {"fp32": 75e12, "tf32": 1100e12, "fp16": 2250e12, "bf16": 2250e12, "fp8": 4500e12,
-                    "int8": 4500e12, "mxfp8": 4500e12}  # fmt: skip
+                    "int8": 4500e12, "mxfp8": 4500e12, "nvfp4": 9000e12, "mxfp4": None}  # fmt: skip
     for name in ("NVIDIA GH200 480GB", "NVIDIA H800", "NVIDIA H100 SXM5 64GB", "NVIDIA H100 SXM5 94GB"):
         assert peak_flops(name, "bf16") == (989.5e12, None) and peak_flops(name, "fp8") == (1979e12, None)
     assert peak_flops("NVIDIA H800 PCIe", "int8") == (1513e12, None)

@@ -41,7 +41,11 @@ DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "
 ARITHMETICS = ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise", "fp8-rowwise-rescaled", "int8", "mxfp8")
 FP8 = ("fp8", "fp8-rowwise", "fp8-rowwise-rescaled", "mxfp8")  # through torch._scaled_mm
 NO_CEILING = {
-    "mxfp8": "no mxfp8 ceiling: `mpbench calibrate` does not time block-scaled MX matmuls (Blackwell); mamf is null"
+    "mxfp8": "no mxfp8 ceiling: `mpbench calibrate` does not time block-scaled MX matmuls (Blackwell); mamf is null",
+    **{
+        fmt: f"no {fmt} ceiling: `mpbench calibrate` does not time 4-bit matmuls; mamf is null"
+        for fmt in ("nvfp4", "mxfp4")
+    },
 }
 GPU_SIZES = (2048, 4096, 6144, 8192)
 CPU_SIZES = (256, 512, 1024)

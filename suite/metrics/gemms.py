@@ -98,8 +98,8 @@ def cast(fmt: str, rows: int, cols: int, device: DeviceInfo) -> Callable[[], obj
     plain eager torch ops doing what torchao's cast does: fp8 tensorwise amax + scale + saturated cast;
     rowwise one amax per row (-pow2: the scale rounded down to a power of 2); int8-rowwise absmax / 127 and
     round; mxfp8 one e8m0 exponent per 32 elements. None for a format that needs no cast (16/32-bit)."""
-    if roofline.FORMAT_BYTES.get(fmt, 2.0) > 1.5:
-        return None
+    if roofline.FORMAT_BYTES.get(fmt, 2.0) > 1.5 or roofline.FORMAT_PEAK.get(fmt, "") is None:
+        return None  # 16/32-bit: no cast; 4-bit: no cast of ours (their GEMMs are never timed: skip_reason)
     x = torch.randn(rows, cols, device=device.torch_device).to(torch.bfloat16)
     if fmt == "int8-rowwise":
         return lambda: (x / (x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127)).round().clamp(

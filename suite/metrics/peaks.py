@@ -4,9 +4,10 @@ Every figure is the datasheet's *dense* rate (no 2:4 structured sparsity; datash
 the sparse rate with an asterisk, and we halve it), for tensor-core math with FP32
 accumulation where the datasheet tells the two apart. "fp32" is the non-tensor-core FMA rate;
 "int8" is in OP/s; "mxfp8" is the block-scaled MXFP8 rate (32-element blocks, e8m0 scales),
-which only Blackwell tensor cores run. All figures assume the maximum boost clock: under
-sustained load the clock is usually lower (PCIe cards and the 72 W L4 most of all), so an MFU against these peaks
-understates how busy the units were, never overstates it.
+which only Blackwell tensor cores run; "nvfp4" and "mxfp4" are the block-scaled FP4 rates (the
+datasheets' "FP4 Tensor Core" row), None wherever no datasheet row of ours gives one. All figures
+assume the maximum boost clock: under sustained load the clock is usually lower (PCIe cards and
+the 72 W L4 most of all), so an MFU against these peaks understates how busy the units were, never overstates it.
 
 A GPU that is not in the table, or a dtype it lacks, gives `None` and a reason: never the
 figure of a "close" GPU.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "mxfp8")
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "mxfp8", "nvfp4", "mxfp4")
 _T = 1e12  # the table is written in TFLOP/s (TOP/s for int8)
 
 
@@ -34,6 +35,8 @@ class _Row:
     int8: float | None
     unconfirmed: tuple[str, ...] = ()  # dtypes left None because no datasheet figure was confirmed
     mxfp8: float | None = None  # MX block-scaled fp8 (Blackwell); None: no MX tensor cores
+    nvfp4: float | None = None  # NVFP4 block-scaled fp4 (Blackwell); None: no FP4 tensor cores
+    mxfp4: float | None = None  # MXFP4 block-scaled fp4; None: no FP4 tensor cores, or none confirmed
     # datasheet DRAM bandwidth in GB/s (10^9 bytes/s); None: no figure confirmed, `bandwidth_note` says why
     bandwidth: float | None = None
     bandwidth_note: str = ""
@@ -153,9 +156,10 @@ PEAKS: dict[str, _Row] = {
                   bandwidth_note="GH200: 96 GB HBM3 or 144 GB HBM3e, two bandwidths under one name"),
     # NVIDIA HGX B200 datasheet, per-GPU figures (1000 W): FP32 75; TF32 2.2 PF*, FP16/BF16 4.5 PF*,
     # FP8/FP6 9 PF*, INT8 9 POPS* (halved: 1100, 2250, 4500, 4500). MXFP8 runs at the FP8 rate
-    # (Blackwell tensor cores scale 32-element blocks in hardware): 4500.
+    # (Blackwell tensor cores scale 32-element blocks in hardware): 4500. FP4 Tensor Core 18 PF* (halved:
+    # 9000), NVIDIA's FP4 being NVFP4 (16-element blocks, e4m3 scales); MXFP4 is not named there: left None.
     "B200": _Row("NVIDIA B200", "Blackwell", "NVIDIA HGX B200 datasheet, per GPU",
-                 75.0, 1100.0, 2250.0, 2250.0, 4500.0, 4500.0, mxfp8=4500.0,
+                 75.0, 1100.0, 2250.0, 2250.0, 4500.0, 4500.0, ("mxfp4",), mxfp8=4500.0, nvfp4=9000.0,
                  bandwidth=8000.0,
                  bandwidth_note="HGX/DGX B200 datasheet: 8 TB/s HBM3e per GPU"),
     # NVIDIA Ada architecture whitepaper, appendix (GeForce RTX 4090): FP32 82.6, TF32 82.6,
@@ -248,7 +252,7 @@ def peak_row(gpu_name: str, *, memory_mb: float | None = None) -> dict[str, obje
     row = PEAKS[key]
     return {
         "gpu": key,
-        "unit": "dense TFLOP/s at boost clock (int8: TOP/s; mxfp8: MX block-scaled fp8)",
+        "unit": "dense TFLOP/s at boost clock (int8: TOP/s; mxfp8, nvfp4, mxfp4: block-scaled)",
         **{dtype: getattr(row, dtype) for dtype in DTYPES},
         "source": row.source,
         "bandwidth_gb_s": row.bandwidth,

@@ -22,6 +22,7 @@ from suite.hardware import DeviceInfo
 from suite.metrics import calibration, peaks
 from suite.metrics.roofline import (
     FORMAT_BYTES,
+    FORMAT_PEAK,
     converted_layers,
     gemm_seconds,
     mode_formats,
@@ -31,6 +32,10 @@ from suite.metrics.roofline import (
 from suite.metrics.roofline_step import cast_traffic, gemm_totals, model_linears, rest_traffic
 from suite.modes import build_mode, get_mode
 
+# A native 4-bit case (nvfp4 on a 10.0+ GPU): the peak table has the B200's FP4 rate (its mfu uses it), but the
+# roofline has no 4-bit column (roofline.FORMAT_PEAK) nor a model of torchao's fused NVFP4 casts (Hadamard
+# transform, 2-D weight scales, stochastic rounding): no bound rather than a guessed one.
+NO_4BIT_ROOFLINE = "the roofline has no 4-bit GEMM ceiling nor a model of the fused NVFP4 casts: no bound is predicted"
 COMMUNICATION = "not modelled (gradient all-reduce, FSDP all-gather/reduce-scatter): the per-GPU bound stays a bound"
 
 
@@ -106,7 +111,7 @@ def predict(
     act = FORMAT_BYTES[head["input"]]
     logits = FORMAT_BYTES[result_format(head["input"], head["weight"])]
     rest = rest_traffic(config, tokens, mode_name, act, logits, params, 1 / nproc if parallel == "fsdp" else 1.0)
-    ceil = ceilings(device, {g.compute or "none" for g in gemms})
+    ceil = ceilings(device, {g.compute for g in gemms if g.compute})
     totals = gemm_totals(gemms)
     inputs: dict[str, Any] = {
         "device": device.name,
@@ -124,6 +129,8 @@ def predict(
     }
     if why := cls.emulation_reason(device):
         return Prediction(None, None, None, None, inputs, f"emulated kernels ({why}): no roofline for emulation")
+    if four_bit := sorted({f for g in gemms if g.compute is None for f in (g.a, g.b) if FORMAT_PEAK.get(f) is None}):
+        return Prediction(None, None, None, None, inputs, f"{', '.join(four_bit)} GEMMs: {NO_4BIT_ROOFLINE}")
     if ceil.missing:
         return Prediction(None, None, None, None, inputs, ceil.missing)
     seconds = [gemm_seconds(g, ceil.flops_per_s, ceil.bandwidth) for g in gemms]

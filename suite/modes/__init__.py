@@ -11,7 +11,9 @@ from suite.modes.fp8_tensorwise import FP8Tensorwise
 from suite.modes.fp32 import FP32
 from suite.modes.int8_mixed import Int8Mixed
 from suite.modes.int8_weight import Int8Weight
+from suite.modes.mxfp4 import MXFP4
 from suite.modes.mxfp8 import MXFP8
+from suite.modes.nvfp4 import NVFP4
 from suite.modes.pure_bf16 import PureBF16
 from suite.modes.pure_bf16_sr import PureBF16SR
 from suite.modes.pure_fp16 import PureFP16
@@ -21,6 +23,7 @@ MODES: dict[str, type[PrecisionMode]] = {
     m.name: m
     for m in (FP32, TF32, AmpFP16, BF16, PureFP16, Int8Weight)
     + (PureBF16, PureBF16SR, Int8Mixed, FP8Tensorwise, FP8Rowwise, MXFP8)  # issue 14: 8-bit and pure bf16
+    + (NVFP4, MXFP4)  # issue 26: 4-bit
 }
 
 

@@ -35,6 +35,18 @@ HAND_SET: dict[str, Tolerance] = {
     "fp8-tensorwise": Tolerance(0.03, why="fp32 master; float8 matmuls, one scale per tensor"),
     "fp8-rowwise": Tolerance(0.03, why="fp32 master; float8 matmuls, one scale per row"),
     "mxfp8": Tolerance(0.03, why="fp32 master; MXFP8 matmuls, one scale per 32 elements"),
+    # issue 26: lag on tiny (MEASURED_4BIT below); elsewhere unmeasured, so wide (more steps, gpt2-small on a GPU)
+    "nvfp4": Tolerance(
+        0.10,
+        expected_to_lag=True,
+        why="fp32 master; NVFP4 matmuls (e2m1, e4m3 scale per 16 "
+        "under an fp32 one; sr, rht, 2-D weights), last 15% of blocks and LM head in bf16",
+    ),
+    "mxfp4": Tolerance(
+        0.10,
+        expected_to_lag=True,
+        why="fp32 master; MXFP4 matmuls (e2m1, e8m0 scale per 32; sr, rht), last 15% of blocks and LM head in bf16",
+    ),
 }
 
 
@@ -68,12 +80,32 @@ MEASURED: dict[tuple[str, str, int, str], dict[str, Tolerance]] = {
     },
 }
 # fmt: on
+# Measured (issue 26), the 4-bit modes alone with their fp32 pairs, at one size and 5 seeds (CPU time was short):
+#   SEEDS=5 MPBENCH_DEVICE=cpu MPBENCH_TOL_ARGS="--model tiny --batch-size 8 --seq-len 64 --modes fp32,nvfp4,mxfp4" \
+#       bash ci/measure-tolerances.sh results/tolerances/tiny-cpu-8x64-fp4.jsonl
+# Same rule as MEASURED (tests/test_modes_fp4.py re-derives them). Both lag fp32 (their intervals exclude 0):
+# expected to lag, shown with their figures, never failing the gate.
+MEASURED_4BIT: dict[tuple[str, str, int, str], dict[str, Tolerance]] = {
+    ("tiny", "cpu", 40, "cosine"): {
+        "nvfp4": Tolerance(
+            0.045,
+            True,
+            f"measured over 5 seeds (tiny, CPU): +0.0184 [+0.0085, +0.0283] nats at 8 x 64; {HAND_SET['nvfp4'].why}",
+        ),
+        "mxfp4": Tolerance(
+            0.040,
+            True,
+            f"measured over 5 seeds (tiny, CPU): +0.0176 [+0.0098, +0.0254] nats at 8 x 64; {HAND_SET['mxfp4'].why}",
+        ),
+    },
+}
 # The gate's table: a mode's measured bound for a configuration where one exists (key (measured_as, mode)), else
 # the hand-set one (key mode). Read it through `tolerance_of`.
 Tolerances = dict[Any, Tolerance]
 TOLERANCES: Tolerances = {
     **HAND_SET,
     **{(config, mode): tol for config, table in MEASURED.items() for mode, tol in table.items()},
+    **{(config, mode): tol for config, table in MEASURED_4BIT.items() for mode, tol in table.items()},
 }
 
 
