@@ -245,3 +245,4 @@ def test_the_record_of_a_case_that_left_the_native_path_says_emulated_and_why(mo
     (r,) = run_cases([case], log=None, isolate=False)
     assert r["status"] == "ok", r["reason"]
     assert r["emulated"] is True and r["emulated_reason"].startswith("torchao's NVFP4 Linear always runs sr,rht,2d")
+    assert r["mfu"] is None and r["mfu_reason"].startswith("emulated kernels (torchao's NVFP4 Linear")  # not a speed

@@ -116,7 +116,9 @@ def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step:
         # MFU per GPU: each of the nproc processes does 1/nproc of the step's FLOPs
         share = mode_dtype_share(case.model_config, case.seq_len, r.storage.get("converted_layers"))
         fields |= utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device, share)
-        fields |= emulated_speed_fields(get_mode(case.mode).emulation_reason(device))
+        # a mode whose case left its native kernels (nvfp4 outside torchao's contract) says so in its storage
+        why = r.storage.get("emulated_reason") or get_mode(case.mode).emulation_reason(device)
+        fields |= emulated_speed_fields(why)
         fields |= roofline_fields(case, device, r.storage.get("converted_layers"))
     return fields
 
