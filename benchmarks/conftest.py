@@ -26,7 +26,7 @@ SMOKE = dict(model="tiny", batch_size=4, seq_len=64, steps=8, warmup=2)
 GPU = dict(model="gpt2-small", batch_size=16, seq_len=1024, steps=60, warmup=10)
 ALL_MODES = (
     "fp32,tf32,amp-fp16,bf16,pure-fp16,int8-weight,"  # fp32 first: the reference
-    "pure-bf16,pure-bf16-sr,int8-mixed,fp8-tensorwise,fp8-rowwise,mxfp8"
+    "pure-bf16,pure-bf16-sr,int8-mixed,fp8-tensorwise,fp8-rowwise,mxfp8,nvfp4,mxfp4"
 )
 
 

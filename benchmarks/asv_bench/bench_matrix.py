@@ -21,7 +21,8 @@ import os
 # fixed here rather than imported, so that importing this file does not import torch;
 # tests/test_asv_bench.py checks it against the registry
 MODES = ["fp32", "tf32", "amp-fp16", "bf16", "pure-fp16", "int8-weight",
-         "pure-bf16", "pure-bf16-sr", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8"]  # fmt: skip
+         "pure-bf16", "pure-bf16-sr", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8", "nvfp4",
+         "mxfp4"]  # fmt: skip
 # timings of a mode on emulated kernels (fp8/MXFP8 on a CPU) are not speeds: tracked as n/a
 SPEED_KEYS = ("step_time_ms", "energy_j_per_step", "tokens_per_s", "mfu")
 
