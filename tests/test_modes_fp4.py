@@ -121,7 +121,29 @@ class NativeSpy:
         self.rule(sr_seed.dtype is torch.int64 and sr_seed.shape == (1,), f"sr_seed {sr_seed.dtype} {sr_seed.shape}")
         self.rule(len(sign_vector) == 16 and set(sign_vector) <= {-1, 1}, f"sign vector {sign_vector}")
         self.calls += 1
-        return F.linear(input_hp, weight_hp, None if bias is None else bias.to(input_hp.dtype))
+        return _SpyMatmul.apply(input_hp, weight_hp, bias, self)
+
+
+class _SpyMatmul(torch.autograd.Function):
+    """nvfp4_mm_triton's dtype flow with a plain matmul: a bf16 product (its scaled_mm output), the bias added
+    inside the Function uncast (nvfp4_linear.py: `output = output + bias`: an fp32 bias makes the output and so
+    the output gradient fp32), and a backward that checks the output gradient is bf16 (its triton_rht_amax and
+    triton_rht_quantize_row_col raise "Expected bfloat16" otherwise)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, spy):
+        ctx.save_for_backward(x, w)
+        ctx.spy, ctx.has_bias = spy, bias is not None
+        out = x @ w.t()
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        ctx.spy.rule(dy.dtype is torch.bfloat16, f"grad_output {dy.dtype}")
+        dy = dy.to(torch.bfloat16)
+        grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
+        return dy @ w, dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]), grad_bias, None
 
 
 def _native_step(mode, seq_len: int = 128):
@@ -147,9 +169,10 @@ def test_native_path_hands_torchao_what_its_kernels_take(native_b200, monkeypatc
     assert spy.broken == [] and spy.calls == len(converted) == 4
     for fqn in converted:
         layer = model.get_submodule(fqn)
-        assert type(layer).__name__.startswith("ParametrizedNVFP4Linear")
+        assert type(layer).__name__.startswith("ParametrizedBiasOutsideNVFP4Linear")
         master = layer.parametrizations.weight.original
         assert master.dtype is torch.float32 and master.grad is not None and master.grad.dtype is torch.float32
+        assert layer.bias.dtype is torch.float32 and layer.bias.grad.dtype is torch.float32  # through the cast
     assert "emulated" not in mode.layer_fields()
     with pytest.raises(ValueError, match=r"^seq_len=64: nvfp4's native kernels need a multiple of 128"):
         _native_step(build_mode("nvfp4", native_b200), seq_len=64)

@@ -148,14 +148,34 @@ class NVFP4(FP4Mode):
             raise RuntimeError(f"nvfp4 {missing}")
         model.register_forward_pre_hook(check_sequence)
 
+        native = native_class(ao)
+
         def rebuild(old: nn.Linear) -> nn.Module:
-            new = ao.NVFP4Linear.from_linear(old)  # reuses old's Parameters; SR seed and RHT signs drawn here
+            new = native.from_linear(old)  # reuses old's Parameters; SR seed and RHT signs drawn here
             # the Triton casts take bf16: the weight seen as bf16 (gradient to the fp32 master), the input cast to it
             parametrize.register_parametrization(new, "weight", AsDtype(torch.bfloat16), unsafe=True)
             new.register_forward_pre_hook(to_weight_dtype)
             return new
 
         return rebuild
+
+
+def native_class(ao: object) -> type:
+    """torchao's NVFP4Linear with the bias added outside its autograd Function, in the output's dtype.
+
+    torchao's `nvfp4_mm_triton.forward` adds the bias as given (`output = output + bias`, nvfp4_linear.py): GPT-2's
+    fp32 bias makes the bf16 output fp32, so the Function's backward gets an fp32 output gradient and its Triton
+    casts raise ("Expected bfloat16", triton_rht_amax). Here the Function gets no bias and the bias is added to its
+    bf16 output cast to bf16, as autocast adds a plain Linear's: the output gradient stays bf16, and the bias's
+    gradient reaches the fp32 Parameter through the cast."""
+
+    class BiasOutsideNVFP4Linear(ao.NVFP4Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = ao.nvfp4_linear(x, self.weight, None, kernel_preference=self.kernel_preference,
+                                  sr_seed=self._sr_seed, sign_vector=self.rht_sign_vector)  # fmt: skip
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    return BiasOutsideNVFP4Linear
 
 
 def check_sequence(module: nn.Module, args: tuple) -> None:
