@@ -34,6 +34,13 @@ DEFAULT_POLICY: dict[str, str] = {
     "nvfp4": "last:15%,lm_head",
     "mxfp4": "last:15%,lm_head",
 }
+# The GEMM kinds a mode can keep in bf16 inside a converted Linear (`forward`, `grad_input`, `grad_weight` in a
+# policy), with why where it cannot keep them all; a mode not listed keeps any kind. torchao 0.18's MXFP8Linear
+# (prototype/moe_training/mxfp8_linear.py) has one such switch, wgrad_with_hp: its forward and input-gradient GEMMs
+# always quantize. Here, torch-free, so that a Case refuses such a policy before anything is built.
+KEEPABLE_GEMMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "mxfp8": (("grad_weight",), "torchao's MXFP8Linear has one per-GEMM switch, wgrad_with_hp, for grad_weight"),
+}
 # The 4-bit modes' recipe switches (`mpbench run --fp4-recipe`, `Case.fp4_recipe`), a comma-separated list of
 # those on, or `none`: sr = stochastic rounding of the gradients (the output gradient in both backward GEMMs,
 # nothing else); rht = a 16 x 16 random Hadamard transform on both operands of the weight-gradient GEMM; 2d = one
@@ -126,12 +133,31 @@ def parse_policy(text: str, n_layer: int, field: str = "keep_high") -> LayerPoli
     return LayerPolicy(first, last, tuple(sorted(blocks)), lm_head, tuple(g for g in GEMM_KINDS if g in gemms))
 
 
+def check_gemms(mode: str, policy: LayerPolicy, field: str = "keep_high") -> LayerPolicy:
+    """`policy`, or ValueError when it keeps a GEMM kind high that `mode` cannot (KEEPABLE_GEMMS)."""
+    allowed, why = KEEPABLE_GEMMS.get(mode, (GEMM_KINDS, ""))
+    for kind in policy.gemms:
+        if kind not in allowed:
+            raise ValueError(
+                f"{field}={policy.text()!r}: {mode} cannot keep the {kind} GEMM in bf16 ({why}); drop {kind} "
+                f"(it can keep {', '.join(allowed)}), or use a mode that can, such as fp8-rowwise"
+            )
+    return policy
+
+
+def gemm_kinds(text: str) -> tuple[str, ...]:
+    """The GEMM kinds a policy text keeps high, in GEMM_KINDS order, without resolving its blocks (which needs the
+    model's depth): what a mode needs to know about its converted Linears before it sees a model."""
+    tokens = {t.strip() for t in text.split(",")}
+    return tuple(kind for kind in GEMM_KINDS if kind in tokens)
+
+
 def resolve_keep_high(mode: str, text: str, n_layer: int) -> str:
     """A case's policy as it holds it: "" for a mode that takes none; the mode's default when `text` is ""; else
-    `text` resolved and in canonical form. ValueError for a policy the model cannot have."""
+    `text` resolved and in canonical form. ValueError for a policy the model or the mode cannot have."""
     if mode not in DEFAULT_POLICY:
         return ""
-    return parse_policy(text or DEFAULT_POLICY[mode], n_layer).text()
+    return check_gemms(mode, parse_policy(text or DEFAULT_POLICY[mode], n_layer)).text()
 
 
 def legacy_keep_high(mode: str | None) -> str:
@@ -139,6 +165,20 @@ def legacy_keep_high(mode: str | None) -> str:
     then, the LM head alone, which does not depend on the model's depth), "" for the others."""
     default = DEFAULT_POLICY.get(mode or "", "")
     return "" if "%" in default else default
+
+
+def policy_note(mode: str | None, keep_high: str | None, n_layer: int | None) -> str:
+    """What a table adds to a mode's name so that two policies of one mode are two rows: " [keep TEXT]" when the
+    record's policy is not its mode's default resolved against the model's `n_layer` blocks (None: unknown, then
+    compared as written), "" for the default, a mode without a policy, or a record written before policies."""
+    if not keep_high or mode not in DEFAULT_POLICY:
+        return ""
+    default = DEFAULT_POLICY[mode]
+    try:
+        default = parse_policy(default, n_layer).text() if n_layer else default
+    except ValueError:  # a depth the default cannot resolve against: show the record's policy
+        default = ""
+    return "" if keep_high == default else f" [keep {keep_high}]"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from suite.modes import MODES, get_mode
 from suite.modes.base import decide
 from suite.modes.pure_bf16_sr import StochasticRoundingAdamW, stochastic_round_bf16
 from suite.modes.torchao_calls import check_tokens, master_weight, select_linears
+from suite.policy import LayerPolicy
 
+HEAD = LayerPolicy(lm_head=True)  # the 8-bit modes' default policy
 CPU = DeviceInfo("cpu", "test cpu")
 A100 = DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", (8, 0))
 L40S = DeviceInfo("cuda", "NVIDIA L40S", (8, 9))
@@ -114,7 +116,7 @@ def test_blended_mfu_counts_the_bf16_part_of_an_8_bit_step():
 
     cfg = GPTConfig.preset("gpt2-small")
     with torch.device("meta"):
-        converted, _ = select_linears(GPT(cfg), 16, "float8")  # the 48 block Linears
+        converted, _ = select_linears(GPT(cfg), 16, "float8", HEAD)  # the 48 block Linears
     share = mode_dtype_share(cfg, 1024, converted)
     c, n = cfg.n_embd, cfg.n_layer  # per token: 6 x 12 C^2 per layer converted; + 6 C V head, 12 L C T attention
     assert share == pytest.approx(6 * 12 * c * c * n / (6 * (12 * c * c * n + c * cfg.vocab_size) + 12 * n * c * 1024))
@@ -148,21 +150,26 @@ def test_cpu_default_leaves_the_slow_modes_out_and_all_runs_them():
 
 def test_layers_that_break_the_multiple_of_16_rule_stay_high_precision():
     cfg = GPTConfig.preset("tiny", n_embd=48, n_head=4)  # 48 x 144, 48 x 48, 48 x 192, 192 x 48: all fine
-    converted, kept = select_linears(GPT(cfg), 16, "float8")
+    converted, kept = select_linears(GPT(cfg), 16, "float8", HEAD)
     assert len(converted) == 8 and [k.split(" ")[0] for k in kept] == ["lm_head"]
     odd = GPT(GPTConfig.preset("tiny", n_embd=40, n_head=4))  # 40 x 120, 40 x 40, 40 x 160: not multiples of 16
-    converted, kept = select_linears(odd, 16, "float8")
+    converted, kept = select_linears(odd, 16, "float8", HEAD)
     assert converted == [] and len(kept) == 9
     assert all("multiples of 16" in k for k in kept if not k.startswith("lm_head"))
-    assert len(select_linears(odd, 8, "int8")[0]) == 8  # int8 needs multiples of 8 only
+    assert len(select_linears(odd, 8, "int8", HEAD)[0]) == 8  # int8 needs multiples of 8 only
 
 
-def test_gpt2_lm_head_is_never_converted():
+def test_gpt2_lm_head_stays_high_by_the_default_policy_and_by_its_shape():
     with torch.device("meta"):
         model = GPT(GPTConfig.preset("gpt2-small"))
-    converted, kept = select_linears(model, 16, "float8")
+    converted, kept = select_linears(model, 16, "float8", HEAD)
     assert len(converted) == 48 and kept == [
-        "lm_head (768 x 50257): outside the transformer blocks (LM head, tied to the embedding)"
+        "lm_head (768 x 50257): kept in bf16 by the layer policy lm_head (LM head)"
+    ]
+    converted, kept = select_linears(model, 16, "float8", LayerPolicy())  # policy none: 50257 is not a multiple of 16
+    assert len(converted) == 48 and kept == [
+        "lm_head (768 x 50257): float8 needs both dimensions to be multiples of 16 (--vocab-multiple 64 rounds the "
+        "vocabulary up)"
     ]
 
 

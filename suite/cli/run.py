@@ -17,6 +17,7 @@ from suite.cli.progress import LiveBars
 from suite.cli.summary import print_summary, summary_table  # noqa: F401 (summary_table: for the tests)
 from suite.hardware import NATIVE_FLAGS, DeviceInfo, native_flag, resolve_device
 from suite.modes import MODES
+from suite.policy import DEFAULT_POLICY
 from suite.records import outputs, store
 from suite.records.cases import case_key, locked, outcomes
 from suite.records.store import FAILED
@@ -226,6 +227,12 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     device = resolve_device(opts.get("device", "auto"))  # the one reading of --device; cases carry the result
     defaults, _ = run_defaults(device.type)
     modes = _parse_modes(opts["modes"]) if "modes" in opts else default_modes(device.type)
+    if opts.get("keep_high") and not any(mode in DEFAULT_POLICY for mode in modes):
+        # a Case of a mode without low-precision Linears holds no policy: the flag would change nothing, silently
+        raise ValueError(
+            f"keep_high={opts['keep_high']!r}: --keep-high given but none of the modes ({', '.join(modes)}) takes a "
+            f"layer policy; add one of {', '.join(DEFAULT_POLICY)} to --modes, or drop --keep-high"
+        )
     models = _each_once("models", opts["models"], "tiny,gpt2-small") if "models" in opts else [defaults["model"]]
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some

@@ -21,6 +21,7 @@ from suite.records.noise import NOISY_SPREAD, noisy_step
 from suite.reporting import numerics_table
 from suite.reporting.convergence import REFERENCE, TOLERANCES
 from suite.reporting.seeds import SEEDS_CAP, ModeVerdict, judge, noise_floors
+from suite.reporting.table import mode_label
 from suite.text import Fit, fit_table, fmt, show
 
 HEADER = ["mode", "model", "status", "step ms", "p10-p90 ms", "tokens/s", "x fp32", "meas/pred", "x bf16 (pred)",
@@ -56,8 +57,10 @@ def _versus_roofline(r: dict, bf16: dict | None) -> tuple[str, str]:
 
 
 def _label(r: dict, seeds: bool = False) -> str:
-    """The mode, marked when emulated; with its seed when the run had several."""
-    return r["mode"] + (" (emulated)" if r.get("emulated") else "") + (f" seed {r.get('seed')}" if seeds else "")
+    """The mode with its layer policy where that is not the mode's default (two policies: two rows that say which
+    is which), marked when emulated; with its seed when the run had several."""
+    emulated = " (emulated)" if r.get("emulated") else ""
+    return mode_label(r) + emulated + (f" seed {r.get('seed')}" if seeds else "")
 
 
 def _several_seeds(records: list[dict]) -> bool:

@@ -96,12 +96,17 @@ def result_format(a: str, b: str) -> str:
 
 
 def linear_gemms(layer: str, tokens: int, in_features: int, out_features: int, formats: dict[str, str]) -> list[Gemm]:
-    """The three GEMMs of one Linear over `tokens` rows, with its roles' formats (`tensor_formats`)."""
+    """The three GEMMs of one Linear over `tokens` rows, with its roles' formats (`tensor_formats`). A GEMM kind
+    named in `formats` as "gemm.KIND" (a layer policy keeps it high inside a converted Linear: `mode_formats`)
+    runs on both operands in that format instead, at its peak."""
     x, w, dy, dw = (formats[r] for r in ("input", "weight", "grad_output", "grad_weight"))
+    fx, fw = formats.get("gemm.forward", x), formats.get("gemm.forward", w)
+    ix, iw = formats.get("gemm.grad_input", dy), formats.get("gemm.grad_input", w)
+    wx, ww = formats.get("gemm.grad_weight", dy), formats.get("gemm.grad_weight", x)
     return [
-        Gemm(layer, "forward", tokens, in_features, out_features, x, w, result_format(x, w)),
-        Gemm(layer, "grad_input", tokens, out_features, in_features, dy, w, result_format(dy, w)),
-        Gemm(layer, "grad_weight", out_features, tokens, in_features, dy, x, dw),
+        Gemm(layer, "forward", tokens, in_features, out_features, fx, fw, result_format(fx, fw)),
+        Gemm(layer, "grad_input", tokens, out_features, in_features, ix, iw, result_format(ix, iw)),
+        Gemm(layer, "grad_weight", out_features, tokens, in_features, wx, ww, dw),
     ]
 
 
@@ -153,15 +158,18 @@ def converted_layers(mode: object, config: GPTConfig) -> list[str] | None:
 def mode_formats(mode: object, converted: list[str] | None) -> tuple[Callable[[str], dict[str, str]], str]:
     """(formats of each Linear, attention's format) for a mode instance: a converted Linear (every one when
     `converted` is None) in the mode's `tensor_formats()`, any other in `tensor_formats(fqn)` (the mode's
-    plain Linears: bf16 under the 8-bit modes' autocast); attention in the LM head's input format (the LM
-    head is never converted: it runs as the mode's plain Linears do)."""
+    plain Linears: bf16 under the 8-bit modes' autocast); attention in the format of what a mode never converts
+    (the LM head may be converted now: a layer policy decides). A converted Linear's GEMM kinds that the mode's
+    layer policy keeps high (`high_gemms`) run in the format the mode says (`kept_gemm_format`: bf16, at the bf16
+    peak), on both operands."""
+    kept = {f"gemm.{kind}": mode.kept_gemm_format(kind) for kind in getattr(mode, "high_gemms", ())}  # type: ignore[attr-defined]
 
     def formats_of(fqn: str) -> dict[str, str]:
         if converted is None or fqn in converted:
-            return mode.tensor_formats(None)  # type: ignore[attr-defined]
+            return mode.tensor_formats(None) | kept  # type: ignore[attr-defined]
         return mode.tensor_formats(fqn)  # type: ignore[attr-defined]
 
-    return formats_of, mode.tensor_formats("lm_head")["input"]  # type: ignore[attr-defined]
+    return formats_of, mode.tensor_formats("blocks.0.attn.sdpa")["input"]  # type: ignore[attr-defined]
 
 
 def gemm_seconds(gemm: Gemm, flops_per_s: dict[str, float | None], bandwidth: float | None) -> float | None:

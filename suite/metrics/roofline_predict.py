@@ -29,7 +29,7 @@ from suite.metrics.roofline import (
     result_format,
 )
 from suite.metrics.roofline_step import cast_traffic, gemm_totals, model_linears, rest_traffic
-from suite.modes import get_mode
+from suite.modes import build_mode, get_mode
 
 COMMUNICATION = "not modelled (gradient all-reduce, FSDP all-gather/reduce-scatter): the per-GPU bound stays a bound"
 
@@ -88,10 +88,13 @@ def predict(
     converted: list[str] | None = None,
     nproc: int = 1,
     parallel: str | None = None,
+    keep_high: str = "",
 ) -> Prediction:
-    """The lower bound on one training step of `mode_name` on `device`, per GPU (batch per process)."""
+    """The lower bound on one training step of `mode_name` on `device`, per GPU (batch per process), under the
+    case's layer policy `keep_high` ("": the mode's default): the Linears it converts (`converted`, from the run,
+    or as the mode's prepare selects them) and the GEMM kinds it keeps high, at the bf16 peak."""
     cls = get_mode(mode_name)
-    mode = cls(device)
+    mode = build_mode(mode_name, device, keep_high)
     if converted is None:  # not known from a run: the Linears the mode's own prepare converts
         converted = converted_layers(mode, config)
     formats_of, attention = mode_formats(mode, converted)
@@ -139,10 +142,11 @@ def record_fields(
     converted: list[str] | None,
     nproc: int = 1,
     parallel: str | None = None,
+    keep_high: str = "",
 ) -> dict[str, Any]:
     """The record's roofline fields for a timed case: the bound, its parts, the speed-ups the roofline predicts
     against bf16 and fp32 (their bound over this mode's), its inputs, and the reason for any null."""
-    own = predict(config, batch, seq_len, mode_name, device, converted, nproc, parallel)
+    own = predict(config, batch, seq_len, mode_name, device, converted, nproc, parallel, keep_high)
     fields: dict[str, Any] = {
         "predicted_step_ms": own.step_ms,
         "predicted_gemm_ms": own.gemm_ms,

@@ -20,9 +20,11 @@ class FP8Rowwise(FP8Tensorwise):
         # torchao 0.18 float8/config.py, from_recipe_name("rowwise"): input, weight and grad_output all e4m3
         # with AXISWISE (per-row) scales and round_scales_to_power_of_2=True; the weight gradient in bf16, as
         # for tensorwise (the GEMM returns its operand's original dtype)
-        return self.kept_formats(layer) or {
-            "input": "e4m3-rowwise-pow2",
-            "weight": "e4m3-rowwise-pow2",
-            "grad_output": "e4m3-rowwise-pow2",
-            "grad_weight": "bf16",
-        }
+        return self.kept_formats(layer) or self.with_high_gemms(
+            {
+                "input": "e4m3-rowwise-pow2",
+                "weight": "e4m3-rowwise-pow2",
+                "grad_output": "e4m3-rowwise-pow2",
+                "grad_weight": "bf16",
+            }
+        )

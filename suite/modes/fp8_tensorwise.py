@@ -21,11 +21,14 @@ import dataclasses
 from collections.abc import Iterator
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from suite.hardware import DeviceInfo
 from suite.modes.base import needs_emulation
 from suite.modes.torchao_calls import (
+    AsDtype,
     SwappedLinearsMode,
     check_tokens,
     import_torchao,
@@ -35,6 +38,15 @@ from suite.modes.torchao_calls import (
 )
 
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm on CUDA: every matmul dimension a multiple of 16
+# Float8LinearConfig's cast configs, one per operand per GEMM (torchao 0.18 float8/config.py), and which two cast
+# the operands of each GEMM kind (float8_linear.py: output, grad_input, grad_weight)
+_CASTS = ("input", "weight", "grad_output", "input_for_grad_weight", "weight_for_grad_input",
+          "grad_output_for_grad_weight")  # fmt: skip
+_GEMM_CASTS = {
+    "forward": ("input", "weight"),
+    "grad_input": ("grad_output", "weight_for_grad_input"),
+    "grad_weight": ("input_for_grad_weight", "grad_output_for_grad_weight"),
+}
 
 
 class FP8Tensorwise(SwappedLinearsMode):
@@ -67,33 +79,48 @@ class FP8Tensorwise(SwappedLinearsMode):
         # rounding of scales. The float8 GEMMs return their operand's original dtype (bf16 here: the pre-hook
         # casts the input to the autocast dtype), so the weight gradient is produced in bf16 before autograd
         # casts it to the fp32 master's .grad (CPU emulation and _scaled_mm alike).
-        return self.kept_formats(layer) or {
-            "input": "e4m3-tensorwise",
-            "weight": "e4m3-tensorwise",
-            "grad_output": "e5m2-tensorwise",
-            "grad_weight": "bf16",
-        }
+        return self.kept_formats(layer) or self.with_high_gemms(
+            {
+                "input": "e4m3-tensorwise",
+                "weight": "e4m3-tensorwise",
+                "grad_output": "e5m2-tensorwise",
+                "grad_weight": "bf16",
+            }
+        )
 
     def config(self) -> object:
-        """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated)."""
+        """torchao's Float8LinearConfig for this recipe (frozen: replaced, not mutated), with the GEMM kinds the
+        policy keeps high left unscaled: torchao's per-GEMM cast configs (ScalingType.DISABLED on both operands of
+        that GEMM, as its "rowwise_with_gw_hp" recipe keeps grad_weight high); an operand keeps its cast in the
+        other GEMM it enters (the `_for_grad_*` configs are set explicitly, else they would copy the disabled one)."""
         float8, _ = import_torchao("torchao.float8")
         if self.recipe == "tensorwise":
             base = float8.Float8LinearConfig()
         else:
             base = float8.Float8LinearConfig.from_recipe_name(self.recipe)
-        return dataclasses.replace(base, emulate=self.emulated)
+        casts = {name: getattr(base, f"cast_config_{name}") for name in _CASTS}  # post-init: every one set
+        for kind in self.high_gemms:
+            for name in _GEMM_CASTS[kind]:  # disabled keeps the dtype: torchao checks both GEMMs of an operand agree
+                casts[name] = float8.CastConfig(float8.ScalingType.DISABLED, target_dtype=casts[name].target_dtype)
+        return dataclasses.replace(base, emulate=self.emulated, **{f"cast_config_{n}": c for n, c in casts.items()})
 
     def prepare(self, model: nn.Module) -> nn.Module:
         float8, missing = import_torchao("torchao.float8")
         if missing:
             raise RuntimeError(f"{self.name} {missing}")
-        converted, kept = select_linears(model, FLOAT8_MULTIPLE, "float8")
+        converted, kept = select_linears(model, FLOAT8_MULTIPLE, "float8", self.policy(model))
         chosen = set(converted)
         float8.convert_to_float8_training(
             model, module_filter_fn=lambda module, fqn: fqn in chosen, config=self.config()
         )
         for fqn in converted:
-            model.get_submodule(fqn).register_forward_pre_hook(to_autocast_dtype)
+            layer = model.get_submodule(fqn)
+            layer.register_forward_pre_hook(to_autocast_dtype)
+            if "grad_input" in self.high_gemms:
+                # torchao multiplies dy by the weight as it holds it (float8_linear.py, outside autocast in the
+                # backward): an fp32 master would meet a bf16 dy. Seen as bf16 (a differentiable cast, as FSDP's bf16
+                # param dtype gives torchtitan), the kept GEMM is bf16 x bf16 and the others cast bf16 to float8
+                parametrize.register_parametrization(layer, "weight", AsDtype(torch.bfloat16), unsafe=True)
         check_tokens(model, FLOAT8_MULTIPLE, self.name)
         self.keep_layers(converted, kept)
         return model

@@ -34,6 +34,7 @@ from suite.modes.torchao_calls import (
     select_linears,
     to_weight_dtype,
 )
+from suite.policy import GEMM_KINDS
 
 INT8_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8 (and M > 16)
 _INT8 = "torchao.prototype.quantized_training"
@@ -63,17 +64,27 @@ class Int8Mixed(SwappedLinearsMode):
         # for the weight-gradient GEMM torchao scales along the token dimension instead). The int8 GEMMs
         # accumulate in int32 exactly and are rescaled into their fp32 operands' dtype (the pre-hook keeps the
         # inputs fp32), so the weight gradient is produced in fp32
-        return self.kept_formats(layer) or {"input": "int8-rowwise", "weight": "int8-rowwise",
-                                            "grad_output": "int8-rowwise", "grad_weight": "fp32"}  # fmt: skip
+        return self.kept_formats(layer) or self.with_high_gemms({"input": "int8-rowwise", "weight": "int8-rowwise",
+                                            "grad_output": "int8-rowwise", "grad_weight": "fp32"})  # fmt: skip
+
+    def kept_gemm_format(self, kind: str) -> str:
+        # a GEMM kind torchao's config leaves out runs as `input @ weight.T` (or its backward twin) on the operands
+        # as they are: fp32 (the pre-hook's), the forward under the mode's bf16 autocast, which casts the matmul's
+        # operands to bf16, the backward outside it (the autograd Function's backward runs with autocast off), in
+        # fp32 (torchao 0.18 prototype/quantized_training/int8_mixed_precision.py; a test captures the dtypes)
+        return "bf16" if kind == "forward" else "fp32"
 
     def prepare(self, model: nn.Module) -> nn.Module:
         qt, missing = import_torchao(_INT8)
         quantization, missing_q = import_torchao(_QUANTIZE)
         if missing or missing_q:
             raise RuntimeError(f"int8-mixed {missing or missing_q}")
-        converted, kept = select_linears(model, INT8_MULTIPLE, "int8 matmul")
+        converted, kept = select_linears(model, INT8_MULTIPLE, "int8 matmul", self.policy(model))
         chosen = set(converted)
-        config = qt.Int8MixedPrecisionTrainingConfig(module_swap=True)
+        low = {kind: kind not in self.high_gemms for kind in GEMM_KINDS}  # kept kinds: torchao's plain matmuls
+        config = qt.Int8MixedPrecisionTrainingConfig(
+            output=low["forward"], grad_input=low["grad_input"], grad_weight=low["grad_weight"], module_swap=True
+        )
         quantization.quantize_(model, config, filter_fn=lambda module, fqn: fqn in chosen)
         swapped = [f for f, m in model.named_modules() if isinstance(m, qt.Int8MixedPrecisionTrainingLinear)]
         if swapped != converted:  # torchao changed what module_swap does: say so, don't train fp32 silently

@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from suite.hardware import DeviceInfo
 from suite.modes.base import needs_emulation
 from suite.modes.torchao_calls import (
+    AsDtype,
     SwappedLinearsMode,
     check_tokens,
     has_cuda_kernel,
@@ -52,17 +53,6 @@ _MX_CASTS = "torchao.prototype.mx_formats.kernels"  # defines torchao::mxfp8_qua
 _CUDA_CAST = "torchao::mxfp8_quantize"
 
 
-class AsDtype(nn.Module):
-    """Parametrization: the weight as `dtype`, a differentiable cast (the optimizer steps the original)."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.to(self.dtype)
-
-
 class MXFP8(SwappedLinearsMode):
     name = "mxfp8"
     compute_dtype = "mxfp8"
@@ -76,8 +66,8 @@ class MXFP8(SwappedLinearsMode):
         # the parametrization presents it), which the cast's backward hands to the fp32 master's .grad. Its
         # scales are RCEIL (MXFP8Linear's default scale_calculation_mode, torchao 0.18 prototype/moe_training/
         # mxfp8_linear.py), not to_mx's FLOOR: FLOOR would report saturation the mode never has
-        return self.kept_formats(layer) or {"input": "mxfp8-rceil", "weight": "mxfp8-rceil",
-                                            "grad_output": "mxfp8-rceil", "grad_weight": "bf16"}  # fmt: skip
+        return self.kept_formats(layer) or self.with_high_gemms({"input": "mxfp8-rceil", "weight": "mxfp8-rceil",
+                                            "grad_output": "mxfp8-rceil", "grad_weight": "bf16"})  # fmt: skip
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo) -> str | None:
@@ -105,12 +95,14 @@ class MXFP8(SwappedLinearsMode):
         if missing or missing_kernels:
             raise RuntimeError(f"mxfp8 {missing or missing_kernels}")
         pref = kernels.KernelPreference.EMULATED if self.emulated else kernels.KernelPreference.AUTO
-        converted, kept = select_linears(model, MX_BLOCK, "MXFP8")
+        converted, kept = select_linears(model, MX_BLOCK, "MXFP8", self.policy(model))  # refuses forward, grad_input
+        wgrad_hp = "grad_weight" in self.high_gemms  # MXFP8Linear's one per-GEMM switch: dy^T @ x on bf16 operands
 
         def rebuild(old: nn.Linear) -> nn.Module:
-            new = mx.MXFP8Linear(old.in_features, old.out_features, bias=old.bias is not None,
-                                 kernel_preference=pref, device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
-            new.load_state_dict(old.state_dict())  # weight and bias, exactly
+            new = mx.MXFP8Linear(old.in_features, old.out_features, bias=old.bias is not None, kernel_preference=pref,
+                                 wgrad_with_hp=wgrad_hp, device="meta")  # fmt: skip
+            # the same Parameter objects, not copies: the optimizer steps them, and a tied LM head stays tied
+            new.weight, new.bias = old.weight, old.bias
             # the MX cast kernels' input dtype: the weight seen as bf16, the input cast to it
             parametrize.register_parametrization(new, "weight", AsDtype(torch.bfloat16), unsafe=True)
             new.register_forward_pre_hook(to_weight_dtype)

@@ -14,14 +14,23 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import PrecisionMode, cast_formats
+from suite.modes.base import CAST_FORMATS, PrecisionMode, cast_formats
+from suite.policy import DEFAULT_POLICY, GEMM_KINDS, LayerPolicy, check_gemms, gemm_kinds, parse_policy
+
+# The operands of each GEMM kind of a Linear (suite.metrics.roofline's orientation): forward x @ W^T, grad_input
+# dy @ W, grad_weight dy^T @ x
+GEMM_OPERANDS: dict[str, tuple[str, str]] = {
+    "forward": ("input", "weight"),
+    "grad_input": ("grad_output", "weight"),
+    "grad_weight": ("grad_output", "input"),
+}
 
 
 def import_torchao(module: str) -> tuple[ModuleType | None, str | None]:
@@ -51,21 +60,24 @@ def has_cuda_kernel(op: str) -> bool:
         return False
 
 
-def select_linears(model: nn.Module, multiple: int, what: str) -> tuple[list[str], list[str]]:
-    """(converted, kept): the transformer blocks' Linears whose in and out features are both
-    multiples of `multiple`, and every other Linear as "name (in x out): why it stays"."""
+def select_linears(model: nn.Module, multiple: int, what: str, policy: LayerPolicy) -> tuple[list[str], list[str]]:
+    """(converted, kept): the transformer blocks' Linears and the LM head whose in and out features are both
+    multiples of `multiple` and which `policy` does not keep high, and every other Linear as
+    "name (in x out): why it stays". The LM head is tied to the token embedding (models/gpt.py): a mode that
+    converts it must keep that tie (the swapped module holds the same Parameter object)."""
+    n_layer = len(model.blocks)  # type: ignore[arg-type]
     converted, kept = [], []
     for fqn, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         shape = f"{fqn} ({module.in_features} x {module.out_features})"
-        if not fqn.startswith("blocks."):
-            # the LM head shares its weight with the token embedding (tied): converting it would
-            # route the embedding's matrix through the 8-bit matmul too; GPT-2's vocab (50257)
-            # is not a multiple of 16 either. torchtitan leaves its output layer out as well.
-            kept.append(f"{shape}: outside the transformer blocks (LM head, tied to the embedding)")
+        if why := policy.why_kept(fqn, n_layer):
+            kept.append(f"{shape}: {why}")
+        elif not (fqn.startswith("blocks.") or fqn == "lm_head"):
+            kept.append(f"{shape}: neither in a transformer block nor the LM head")
         elif module.in_features % multiple or module.out_features % multiple:
-            kept.append(f"{shape}: {what} needs both dimensions to be multiples of {multiple}")
+            hint = " (--vocab-multiple 64 rounds the vocabulary up)" if fqn == "lm_head" else ""
+            kept.append(f"{shape}: {what} needs both dimensions to be multiples of {multiple}{hint}")
         else:
             converted.append(fqn)
     return converted, kept
@@ -135,6 +147,17 @@ def to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
+class AsDtype(nn.Module):
+    """Parametrization: the weight as `dtype`, a differentiable cast (the optimizer steps the original)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.dtype)
+
+
 def master_weight(layer: nn.Module) -> torch.Tensor:
     """The weight the optimizer steps: under a dtype parametrization its original; torchao's int8 weight
     (int8 data x per-row scale) dequantized."""
@@ -154,17 +177,23 @@ def fp32_copy(model: nn.Module, fqns: list[str]) -> nn.Module:
         new.weight.copy_(weight)  # copy_ converts to the new layer's fp32
         if layer.bias is not None:
             new.bias.copy_(layer.bias)
+        if weight.dtype == new.weight.dtype:  # a tied master (the LM head's, the embedding's): tied in the copy too
+            memo[id(weight)] = new.weight
         return new
 
-    memo = {id(model.get_submodule(fqn)): plain(model.get_submodule(fqn)) for fqn in fqns}
+    memo: dict[int, object] = {}
+    for fqn in fqns:
+        memo[id(model.get_submodule(fqn))] = plain(model.get_submodule(fqn))
     return copy.deepcopy(model, memo)  # the memo puts the plain layers where the swapped ones were
 
 
 class SwappedLinearsMode(PrecisionMode):
-    """Base of the modes that swap the blocks' Linears for torchao's (fp8, MXFP8, int8 matmuls): fp32 master
-    weights, bf16 autocast on every device (CPU autocast has bf16, so a CPU run takes the GPU's dtype flow and
-    checks its kernels' contracts; tests/test_kernel_contracts.py), and the record of which layers were
-    converted and which kept. Subclasses set `compute_dtype` and `prepare`, which calls `keep_layers`."""
+    """Base of the modes that swap Linears for torchao's (fp8, MXFP8, int8 matmuls): fp32 master weights, bf16
+    autocast on every device (CPU autocast has bf16, so a CPU run takes the GPU's dtype flow and checks its kernels'
+    contracts; tests/test_kernel_contracts.py), a layer policy (suite/policy.py: which Linears and which GEMM kinds
+    stay in bf16), and the record of which layers were converted, which kept, and the format each GEMM ran in.
+    Subclasses set `compute_dtype` and `prepare`, which calls `select_linears(..., self.policy(model))` and
+    `keep_layers`."""
 
     compute_dtype: ClassVar[str] = ""  # the peak FLOP/s column the mode is measured against
 
@@ -174,16 +203,62 @@ class SwappedLinearsMode(PrecisionMode):
         self.emulated = type(self).emulation_reason(device) is not None
         self.autocast_dtype = torch.bfloat16
         self._layers: dict[str, list[str]] = {}
+        self._formats: dict[str, dict[str, str]] = {}
+        self.configure("", "")  # the mode's defaults until the case says otherwise
+
+    def configure(self, keep_high: str, fp4_recipe: str) -> None:
+        """The case's layer policy ("": the mode's default, DEFAULT_POLICY) and 4-bit recipe, as text: the policy
+        resolves against the model in `policy(model)`; its GEMM kinds are known now (they do not depend on it)."""
+        self.keep_high = keep_high
+        self.fp4_recipe = fp4_recipe
+        self.high_gemms = gemm_kinds(keep_high or DEFAULT_POLICY.get(self.name, ""))
+
+    def policy(self, model: nn.Module) -> LayerPolicy:
+        """The case's policy resolved against `model`'s depth; ValueError (field keep_high) for one the model or
+        this mode cannot have (a Case has refused those already)."""
+        text = self.keep_high or DEFAULT_POLICY[self.name]
+        return check_gemms(self.name, parse_policy(text, len(model.blocks)))  # type: ignore[arg-type]
+
+    def kept_gemm_format(self, kind: str) -> str:
+        """The format a GEMM kind the policy keeps high runs in, inside a converted Linear: bf16 operands (the
+        mode's autocast dtype). A mode whose kept GEMMs run otherwise says so here."""
+        return CAST_FORMATS[self.autocast_dtype]
+
+    def converted_gemm_formats(self) -> dict[str, str]:
+        """The format each GEMM kind of a converted Linear runs in: a kept kind's `kept_gemm_format`, any other
+        from `tensor_formats()`'s operands ("e4m3-tensorwise", or "e5m2-tensorwise x e4m3-tensorwise" where the
+        two operands differ)."""
+        roles = self.tensor_formats(None)
+        formats = {}
+        for kind in GEMM_KINDS:
+            a, b = (roles[r] for r in GEMM_OPERANDS[kind])
+            formats[kind] = self.kept_gemm_format(kind) if kind in self.high_gemms else a if a == b else f"{a} x {b}"
+        return formats
+
+    def with_high_gemms(self, roles: dict[str, str]) -> dict[str, str]:
+        """A converted Linear's role formats (`tensor_formats`) under the policy's kept GEMM kinds: an operand
+        keeps its low format while any GEMM that quantizes it runs; once every GEMM it enters is kept high it is
+        in their format (the widest where they differ). layer_formats has the exact format of each GEMM."""
+        out = dict(roles)
+        for role in ("input", "weight", "grad_output"):
+            kinds = [k for k, operands in GEMM_OPERANDS.items() if role in operands]
+            if all(k in self.high_gemms for k in kinds):
+                out[role] = "fp32" if "fp32" in {self.kept_gemm_format(k) for k in kinds} else "bf16"
+        return out
 
     def keep_layers(self, converted: list[str], kept: list[str]) -> None:
-        """Remember, for the record, which Linears `prepare` converted and which it left alone."""
+        """Remember, for the record, which Linears `prepare` converted, which it left alone, and the format each
+        GEMM of every Linear runs in (a kept Linear: a plain Linear under bf16 autocast, bf16 throughout)."""
         self._layers = {"converted_layers": converted, "unconverted_layers": kept}
+        plain = dict.fromkeys(GEMM_KINDS, CAST_FORMATS[self.autocast_dtype])
+        low = self.converted_gemm_formats()
+        self._formats = {entry.split(" ")[0]: dict(plain) for entry in kept} | {f: dict(low) for f in converted}
 
-    def layer_fields(self) -> dict[str, list[str]]:
-        return self._layers
+    def layer_fields(self) -> dict[str, Any]:
+        return {**self._layers, "layer_formats": self._formats} if self._layers else {}
 
     def kept_formats(self, layer: str | None) -> dict[str, str] | None:
-        """The formats of a Linear `prepare` left alone (the LM head, odd shapes): a plain Linear under bf16
+        """The formats of a Linear `prepare` left alone (the policy's, odd shapes): a plain Linear under bf16
         autocast, bf16 in every role. None for a converted Linear (layer None: a converted one)."""
         if layer is None or layer in self._layers.get("converted_layers", []):
             return None

@@ -48,6 +48,8 @@ def case_key(values: dict[str, Any]) -> tuple:
 
 
 _MODE, _SEED = CASE_KEY.index("mode"), CASE_KEY.index("seed")
+# What only a mode has (its layer policy, its 4-bit recipe): the fp32 reference of every policy is one record
+_OF_MODE = {_MODE, CASE_KEY.index("keep_high"), CASE_KEY.index("fp4_recipe")}
 
 
 def alike(key: tuple) -> tuple:
@@ -56,9 +58,10 @@ def alike(key: tuple) -> tuple:
 
 
 def pair_key(record: dict[str, Any]) -> tuple:
-    """A record's case key without its mode: its fp32 reference (same seed, same every other setting) has
-    the same one. Pairing by anything looser pairs a mode with an fp32 trained otherwise."""
-    return tuple(v for i, v in enumerate(case_key(record)) if i != _MODE)
+    """A record's case key without its mode and what only the mode has (its layer policy and 4-bit recipe, "" for
+    fp32): its fp32 reference (same seed, same every other setting) has the same one. Pairing by anything looser
+    pairs a mode with an fp32 trained otherwise."""
+    return tuple(v for i, v in enumerate(case_key(record)) if i not in _OF_MODE)
 
 
 def machine(record: dict[str, Any]) -> str | None:

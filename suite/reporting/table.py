@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from suite.policy import DEFAULT_POLICY, policy_note
 from suite.records.checks import suspect_fields
 from suite.records.noise import NOISY_SPREAD, noisy_step
 from suite.records.store import REASON_FIELDS
@@ -101,11 +102,23 @@ def _excess(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
     return _cell(r.get("excess_loss"), "+.4f", lambda: why(r, "excess_loss", fallback))
 
 
+def mode_label(r: dict[str, Any]) -> str:
+    """The mode's name, with its layer policy when that is not the mode's default ("fp8-tensorwise [keep
+    last:1,lm_head]"): two policies of one mode are two rows that say which is which."""
+    mode, n_layer = r.get("mode"), None
+    if "%" in DEFAULT_POLICY.get(mode, ""):  # a default that depends on the depth (models imports torch: only then)
+        from models import GPTConfig
+
+        n_layer = GPTConfig.preset(r["model"]).n_layer if r.get("model") in GPTConfig.presets() else None
+    return f"{mode}{policy_note(mode, r.get('keep_high'), n_layer)}"
+
+
 def mode_cell(r: dict[str, Any]) -> Cell:
-    """The mode's name; "(emulated)" after it, with the reason, when it ran on emulated kernels."""
+    """The mode's name and policy (`mode_label`); "(emulated)" after it, with the reason, when it ran on emulated
+    kernels."""
     if r.get("emulated"):
-        return Cell(r.get("mode"), f"{r.get('mode')} (emulated)", r.get("emulated_reason") or "emulated kernels")
-    return Cell(r.get("mode"), str(r.get("mode")))
+        return Cell(r.get("mode"), f"{mode_label(r)} (emulated)", r.get("emulated_reason") or "emulated kernels")
+    return Cell(r.get("mode"), mode_label(r))
 
 
 def _status(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
