@@ -156,23 +156,25 @@ def analyse(mode: str, fp32: list[dict[str, Any]], mine: list[dict[str, Any]], d
         notes.append("no record of policy none: the gap cannot be measured")
     gap_by_seed = {s: v - ref[s] for s, v in none.items() if v is not None and ref.get(s) is not None}  # type: ignore[operator]
     gap = seed_stats(gap_by_seed.values())
-    rows = [_row(p, loss, none, ref, gap, p == default) for p, loss in losses.items() if p != NONE]
+    verdict = _gap_verdict(gap)
+    # a share of a gap that the seeds cannot tell from 0 is any number at all: none then
+    whole = gap.mean if verdict in (BEYOND, ONE) and gap.mean is not None and gap.mean > 0 else None
+    rows = [_row(p, loss, none, ref, whole, p == default) for p, loss in losses.items() if p != NONE]
     rows.sort(key=lambda r: (r.recovered.mean is None, -(r.recovered.mean or 0.0)))
     none_loss = seed_stats(v for v in none.values() if v is not None)
-    positive = gap.mean is not None and gap.mean > 0
     rows.append(Row(NONE, none_loss, seed_stats(0.0 for _ in gap_by_seed), dict.fromkeys(gap_by_seed, 0.0),
-                    0.0 if positive else None, REFERENCE_ROW, "converts every Linear the mode can: the full gap",
+                    0.0 if whole else None, REFERENCE_ROW, "converts every Linear the mode can: the full gap",
                     default == NONE))  # fmt: skip
     top, corr, why = _stability(rows[:-1])
     first = (fp32 or mine)[0]
     sizes = {k: first.get(k) for k in ("batch_size", "seq_len", "steps", "device")}
     fp32_loss = seed_stats(v for v in ref.values() if v is not None)
-    return Sensitivity(str(first.get("model")), mode, sizes, fp32_loss, gap, gap_by_seed, _gap_verdict(gap), rows,
+    return Sensitivity(str(first.get("model")), mode, sizes, fp32_loss, gap, gap_by_seed, verdict, rows,
                        top, corr, why, notes)  # fmt: skip
 
 
 def _row(policy: str, loss: dict[int, float | None], none: dict[int, float | None], ref: dict[int, float | None],
-         gap: SeedStats, default: bool) -> Row:  # fmt: skip
+         whole: float | None, default: bool) -> Row:  # fmt: skip
     """One candidate: X per seed where it, none and fp32 all finished, judged over those seeds."""
     seeds = [s for s, v in loss.items() if v is not None and none.get(s) is not None and ref.get(s) is not None]
     by_seed = {s: none[s] - loss[s] for s in seeds}  # type: ignore[operator]
@@ -182,7 +184,7 @@ def _row(policy: str, loss: dict[int, float | None], none: dict[int, float | Non
         rest = seed_stats(loss[s] - ref[s] for s in seeds)  # type: ignore[operator]
         if rest.ci_low is not None and rest.ci_high is not None and rest.ci_low <= 0 <= rest.ci_high:
             detail += "; ends at fp32's loss within the noise"
-    share = x.mean / gap.mean if x.mean is not None and gap.mean is not None and gap.mean > 0 else None
+    share = x.mean / whole if x.mean is not None and whole else None  # whole: the gap, when it can be shared
     return Row(policy, seed_stats(v for v in loss.values() if v is not None), x, by_seed, share, verdict, detail,
                default)  # fmt: skip
 

@@ -45,7 +45,7 @@ def cells(s: Sensitivity) -> list[list[table.Cell]]:
     out = [[table.Cell("fp32", "fp32 (reference)"), table.Cell(g.n, str(g.n)),
             _figure(s.fp32.mean, ".4f", "fp32 did not finish"), _figure(g.mean, "", "no gap", interval(g)),
             _figure(g.sd, ".4f", "one seed"),
-            _figure(1.0 if g.mean is not None and g.mean > 0 else None, ".0%", "no positive gap"),
+            _figure(1.0 if s.rows[-1].share is not None else None, ".0%", "no gap beyond the noise"),
             table.Cell(g.mean, _per_seed(s.gap_by_seed)),
             table.Cell(s.gap_verdict, f"the gap: {s.gap_verdict}")]]  # fmt: skip
     for r in s.rows:
@@ -53,7 +53,7 @@ def cells(s: Sensitivity) -> list[list[table.Cell]]:
         out.append([table.Cell(r.policy, _name(r)), table.Cell(x.n, str(x.n)),
                     _figure(r.loss.mean, ".4f", "no finished seed"), _figure(x.mean, "", r.detail, interval(x)),
                     _figure(x.sd, ".4f", "one seed") if r.policy != NONE else table.Cell(None, "-"),
-                    _figure(r.share, ".0%", "no positive gap to take a share of"),
+                    _figure(r.share, ".0%", "no gap beyond the noise to take a share of"),
                     table.Cell(x.mean, _per_seed(r.by_seed)),
                     table.Cell(r.verdict, r.verdict, r.detail or None)])  # fmt: skip
     return out
