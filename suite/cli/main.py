@@ -1,5 +1,5 @@
-"""The `mpbench` command: run | fidelity | numerics | gemms | check | report | compare | baseline | models | modes |
-calibrate | env | doctor.
+"""The `mpbench` command: run | fidelity | numerics | gemms | sensitivity | check | report | compare | baseline |
+models | modes | calibrate | env | doctor.
 
 Exit codes of `run`: 0 all cases ok or skipped; 1 some case failed (oom, diverged, error,
 timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP,
@@ -11,6 +11,8 @@ timeout); 2 bad input (nothing was run); 130 / 143 / 129 interrupted by SIGINT /
 `numerics`: 0 statistics computed (formats that cannot run here are named in the record's numerics_skipped),
 1 nothing could be computed (training failed or no format ran), 2 bad input, 74 the record could not be written.
 `gemms`: 0 the table was printed (arithmetics that cannot run here skipped with reasons), 2 bad input.
+`sensitivity`: 0 the ranking was printed, 1 some case failed (its record kept), 2 bad input, 130 / 143 / 129
+interrupted, 74 a record could not be written (suite/cli/sensitivity.py).
 `doctor`: 0 no check failed (pass, warn or cannot check), 1 a check failed, 2 bad input.
 """
 
@@ -38,6 +40,8 @@ from suite.cli.numerics import add_arguments as add_numerics_arguments
 from suite.cli.numerics import cmd_numerics
 from suite.cli.run import add_arguments as add_run_arguments
 from suite.cli.run import cmd_run, default_modes
+from suite.cli.sensitivity import add_arguments as add_sensitivity_arguments
+from suite.cli.sensitivity import cmd_sensitivity
 from suite.hardware import environment, resolve_device
 from suite.metrics import calibration, peaks
 from suite.metrics.window import nvml_device
@@ -247,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     gem = sub.add_parser("gemms", help="the model's GEMMs one by one in each mode's arithmetic, measured vs predicted")
     add_gemms_arguments(gem, _int)
     gem.set_defaults(func=cmd_gemms)
+
+    sen = sub.add_parser("sensitivity", help="which layers a low-precision mode must keep in bf16: the loss each "
+                         "candidate policy recovers, over seeds")  # fmt: skip
+    add_sensitivity_arguments(sen, _int)
+    sen.set_defaults(func=cmd_sensitivity)
 
     chk = sub.add_parser(
         "check", help="convergence gate over seeds: exit 1 if a mode's loss drifted from fp32, 3 if inconclusive"

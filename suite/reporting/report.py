@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from suite.records.cases import latest
 from suite.reporting import glance, numerics_section, procurement, seed_groups, seeds_section
+from suite.reporting import sensitivity as sensitivity
+from suite.reporting import sensitivity_section as sensitivity_section
 from suite.reporting import table as table
 from suite.reporting.charts import bar_chart, layer_chart
 from suite.reporting.convergence import Tolerances
@@ -293,6 +295,12 @@ def build_report(
     seeds_html, seeds_md, pngs = seeds_section.section(sets, out_dir, _img)
     doc.page.append(seeds_html)  # the verdicts over seeds next: the convergence a single seed cannot show
     doc.md += ["", seeds_md] if seeds_md else []
+    doc.written |= pngs
+    sweeps = [(machine, s) for machine, groups in machines.items()
+              for s in sensitivity.sweeps([r for g in groups.values() for r in g])]  # fmt: skip
+    sweep_html, sweep_md, pngs = sensitivity_section.section(sweeps, out_dir, _img)
+    doc.page.append(sweep_html)  # a layer-policy sweep's ranking (mpbench sensitivity), beside the verdicts
+    doc.md += ["", sweep_md] if sweep_md else []
     doc.written |= pngs
     for m, (machine, groups) in enumerate(machines.items(), start=1):
         doc.machine(machine, [r for g in groups.values() for r in g])
