@@ -55,16 +55,17 @@ class _Spec:
     high: frozenset[str]
 
     def q(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """t quantize-dequantized along its last dim (fp32). MXFP4 with stochastic rounding scales the block by
-        3/4 first and back after: the FLOOR scale maps a block's amax into [4, 8) and e2m1 stops at 6, so
-        its largest values would saturate and SR could not be unbiased there; at 3/4 the amax lands in
-        [3, 6) and nothing saturates (Tseng et al., arXiv 2502.20586, section 3). NVFP4's scale maps the amax
-        to 6 itself."""
+        """t quantize-dequantized along its last dim (fp32). MXFP4 with stochastic rounding scales each block, once
+        divided by its FLOOR scale (taken from the block as it is), by 3/4 before rounding and back after: FLOOR
+        puts a block's amax in [4, 8) and e2m1 stops at 6, so its largest values would saturate and SR could not
+        be unbiased there; at 3/4 the amax lands in [3, 6) and nothing saturates (Tseng et al., arXiv
+        2502.20586). Scaling t itself by 3/4 would not do: the scale would follow it. NVFP4's scale maps the
+        amax to 6 itself."""
         if self.fmt == "nvfp4":
             return nvfp4_qdq(t, generator=generator)
         if generator is None:
             return mxfp4_qdq(t)
-        return mxfp4_qdq(t * 0.75, generator=generator) / 0.75
+        return mxfp4_qdq(t, generator=generator, prescale=0.75)
 
     def weight(self, w: torch.Tensor, reduce_dim: int) -> torch.Tensor:
         """W (out, in) quantized for a GEMM reducing over `reduce_dim` (1: forward, 0: grad_input), in W's

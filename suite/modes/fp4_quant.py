@@ -94,9 +94,11 @@ def nvfp4_qdq(
     return deq.reshape(x.shape)
 
 
-def mxfp4_qdq(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def mxfp4_qdq(x: torch.Tensor, *, generator: torch.Generator | None = None, prescale: float = 1.0) -> torch.Tensor:
     """x quantized to MXFP4 along its last dim (32-blocks, e8m0 FLOOR scale) and dequantized, fp32, x's
-    shape; `generator`: stochastic rounding."""
+    shape; `generator`: stochastic rounding. `prescale`: the block, once divided by its scale (computed from the
+    block as it is), is multiplied by this before rounding and divided by it after: 3/4 takes FLOOR's [4, 8)
+    amax into [3, 6), where e2m1 does not saturate (Tseng et al., arXiv 2502.20586), so SR stays unbiased."""
     if x.dim() == 0:
         raise ValueError("mxfp4_qdq: x is 0-d; give a tensor of 1 or more dims")
     x = x.float()
@@ -112,7 +114,7 @@ def mxfp4_qdq(x: torch.Tensor, *, generator: torch.Generator | None = None) -> t
     divisor = (biased << 23).view(torch.float32).clamp(min=2.0**-126)
     multiplier = torch.where(biased == 0, 0x00400000, biased << 23).view(torch.float32)
     multiplier = torch.where(biased == 255, float("nan"), multiplier)
-    q = _round_e2m1(blocks / divisor, generator)
+    q = _round_e2m1(blocks / divisor * prescale, generator) / prescale
     return (q * multiplier).view(xp.shape)[:, : x.shape[-1]].reshape(x.shape)
 
 
