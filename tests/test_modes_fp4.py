@@ -95,6 +95,10 @@ def test_the_case_policy_and_recipe_reach_fp4linear(name, monkeypatch):
     assert seen == [(name, FP4Recipe(stochastic_rounding=True), ("grad_input",))] * len(converted)
     assert model.lm_head.weight is model.wte.weight  # the converted LM head keeps the tie
     assert isinstance(model.blocks[1].mlp.c_fc, FP4Linear) and type(model.blocks[0].mlp.c_fc) is torch.nn.Linear
+    # the role formats follow the kept kind: grad_output enters only grad_input and grad_weight, still 4-bit
+    assert mode.tensor_formats() == {"input": name, "weight": name, "grad_output": name, "grad_weight": "bf16"}
+    both = build_mode(name, CPU, keep_high="forward,grad_input")  # the weight enters only those two: bf16
+    assert both.tensor_formats()["weight"] == "bf16" and both.tensor_formats()["input"] == name
 
 
 class NativeSpy:

@@ -75,7 +75,9 @@ class FP4Mode(SwappedLinearsMode):
         # and the Hadamard-transformed operands are variants of the format that suite.modes.formats does not
         # name: the statistics of --numerics are the 1-D format's
         fmt = self.fmt
-        return self.kept_formats(layer) or {"input": fmt, "weight": fmt, "grad_output": fmt, "grad_weight": "bf16"}
+        return self.kept_formats(layer) or self.with_high_gemms(
+            {"input": fmt, "weight": fmt, "grad_output": fmt, "grad_weight": "bf16"}
+        )
 
     def native_linear(self, policy: LayerPolicy, converted: list[str], model: nn.Module) -> object | None:
         """A function old Linear -> native Linear when this case runs native kernels here, else None (and
