@@ -60,6 +60,8 @@ def test_emulation_reasons_per_device(monkeypatch):
     assert "Triton is not installed" in nv.emulation_reason(B200)
     monkeypatch.setattr(nvfp4_mode, "has_triton", lambda: True)
     assert nv.emulation_reason(B200) is None
+    rtx = DeviceInfo("cuda", "NVIDIA GeForce RTX 5090", (12, 0))  # passes torchao's is_sm_at_least_100, unchecked
+    assert "target compute capability 10.x; this GPU is 12.0" in nv.emulation_reason(rtx)
     monkeypatch.setattr(nvfp4_mode, "import_torchao", lambda module: (None, "needs torchao (gone)"))
     assert "needs torchao (gone)" in nv.emulation_reason(B200)
     for device in (CPU, H100, B200):  # MXFP4: no training Linear in torchao 0.18, so never native

@@ -116,6 +116,12 @@ class NVFP4(FP4Mode):
     @classmethod
     def emulation_reason(cls, device: DeviceInfo) -> str | None:
         why = needs_emulation(device, (10, 0), "NVFP4 matmuls")
+        if why is None and device.capability[0] != 10:
+            # torchao's NVFP4 training kernels are written for sm_100-class parts (B200, B300: 10.x): inline PTX
+            # `cvt.rs.satfinite.e2m1x4` and tensor-descriptor loads (hadamard_utils.py, the *_triton.py kernels);
+            # torchao's own gate (is_sm_at_least_100) lets 12.x consumer parts through, unchecked
+            have = ".".join(map(str, device.capability))
+            why = f"NVFP4 matmuls: torchao's NVFP4 training kernels target compute capability 10.x; this GPU is {have}"
         if why is None:
             _, missing = import_torchao(NATIVE_MODULE)
             if missing:
