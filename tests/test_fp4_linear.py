@@ -210,3 +210,20 @@ def test_mxfp4_stochastic_rounding_is_unbiased_at_the_top_of_a_block(amax: float
     assert (draws.mean(0) - t).abs().max() < bound
     if amax in (1.9, 7.0):  # round to nearest: the top value saturates to 6 x scale, as SR without 3/4 would
         assert (mxfp4_qdq(t) - t)[0, -1] < -bound
+
+
+def test_each_data_parallel_rank_draws_its_own_stochastic_rounding(monkeypatch) -> None:
+    """Every rank builds its layers under the same case seed; the SR stream is offset by the rank, so two ranks'
+    gradients are rounded independently (averaged by DDP, their rounding errors shrink) and one rank's stays
+    the seeded one."""
+    grads = []
+    for rank in (0, 1):
+        monkeypatch.setattr(fp4_linear.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(fp4_linear.dist, "get_rank", lambda rank=rank: rank)
+        layer, x, dy = _layer("nvfp4", "sr")
+        grads.append(_run(layer, x, dy))
+    assert torch.equal(grads[0][0], grads[1][0])  # the forward has no SR
+    assert not torch.equal(grads[0][1], grads[1][1])  # the input gradient's SR differs per rank
+    monkeypatch.setattr(fp4_linear.dist, "is_initialized", lambda: False)
+    layer, x, dy = _layer("nvfp4", "sr")
+    assert torch.equal(_run(layer, x, dy)[1], grads[0][1])  # rank 0 is the single-process stream

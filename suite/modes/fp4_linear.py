@@ -35,6 +35,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -175,7 +176,10 @@ class FP4Linear(nn.Linear):
         """The layer's SR generator on `device`, seeded with sr_seed when first needed there."""
         key = str(device)
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.sr_seed)
+            # every data-parallel rank builds its layers under the same case seed: without the rank, all ranks
+            # would draw the same SR noise, and the averaged gradient's rounding errors would not average down
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.sr_seed + rank)
         return self._generators[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
