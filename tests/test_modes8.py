@@ -121,6 +121,8 @@ def test_blended_mfu_counts_the_bf16_part_of_an_8_bit_step():
     c, n = cfg.n_embd, cfg.n_layer  # per token: 6 x 12 C^2 per layer converted; + 6 C V head, 12 L C T attention
     assert share == pytest.approx(6 * 12 * c * c * n / (6 * (12 * c * c * n + c * cfg.vocab_size) + 12 * n * c * 1024))
     assert 0.55 < share < 0.65 and mode_dtype_share(cfg, 1024, None) == 1.0 and mode_dtype_share(cfg, 1024, []) == 0
+    # a GEMM kind kept high (--keep-high grad_weight) runs in bf16: a third of the converted Linears' FLOPs leave
+    assert mode_dtype_share(cfg, 1024, converted, kept_gemms=1) == pytest.approx(share * 2 / 3)
     f = utilization_fields(10**15, 1000.0, "fp8", H100, share)  # 1 PFLOP/s achieved
     blended = 1 / (share / 1979e12 + (1 - share) / 989.5e12)
     assert f["mode_dtype_flops_share"] == share and f["peak_flops_blended"] == pytest.approx(blended)

@@ -21,16 +21,18 @@ from suite.metrics import calibration, peaks
 REST_DTYPE = "bf16"  # the autocast dtype of every mode that converts layers: what their other FLOPs run in
 
 
-def mode_dtype_share(config: GPTConfig, seq_len: int, converted: list[str] | None) -> float:
+def mode_dtype_share(config: GPTConfig, seq_len: int, converted: list[str] | None, kept_gemms: int = 0) -> float:
     """Share of the analytic training FLOPs that ran in the mode's compute dtype: 1.0 for a mode that
     converts no layers (all its counted matmuls run in that dtype), else the converted Linears' part
-    (6 x in x out per token each: forward and two backward matmuls)."""
+    (6 x in x out per token each: forward and two backward matmuls, 2 x in x out each), less the GEMM kinds its
+    layer policy keeps high (`kept_gemms` of the three, which run in the autocast dtype with the rest)."""
     if converted is None:
         return 1.0
     with torch.device("meta"):  # shapes only
         model = GPT(config)
     layers = [model.get_submodule(fqn) for fqn in converted]
-    return sum(6 * m.in_features * m.out_features for m in layers) / model.flops_per_token(seq_len)
+    per_token = sum(2 * (3 - kept_gemms) * m.in_features * m.out_features for m in layers)
+    return per_token / model.flops_per_token(seq_len)
 
 
 def utilization_fields(

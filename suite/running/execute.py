@@ -19,6 +19,7 @@ from suite.hardware import DeviceInfo, empty_cache, resolve_device
 from suite.metrics import roofline_predict as roofline
 from suite.metrics.flops import mode_dtype_share, utilization_fields
 from suite.modes import get_mode
+from suite.policy import gemm_kinds
 from suite.running.progress import Event, Sink, step_events
 from suite.training import fidelity
 from suite.training.case import Case
@@ -114,7 +115,8 @@ def result_fields(case: Case, r: CaseResult, device: DeviceInfo, flops_per_step:
             "tokens_per_s": case.tokens_per_step / (r.timing.median_ms / 1e3),
         }
         # MFU per GPU: each of the nproc processes does 1/nproc of the step's FLOPs
-        share = mode_dtype_share(case.model_config, case.seq_len, r.storage.get("converted_layers"))
+        kept = len(gemm_kinds(case.keep_high))
+        share = mode_dtype_share(case.model_config, case.seq_len, r.storage.get("converted_layers"), kept)
         fields |= utilization_fields(flops_per_step // case.nproc, r.timing.median_ms, r.compute, device, share)
         # a mode whose case left its native kernels (nvfp4 outside torchao's contract) says so in its storage
         why = r.storage.get("emulated_reason") or get_mode(case.mode).emulation_reason(device)
