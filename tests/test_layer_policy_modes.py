@@ -220,3 +220,17 @@ def test_the_gpu_kernels_contracts_hold_with_the_lm_head_converted_and_gemm_kind
         forward, backward = PER_LAYER[boundary]
         assert spies.count(boundary, "forward") == forward * len(converted) == forward * 9
         assert spies.count(boundary, "backward") == backward * len(converted)
+
+
+def test_a_converted_lm_head_leaves_the_activation_traffic_as_it_was():
+    """The activations between layers stay bf16 when a policy converts the LM head (they were counted at the head's
+    1-byte input format: 17% less traffic); a converted int8-mixed head writes fp32 logits (its fp32 operands)."""
+    from suite.metrics.roofline_predict import predict
+
+    h100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 1)
+    cfg = GPTConfig.preset("gpt2-small", vocab_multiple=64)
+    rest = {(m, k): predict(cfg, 8, 1024, m, h100, keep_high=k).inputs["rest_bytes"]
+            for m in ("fp8-tensorwise", "int8-mixed") for k in ("lm_head", "none")}  # fmt: skip
+    assert rest["fp8-tensorwise", "none"] == rest["fp8-tensorwise", "lm_head"]  # bf16 logits either way
+    logits = 8 * 1024 * 50304
+    assert rest["int8-mixed", "none"] > rest["int8-mixed", "lm_head"] + logits  # 4-byte logits, read and written

@@ -108,8 +108,12 @@ def predict(
     tokens = batch * seq_len
     casts = cast_traffic(linears, tokens)
     head = formats_of("lm_head")
-    act = FORMAT_BYTES[head["input"]]
-    logits = FORMAT_BYTES[result_format(head["input"], head["weight"])]
+    # activations between layers are in the unconverted format (attention's), whether or not the policy converts
+    # the LM head; a converted head returns what its mode's converted Linears return (their grad_weight's dtype:
+    # bf16, int8-mixed's fp32), a plain one what its operands' GEMM writes
+    act = FORMAT_BYTES[attention]
+    converted_head = converted is not None and "lm_head" in converted
+    logits = FORMAT_BYTES[head["grad_weight"] if converted_head else result_format(head["input"], head["weight"])]
     rest = rest_traffic(config, tokens, mode_name, act, logits, params, 1 / nproc if parallel == "fsdp" else 1.0)
     ceil = ceilings(device, {g.compute for g in gemms if g.compute})
     totals = gemm_totals(gemms)
