@@ -94,12 +94,13 @@ def predict(
     nproc: int = 1,
     parallel: str | None = None,
     keep_high: str = "",
+    fp4_recipe: str = "",
 ) -> Prediction:
     """The lower bound on one training step of `mode_name` on `device`, per GPU (batch per process), under the
     case's layer policy `keep_high` ("": the mode's default): the Linears it converts (`converted`, from the run,
     or as the mode's prepare selects them) and the GEMM kinds it keeps high, at the bf16 peak."""
     cls = get_mode(mode_name)
-    mode = build_mode(mode_name, device, keep_high)
+    mode = build_mode(mode_name, device, keep_high, fp4_recipe)
     if converted is None:  # not known from a run: the Linears the mode's own prepare converts
         converted = converted_layers(mode, config)
     formats_of, attention = mode_formats(mode, converted)
@@ -154,10 +155,11 @@ def record_fields(
     nproc: int = 1,
     parallel: str | None = None,
     keep_high: str = "",
+    fp4_recipe: str = "",
 ) -> dict[str, Any]:
     """The record's roofline fields for a timed case: the bound, its parts, the speed-ups the roofline predicts
     against bf16 and fp32 (their bound over this mode's), its inputs, and the reason for any null."""
-    own = predict(config, batch, seq_len, mode_name, device, converted, nproc, parallel, keep_high)
+    own = predict(config, batch, seq_len, mode_name, device, converted, nproc, parallel, keep_high, fp4_recipe)
     fields: dict[str, Any] = {
         "predicted_step_ms": own.step_ms,
         "predicted_gemm_ms": own.gemm_ms,

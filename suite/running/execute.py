@@ -131,7 +131,8 @@ def roofline_fields(case: Case, device: DeviceInfo, converted: list[str] | None)
     case's failure."""
     try:
         return roofline.record_fields(case.model_config, case.batch_size, case.seq_len, case.mode, device,
-                                      converted, case.nproc, case.data_parallel, case.keep_high)  # fmt: skip
+                                      converted, case.nproc, case.data_parallel, case.keep_high,
+                                      case.fp4_recipe)  # fmt: skip
     except Exception as exc:
         return {"roofline_reason": f"the roofline could not be computed: {type(exc).__name__}: {exc}"}
 
