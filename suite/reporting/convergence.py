@@ -95,7 +95,7 @@ MEASURED_4BIT: dict[tuple[str, str, int, str], dict[str, Tolerance]] = {
         "mxfp4": Tolerance(
             0.040,
             True,
-            f"measured over 5 seeds (tiny, CPU): +0.0176 [+0.0098, +0.0254] nats at 8 x 64; {HAND_SET['mxfp4'].why}",
+            f"measured over 5 seeds (tiny, CPU): +0.0224 [+0.0157, +0.0291] nats at 8 x 64; {HAND_SET['mxfp4'].why}",
         ),
     },
 }
