@@ -187,6 +187,14 @@ def policy_note(mode: str | None, keep_high: str | None, model: str | None) -> s
     return f" [keep {keep_high}]"
 
 
+def recipe_note(mode: str | None, fp4_recipe: str | None) -> str:
+    """What a table adds to a 4-bit mode's name when its recipe is not the mode's default: " [fp4 sr]"; "" for the
+    default, another mode, or a record without one."""
+    if not fp4_recipe or mode not in FP4_ALLOWED or fp4_recipe == resolve_fp4_recipe(mode, ""):
+        return ""
+    return f" [fp4 {fp4_recipe}]"
+
+
 @dataclass(frozen=True)
 class FP4Recipe:
     """The 4-bit modes' switches (FP4_SWITCHES), resolved."""

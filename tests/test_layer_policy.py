@@ -124,6 +124,24 @@ def test_a_mode_is_labelled_with_its_policy_only_when_it_is_not_the_default():
     assert policy_note("fp32", "", "tiny") == policy_note("fp8-rowwise", None, "tiny") == ""
     rows = [{"mode": "fp8-tensorwise", "model": "tiny", "keep_high": k} for k in ("lm_head", "none")]
     assert [mode_label(r) for r in rows] == ["fp8-tensorwise", "fp8-tensorwise [keep none]"]
+    nv = {"mode": "nvfp4", "model": "tiny", "keep_high": "last:1,lm_head"}
+    assert mode_label(nv | {"fp4_recipe": "sr,rht,2d"}) == "nvfp4"  # the default recipe
+    assert mode_label(nv | {"fp4_recipe": "sr"}) == "nvfp4 [fp4 sr]"
+
+
+def test_the_seeds_section_labels_a_policys_own_seed_set():
+    """A non-default policy is a seed set of its own (alike); its rows say which policy they are."""
+    from suite.reporting import seeds_section
+    from suite.reporting.seed_groups import judged
+
+    records = []
+    for seed in (0, 1):
+        for mode, keep in (("fp32", ""), ("fp8-tensorwise", "lm_head"), ("fp8-tensorwise", "block:0")):
+            r = _record(keep) | {"mode": mode, "seed": seed, "loss_delta_vs_fp32": 0.0 if mode == "fp32" else 0.01,
+                                 "emulated": mode != "fp32"}  # fmt: skip
+            records.append(r)
+    labels = sorted(row[0].text for s in judged(records) for row in seeds_section.rows(s))
+    assert "fp8-tensorwise [keep block:0] (emulated)" in labels and "fp8-tensorwise (emulated)" in labels
 
 
 def test_the_run_table_and_the_report_say_which_policy_a_row_ran():

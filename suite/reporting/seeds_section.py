@@ -80,7 +80,8 @@ def _row(s: SeedSet, v: ModeVerdict) -> list[table.Cell]:
     reached = lambda x: spread(x, ".0f") + _reached(x, len(mine))  # noqa: E731
     steps = _stat(v.steps_to_target, reached, why("steps_to_target", "not reached"))
     return [
-        table.Cell(v.mode, v.mode + (" (emulated)" if emulated else "")),
+        # a non-default layer policy or 4-bit recipe is a seed set of its own: its label says which
+        table.Cell(v.mode, (table.mode_label(mine[0]) if mine else v.mode) + (" (emulated)" if emulated else "")),
         table.Cell(len(v.seeds), str(len(v.seeds))),
         delta,
         sd_cell,

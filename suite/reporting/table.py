@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.policy import policy_note
+from suite.policy import policy_note, recipe_note
 from suite.records.checks import suspect_fields
 from suite.records.noise import NOISY_SPREAD, noisy_step
 from suite.records.store import REASON_FIELDS
@@ -105,7 +105,8 @@ def _excess(r: dict[str, Any], ref: dict[str, Any] | None) -> Cell:
 def mode_label(r: dict[str, Any]) -> str:
     """The mode's name, with its layer policy when that is not the mode's default ("fp8-tensorwise [keep
     last:1,lm_head]"): two policies of one mode are two rows that say which is which."""
-    return f"{r.get('mode')}{policy_note(r.get('mode'), r.get('keep_high'), r.get('model'))}"
+    mode = r.get("mode")
+    return f"{mode}{policy_note(mode, r.get('keep_high'), r.get('model'))}{recipe_note(mode, r.get('fp4_recipe'))}"
 
 
 def mode_cell(r: dict[str, Any]) -> Cell:
