@@ -14,6 +14,9 @@
 #              statistics' CUDA path: hooks, torchao's casts, chunked sums)            -> numerics.jsonl
 #   gemms      mpbench gemms, every mode's GEMMs one by one (the _scaled_mm/_int_mm contracts at the
 #              model's shapes, measured vs the datasheet roofline)                       -> run.log
+#   fp4        mpbench run --emulate, nvfp4, mxfp4 and fp8-tensorwise under --keep-high last:1,grad_weight, tiny
+#              8 x 128: the 4-bit modes' emulated GEMMs and SR generators on CUDA, a GEMM kind kept high in
+#              torchao's float8 Linear (nvfp4 native on a 10.x GPU where torchao's kernels load) -> records.jsonl
 #   ddp-1rank  bf16 on a one-rank torchrun job under DDP    (--nproc 1 --parallel ddp)  -> records.jsonl
 #   fsdp-1rank bf16 on a one-rank torchrun job under FSDP2  (--nproc 1 --parallel fsdp) -> records.jsonl
 #   energy     mpbench run --energy-protocol, bf16 and fp8-tensorwise, tiny 8 x 128: NVML's idle wait,
@@ -153,6 +156,8 @@ if [ "$DEVICE" = cuda ]; then
     GEMMS_TEXT="gpt2-small 8x512"
     ENERGY=(--model tiny --batch-size 8 --seq-len 128 --steps 20 --warmup 5)
     ENERGY_TEXT="tiny 8x128, 3 repeats"
+    FP4=(--model tiny --batch-size 8 --seq-len 128 --steps 8 --warmup 2)
+    FP4_TEXT="tiny 8x128, 8 steps"
     COMPILE_FIRST=fp32,tf32,bf16,fp8-tensorwise,int8-mixed,amp-fp16,fp8-rowwise,mxfp8,pure-bf16-sr,pure-bf16,pure-fp16
 else
     SIZES=(--model tiny --batch-size 2 --seq-len 32 --steps 4 --warmup 2)
@@ -163,6 +168,8 @@ else
     GEMMS_TEXT="tiny 2x32"
     ENERGY=("${SIZES[@]}")
     ENERGY_TEXT="$SIZE_TEXT, 3 repeats, no NVML"
+    FP4=("${SIZES[@]}")
+    FP4_TEXT="$SIZE_TEXT"
     not_run gpu-sizes "gpt2-small 8x512, eager and compiled" "no GPU: tiny sizes instead"
     COMPILE_FIRST=bf16
 fi
@@ -188,6 +195,9 @@ step fidelity 120 "mpbench fidelity, every mode, tiny 4x64" fidelity.jsonl "$MOD
 step numerics 120 "mpbench numerics, every format, $WHATIF_TEXT" numerics.jsonl fp32 "" -- \
     "${MPB[@]}" numerics "${WHATIF[@]}" --out "$DIR/numerics.jsonl"
 step gemms 90 "mpbench gemms, every mode, $GEMMS_TEXT" "" "" "" -- "${MPB[@]}" gemms --modes "$EAGER" "${GEMMS[@]}"
+step fp4 150 "mpbench run --emulate, nvfp4, mxfp4, fp8-tensorwise keeping grad_weight high, $FP4_TEXT" records.jsonl \
+    nvfp4,mxfp4,fp8-tensorwise "" -- "${MPB[@]}" run --emulate --modes nvfp4,mxfp4,fp8-tensorwise \
+    --keep-high last:1,grad_weight "${FP4[@]}" --case-timeout 60 --out "$DIR/records.jsonl"
 for parallel in ddp fsdp; do
     step "$parallel-1rank" 150 "one-rank torchrun ${parallel^^}, bf16, $SIZE_TEXT" records.jsonl bf16 "" -- \
         "${MPB[@]}" run --modes bf16 --nproc 1 --parallel "$parallel" "${SIZES[@]}" --case-timeout 120 \

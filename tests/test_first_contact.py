@@ -25,6 +25,7 @@ STEPS = (
     "fidelity",
     "numerics",
     "gemms",
+    "fp4",
     "ddp-1rank",
     "fsdp-1rank",
     "energy",
@@ -62,6 +63,7 @@ elif cmd in ("run", "fidelity"):
     step = "eager" if cmd == "run" else "fidelity"
     step = "compiled" if "--compile" in args else f"{parallel}-1rank" if parallel else step
     step = "energy" if "--energy-protocol" in args else step
+    step = "fp4" if "--keep-high" in args else step
     for i, mode in enumerate(modes):
         error = mode == os.environ.get("FAKE_ERROR") and cmd == "fidelity"
         record = {"mode": mode, "status": "error" if error else "ok", "reason": "RuntimeError: boom" if error else None,
@@ -111,7 +113,7 @@ def test_a_failed_and_a_killed_step_are_reported_and_the_rest_still_run(tmp_path
     # fidelity: one mode failed, with its reason; the steps after it ran all the same
     assert _line(summary, "fidelity").split()[1] == "1" and "2 ok, 0 skipped, 1 failed" in summary
     assert "first error: bf16: error: RuntimeError: boom" in summary
-    for step in ("numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
+    for step in ("numerics", "gemms", "fp4", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
         assert _line(summary, step).split()[1] == "0", step
     assert "1 ok, 0 skipped, 0 failed" in _line(summary, "numerics")  # its one fp32 record
     whatif = json.loads((tmp_path / "out" / "numerics.jsonl").read_text())
@@ -140,7 +142,7 @@ def test_sigterm_stops_the_step_in_flight_and_leaves_the_summary(tmp_path):
     assert proc.returncode == 143, err
     summary = (out / "summary.txt").read_text()
     assert "stopped by SIGTERM" in summary and "1 ok, 0 skipped, 0 failed" in _line(summary, "eager")
-    for step in ("fidelity", "numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
+    for step in ("fidelity", "numerics", "gemms", "fp4", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
         assert "stopped by SIGTERM first" in _line(summary, step)
 
 
@@ -150,7 +152,7 @@ def test_steps_past_the_budget_are_listed_not_run(tmp_path):
     done, summary = _run(tmp_path, FAKE_HANG="doctor", FIRST_CONTACT_STEP_S="6", FIRST_CONTACT_BUDGET_S="40")
     assert done.returncode == 1
     assert _line(summary, "doctor").split()[1] == "124"
-    for step in ("eager", "fidelity", "numerics", "gemms", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
+    for step in ("eager", "fidelity", "numerics", "gemms", "fp4", "ddp-1rank", "fsdp-1rank", "energy", "compiled"):
         assert "budget was spent" in _line(summary, step), step
 
 
