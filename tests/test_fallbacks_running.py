@@ -196,7 +196,7 @@ def test_fidelity_refuses_a_mode_that_renames_the_parameters(monkeypatch):
         def prepare(self, model):
             return torch.nn.ModuleDict({"inner": model})
 
-    monkeypatch.setattr(fidelity, "get_mode", lambda name: Wrapped)
+    monkeypatch.setattr(fidelity, "build_mode", lambda name, device, *policy: Wrapped(device))
     with pytest.raises(RuntimeError, match="fp32 renamed the parameters"):
         _measure()
 

@@ -192,6 +192,8 @@ EXPECTED = {
     "fp8-tensorwise": ("e4m3-tensorwise", "e4m3-tensorwise", "e5m2-tensorwise", "bf16"),
     "fp8-rowwise": ("e4m3-rowwise-pow2", "e4m3-rowwise-pow2", "e4m3-rowwise-pow2", "bf16"),
     "mxfp8": ("mxfp8-rceil", "mxfp8-rceil", "mxfp8-rceil", "bf16"),
+    "nvfp4": ("nvfp4", "nvfp4", "nvfp4", "bf16"),  # the 1-D format: 2-D weight scales and RHT are not named
+    "mxfp4": ("mxfp4", "mxfp4", "mxfp4", "bf16"),
 }
 
 
@@ -202,7 +204,8 @@ EXPECTED = {
 AUTOCAST = {"input", "grad_output", "grad_weight"}
 ARRIVES = {"fp32": set(), "amp-fp16": AUTOCAST, "bf16": AUTOCAST, "pure-fp16": set(ROLES), "pure-bf16": set(ROLES),
            "pure-bf16-sr": set(ROLES), "int8-weight": set(ROLES), "int8-mixed": set(),
-           "fp8-tensorwise": {"grad_weight"}, "fp8-rowwise": {"grad_weight"}, "mxfp8": {"grad_weight"}}  # fmt: skip
+           "fp8-tensorwise": {"grad_weight"}, "fp8-rowwise": {"grad_weight"}, "mxfp8": {"grad_weight"},
+           "nvfp4": {"grad_weight"}, "mxfp4": {"grad_weight"}}  # fmt: skip
 
 
 def test_every_mode_is_covered():
@@ -215,6 +218,14 @@ def every_mode():
     return {mode: train_in_process(_case(mode), 1, mode, lambda event: None) for mode in EXPECTED}
 
 
+def _kept(mode: str, layer: str) -> bool:
+    """Whether the mode's default layer policy runs `layer` as a plain Linear in bf16 autocast: the LM head for
+    int8-weight and the 8-bit modes, the LM head and tiny's last block (last:15% of 2) for the 4-bit ones."""
+    if mode in ("nvfp4", "mxfp4"):
+        return layer == "lm_head" or layer.startswith("blocks.1.")
+    return layer == "lm_head" and mode in ("int8-weight", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8")
+
+
 @pytest.mark.parametrize("mode", list(EXPECTED))
 def test_every_mode_records_its_statistics_in_its_own_formats(every_mode, mode):
     values = every_mode[mode]
@@ -224,15 +235,14 @@ def test_every_mode_records_its_statistics_in_its_own_formats(every_mode, mode):
     assert len(df) == len(LAYERS) * len(ROLES) * 3
     for layer, rows in df.groupby("layer"):
         formats = dict(zip(rows.role, rows.format, strict=False))
-        # the LM head: the modes that convert only the blocks' Linears run it as a plain Linear in bf16 autocast
-        kept = layer == "lm_head" and mode in ("int8-weight", "int8-mixed", "fp8-tensorwise", "fp8-rowwise", "mxfp8")
-        assert formats == dict(zip(ROLES, ("bf16",) * 4 if kept else EXPECTED[mode], strict=True)), layer
+        assert formats == dict(zip(ROLES, ("bf16",) * 4 if _kept(mode, layer) else EXPECTED[mode], strict=True)), layer
     # every role was seen and every format computed: amax everywhere; null statistics only where the tensor
     # arrived in its format, and the reason says so (a format unavailable here would give null rows naming it,
     # never a crash)
     unavailable = {fmt: format_unavailable(fmt) for fmt in set(df.format)}
     arrived = df[df.sqnr_db.isna()]
-    assert set(arrived[arrived.layer != "lm_head"].role) == ARRIVES[mode]
+    converted = arrived.layer.map(lambda layer: not _kept(mode, layer) and layer != "lm_head").astype(bool)
+    assert set(arrived[converted].role) == ARRIVES[mode]
     assert df.amax.notna().all() and arrived[list(COLUMNS[5:8])].isna().all().all()
     if not any(unavailable.values()):
         assert (values["numerics_reason"] is None) == arrived.empty
