@@ -180,6 +180,19 @@ def test_bad_arguments_are_refused_in_one_line() -> None:
         FP4Linear.from_linear(lin, "mxfp4", FP4Recipe(False, False, True), ())
     with pytest.raises(ValueError, match="high_gemms='backward'"):
         FP4Linear.from_linear(lin, "nvfp4", FP4Recipe(), ("backward",))
+    with pytest.raises(ValueError, match=r"nvfp4_qdq: x has shape \(\); give a 2-D tensor for two_d"):
+        nvfp4_qdq(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"nvfp4_qdq: x has shape \(4,\)"):
+        nvfp4_qdq(torch.ones(4), two_d=True)
+    with pytest.raises(ValueError, match="mxfp4_qdq: x is 0-d"):
+        mxfp4_qdq(torch.tensor(1.0))
+
+
+def test_its_repr_says_format_recipe_and_kept_gemms() -> None:
+    layer = FP4Linear.from_linear(nn.Linear(IN, OUT), "nvfp4", parse_fp4_recipe("nvfp4", "sr,2d"), ("grad_weight",))
+    assert repr(layer).endswith("bias=True, fmt=nvfp4, recipe=sr,2d, high_gemms=grad_weight)")
+    plain = FP4Linear.from_linear(nn.Linear(IN, OUT), "mxfp4", parse_fp4_recipe("mxfp4", "none"), ())
+    assert "recipe=none, high_gemms=none" in repr(plain)
 
 
 def test_runs_on_a_meta_model_and_under_torch_compile() -> None:

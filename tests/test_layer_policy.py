@@ -194,3 +194,26 @@ def test_policy_and_labels_stay_torch_free():
 def test_resolve_is_what_a_case_holds():
     assert resolve_keep_high("nvfp4", "", 12) == "last:2,lm_head"
     assert resolve_keep_high("bf16", "last:1", 12) == ""
+
+
+def test_none_turns_every_fp4_switch_off():
+    from suite.policy import FP4Recipe, parse_fp4_recipe
+    from suite.training.case import Case
+
+    assert parse_fp4_recipe("nvfp4", "none") == FP4Recipe() and parse_fp4_recipe("mxfp4", " none ") == FP4Recipe()
+    assert Case(mode="nvfp4", fp4_recipe="none").fp4_recipe == "none"
+    assert parse_fp4_recipe("nvfp4", "").text() == "sr,rht,2d"  # "" is the mode's default, not none
+
+
+def test_a_linear_outside_the_blocks_and_the_head_is_kept_and_says_why():
+    import torch.nn as nn
+
+    from models import GPT, GPTConfig
+    from suite.modes.torchao_calls import select_linears
+    from suite.policy import parse_policy
+
+    model = GPT(GPTConfig.preset("tiny"), seed=0)
+    model.adapter = nn.Linear(128, 128)  # a Linear this GPT does not have: never converted by name
+    converted, kept = select_linears(model, 16, "float8", parse_policy("none", 2))
+    assert "adapter" not in converted and "lm_head" in converted
+    assert "adapter (128 x 128): neither in a transformer block nor the LM head" in kept

@@ -275,3 +275,13 @@ def test_the_record_of_a_case_that_left_the_native_path_says_emulated_and_why(mo
     assert r["status"] == "ok", r["reason"]
     assert r["emulated"] is True and r["emulated_reason"].startswith("torchao's NVFP4 Linear always runs sr,rht,2d")
     assert r["mfu"] is None and r["mfu_reason"].startswith("emulated kernels (torchao's NVFP4 Linear")  # not a speed
+
+
+def test_a_native_case_whose_torchao_is_gone_at_prepare_fails_in_one_line(native_b200, monkeypatch):
+    """The class found torchao's NVFP4 Linear (native); if its import fails by prepare, the case fails with the
+    reason (a failed record), not with an AttributeError deep in a swap."""
+    mode = build_mode("nvfp4", native_b200)
+    assert mode.emulated is False
+    monkeypatch.setattr(nvfp4_mode, "import_torchao", lambda module: (None, "needs torchao (gone)"))
+    with pytest.raises(RuntimeError, match=r"^nvfp4 needs torchao \(gone\)$"):
+        mode.prepare(GPT(TINY, seed=0))
