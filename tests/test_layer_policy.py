@@ -203,6 +203,8 @@ def test_none_turns_every_fp4_switch_off():
     assert parse_fp4_recipe("nvfp4", "none") == FP4Recipe() and parse_fp4_recipe("mxfp4", " none ") == FP4Recipe()
     assert Case(mode="nvfp4", fp4_recipe="none").fp4_recipe == "none"
     assert parse_fp4_recipe("nvfp4", "").text() == "sr,rht,2d"  # "" is the mode's default, not none
+    with pytest.raises(ValueError, match=r"^fp4_recipe='2d' is not a switch of mxfp4; give some of sr, rht"):
+        Case(mode="mxfp4", fp4_recipe="sr,2d")  # MX scales are 1 x 32: no 16 x 16 weight scales
 
 
 def test_a_linear_outside_the_blocks_and_the_head_is_kept_and_says_why():
