@@ -536,3 +536,21 @@ def test_calibrate_times_the_8_bit_kernels_the_modes_use(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not supported")))
     skipped = calibration.measure(broken, ["fp8"], sizes=(64,), repeats=1)["results"]["fp8"]
     assert skipped["flops"] is None and "RuntimeError: not supported" in skipped["reason"]
+
+
+def test_mxfp8_casts_each_weight_once_per_forward(monkeypatch):
+    """The weight is presented as bf16 by a parametrization; the input pre-hook casts to bf16 without reading
+    the weight (reading it ran the parametrization: a second fp32 -> bf16 cast of every weight per forward)."""
+    from suite.modes.mxfp8 import AsDtype
+
+    calls = []
+    real = AsDtype.forward
+    monkeypatch.setattr(AsDtype, "forward", lambda self, w: calls.append(w.shape) or real(self, w))
+    mode = get_mode("mxfp8")(CPU)
+    with mode.numerics():
+        model = mode.prepare(GPT(GPTConfig.preset("tiny"), seed=0))
+        converted = mode.layer_fields()["converted_layers"]
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.zeros(1, 32, dtype=torch.long))
+    assert len(calls) == len(converted)

@@ -43,7 +43,7 @@ from suite.modes.torchao_calls import (
     import_torchao,
     select_linears,
     swap_linears,
-    to_weight_dtype,
+    to_bf16,
 )
 
 MX_BLOCK = 32  # elements per scale, along the reduction dimension of every matmul
@@ -105,7 +105,7 @@ class MXFP8(SwappedLinearsMode):
             new.weight, new.bias = old.weight, old.bias
             # the MX cast kernels' input dtype: the weight seen as bf16, the input cast to it
             parametrize.register_parametrization(new, "weight", AsDtype(torch.bfloat16), unsafe=True)
-            new.register_forward_pre_hook(to_weight_dtype)
+            new.register_forward_pre_hook(to_bf16)
             return new
 
         swap_linears(model, converted, rebuild)

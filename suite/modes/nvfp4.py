@@ -37,7 +37,7 @@ from suite.modes.torchao_calls import (
     import_torchao,
     select_linears,
     swap_linears,
-    to_weight_dtype,
+    to_bf16,
 )
 from suite.policy import FP4Recipe, LayerPolicy, parse_fp4_recipe
 
@@ -162,7 +162,7 @@ class NVFP4(FP4Mode):
             new = native.from_linear(old)  # reuses old's Parameters; SR seed and RHT signs drawn here
             # the Triton casts take bf16: the weight seen as bf16 (gradient to the fp32 master), the input cast to it
             parametrize.register_parametrization(new, "weight", AsDtype(torch.bfloat16), unsafe=True)
-            new.register_forward_pre_hook(to_weight_dtype)
+            new.register_forward_pre_hook(to_bf16)
             return new
 
         return rebuild

@@ -142,6 +142,13 @@ def to_autocast_dtype(module: nn.Module, args: tuple) -> tuple:
     return (x, *args[1:])
 
 
+def to_bf16(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the input as bf16, for a layer whose weight a parametrization presents as bf16 (mxfp8,
+    native nvfp4). `to_weight_dtype` would read `module.weight` to learn that, and reading it runs the
+    parametrization: one more fp32 -> bf16 cast of the weight per layer and forward."""
+    return (args[0].to(torch.bfloat16), *args[1:])
+
+
 def to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: the input in the dtype of the layer's weight (as a parametrization presents it)."""
     return (args[0].to(module.weight.dtype), *args[1:])
