@@ -154,7 +154,7 @@ def cmd_modes(args: argparse.Namespace) -> int:
         f"default run: what `mpbench run` runs here without --modes ({where})",
         *(["", "not here or emulated:", *why] if why else []),
         "",
-        "weights, grads and AdamW state stay fp32 in the fp8, mxfp8 and int8 modes: their 8-bit casts happen "
+        "weights, grads and AdamW state stay fp32 in the fp8, mxfp8, int8-mixed and 4-bit modes: their casts happen "
         "inside each matmul. An emulated mode's numerics are real; its step time is not a speed.",
     ]
     if args.verbose:
