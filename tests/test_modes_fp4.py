@@ -245,21 +245,22 @@ def test_roofline_and_peaks_say_why_for_4_bit(native_b200):
 
 
 def test_the_4_bit_tolerances_are_what_their_committed_measurement_gives():
-    """convergence.MEASURED_4BIT re-derives from results/tolerances/tiny-cpu-8x64-fp4.jsonl by the table's rule."""
+    """convergence.MEASURED_4BIT re-derives from results/tolerances/tiny-cpu-8x{64,128}-fp4.jsonl by the table's
+    rule: 10 seeds at each size, the widest bound of the two."""
     from pathlib import Path
 
     from suite.records import store
     from suite.reporting import tolerances
     from suite.reporting.convergence import MEASURED_4BIT, TOLERANCES, tolerance_of
 
-    path = Path(__file__).resolve().parents[1] / "results" / "tolerances" / "tiny-cpu-8x64-fp4.jsonl"
-    records = store.read_all([str(path)])
+    folder = Path(__file__).resolve().parents[1] / "results" / "tolerances"
+    records = store.read_all([str(folder / f"tiny-cpu-8x{t}-fp4.jsonl") for t in (64, 128)])
     derived = {d.mode: d for d in tolerances.derive(records)}
     ((config, table),) = MEASURED_4BIT.items()
     assert set(derived) == set(table) == set(FP4)
     for mode, tol in table.items():
         d = derived[mode]
-        assert d.config == config and d.n == 5 and tol.max_delta == pytest.approx(d.bound)
+        assert d.config == config and d.n == 10 and tol.max_delta == pytest.approx(d.bound)
         assert f"{d.mean:+.4f}" in tol.why and d.ci_high <= tol.max_delta and tol.expected_to_lag
         assert d.mean > 0 and d.ci_high - 2 * (d.ci_high - d.mean) > 0  # lags: the interval excludes 0
         record = next(r for r in records if r["mode"] == mode)
