@@ -21,7 +21,7 @@ from typing import Any
 from models import GPTConfig
 from suite.hardware import DeviceInfo, resolve_device
 from suite.modes import MODES
-from suite.policy import DEFAULT_POLICY, parse_policy
+from suite.policy import DEFAULT_POLICY, default_keep_high
 from suite.records import outputs, store
 from suite.records.cases import case_key, locked
 from suite.reporting.convergence import REFERENCE
@@ -145,7 +145,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
               f"to finish: fix {shown(out)}, then rerun with --resume", file=sys.stderr)  # fmt: skip
         return store.EXIT_NOT_WRITTEN
     whole = recorded_cases(cases, devices, store.read(out))
-    default = parse_policy(DEFAULT_POLICY[args.mode], n_layer).text()
+    default = default_keep_high(args.mode, cases[0].model)  # resolved for the model, as its cases hold it
     result = analyse(args.mode, [r for r in whole if r["mode"] == REFERENCE],
                      [r for r in whole if r["mode"] == args.mode], default)  # fmt: skip
     print(f"layer sensitivity: {title(result)}")

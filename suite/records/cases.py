@@ -106,6 +106,15 @@ def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def latest_per_case(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (case, machine): the last written, whatever run wrote it (a case resumed or retried in
+    another run counts once, with its latest figures), in the order the cases first appeared."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        out[(*case_key(r), machine(r))] = r
+    return list(out.values())
+
+
 def outcomes(records: Iterable[dict[str, Any]]) -> str:
     """Each record's model/mode and status, comma-separated: which cases a message is about."""
     return ", ".join(f"{r.get('model')}/{r.get('mode')} {r.get('status')}" for r in records)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from suite.records.cases import alike, case_key, machine
+from suite.records.cases import alike, case_key, latest_per_case, machine
 from suite.reporting import seeds
 from suite.reporting.convergence import TOLERANCES, Tolerances
 
@@ -40,11 +40,8 @@ def alike_key(r: dict[str, Any]) -> tuple:
 def seed_groups(records: Iterable[dict[str, Any]], min_seeds: int = 2) -> dict[tuple, list[dict[str, Any]]]:
     """alike_key -> that case's records (the latest per case key), for cases with a mode run on `min_seeds`
     seeds or more."""
-    newest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        newest[(*case_key(r), machine(r))] = r
     out: dict[tuple, list[dict[str, Any]]] = {}
-    for r in newest.values():
+    for r in latest_per_case(records):
         out.setdefault(alike_key(r), []).append(r)
 
     def seeds_of(group: list[dict[str, Any]], mode: Any) -> int:

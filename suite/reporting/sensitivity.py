@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from suite.policy import DEFAULT_POLICY, parse_policy
-from suite.records.cases import CASE_KEY, case_key, machine
+from suite.policy import DEFAULT_POLICY, default_keep_high, parse_policy
+from suite.records.cases import CASE_KEY, case_key, latest_per_case, machine
 from suite.reporting.convergence import REFERENCE
 from suite.reporting.seed_groups import interval
 from suite.reporting.seeds import SeedStats, seed_stats, seeds_needed
@@ -102,11 +102,8 @@ def _settings(r: dict[str, Any]) -> tuple:
 def sweeps(records: Iterable[dict[str, Any]]) -> list[Sensitivity]:
     """One analysis per (settings, mode, fp4 recipe) whose records hold fp32 and two keep_high values or more; the
     latest record of each case counts (a resumed or retried one)."""
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        latest[(*case_key(r), machine(r))] = r
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in latest.values():
+    for r in latest_per_case(records):
         groups.setdefault(_settings(r), []).append(r)
     out = []
     for group in groups.values():
@@ -116,8 +113,8 @@ def sweeps(records: Iterable[dict[str, Any]]) -> list[Sensitivity]:
             if r.get("mode") in DEFAULT_POLICY:
                 swept.setdefault((r["mode"], r.get("fp4_recipe") or ""), []).append(r)
         for (mode, _), mine in swept.items():
-            if refs and len({r.get("keep_high") for r in mine}) >= 2:  # the default marked when depth-free
-                out.append(analyse(mode, refs, mine, None if "%" in DEFAULT_POLICY[mode] else DEFAULT_POLICY[mode]))
+            if refs and len({r.get("keep_high") for r in mine}) >= 2:
+                out.append(analyse(mode, refs, mine, default_keep_high(mode, mine[0].get("model"))))
     return out
 
 
