@@ -79,6 +79,11 @@ def needs_emulation(device: DeviceInfo, minimum: tuple[int, int], what: str) -> 
     return None
 
 
+# what an emulated case's reason ends with: decide's for a mode the device has no kernels for, and a mode's own for a
+# case that left its native kernels (nvfp4)
+EMULATED = "runs emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
+
+
 def decide(mode: type[PrecisionMode], device: DeviceInfo, emulate: bool) -> tuple[str | None, str | None]:
     """(skip reason, emulated reason) for running `mode` on `device`; at most one is set.
 
@@ -92,7 +97,7 @@ def decide(mode: type[PrecisionMode], device: DeviceInfo, emulate: bool) -> tupl
         return None, None
     if device.type == "cuda" and not emulate:
         return f"{why}; --emulate runs it with emulated kernels (numerics only)", None
-    return None, f"{why}: runs emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
+    return None, f"{why}: {EMULATED}"
 
 
 # TF32 has two generations of flags in torch >= 2.9: the legacy ones (`torch.backends.cuda.matmul.allow_tf32`,

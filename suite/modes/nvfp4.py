@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from suite.hardware import DeviceInfo
-from suite.modes.base import needs_emulation
+from suite.modes.base import EMULATED, needs_emulation
 from suite.modes.mxfp8 import AsDtype
 from suite.modes.torchao_calls import (
     SwappedLinearsMode,
@@ -43,7 +43,6 @@ from suite.policy import FP4Recipe, LayerPolicy, parse_fp4_recipe
 
 NATIVE_MULTIPLE = 128  # nvfp4_mm_triton: M (input.shape[-2]), K and N all multiples of 128
 NATIVE_MODULE = "torchao.prototype.moe_training.nvfp4_training.nvfp4_training"
-EMULATED = "runs emulated (numerics real; step time is not a speed, mfu and speed-up are null)"
 
 
 def has_triton() -> bool:
