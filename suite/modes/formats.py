@@ -188,7 +188,8 @@ def _int8_rowwise(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return q, ((scaled >= 127.5) | (scaled < -128.5)) & torch.isfinite(x)
 
 
-def _padded(x: torch.Tensor, block: int) -> torch.Tensor:
+def pad_last(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x with its last dim zero-padded to a multiple of `block`, contiguous (block views split it)."""
     pad = -x.shape[-1] % block
     return F.pad(x, (0, pad)).contiguous() if pad else x.contiguous()
 
@@ -202,7 +203,7 @@ def _mx(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     cast kernels use: the amax scales to at most 448, so no finite fp32 element saturates."""
     mx = _ao(fmt)
     elem = torch.float4_e2m1fn_x2 if fmt == "mxfp4" else torch.float8_e4m3fn
-    xp = _padded(x, 32)
+    xp = pad_last(x, 32)
     if fmt == "mxfp8-rceil":
         modes = _ao_module("torchao.prototype.mx_formats.config", fmt).ScaleCalculationMode
         t = mx.MXTensor.to_mx(xp, elem, 32, modes.RCEIL)
@@ -226,7 +227,7 @@ def _nvfp4(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Ten
     from the tensor's amax (per_tensor_amax_to_scale), e2m1 elements; its dequantize. `amax`: the whole
     tensor's, for rows that are part of it (the blocks are within rows, the per-tensor scale is not)."""
     nv = _ao("nvfp4")
-    xp = _padded(x, 16)
+    xp = pad_last(x, 16)
     amax = x.abs().amax() if amax is None else amax
     per_tensor = nv.per_tensor_amax_to_scale(amax)
     t = nv.NVFP4Tensor.to_nvfp4(xp, 16, per_tensor_scale=per_tensor)

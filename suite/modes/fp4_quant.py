@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from suite.modes.formats import pad_last
+
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_TINY = torch.finfo(torch.float8_e4m3fn).tiny  # 2^-6, the smallest block scale NVFP4 stores
@@ -57,11 +59,6 @@ def _round_e2m1(v: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.copysign(q, v)
 
 
-def _pad_last(x: torch.Tensor, block: int) -> torch.Tensor:
-    pad = -x.shape[-1] % block
-    return F.pad(x, (0, pad)) if pad else x
-
-
 def nvfp4_qdq(
     x: torch.Tensor,
     *,
@@ -82,7 +79,7 @@ def nvfp4_qdq(
         blocks = xp.view(xp.shape[0] // 16, 16, xp.shape[1] // 16, 16)  # (M/16, 16, K/16, 16)
         block_amax = blocks.abs().amax(dim=(1, 3), keepdim=True)  # (M/16, 1, K/16, 1)
     else:
-        xp = _pad_last(x.reshape(-1, x.shape[-1]), NVFP4_BLOCK)  # (rows, K) with K % 16 == 0
+        xp = pad_last(x.reshape(-1, x.shape[-1]), NVFP4_BLOCK)  # (rows, K) with K % 16 == 0
         blocks = xp.view(xp.shape[0], -1, NVFP4_BLOCK)  # (rows, K/16, 16)
         block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # (rows, K/16, 1)
     # the block scale relative to the per-tensor one, rounded to e4m3 (nvfp4_quantize, two-level branch)
@@ -102,7 +99,7 @@ def mxfp4_qdq(x: torch.Tensor, *, generator: torch.Generator | None = None, pres
     if x.dim() == 0:
         raise ValueError("mxfp4_qdq: x is 0-d; give a tensor of 1 or more dims")
     x = x.float()
-    xp = _pad_last(x.reshape(-1, x.shape[-1]), MXFP4_BLOCK)
+    xp = pad_last(x.reshape(-1, x.shape[-1]), MXFP4_BLOCK)
     blocks = xp.view(xp.shape[0], -1, MXFP4_BLOCK)  # (rows, K/32, 32)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     # to_mx FLOOR: the amax's fp32 exponent less e2m1's largest (2), clamped to e8m0's range, biased by 127;
