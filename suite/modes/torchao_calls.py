@@ -223,8 +223,7 @@ class SwappedLinearsMode(PrecisionMode):
     def policy(self, model: nn.Module) -> LayerPolicy:
         """The case's policy resolved against `model`'s depth; ValueError (field keep_high) for one the model or
         this mode cannot have (a Case has refused those already)."""
-        text = self.keep_high or DEFAULT_POLICY[self.name]
-        return check_gemms(self.name, parse_policy(text, len(model.blocks)))  # type: ignore[arg-type]
+        return check_gemms(self.name, parse_policy(self.keep_high, len(model.blocks)))  # type: ignore[arg-type]
 
     def kept_gemm_format(self, kind: str) -> str:
         """The format a GEMM kind the policy keeps high runs in, inside a converted Linear: bf16 operands (the
