@@ -227,17 +227,15 @@ def cases_from_options(opts: dict[str, Any]) -> list[Case]:
     device = resolve_device(opts.get("device", "auto"))  # the one reading of --device; cases carry the result
     defaults, _ = run_defaults(device.type)
     modes = _parse_modes(opts["modes"]) if "modes" in opts else default_modes(device.type)
-    if opts.get("keep_high") and not any(mode in DEFAULT_POLICY for mode in modes):
-        # a Case of a mode without low-precision Linears holds no policy: the flag would change nothing, silently
-        raise ValueError(
-            f"keep_high={opts['keep_high']!r}: --keep-high given but none of the modes ({', '.join(modes)}) takes a "
-            f"layer policy; add one of {', '.join(DEFAULT_POLICY)} to --modes, or drop --keep-high"
-        )
-    if opts.get("fp4_recipe") and not any(mode in FP4_ALLOWED for mode in modes):
-        raise ValueError(
-            f"fp4_recipe={opts['fp4_recipe']!r}: --fp4-recipe given but none of the modes ({', '.join(modes)}) is a "
-            f"4-bit one; add {' or '.join(FP4_ALLOWED)} to --modes, or drop --fp4-recipe"
-        )
+    # a Case of a mode that takes no policy (no 4-bit switches) holds none: the flag would change nothing, silently
+    for field, takers, what in (("keep_high", DEFAULT_POLICY, "takes a layer policy"),
+                                ("fp4_recipe", FP4_ALLOWED, "is a 4-bit one")):  # fmt: skip
+        if opts.get(field) and not any(mode in takers for mode in modes):
+            flag = "--" + field.replace("_", "-")
+            raise ValueError(
+                f"{field}={opts[field]!r}: {flag} given but none of the modes ({', '.join(modes)}) {what}; add one "
+                f"of {', '.join(takers)} to --modes, or drop {flag}"
+            )
     models = _each_once("models", opts["models"], "tiny,gpt2-small") if "models" in opts else [defaults["model"]]
     steps = opts.get("steps", defaults["steps"])
     # default warm-up never takes more than half the steps, so a short run still times some
