@@ -30,7 +30,7 @@ from suite.metrics.roofline import (
     result_format,
 )
 from suite.metrics.roofline_step import cast_traffic, gemm_totals, model_linears, rest_traffic
-from suite.modes import build_mode, get_mode
+from suite.modes import build_mode
 
 # A native 4-bit case (nvfp4 on a 10.0+ GPU): the peak table has the B200's FP4 rate (its mfu uses it), but the
 # roofline has no 4-bit column (roofline.FORMAT_PEAK) nor a model of torchao's fused NVFP4 casts (Hadamard
@@ -99,7 +99,6 @@ def predict(
     """The lower bound on one training step of `mode_name` on `device`, per GPU (batch per process), under the
     case's layer policy `keep_high` ("": the mode's default): the Linears it converts (`converted`, from the run,
     or as the mode's prepare selects them) and the GEMM kinds it keeps high, at the bf16 peak."""
-    cls = get_mode(mode_name)
     mode = build_mode(mode_name, device, keep_high, fp4_recipe)
     if converted is None:  # not known from a run: the Linears the mode's own prepare converts
         converted = converted_layers(mode, config)
@@ -132,7 +131,7 @@ def predict(
         "optimizer_bytes": rest["optimizer"],
         "communication": COMMUNICATION if nproc > 1 or parallel else None,
     }
-    if why := cls.emulation_reason(device):
+    if why := type(mode).emulation_reason(device):
         return Prediction(None, None, None, None, inputs, f"emulated kernels ({why}): no roofline for emulation")
     if four_bit := sorted({f for g in gemms if g.compute is None for f in (g.a, g.b) if FORMAT_PEAK.get(f) is None}):
         return Prediction(None, None, None, None, inputs, f"{', '.join(four_bit)} GEMMs: {NO_4BIT_ROOFLINE}")
