@@ -78,9 +78,17 @@ def test_each_gemm_runs_on_quantized_fp32_or_bf16_operands(fmt: str, recipe: str
         assert torch.equal(a, want[kind][0]) and torch.equal(b, want[kind][1]), kind
 
 
-def test_gemm_formats_say_what_each_kind_ran_in() -> None:
-    layer, _, _ = _layer("mxfp4", "sr", ("grad_weight",))
-    assert layer.gemm_formats() == {"forward": "mxfp4", "grad_input": "mxfp4", "grad_weight": "bf16"}
+def test_layer_formats_say_what_each_kind_ran_in() -> None:
+    """The record's answer (the mode's layer_formats) for an FP4Linear keeping grad_weight high."""
+    from models import GPT, GPTConfig
+    from suite.hardware import DeviceInfo
+    from suite.modes import build_mode
+
+    mode = build_mode("mxfp4", DeviceInfo("cpu", "test cpu"), "grad_weight", "sr")
+    model = mode.prepare(GPT(GPTConfig.preset("tiny"), seed=0))
+    assert isinstance(model.blocks[0].mlp.c_fc, FP4Linear) and model.blocks[0].mlp.c_fc.high_gemms == ("grad_weight",)
+    formats = mode.layer_fields()["layer_formats"]["blocks.0.mlp.c_fc"]
+    assert formats == {"forward": "mxfp4", "grad_input": "mxfp4", "grad_weight": "bf16"}
 
 
 def test_stochastic_rounding_touches_the_gradients_only() -> None:

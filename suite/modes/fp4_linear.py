@@ -168,10 +168,6 @@ class FP4Linear(nn.Linear):
         new._spec = _Spec(fmt, recipe.stochastic_rounding, recipe.hadamard, recipe.weight_2d, frozenset(high_gemms))
         return new
 
-    def gemm_formats(self) -> dict[str, str]:
-        """The arithmetic each GEMM kind runs in ("bf16" for a kind kept high), for `layer_formats`."""
-        return {k: "bf16" if k in self.high_gemms else self.fmt for k in GEMM_KINDS}
-
     def _generator(self, device: torch.device) -> torch.Generator:
         """The layer's SR generator on `device`, seeded with sr_seed when first needed there."""
         key = str(device)
