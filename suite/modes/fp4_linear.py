@@ -40,9 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from suite.modes.fp4_quant import MXFP4_BLOCK, NVFP4_BLOCK, hadamard_blocks, mxfp4_qdq, nvfp4_qdq, rht_matrix
-from suite.policy import GEMM_KINDS, FP4Recipe
-
-FP4_FORMATS = ("nvfp4", "mxfp4")
+from suite.policy import FP4_ALLOWED, GEMM_KINDS, FP4Recipe
 
 
 @dataclass(frozen=True)
@@ -146,9 +144,9 @@ class FP4Linear(nn.Linear):
     @classmethod
     def from_linear(cls, old: nn.Linear, fmt: str, recipe: FP4Recipe, high_gemms: tuple[str, ...] = ()) -> FP4Linear:
         """An FP4Linear that REUSES old's weight and bias Parameters (a tie with them survives)."""
-        if fmt not in FP4_FORMATS:
-            raise ValueError(f"fmt={fmt!r} is not a 4-bit format; give one of {', '.join(FP4_FORMATS)}")
-        if recipe.weight_2d and fmt != "nvfp4":
+        if fmt not in FP4_ALLOWED:
+            raise ValueError(f"fmt={fmt!r} is not a 4-bit format; give one of {', '.join(FP4_ALLOWED)}")
+        if recipe.weight_2d and "2d" not in FP4_ALLOWED[fmt]:
             raise ValueError(f"fp4_recipe '2d' is NVFP4's 16x16 weight scales; {fmt} has none: drop 2d")
         unknown = [k for k in high_gemms if k not in GEMM_KINDS]
         if unknown:
